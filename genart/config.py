@@ -1,0 +1,113 @@
+"""Typed configs: YAML in, `--set a.b=c` overrides, one-line errors naming the bad key, YAML out next to every run.
+
+Every config is a pydantic model with `extra="forbid"`, so a misspelt key is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from genart.errors import UserError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value); the value is parsed as YAML so `3`, `true`, `[1,2]` get their types."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Apply `--set` overrides to a plain dict, creating intermediate sections as needed."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping from a local file; a missing or malformed file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+def validate(cls: type[C], data: dict, source: str = "config") -> C:
+    """Build `cls` from a dict, turning pydantic's report into one line that names the first bad key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        # Drop pydantic's discriminator tags (e.g. 'dcgan') so the key reads as the user wrote it.
+        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p, data))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise UserError(f"{source}: {loc}: {msg}{more}") from None
+
+
+def _is_union_tag(part: Any, data: dict) -> bool:
+    return isinstance(part, str) and part in _tags(data)
+
+
+def _tags(data: dict) -> set[str]:
+    tags = set()
+    for value in data.values():
+        if isinstance(value, dict) and isinstance(value.get("family"), str):
+            tags.add(value["family"])
+    return tags
+
+
+def load(cls: type[C], path: str | Path | None = None, overrides: Iterable[str] = (), base: dict | None = None) -> C:
+    """Load a config: `base` dict, then the YAML file, then `--set` overrides, validated as `cls`."""
+    data: dict = dict(base or {})
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+    data = apply_overrides(data, overrides)
+    return validate(cls, data, source=str(path) if path else "config")
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML, every default spelt out, for writing next to a run."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,242 @@
+"""`genart prepare`: raw images (folders, archives, Parquet, s3://) -> validated, deduplicated, sharded Parquet.
+
+    genart prepare data/raw.zip --out data/prepared --size 64
+
+Stages: plan on the driver -> read + decode + validate + resize as a Ray Data pipeline -> staging shards ->
+finalize (drop exact duplicates, name shards part-*.parquet, write rejected.jsonl) -> manifest.json last.
+DEST is complete or absent: until the manifest exists, nothing at DEST looks like a finished dataset.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from genart import __version__, storage
+from genart.data import images, sources
+from genart.errors import UserError
+
+FORMAT_VERSION = 1
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # first 16 hex chars of sha256: stable, derived from the pixels
+        ("image", pa.binary()),  # lossless PNG of the normalised RGB image
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("label", pa.int32()),  # index into manifest["labels"], null when unlabelled
+        ("label_name", pa.string()),
+        ("split", pa.string()),  # "train" | "val", deterministic from id
+        ("source", pa.string()),  # original path, s3 URI, "archive!member" or "file#row"
+        ("sha256", pa.string()),  # of the decoded pixels and size: equal for the same picture in any encoding
+    ]
+)
+
+
+@dataclass
+class PrepareOptions:
+    size: int | None = None  # square side in px; None keeps the normalised original size
+    resize_mode: str = "crop"  # "crop" (center) or "pad" (white borders)
+    labels: str | None = None  # "dirs" | "none" | None (dirs when SRC has subfolders)
+    val_fraction: float = 0.05
+    shard_rows: int = 10_000
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+
+
+def split_of(image_id: str, val_fraction: float) -> str:
+    """Deterministic split from the id: the same image is in the same split on every run."""
+    return "val" if int(image_id[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
+
+
+def _ours(name: str) -> bool:
+    """Files genart writes at DEST; nothing else there is ever deleted, even with --overwrite."""
+    return name.startswith(("part-", "_staging-")) or name in sources.DATASET_SIDECARS
+
+
+def _check_dest(dest: str, overwrite: bool) -> None:
+    if storage.exists(storage.join(dest, "manifest.json")) and not overwrite:
+        raise UserError(f"{dest} already holds a dataset; pass --overwrite to replace it")
+    foreign = [storage.relative(dest, u) for u in storage.listdir(dest) if not _ours(storage.relative(dest, u))]
+    if foreign:
+        raise UserError(f"{dest} holds files that are not part of a genart dataset (e.g. {foreign[0]}); choose an empty --out")
+    storage.check_writable(dest)
+
+
+def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = True) -> dict:
+    """Run the whole pipeline; returns the manifest. Raises UserError before writing anything on bad input."""
+    import ray
+
+    from genart import runtime
+
+    if not srcs:
+        raise UserError("no SRC given")
+    if opts.size is not None and not 8 <= opts.size <= 4096:
+        raise UserError(f"--size {opts.size}: must be between 8 and 4096")
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise UserError(f"--val-fraction {opts.val_fraction}: must be in [0, 1)")
+    if opts.resize_mode not in ("crop", "pad"):
+        raise UserError(f"--resize {opts.resize_mode}: must be crop or pad")
+    if opts.labels not in (None, "dirs", "none"):
+        raise UserError(f"--labels {opts.labels}: must be dirs or none")
+    plan = sources.plan(srcs, opts.labels)
+    _check_dest(dest, opts.overwrite)
+    runtime.init()
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+
+    started = time.time()
+    run_id = uuid.uuid4().hex[:8]
+    staging = storage.join(dest, f"_staging-{run_id}")
+    label_index = {name: i for i, name in enumerate(plan.label_names)}
+    reject_dir = storage.join(staging, "rejects")
+    size, mode, max_pixels, val_fraction = opts.size, opts.resize_mode, opts.max_pixels, opts.val_fraction
+
+    def to_row(rec: dict) -> dict:
+        img = images.decode_image(rec["data"], max_pixels)
+        digest = images.pixel_sha256(img)
+        if size:
+            img = images.resize_square(img, size, mode)
+        image_id = digest[:16]
+        label_name = rec["label_name"]
+        return {
+            "id": image_id,
+            "image": images.encode_png(img),
+            "width": img.width,
+            "height": img.height,
+            "label": label_index.get(label_name) if label_name else None,
+            "label_name": label_name,
+            "split": split_of(image_id, val_fraction),
+            "source": rec["source"],
+            "sha256": digest,
+        }
+
+    def process(batch: pa.Table) -> pa.Table:
+        """Raw records -> dataset rows; rejects go to a side file so the good rows stream on to the writer."""
+        rows, rejects = [], []
+        for rec in batch.to_pylist():
+            if rec["error"]:
+                rejects.append({"source": rec["source"], "reason": rec["error"]})
+                continue
+            try:
+                rows.append(to_row(rec))
+            except images.Reject as rej:
+                rejects.append({"source": rec["source"], "reason": rej.reason})
+            except Exception as exc:  # noqa: BLE001 - one odd image must never stop a million-image job
+                rejects.append({"source": rec["source"], "reason": f"processing failed: {type(exc).__name__}: {exc}"[:300]})
+        if rejects:
+            # Named by content, so a retried task overwrites its own file instead of duplicating rejects.
+            body = "".join(json.dumps(r) + "\n" for r in rejects).encode()
+            storage.write_bytes(storage.join(reject_dir, hashlib.sha1(body).hexdigest() + ".jsonl"), body)
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+    raw, _ = sources.read_images(srcs, the_plan=plan)
+    fs, staging_path = storage.arrow_fs(storage.join(staging, "parts"))
+    ds = raw.map_batches(process, batch_size=32, batch_format="pyarrow")
+    ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=opts.shard_rows, max_rows_per_file=opts.shard_rows)
+
+    manifest = _finalize(dest, staging, plan, opts, started)
+    storage.remove(staging)
+    return manifest
+
+
+def _finalize(dest: str, staging: str, plan: sources.Plan, opts: PrepareOptions, started: float) -> dict:
+    """Deduplicate, rename shards to part-*.parquet, write rejected.jsonl, then the manifest (last)."""
+    fs, _ = storage.arrow_fs(dest)
+    parts = sorted(u for u in storage.listdir(storage.join(staging, "parts")) if u.endswith(".parquet"))
+    keys = []  # (sha256, source, shard index, split) of every written row: small, no image bytes
+    for index, part in enumerate(parts):
+        table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs, columns=["sha256", "source", "split"])
+        keys.extend(zip(table.column("sha256").to_pylist(), table.column("source").to_pylist(), [index] * table.num_rows, table.column("split").to_pylist()))
+    # Keep, for each picture, the copy with the smallest source name: deterministic across runs.
+    keep: dict[str, str] = {}
+    for digest, source, _, _ in keys:
+        if digest not in keep or source < keep[digest]:
+            keep[digest] = source
+    duplicates = [{"source": s, "duplicate_of": keep[d]} for d, s, _, _ in keys if keep[d] != s]
+    dirty = {i for d, s, i, _ in keys if keep[d] != s}
+
+    rejects = {}
+    for uri in storage.listdir(storage.join(staging, "rejects")):
+        for line in storage.read_text(uri).splitlines():
+            rec = json.loads(line)
+            rejects[rec["source"]] = rec
+    rejects.update({f["source"]: f for f in plan.failures})
+
+    # Replace an older dataset only now that the new one is complete in staging.
+    storage.remove(storage.join(dest, "manifest.json"))
+    for old in storage.listdir(dest):
+        name = storage.relative(dest, old)
+        if _ours(name) and name != staging.rstrip("/").rsplit("/", 1)[-1]:
+            storage.remove(old)  # older shards, sidecars, and staging folders of crashed runs
+    written, splits, label_counts = 0, collections.Counter(), collections.Counter()
+    for index, part in enumerate(parts):
+        target = storage.join(dest, f"part-{index:05d}.parquet")
+        if index in dirty:
+            table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs)
+            mask = [keep[d] == s for d, s in zip(table.column("sha256").to_pylist(), table.column("source").to_pylist())]
+            table = table.filter(pa.array(mask))
+            pq.write_table(table, storage.arrow_fs(target)[1], filesystem=fs)
+        else:
+            storage.move(part, target)
+    for digest, source, _, split in keys:
+        if keep[digest] == source:
+            written += 1
+            splits[split] += 1
+    storage.write_text(storage.join(dest, "rejected.jsonl"), "".join(json.dumps(r) + "\n" for _, r in sorted(rejects.items())))
+    storage.write_text(storage.join(dest, "duplicates.jsonl"), "".join(json.dumps(r) + "\n" for r in sorted(duplicates, key=lambda r: r["source"])))
+
+    counts = {"input": plan.num_inputs, "written": written, "rejected": len(rejects), "duplicates": len(duplicates)}
+    accounted = written + len(rejects) + len(duplicates)
+    if accounted != plan.num_inputs:
+        # Never a silent drop: an input neither written, rejected nor deduplicated is a bug worth stopping for.
+        raise RuntimeError(f"prepare lost track of inputs: {plan.num_inputs} planned, {accounted} accounted for")
+    elapsed = time.time() - started
+    manifest = {
+        "version": FORMAT_VERSION,
+        "counts": counts,
+        "labels": {name: i for i, name in enumerate(plan.label_names)},
+        "splits": {"train": splits.get("train", 0), "val": splits.get("val", 0)},
+        "image_size": opts.size,
+        "resize_mode": opts.resize_mode if opts.size else None,
+        "val_fraction": opts.val_fraction,
+        "max_pixels": opts.max_pixels,
+        "shards": len(parts),
+        "reject_reasons": dict(collections.Counter(_reason_kind(r["reason"]) for r in rejects.values())),
+        "sources": [str(s) for s in plan_sources_of(plan)],
+        "seconds": round(elapsed, 2),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "genart_version": __version__,
+    }
+    storage.write_text(storage.join(dest, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def plan_sources_of(plan: sources.Plan) -> list[str]:
+    return sorted({u.uri for u in plan.units if u.uri} | ({"(files)"} if any(u.kind == "files" for u in plan.units) else set()))
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary: the text before any ':' detail."""
+    return reason.split(":")[0]
+
+
+def summary(manifest: dict) -> str:
+    """A short human summary of a finished prepare."""
+    c = manifest["counts"]
+    secs = manifest["seconds"]
+    rate = c["input"] / secs if secs else 0.0
+    lines = [
+        f"prepared {c['written']} images ({manifest['splits']['train']} train / {manifest['splits']['val']} val) "
+        f"from {c['input']} inputs in {secs:.1f}s ({rate:.1f} images/s)",
+        f"  rejected {c['rejected']}, duplicates {c['duplicates']}, labels {len(manifest['labels'])}, shards {manifest['shards']}",
+    ]
+    for reason, n in sorted(manifest["reject_reasons"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  - {n} x {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Stream a prepared dataset (local or s3://) as Ray Datasets of normalised tensors, for training and evaluation.
+
+    ds = training_dataset("data/prepared", split="train", image_size=64, augment=True)
+    # columns: image float32 (3, H, W) in [-1, 1]; label int64 (-1 when unlabelled)
+
+Reading is lazy and streamed block by block: memory stays bounded however large the dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from genart import storage
+from genart.errors import UserError
+
+# Random crops are taken from an image upscaled by this factor (then flipped half the time).
+CROP_SCALE = 1.125
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest of a prepared dataset; a clear error when `uri` is not one."""
+    path = storage.join(uri, "manifest.json")
+    if not storage.exists(path):
+        raise UserError(f"{uri} is not a prepared dataset (no manifest.json); create one with `genart prepare`")
+    return json.loads(storage.read_text(path))
+
+
+def parquet_files(uri: str) -> list[str]:
+    return [u for u in storage.listdir(uri) if u.rsplit("/", 1)[-1].startswith("part-") and u.endswith(".parquet")]
+
+
+def _decode(png: bytes, size: int, augment: bool, rng: np.random.Generator) -> np.ndarray:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    if augment:
+        big = max(size, int(round(size * CROP_SCALE)))
+        img = _square(img, big)
+        x, y = rng.integers(0, big - size + 1, size=2)
+        img = img.crop((int(x), int(y), int(x) + size, int(y) + size))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    else:
+        img = _square(img, size)
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+
+
+def _square(img: Image.Image, size: int) -> Image.Image:
+    if img.size == (size, size):
+        return img
+    from genart.data.images import resize_square
+
+    return resize_square(img, size, "crop")
+
+
+def training_dataset(uri: str, split: str | None = "train", image_size: int | None = None, augment: bool = False, seed: int | None = None):
+    """Ray Dataset of {"image": (3,S,S) float32 in [-1,1], "label": int64} rows for one split (None = all)."""
+    import ray
+
+    manifest = read_manifest(uri)
+    available = manifest["splits"].get(split, 0) if split else manifest["counts"]["written"]
+    if available == 0:
+        raise UserError(f"{uri}: the {split or 'whole'} split is empty ({manifest['splits']}); prepare more images or change --val-fraction")
+    size = image_size or manifest.get("image_size")
+    if not size:
+        raise UserError(f"{uri} keeps original sizes; set data.image_size to train on it")
+    files = parquet_files(uri)
+    fs, _ = storage.arrow_fs(uri)
+    paths = [storage.arrow_fs(f)[1] for f in files]
+
+    def decode_batch(batch: pa.Table) -> dict:
+        if split:
+            batch = batch.filter(pa.compute.equal(batch.column("split"), split))
+        rng = np.random.default_rng(seed)
+        pngs = batch.column("image").to_pylist()
+        labels = batch.column("label").to_pylist()
+        return {
+            "image": np.stack([_decode(p, size, augment, rng) for p in pngs]) if pngs else np.zeros((0, 3, size, size), np.float32),
+            "label": np.array([-1 if lab is None else lab for lab in labels], dtype=np.int64),
+        }
+
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "split"])
+    return ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=64)
+
+
+def num_labels(uri: str) -> int:
+    return len(read_manifest(uri).get("labels") or {})
+
+
+def label_names(uri: str) -> list[str]:
+    labels = read_manifest(uri).get("labels") or {}
+    return [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]

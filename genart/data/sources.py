@@ -1,0 +1,320 @@
+"""Where images come from: folders, zip/tar archives, Parquet datasets and s3:// prefixes, as one Ray Dataset.
+
+The driver only *plans*: it lists every input (file, archive member or Parquet row) and groups them into
+units. Ray tasks then read the units in parallel and emit one raw record per input, with either its bytes
+or the reason it could not be read. Every planned input yields exactly one record: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from genart import storage
+from genart.errors import UserError
+
+ZIP_EXT = (".zip",)
+TAR_EXT = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+PARQUET_EXT = (".parquet",)
+# Files a prepared dataset keeps beside its shards; they are not inputs.
+DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl")
+FILES_PER_UNIT = 64
+PARQUET_ROWS_PER_BATCH = 64
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),  # where the input came from: path, s3 URI, "archive!member" or "file#row"
+        ("rel_path", pa.string()),  # path relative to its SRC root (archive members: inside the archive)
+        ("label_name", pa.string()),  # first-level folder under the root, or null
+        ("data", pa.binary()),  # the raw bytes, null when unreadable
+        ("error", pa.string()),  # why it could not be read, else null
+    ]
+)
+
+
+@dataclass
+class Unit:
+    """One read task: a batch of files, some members of one archive, or one Parquet file."""
+
+    kind: str  # "files" | "zip" | "tar" | "parquet"
+    uri: str  # the archive or Parquet file ("" for plain files)
+    items: list[str] = field(default_factory=list)  # file URIs or archive member names
+    rel_paths: list[str] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    rows: int = 0  # parquet: number of rows
+
+    @property
+    def count(self) -> int:
+        return self.rows if self.kind == "parquet" else len(self.items)
+
+
+@dataclass
+class Plan:
+    units: list[Unit]
+    label_names: list[str]  # sorted; index = integer label
+    num_inputs: int
+    failures: list[dict]  # inputs that failed while planning (an unreadable archive): {"source", "reason"}
+
+
+def _has_ext(uri: str, exts: tuple[str, ...]) -> bool:
+    return uri.lower().endswith(exts)
+
+
+def _label_of(rel: str, use_dirs: bool) -> str | None:
+    parts = rel.split("/")
+    return parts[0] if use_dirs and len(parts) > 1 else None
+
+
+def _strip_common_root(names: list[str]) -> list[str]:
+    """Archives often wrap everything in one top folder; drop it so labels are the folders below."""
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and all("/" in n for n in names):
+        return [n.split("/", 1)[1] for n in names]
+    return names
+
+
+def plan(sources: list[str], labels: str | None = None) -> Plan:
+    """List every input under `sources`. labels: "dirs", "none", or None (dirs when a SRC has subfolders)."""
+    units: list[Unit] = []
+    failures: list[dict] = []
+    for src in sources:
+        if not storage.exists(src):
+            raise UserError(f"source not found: {src}")
+        units.extend(_plan_source(str(src), labels, failures))
+    num_inputs = sum(u.count for u in units) + len(failures)
+    if num_inputs == 0:
+        raise UserError(f"no input files found in {', '.join(map(str, sources))}")
+    names = sorted({lab for u in units for lab in u.labels if lab})
+    return Plan(units=units, label_names=names, num_inputs=num_inputs, failures=failures)
+
+
+def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Unit]:
+    if not storage.isdir(src):
+        rel = posixpath.basename(src.rstrip("/"))
+        return _plan_file(src, rel, None, labels == "dirs", failures, single=True)
+    files = storage.find(src)
+    if any(storage.relative(src, f).split("/")[-1] == "manifest.json" for f, _ in files):
+        # A prepared genart dataset: its Parquet shards are the inputs.
+        files = [(f, s) for f, s in files if _has_ext(f, PARQUET_EXT)]
+    rels = [storage.relative(src, f) for f, _ in files]
+    use_dirs = labels == "dirs" or (labels is None and any("/" in r for r in rels))
+    plain: list[tuple[str, str, str | None]] = []
+    units: list[Unit] = []
+    for (uri, _), rel in zip(files, rels):
+        label = _label_of(rel, use_dirs)
+        if _has_ext(uri, ZIP_EXT + TAR_EXT + PARQUET_EXT):
+            units.extend(_plan_file(uri, rel, label, labels == "dirs" or labels is None, failures))
+        else:
+            plain.append((uri, rel, label))
+    for i in range(0, len(plain), FILES_PER_UNIT):
+        chunk = plain[i : i + FILES_PER_UNIT]
+        units.append(Unit("files", "", [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]))
+    return units
+
+
+def _plan_file(uri: str, rel: str, label: str | None, dirs: bool, failures: list[dict], single=False) -> list[Unit]:
+    if _has_ext(uri, ZIP_EXT) or _has_ext(uri, TAR_EXT):
+        try:
+            names = _zip_names(uri) if _has_ext(uri, ZIP_EXT) else _tar_names(uri)
+        except Exception as exc:  # noqa: BLE001 - a broken archive is one reported input, not a crash
+            failures.append({"source": uri, "reason": f"unreadable archive: {_short(exc)}"})
+            return []
+        inner = _strip_common_root(names)
+        labs = [label or _label_of(n, dirs) for n in inner]
+        kind = "zip" if _has_ext(uri, ZIP_EXT) else "tar"
+        if kind == "tar":  # a tar stream is read start to end by one task
+            return [Unit(kind, uri, names, inner, labs)]
+        return [
+            Unit(kind, uri, names[i : i + FILES_PER_UNIT], inner[i : i + FILES_PER_UNIT], labs[i : i + FILES_PER_UNIT])
+            for i in range(0, len(names), FILES_PER_UNIT)
+        ]
+    if _has_ext(uri, PARQUET_EXT):
+        try:
+            fs, path = storage.arrow_fs(uri)
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f)
+                rows = meta.metadata.num_rows
+                names = meta.schema_arrow.names
+                labs = []
+                if "label_name" in names:
+                    labs = sorted({v for v in meta.read(columns=["label_name"]).column(0).to_pylist() if v})
+        except Exception as exc:  # noqa: BLE001
+            failures.append({"source": uri, "reason": f"unreadable parquet file: {_short(exc)}"})
+            return []
+        # Label names of a Parquet source are carried for the plan's label map; rows keep their own.
+        return [Unit("parquet", uri, [], [rel], labs, rows=rows)]
+    return [Unit("files", "", [uri], [rel], [label])]
+
+
+def _zip_names(uri: str) -> list[str]:
+    fs, path = storage.fsspec_fs(uri)
+    with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        return [i.filename for i in zf.infolist() if not i.is_dir()]
+
+
+def _tar_names(uri: str) -> list[str]:
+    fs, path = storage.fsspec_fs(uri)
+    names: list[str] = []
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        for member in tf:
+            if member.isfile():
+                names.append(member.name)
+    return names
+
+
+# ---------------------------------------------------------------- reading (runs inside Ray tasks)
+
+
+def read_unit(unit: Unit, max_bytes: int | None = None) -> Iterator[pa.Table]:
+    """Yield raw records (RAW_SCHEMA tables) for one unit: one row per planned input, always."""
+    reader = {"files": _read_files, "zip": _read_zip, "tar": _read_tar, "parquet": _read_parquet}[unit.kind]
+    yield from reader(unit, max_bytes)
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+
+
+def _record(source, rel, label, data=None, error=None) -> dict:
+    return {"source": source, "rel_path": rel, "label_name": label, "data": data, "error": error}
+
+
+def _too_big(size: int, max_bytes: int | None) -> str | None:
+    return f"file too large: {size} bytes > cap {max_bytes}" if max_bytes and size > max_bytes else None
+
+
+def _read_files(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
+    fs, _ = storage.fsspec_fs(unit.items[0])
+    rows = []
+    for uri, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
+        path = storage.fsspec_fs(uri)[1]
+        try:
+            error = _too_big(fs.size(path), max_bytes)
+            rows.append(_record(uri, rel, label, None if error else fs.cat_file(path), error))
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is a reported reject
+            rows.append(_record(uri, rel, label, error=f"unreadable file: {_short(exc)}"))
+    yield _table(rows)
+
+
+def _read_zip(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
+    fs, path = storage.fsspec_fs(unit.uri)
+    rows = []
+    try:
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            for name, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
+                source = f"{unit.uri}!{name}"
+                try:
+                    error = _too_big(zf.getinfo(name).file_size, max_bytes)
+                    rows.append(_record(source, rel, label, None if error else zf.read(name), error))
+                except Exception as exc:  # noqa: BLE001 - bad CRC, bad compression, encrypted member
+                    rows.append(_record(source, rel, label, error=f"unreadable archive member: {_short(exc)}"))
+    except Exception as exc:  # noqa: BLE001 - archive vanished or broke between plan and read
+        done = {r["source"] for r in rows}
+        for name, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
+            if f"{unit.uri}!{name}" not in done:
+                rows.append(_record(f"{unit.uri}!{name}", rel, label, error=f"unreadable archive: {_short(exc)}"))
+    yield _table(rows)
+
+
+def _read_tar(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
+    fs, path = storage.fsspec_fs(unit.uri)
+    wanted = {name: (rel, label) for name, rel, label in zip(unit.items, unit.rel_paths, unit.labels)}
+    seen: set[str] = set()
+    rows: list[dict] = []
+    error_all = None
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            for member in tf:
+                if member.name not in wanted or member.name in seen:
+                    continue
+                seen.add(member.name)
+                rel, label = wanted[member.name]
+                source = f"{unit.uri}!{member.name}"
+                error = _too_big(member.size, max_bytes)
+                try:
+                    data = None if error else tf.extractfile(member).read()
+                    rows.append(_record(source, rel, label, data, error))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(_record(source, rel, label, error=f"unreadable archive member: {_short(exc)}"))
+                if len(rows) >= FILES_PER_UNIT:
+                    yield _table(rows)
+                    rows = []
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt stream: the rest are reported below
+        error_all = f"unreadable archive: {_short(exc)}"
+    for name, (rel, label) in wanted.items():
+        if name not in seen:
+            rows.append(_record(f"{unit.uri}!{name}", rel, label, error=error_all or "archive member missing on read"))
+    if rows:
+        yield _table(rows)
+
+
+IMAGE_COLUMNS = ("image", "bytes", "data", "content", "img")
+
+
+def _read_parquet(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
+    fs, path = storage.arrow_fs(unit.uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        binary = [n for n in schema.names if pa.types.is_binary(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)]
+        image_col = next((c for c in IMAGE_COLUMNS if c in binary), binary[0] if binary else None)
+        if image_col is None:
+            rel = unit.rel_paths[0]
+            yield _table([_record(f"{unit.uri}#{i}", f"{rel}#{i}", None, error="parquet file has no image-bytes column") for i in range(unit.rows)])
+            return
+        cols = [image_col] + [c for c in ("source", "rel_path", "label_name") if c in schema.names]
+        offset = 0
+        for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_BATCH, columns=cols):
+            data = batch.column(image_col).to_pylist()
+            n = len(data)
+            sources = batch.column("source").to_pylist() if "source" in cols else [f"{unit.uri}#{offset + i}" for i in range(n)]
+            if "rel_path" in cols:
+                rels = batch.column("rel_path").to_pylist()
+            elif "source" in cols:
+                rels = [posixpath.basename(str(s)) for s in sources]
+            else:
+                rels = [f"{posixpath.splitext(unit.rel_paths[0])[0]}/{offset + i:08d}" for i in range(n)]
+            labels = batch.column("label_name").to_pylist() if "label_name" in cols else [None] * n
+            rows = []
+            for src, rel, label, blob in zip(sources, rels, labels, data):
+                error = _too_big(len(blob or b""), max_bytes)
+                rows.append(_record(src, rel, label, None if error else blob, error))
+            offset += n
+            yield _table(rows)
+
+
+# ---------------------------------------------------------------- the Ray Dataset
+
+
+def read_images(sources: list[str], labels: str | None = None, max_bytes: int | None = None, the_plan: Plan | None = None):
+    """(Ray Dataset of RAW_SCHEMA records, Plan) for images under `sources`, streamed and read in parallel."""
+    import ray
+
+    the_plan = the_plan or plan(sources, labels)
+    failed = _table([_record(f["source"], f["source"], None, error=f["reason"]) for f in the_plan.failures])
+    if not the_plan.units:  # only planning failures: still report them as records
+        return ray.data.from_arrow(failed), the_plan
+
+    def read_batch(batch: pa.Table) -> Iterator[pa.Table]:
+        for row in batch.to_pylist():
+            yield from read_unit(Unit(**row), max_bytes)
+
+    # Each unit travels inside its own row (not in the closure), so tasks stay small however long the plan.
+    rows = [dataclasses.asdict(u) for u in the_plan.units]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow")
+    if the_plan.failures:
+        ds = ds.union(ray.data.from_arrow(failed))
+    return ds, the_plan
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:200] if text != type(exc).__name__ else text

@@ -1,0 +1,262 @@
+"""DCGAN (Radford et al. 2016) for 16-128 px images: generator, discriminator, an EMA generator, optional class conditioning.
+
+    genart train --config workflows/dcgan.yaml --set model.loss=hinge --set model.spectral_norm=true
+The EMA generator (`generator_ema`) is what `.sample` and the sample grids use; the raw generator only trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import spectral_norm as _sn
+
+from genart.config import Section
+from genart.errors import UserError
+from genart.models.common import (
+    GenerativeLoaded,
+    Precision,
+    check_size,
+    device_of,
+    eval_mode,
+    finite,
+    frozen,
+    labels_of,
+    latents,
+    make_grid,
+    unwrap,
+    update_ema,
+)
+
+SIZES = (16, 32, 64, 128)
+
+
+class DCGANConfig(Section):
+    family: Literal["dcgan"] = "dcgan"  # model family tag
+    latent_dim: int = Field(128, ge=1)  # size of the noise vector z
+    base_channels: int = Field(64, ge=1)  # channels at G's last / D's first layer; doubles per halving of resolution
+    max_channels: int = Field(512, ge=1)  # cap on channels per layer
+    loss: Literal["non_saturating", "hinge"] = "non_saturating"  # GAN objective
+    spectral_norm: bool = False  # spectral norm on D's layers (and no BatchNorm in D): steadier, esp. with hinge
+    conditional: bool = False  # class-conditional on the dataset's labels (label embedding in G, projection in D)
+    label_embed_dim: int = Field(32, ge=1)  # size of G's label embedding, concatenated to z
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)  # EMA of G's weights per step (warmed up over the first steps)
+    lr_g: float = Field(2e-4, gt=0)  # generator Adam learning rate
+    lr_d: float = Field(2e-4, gt=0)  # discriminator Adam learning rate
+    beta1: float = Field(0.5, ge=0, lt=1)  # Adam beta1 (0.5 as in the DCGAN paper; 0.0 is common with hinge)
+    beta2: float = Field(0.999, ge=0, lt=1)  # Adam beta2
+    num_samples: int = Field(64, ge=1)  # images in the fixed-noise grid written at each checkpoint
+    eval_samples: int = Field(256, ge=8)  # generated/real images compared by the val_swd metric
+
+
+def _channels(cfg: DCGANConfig, level: int) -> int:
+    return min(cfg.base_channels * 2**level, cfg.max_channels)
+
+
+def _init(module: nn.Module) -> None:
+    # DCGAN init: N(0, 0.02) weights, BatchNorm gamma ~ N(1, 0.02)
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """z (B, latent_dim) [+ label (B,)] -> image (B, 3, S, S) in [-1, 1]; 4x4 then transposed-conv doublings."""
+
+    def __init__(self, cfg: DCGANConfig, image_size: int, num_labels: int):
+        super().__init__()
+        levels = int(math.log2(image_size // 4))  # doublings from 4x4
+        self.embed = nn.Embedding(num_labels, cfg.label_embed_dim) if cfg.conditional else None
+        in_dim = cfg.latent_dim + (cfg.label_embed_dim if cfg.conditional else 0)
+        ch = _channels(cfg, levels - 1)
+        layers: list[nn.Module] = [nn.ConvTranspose2d(in_dim, ch, 4, 1, 0, bias=False), nn.BatchNorm2d(ch), nn.ReLU(True)]
+        for level in range(levels - 2, -1, -1):  # (B, ch, s, s) -> (B, ch', 2s, 2s)
+            out = _channels(cfg, level)
+            layers += [nn.ConvTranspose2d(ch, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+            ch = out
+        layers += [nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        _init(self)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)  # (B, latent + embed)
+        return self.net(z[:, :, None, None])  # (B, 3, S, S)
+
+
+class Discriminator(nn.Module):
+    """image (B, 3, S, S) [+ label (B,)] -> logits (B,); strided convs down to 4x4, projection term when conditional."""
+
+    def __init__(self, cfg: DCGANConfig, image_size: int, num_labels: int):
+        super().__init__()
+        sn = _sn if cfg.spectral_norm else (lambda m: m)
+        levels = int(math.log2(image_size // 4))
+        layers: list[nn.Module] = [sn(nn.Conv2d(3, _channels(cfg, 0), 4, 2, 1)), nn.LeakyReLU(0.2, True)]
+        for level in range(1, levels):  # (B, ch, s, s) -> (B, 2ch, s/2, s/2)
+            cin, cout = _channels(cfg, level - 1), _channels(cfg, level)
+            layers.append(sn(nn.Conv2d(cin, cout, 4, 2, 1, bias=cfg.spectral_norm)))
+            if not cfg.spectral_norm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.LeakyReLU(0.2, True))
+        self.features = nn.Sequential(*layers)  # (B, C, 4, 4)
+        ch = _channels(cfg, levels - 1)
+        self.head = sn(nn.Conv2d(ch, 1, 4, 1, 0))  # (B, 1, 1, 1)
+        self.project = sn(nn.Embedding(num_labels, ch)) if cfg.conditional else None  # Miyato & Koyama 2018
+        _init(self)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x)  # (B, C, 4, 4)
+        out = self.head(h).flatten()  # (B,)
+        if self.project is not None:
+            out = out + (self.project(labels) * h.sum(dim=(2, 3))).sum(dim=1)
+        return out
+
+
+def _losses(kind: str, real_logits: torch.Tensor | None, fake_logits: torch.Tensor) -> torch.Tensor:
+    """D loss when real_logits is given, else G loss."""
+    if real_logits is None:
+        return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128, seed: int = 0) -> float:
+    """Sliced Wasserstein distance between two image sets (N, 3, H, W), compared at 16x16 after removing each
+    set's per-pixel mean... no: compared raw, so colour and layout statistics both count. Lower is closer."""
+    n = min(len(a), len(b))
+    a = F.adaptive_avg_pool2d(a[:n].float(), 16).flatten(1).cpu()  # (n, 768)
+    b = F.adaptive_avg_pool2d(b[:n].float(), 16).flatten(1).cpu()
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)  # (768, P) unit directions
+    pa, _ = torch.sort(a @ dirs, dim=0)  # (n, P)
+    pb, _ = torch.sort(b @ dirs, dim=0)
+    return float((pa - pb).abs().mean())
+
+
+class DCGANLoaded(GenerativeLoaded):
+    family = "dcgan"
+
+    def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: DCGANConfig):
+        super().__init__({"generator_ema": nets["generator_ema"]}, meta, checkpoint_hash)
+        self.latent_dim = cfg.latent_dim
+        self.conditional = cfg.conditional
+
+    def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.nets["generator_ema"](z, labels)
+
+
+class DCGANFamily:
+    name = "dcgan"
+    config_cls = DCGANConfig
+    supported_sizes = SIZES
+    needs_labels = False  # only when model.conditional=true, checked in build()
+    best_metric = ("val_swd", "min")
+
+    def build(self, cfg: DCGANConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
+        check_size(self.name, image_size, SIZES)
+        if cfg.conditional and num_labels < 2:
+            raise UserError("model.conditional=true needs a labelled dataset with at least 2 classes (one folder per class)")
+        num_labels = max(num_labels, 1)
+        generator = Generator(cfg, image_size, num_labels)
+        ema = copy.deepcopy(generator).eval().requires_grad_(False)
+        if inference:
+            return {"generator_ema": ema}
+        return {"generator": generator, "discriminator": Discriminator(cfg, image_size, num_labels), "generator_ema": ema}
+
+    def trainable(self) -> tuple[str, ...]:
+        return ("generator", "discriminator")
+
+    def optimizers(self, cfg: DCGANConfig, nets: dict) -> dict[str, torch.optim.Optimizer]:
+        betas = (cfg.beta1, cfg.beta2)
+        return {
+            "generator": torch.optim.Adam(nets["generator"].parameters(), lr=cfg.lr_g, betas=betas),
+            "discriminator": torch.optim.Adam(nets["discriminator"].parameters(), lr=cfg.lr_d, betas=betas),
+        }
+
+    def train_step(self, cfg: DCGANConfig, nets: dict, opts: dict, batch: dict, step: int, precision: Precision | None = None) -> dict[str, float]:
+        precision = precision or Precision()
+        gen, disc = nets["generator"], nets["discriminator"]  # possibly DDP-wrapped: call them, don't reach inside
+        gen.train()
+        disc.train()
+        real = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        labels = labels_of(batch, required=cfg.conditional)  # (B,) or None
+        z = torch.randn(real.shape[0], cfg.latent_dim, device=real.device)  # (B, latent)
+
+        # discriminator: real up, fake down (fake detached so G gets no gradient here)
+        with precision.autocast():
+            fake = gen(z, labels)  # (B, 3, H, W)
+            real_logits = disc(real, labels)
+            fake_logits = disc(fake.detach(), labels)
+            loss_d = _losses(cfg.loss, real_logits, fake_logits)
+        opts["discriminator"].zero_grad(set_to_none=True)
+        precision.step("discriminator", loss_d, opts["discriminator"])
+
+        # generator: gradients flow through a frozen D
+        with frozen(disc), precision.autocast():
+            loss_g = _losses(cfg.loss, None, disc(fake, labels))
+        opts["generator"].zero_grad(set_to_none=True)
+        precision.step("generator", loss_g, opts["generator"])
+
+        # EMA warm-up (decay grows from ~0 to ema_decay) so early samples are not stuck at the initial weights
+        update_ema(nets["generator_ema"], gen, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        return finite(
+            {
+                "loss_d": loss_d.item(),
+                "loss_g": loss_g.item(),
+                "d_real": real_logits.detach().float().mean().item(),
+                "d_fake": fake_logits.detach().float().mean().item(),
+            },
+            "dcgan",
+        )
+
+    def evaluate(self, cfg: DCGANConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
+        """val_swd: sliced Wasserstein distance (16x16 pixels) between EMA-G samples and up to eval_samples val images."""
+        ema = nets["generator_ema"]
+        device = device_of(nets)
+        reals, labels = [], []
+        for batch in batches:
+            reals.append(batch["image"].float().cpu())
+            labels.append(batch.get("label", torch.full((len(batch["image"]),), -1)).cpu())
+            if sum(len(r) for r in reals) >= cfg.eval_samples:
+                break
+        if not reals:
+            return {}
+        real = torch.cat(reals)[: cfg.eval_samples]
+        label = torch.cat(labels)[: len(real)].long()
+        with eval_mode(ema):
+            z = latents(range(10_000, 10_000 + len(real)), cfg.latent_dim).to(device)  # fixed eval seeds
+            cond = label.clamp(min=0).to(device) if cfg.conditional else None
+            fake = torch.cat([ema(z[i : i + 64], None if cond is None else cond[i : i + 64]).float().cpu() for i in range(0, len(z), 64)])
+        return {"val_swd": sliced_wasserstein(real, fake)}
+
+    def fixed_inputs(self, cfg: DCGANConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
+        fixed = {"z": latents(range(cfg.num_samples), cfg.latent_dim)}  # (N, latent)
+        if cfg.conditional:  # one row per class
+            fixed["labels"] = torch.arange(cfg.num_samples) % max(num_labels, 1)
+        return fixed
+
+    def sample_images(self, cfg: DCGANConfig, nets: dict, fixed: dict) -> "Image.Image":  # noqa: F821
+        ema = nets["generator_ema"]
+        device = device_of(nets)
+        labels = fixed.get("labels")
+        with eval_mode(ema):
+            out = ema(fixed["z"].to(device), None if labels is None else labels.to(device))  # (N, 3, H, W)
+        return make_grid((out.float() + 1) / 2, nrow=int(math.ceil(math.sqrt(len(out)))))
+
+    def inference(self, cfg: DCGANConfig, nets: dict, state: dict) -> DCGANLoaded:
+        return DCGANLoaded({"generator_ema": unwrap(nets["generator_ema"])}, state.get("meta", state), state.get("checkpoint_hash", ""), cfg)
+
+
+FAMILY = DCGANFamily()

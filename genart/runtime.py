@@ -1,0 +1,61 @@
+"""Connect to a Ray cluster (`--address` / RAY_ADDRESS) or start the embedded local one, sized for the machine.
+
+On a small machine a TorchTrainer whose workers hold every CPU starves Ray Data's read tasks forever
+(seen with `num_cpus=2` + 2 workers of 1 CPU on a 2-core box). The local instance therefore gets more
+logical CPUs than physical cores, and `check_training_fits` refuses a worker layout that leaves Data nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from genart.errors import UserError
+
+# Logical CPUs the embedded instance advertises beyond the physical ones: room for Data tasks, Serve
+# proxies and controllers beside training workers. Oversubscribing is fine; they are mostly I/O bound.
+EXTRA_LOCAL_CPUS = 2
+MIN_LOCAL_CPUS = 4
+# CPUs that training must leave free for Ray Data's read/decode tasks.
+DATA_RESERVED_CPUS = 1.0
+
+
+def local_cpus() -> int:
+    return max(MIN_LOCAL_CPUS, (os.cpu_count() or 1) + EXTRA_LOCAL_CPUS)
+
+
+def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Make sure this process is connected to Ray: the given cluster, RAY_ADDRESS, or a new local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, runtime_env=runtime_env)
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            raise UserError(f"cannot connect to Ray at {address}: {exc}".splitlines()[0]) from None
+        return
+    # address="local": never attach by accident to some other cluster found in /tmp/ray.
+    ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def check_training_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool = False) -> None:
+    """Refuse a worker layout that would take every CPU and deadlock Ray Data (see module docstring)."""
+    total = cluster_cpus()
+    wanted = num_workers * cpus_per_worker
+    if total and wanted > total - DATA_RESERVED_CPUS:
+        raise UserError(
+            f"scaling: {num_workers} workers x {cpus_per_worker} CPU = {wanted:g} CPUs, but the cluster has {total:g} "
+            f"and Ray Data needs {DATA_RESERVED_CPUS:g} free; lower scaling.num_workers or scaling.cpus_per_worker"
+        )

@@ -1,0 +1,193 @@
+"""Local paths and `s3://` URIs behind one API: the fsspec and pyarrow filesystems every other module uses.
+
+S3 endpoint and credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so MinIO and other S3-compatible stores need no genart setting.
+pyarrow's S3FileSystem ignores AWS_ENDPOINT_URL, so both filesystems are built here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+from genart.errors import UserError
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI (always with '/')."""
+    uri = str(uri)
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return str(Path(uri).joinpath(*parts))
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+
+
+def fsspec_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for fsspec: `s3://bucket/key` -> (s3fs, "bucket/key"); local -> (file, abs path)."""
+    uri = str(uri)
+    if is_s3(uri):
+        import s3fs
+
+        kwargs = {"client_kwargs": {"region_name": _region()}}
+        if _endpoint():
+            kwargs["endpoint_url"] = _endpoint()
+        # skip_instance_cache: the endpoint may change between calls (tests, multiple stores).
+        return s3fs.S3FileSystem(skip_instance_cache=True, **kwargs), uri[len("s3://") :].rstrip("/")
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
+
+
+def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for pyarrow and Ray Data (`filesystem=`) and Ray Train (`storage_filesystem=`)."""
+    uri = str(uri)
+    if is_s3(uri):
+        kwargs: dict = {"region": _region()}
+        endpoint = _endpoint()
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def exists(uri: str) -> bool:
+    fs, path = fsspec_fs(uri)
+    return fs.exists(path)
+
+
+def isdir(uri: str) -> bool:
+    fs, path = fsspec_fs(uri)
+    return fs.isdir(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = fsspec_fs(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise UserError(f"not found: {uri}") from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object at once: a local temp file renamed into place, or one S3 PUT.
+
+    Either way a reader never sees a partial file (fsspec's streaming writer commits on error).
+    """
+    fs, path = fsspec_fs(uri)
+    if is_s3(uri):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def makedirs(uri: str) -> None:
+    if not is_s3(uri):  # S3 has no folders
+        os.makedirs(fsspec_fs(uri)[1], exist_ok=True)
+
+
+def remove(uri: str, recursive: bool = True) -> None:
+    fs, path = fsspec_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename within one store (a copy then delete on S3)."""
+    fs, src_path = fsspec_fs(src)
+    _, dst_path = fsspec_fs(dst)
+    fs.mv(src_path, dst_path)
+
+
+def listdir(uri: str) -> list[str]:
+    """Immediate children as full URIs (empty if the folder does not exist)."""
+    fs, path = fsspec_fs(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(_to_uri(uri, p) for p in fs.ls(path, detail=False) if p.rstrip("/") != path)
+
+
+def find(uri: str) -> list[tuple[str, int]]:
+    """Every file below `uri`, recursively, as (uri, size), sorted by uri."""
+    fs, path = fsspec_fs(uri)
+    found = fs.find(path, detail=True)
+    return sorted((_to_uri(uri, p), int(info.get("size") or 0)) for p, info in found.items() if info.get("type") != "directory")
+
+
+def _to_uri(like: str, path: str) -> str:
+    return f"s3://{path}" if is_s3(like) else path
+
+
+def relative(root: str, uri: str) -> str:
+    """`uri` relative to `root`, with '/' separators."""
+    root_path = fsspec_fs(root)[1].rstrip("/")
+    path = fsspec_fs(uri)[1]
+    if path == root_path:
+        return posixpath.basename(path)
+    return path[len(root_path) + 1 :] if path.startswith(root_path + "/") else path
+
+
+def check_writable(uri: str) -> None:
+    """Fail early with one clear line if `uri` cannot be written (before any work starts)."""
+    probe = join(uri, f".genart-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"")
+        remove(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not writable", said once
+        raise UserError(f"cannot write to {uri}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[str]:
+    """A local folder holding the contents of `uri`: the folder itself, or a temporary download of an S3 prefix."""
+    if not is_s3(uri):
+        yield fsspec_fs(uri)[1]
+        return
+    fs, path = fsspec_fs(uri)
+    tmp = tempfile.mkdtemp(prefix="genart-")
+    try:
+        fs.get(path + "/", tmp + "/", recursive=True)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def upload_dir(local: str, uri: str) -> None:
+    """Copy a local folder's contents to `uri` (local or S3)."""
+    if is_s3(uri):
+        fs, path = fsspec_fs(uri)
+        fs.put(local.rstrip("/") + "/", path + "/", recursive=True)
+    else:
+        shutil.copytree(local, fsspec_fs(uri)[1], dirs_exist_ok=True)
