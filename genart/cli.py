@@ -102,3 +102,76 @@ def datasets_synth(out, num, size, seed):
 
 
 # ---------------------------------------------------------------- operations
+
+
+jobs_address_option = click.option(
+    "--address", default=None, metavar="URL",
+    help="Jobs API of the cluster (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else http://127.0.0.1:8265).",
+)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@jobs_address_option
+@click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder uploaded as the job's working dir (.venv, .git, results, runs left out).")
+@click.option("--pip", "pip_packages", multiple=True, metavar="PKG", help="pip requirement to install for the job; repeatable.")
+@click.option("--gpus", type=float, default=None, help="GPUs reserved for the job's entrypoint process.")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return instead of streaming the logs.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def submit(address, working_dir, pip_packages, gpus, no_wait, command):
+    """Run COMMAND (any genart command or workflow) on a Ray cluster as a Ray job.
+
+    Streams the job's logs and exits 0 if it succeeded, 1 if it failed or was stopped. The auth token comes
+    from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Example:
+
+        genart submit --address http://127.0.0.1:8265 -- genart train workflows/configs/dcgan.yaml
+    """
+    from genart import jobs as ray_jobs
+
+    sys.exit(ray_jobs.submit(command, address=address, working_dir=working_dir, pip=pip_packages, gpus=gpus,
+                             wait=not no_wait))
+
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """List, inspect, follow and stop Ray jobs on a cluster."""
+
+
+@jobs_group.command("list")
+@jobs_address_option
+def jobs_list(address):
+    """Every job the cluster knows, oldest first."""
+    from genart import jobs as ray_jobs
+
+    ray_jobs.list_jobs(address)
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@jobs_address_option
+def jobs_status(job_id, address):
+    """The job's status and Ray's message about it."""
+    from genart import jobs as ray_jobs
+
+    ray_jobs.status(job_id, address)
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@click.option("--follow", is_flag=True, help="Keep streaming until the job ends; exit 0 if it succeeded, else 1.")
+@jobs_address_option
+def jobs_logs(job_id, follow, address):
+    """The job's logs so far (or, with --follow, until it ends)."""
+    from genart import jobs as ray_jobs
+
+    sys.exit(ray_jobs.logs(job_id, address, follow_logs=follow))
+
+
+@jobs_group.command("stop")
+@click.argument("job_id")
+@jobs_address_option
+def jobs_stop(job_id, address):
+    """Ask Ray to stop the job."""
+    from genart import jobs as ray_jobs
+
+    ray_jobs.stop(job_id, address)

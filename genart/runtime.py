@@ -16,6 +16,8 @@ from genart.errors import UserError
 # proxies and controllers beside training workers. Oversubscribing is fine; they are mostly I/O bound.
 EXTRA_LOCAL_CPUS = 2
 MIN_LOCAL_CPUS = 4
+# Image rows are large: Ray Data blocks of at most this size keep its memory budget meaningful.
+TARGET_BLOCK_BYTES = 16 << 20
 # CPUs that training must leave free for Ray Data's read/decode tasks.
 DATA_RESERVED_CPUS = 1.0
 
@@ -59,3 +61,11 @@ def check_training_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool 
             f"scaling: {num_workers} workers x {cpus_per_worker} CPU = {wanted:g} CPUs, but the cluster has {total:g} "
             f"and Ray Data needs {DATA_RESERVED_CPUS:g} free; lower scaling.num_workers or scaling.cpus_per_worker"
         )
+
+
+def streaming_context() -> None:
+    """Tune this driver's Ray Data context for image pipelines: small blocks, so memory stays bounded."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = min(ctx.target_max_block_size or TARGET_BLOCK_BYTES, TARGET_BLOCK_BYTES)

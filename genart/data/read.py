@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from genart import storage
+from genart import runtime, storage
 from genart.errors import UserError
 
 # Random crops are taken from an image upscaled by this factor (then flipped half the time).
@@ -82,8 +82,12 @@ def training_dataset(uri: str, split: str | None = "train", image_size: int | No
             "label": np.array([-1 if lab is None else lab for lab in labels], dtype=np.int64),
         }
 
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "split"])
-    return ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=64)
+    runtime.streaming_context()
+    # One read task per shard, so no task holds more than one shard's bytes.
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "split"], override_num_blocks=len(paths))
+    # Output blocks of ~16 MB keep the stream fine-grained enough for Ray Data's memory budget to bite.
+    rows_per_batch = max(1, min(256, (16 << 20) // (3 * size * size * 4)))
+    return ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=rows_per_batch)
 
 
 def num_labels(uri: str) -> int:

@@ -98,7 +98,7 @@ def plan(sources: list[str], labels: str | None = None) -> Plan:
 def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Unit]:
     if not storage.isdir(src):
         rel = posixpath.basename(src.rstrip("/"))
-        return _plan_file(src, rel, None, labels == "dirs", failures, single=True)
+        return _plan_file(src, rel, None, labels, failures)
     files = storage.find(src)
     if any(storage.relative(src, f).split("/")[-1] == "manifest.json" for f, _ in files):
         # A prepared genart dataset: its Parquet shards are the inputs.
@@ -110,7 +110,7 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
     for (uri, _), rel in zip(files, rels):
         label = _label_of(rel, use_dirs)
         if _has_ext(uri, ZIP_EXT + TAR_EXT + PARQUET_EXT):
-            units.extend(_plan_file(uri, rel, label, labels == "dirs" or labels is None, failures))
+            units.extend(_plan_file(uri, rel, label, labels, failures))
         else:
             plain.append((uri, rel, label))
     for i in range(0, len(plain), FILES_PER_UNIT):
@@ -119,7 +119,8 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
     return units
 
 
-def _plan_file(uri: str, rel: str, label: str | None, dirs: bool, failures: list[dict], single=False) -> list[Unit]:
+def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failures: list[dict]) -> list[Unit]:
+    """Units for one file: an archive (its members), a Parquet file, or a single image. `label` is inherited."""
     if _has_ext(uri, ZIP_EXT) or _has_ext(uri, TAR_EXT):
         try:
             names = _zip_names(uri) if _has_ext(uri, ZIP_EXT) else _tar_names(uri)
@@ -127,6 +128,7 @@ def _plan_file(uri: str, rel: str, label: str | None, dirs: bool, failures: list
             failures.append({"source": uri, "reason": f"unreadable archive: {_short(exc)}"})
             return []
         inner = _strip_common_root(names)
+        dirs = labels == "dirs" or (labels is None and any("/" in n for n in inner))
         labs = [label or _label_of(n, dirs) for n in inner]
         kind = "zip" if _has_ext(uri, ZIP_EXT) else "tar"
         if kind == "tar":  # a tar stream is read start to end by one task
@@ -297,6 +299,9 @@ def read_images(sources: list[str], labels: str | None = None, max_bytes: int | 
     """(Ray Dataset of RAW_SCHEMA records, Plan) for images under `sources`, streamed and read in parallel."""
     import ray
 
+    from genart import runtime
+
+    runtime.streaming_context()
     the_plan = the_plan or plan(sources, labels)
     failed = _table([_record(f["source"], f["source"], None, error=f["reason"]) for f in the_plan.failures])
     if not the_plan.units:  # only planning failures: still report them as records

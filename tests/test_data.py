@@ -1,0 +1,228 @@
+"""The data layer for real: the image gate, `genart prepare` on folders, archives and S3, and streamed reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from genart import storage
+from genart.cli import main
+from genart.data import images, prepare as prep
+from genart.data.read import read_manifest, training_dataset
+
+sys.path.insert(0, os.path.dirname(__file__))
+import corpus  # noqa: E402
+
+
+def _rows(dest: str) -> list[dict]:
+    fs, _ = storage.arrow_fs(dest)
+    rows = []
+    for part in storage.listdir(dest):
+        if part.endswith(".parquet"):
+            rows.extend(pq.read_table(storage.arrow_fs(part)[1], filesystem=fs).to_pylist())
+    return rows
+
+
+def _rejected(dest: str) -> dict[str, str]:
+    lines = storage.read_text(storage.join(dest, "rejected.jsonl")).splitlines()
+    return {json.loads(line)["source"]: json.loads(line)["reason"] for line in lines}
+
+
+def test_image_gate_verdicts():
+    for rel, (data, expected) in corpus.files().items():
+        if expected in (None, "duplicate"):
+            img = images.decode_image(data)
+            assert img.mode == "RGB", rel
+        else:
+            with pytest.raises(images.Reject) as err:
+                images.decode_image(data)
+            assert err.value.reason.startswith(expected), (rel, err.value.reason)
+    rotated = images.decode_image(corpus.files()["dogs/rotated.jpg"][0])
+    assert rotated.size == (20, 40)  # EXIF orientation applied
+    sixteen = np.asarray(images.decode_image(corpus.files()["dogs/sixteen.png"][0]))
+    assert sixteen.max() > 200  # 16-bit scaled to 8 bits, not clipped to its low byte
+
+
+def test_prepare_folder(tmp_path, ray_session):
+    src = tmp_path / "raw"
+    files = corpus.write_folder(str(src))
+    dest = str(tmp_path / "prepared")
+    manifest = prep.prepare([str(src)], dest, prep.PrepareOptions(size=16, val_fraction=0.3), progress=False)
+
+    kept = [r for r, (_, e) in files.items() if e is None]
+    bad = {r: e for r, (_, e) in files.items() if e not in (None, "duplicate")}
+    assert manifest["counts"] == {"input": len(files), "written": len(kept), "rejected": len(bad), "duplicates": 1}
+    assert manifest["labels"] == {"birds": 0, "cats": 1, "dogs": 2}
+    assert manifest["image_size"] == 16 and manifest["version"] == 1 and manifest["genart_version"]
+    assert sum(manifest["splits"].values()) == len(kept)
+
+    rows = _rows(dest)
+    assert sorted(os.path.relpath(r["source"], src) for r in rows) == sorted(kept)
+    by_rel = {os.path.relpath(r["source"], src): r for r in rows}
+    assert by_rel["cats/deeper/nested.png"]["label_name"] == "cats"  # deeper files keep the first-level label
+    assert all(r["label"] == manifest["labels"][r["label_name"]] for r in rows)
+    assert all((r["width"], r["height"]) == (16, 16) for r in rows)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(r["split"] == prep.split_of(r["id"], 0.3) for r in rows)
+    assert all(images.decode_image(r["image"]).size == (16, 16) for r in rows)
+
+    rejected = {os.path.relpath(s, src): reason for s, reason in _rejected(dest).items()}
+    assert set(rejected) == set(bad)
+    for rel, reason in rejected.items():
+        assert reason.startswith(bad[rel]), (rel, reason)
+    dups = [json.loads(x) for x in storage.read_text(os.path.join(dest, "duplicates.jsonl")).splitlines()]
+    assert [os.path.relpath(d["source"], src) for d in dups] == ["birds/dup_b.bmp"]
+    assert not [p for p in os.listdir(dest) if p.startswith("_staging-")]
+
+
+def test_prepare_archives_report_bad_members_and_cross_archive_duplicates(tmp_path, ray_session):
+    zpath, tpath = str(tmp_path / "corpus.zip"), str(tmp_path / "corpus.tar.gz")
+    files = corpus.write_zip(zpath)
+    corpus.write_tar(tpath)
+    corpus.corrupt_zip_member(zpath, "cats/good.jpg")
+    dest = str(tmp_path / "out")
+    manifest = prep.prepare([zpath, tpath], dest, prep.PrepareOptions(size=16), progress=False)
+
+    n = len(files)
+    good = sum(1 for _, e in files.values() if e is None)
+    bad = sum(1 for _, e in files.values() if e not in (None, "duplicate"))
+    c = manifest["counts"]
+    assert c["input"] == 2 * n
+    # The corrupt zip member is rejected; its tar twin survives. Every other good picture appears twice.
+    assert c["written"] == good
+    assert c["rejected"] == 2 * bad + 1
+    assert c["duplicates"] == 2 * n - c["written"] - c["rejected"]
+    reasons = _rejected(dest)
+    assert reasons[f"{zpath}!corpus/cats/good.jpg"].startswith("unreadable archive member")
+    assert set(manifest["labels"]) == {"birds", "cats", "dogs"}  # the zip's single top folder is not a label
+
+
+def test_prepare_s3_to_s3_and_read_back(tmp_path, s3_bucket, ray_session):
+    from genart.data.synth import make_synth
+
+    local = tmp_path / "synth"
+    make_synth(str(local), num=20, size=24)
+    storage.upload_dir(str(local), f"s3://{s3_bucket}/raw")
+    dest = f"s3://{s3_bucket}/prepared"
+    manifest = prep.prepare([f"s3://{s3_bucket}/raw"], dest, prep.PrepareOptions(size=16, val_fraction=0.0), progress=False)
+    assert manifest["counts"] == {"input": 20, "written": 20, "rejected": 0, "duplicates": 0}
+    assert read_manifest(dest)["labels"] == manifest["labels"]
+    assert all(s.startswith(f"s3://{s3_bucket}/raw/") for s in (r["source"] for r in _rows(dest)))
+    batch = next(iter(training_dataset(dest, "train", 16).iter_batches(batch_size=32, batch_format="numpy")))
+    assert batch["image"].shape == (20, 3, 16, 16)
+
+
+def test_round_trip_tensors(tmp_path, synth_dir, ray_session):
+    dest = str(tmp_path / "synth32")
+    manifest = prep.prepare([synth_dir], dest, prep.PrepareOptions(size=32, val_fraction=0.2), progress=False)
+    for split in ("train", "val"):
+        seen, labels = 0, []
+        for batch in training_dataset(dest, split, 16, augment=(split == "train")).iter_torch_batches(batch_size=8):
+            img = batch["image"]
+            assert img.shape[1:] == (3, 16, 16) and str(img.dtype) == "torch.float32"
+            assert -1.0 <= float(img.min()) and float(img.max()) <= 1.0
+            seen += img.shape[0]
+            labels.extend(batch["label"].tolist())
+        assert seen == manifest["splits"][split]
+        assert set(labels) <= set(range(5)) and len(set(labels)) > 1
+
+
+def test_prepare_cli_errors_leave_destination_untouched(tmp_path, synth_dir, ray_session):
+    runner = CliRunner()
+    dest = str(tmp_path / "ds")
+    result = runner.invoke(main, ["prepare", str(tmp_path / "missing"), "--out", dest])
+    assert result.exit_code == 2 and "source not found" in result.output and not os.path.exists(dest)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(main, ["prepare", str(empty), "--out", dest])
+    assert result.exit_code == 2 and "no input files" in result.output
+
+    ok = runner.invoke(main, ["prepare", synth_dir, "--out", dest, "--size", "16"])
+    assert ok.exit_code == 0, ok.output
+    assert "prepared 100 images" in ok.output
+    before = {p: os.path.getmtime(os.path.join(dest, p)) for p in os.listdir(dest)}
+    again = runner.invoke(main, ["prepare", synth_dir, "--out", dest, "--size", "16"])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert {p: os.path.getmtime(os.path.join(dest, p)) for p in os.listdir(dest)} == before
+
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    result = runner.invoke(main, ["prepare", synth_dir, "--out", str(afile / "sub")])
+    assert result.exit_code == 2 and "cannot write" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+    over = runner.invoke(main, ["prepare", synth_dir, "--out", dest, "--size", "8", "--overwrite"])
+    assert over.exit_code == 0, over.output
+    assert read_manifest(dest)["image_size"] == 8
+
+
+def test_crash_before_manifest_leaves_no_finished_dataset(tmp_path, synth_dir, ray_session, monkeypatch):
+    dest = str(tmp_path / "ds")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash during finalize")
+
+    monkeypatch.setattr(prep, "_finalize", crash)
+    with pytest.raises(RuntimeError):
+        prep.prepare([synth_dir], dest, prep.PrepareOptions(size=16), progress=False)
+    assert not os.path.exists(os.path.join(dest, "manifest.json"))
+    with pytest.raises(Exception):
+        read_manifest(dest)
+    monkeypatch.undo()
+    manifest = prep.prepare([synth_dir], dest, prep.PrepareOptions(size=16), progress=False)
+    assert manifest["counts"]["written"] == 100
+    assert not [p for p in os.listdir(dest) if p.startswith("_staging-")]  # the crashed run's staging is gone
+
+
+@pytest.mark.slow
+def test_reading_a_dataset_larger_than_the_object_store_streams(tmp_path):
+    """~1.5 GB of decoded tensors through a 400 MB object store: nothing spills, so nothing was materialised."""
+    script = textwrap.dedent(
+        f"""
+        import io, json, os, numpy as np, pyarrow as pa, pyarrow.parquet as pq, ray
+        from PIL import Image
+        root = {str(tmp_path / "big")!r}
+        os.makedirs(root)
+        rng = np.random.default_rng(0)
+        for shard in range(20):
+            pngs = []
+            for i in range(100):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG", compress_level=0)
+                pngs.append(buf.getvalue())
+            pq.write_table(pa.table({{"image": pngs, "label": [0] * 100, "split": ["train"] * 100}}),
+                           f"{{root}}/part-{{shard:05d}}.parquet")
+        json.dump({{"splits": {{"train": 2000, "val": 0}}, "counts": {{"written": 2000}}, "image_size": 256, "labels": {{}}}},
+                  open(f"{{root}}/manifest.json", "w"))
+        ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=False)
+        from genart.data.read import training_dataset
+        n = 0
+        for batch in training_dataset(root, "train", 256).iter_batches(batch_size=32, batch_format="numpy"):
+            n += len(batch["label"])
+        from ray._private.internal_api import memory_summary
+        summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+        spilled = [line for line in summary.splitlines() if "Spilled" in line]
+        print(json.dumps({{"rows": n, "spilled": spilled}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 2000
+    assert not result["spilled"], result["spilled"]
+
+
+def test_synth_cli(tmp_path):
+    result = CliRunner().invoke(main, ["datasets", "synth", "--out", str(tmp_path), "--num", "10", "--size", "16"])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path)) == ["circles", "gradient", "grid", "noise", "stripes"]
+    assert len(os.listdir(tmp_path / "grid")) == 2
