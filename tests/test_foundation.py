@@ -1,0 +1,86 @@
+"""Configs, storage and the runtime guard: the pieces every subcommand stands on."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow.fs as pafs
+import pytest
+from pydantic import Field
+
+from genart import config, runtime, storage
+from genart.errors import UserError
+
+
+class Inner(config.Section):
+    max_steps: int = 10  # steps to run
+    lr: float = 1e-3
+
+
+class Outer(config.Section):
+    family: Literal["a", "b"] = "a"
+    train: Inner = Field(default_factory=Inner)
+
+
+def test_yaml_then_overrides_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 5\n")
+    cfg = config.load(Outer, path, ["train.lr=0.5", "family=b"])
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.family) == (5, 0.5, "b")
+    assert "max_steps: 5" in config.to_yaml(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_stepz=3"], "train.max_stepz: unknown key"),
+        (["train.max_steps=lots"], "train.max_steps: Input should be a valid integer"),
+        (["family=c"], "family: "),
+        (["novalue"], "expected KEY=VALUE"),
+    ],
+)
+def test_bad_keys_give_one_line_naming_the_key(overrides, message):
+    with pytest.raises(UserError) as err:
+        config.load(Outer, None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        config.load(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(Outer, bad)
+
+
+def test_local_storage_writes_are_atomic(tmp_path):
+    target = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(target, b"hello")
+    assert storage.read_bytes(target) == b"hello"
+    assert [p for p in (tmp_path / "a").iterdir()] == [tmp_path / "a" / "b.bin"]  # no temp files left
+    with pytest.raises(UserError, match="not found"):
+        storage.read_bytes(str(tmp_path / "missing"))
+
+
+def test_s3_storage_honours_aws_endpoint_url(s3_bucket):
+    uri = f"s3://{s3_bucket}/x/y.txt"
+    storage.write_text(uri, "hi")
+    assert storage.read_text(uri) == "hi"
+    assert storage.listdir(f"s3://{s3_bucket}/x") == [uri]
+    # pyarrow's S3 filesystem ignores AWS_ENDPOINT_URL by itself; genart's must reach the same server.
+    fs, path = storage.arrow_fs(uri)
+    assert fs.get_file_info(path).type == pafs.FileType.File
+    assert storage.find(f"s3://{s3_bucket}") == [(uri, 2)]
+    storage.remove(f"s3://{s3_bucket}/x")
+    assert not storage.exists(uri)
+
+
+def test_runtime_refuses_layouts_that_starve_ray_data(ray_session):
+    total = runtime.cluster_cpus()
+    assert total >= 4  # the embedded instance advertises more logical CPUs than this 2-core machine has
+    runtime.check_training_fits(2, 1.0)
+    with pytest.raises(UserError, match="Ray Data needs"):
+        runtime.check_training_fits(int(total), 1.0)
+    assert runtime.local_cpus() >= runtime.MIN_LOCAL_CPUS
