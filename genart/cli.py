@@ -92,13 +92,85 @@ def datasets_synth(out, num, size, seed):
 # ---------------------------------------------------------------- training
 
 
+@main.command()
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@set_option
+@address_option
+def train(config_path, overrides, address):
+    """Train a model (dcgan, vae, critic, style) with Ray Train: data-parallel workers, checkpoints, samples,
+    metrics.jsonl and loss.png in <run.storage>/<run.name>.
+
+    Re-running the same command resumes from the latest checkpoint. Example:
+
+        genart train workflows/configs/dcgan.yaml --set data.path=data/synth --set train.max_steps=500
+    """
+    from genart.train.config import load_config
+    from genart.train.trainer import format_summary, train as run_train
+
+    summary = run_train(load_config(config_path, overrides), address=address, echo=click.echo)
+    click.echo(format_summary(summary))
+
+
 # ---------------------------------------------------------------- batch inference
 
 
 # ---------------------------------------------------------------- serving
 
 
+@main.command()
+@click.option("--model", "models", multiple=True, metavar="NAME=CKPT",
+              help="Serve the checkpoint (run folder or step-* folder, local or s3://) as NAME; its family is read "
+                   "from the checkpoint. Repeatable.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML with the app args (the schema of cluster/serve.yaml's args), or a whole Serve config file.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
+@set_option
+@address_option
+def serve(models, config_file, host, port, overrides, address):
+    """Serve models over HTTP (API + playground page at /) until Ctrl-C.
+
+    Example: genart serve --model dcgan=runs/dcgan --model starry=runs/style-starry. An API key is required when
+    GENART_API_KEY (or the variable named by api_key_env) is set.
+    """
+    from genart.serve.run import serve_forever, settings_from
+
+    serve_forever(settings_from(config_file, models, overrides), host=host, port=port, address=address)
+
+
 # ---------------------------------------------------------------- evaluation
+
+
+@main.command()
+@click.option("--model", required=True, help="dcgan or vae run folder (best checkpoint) or checkpoint folder, local or s3://.")
+@click.option("--data", required=True, help="Prepared dataset (`genart prepare`) to compare with, local or s3://.")
+@click.option("--num", type=int, default=1000, show_default=True, help="Images to generate (seeds 0..NUM-1).")
+@click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
+              help="Feature network: InceptionV3 pool features, or a trained critic's embedding.")
+@click.option("--inception-weights", default=None, metavar="PATH",
+              help="torchvision inception_v3 state_dict (.pth or .safetensors); default: torchvision's download cache.")
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
+              help="Dataset split the real images come from.")
+@click.option("--max-real", type=int, default=None, help="Use at most this many real images (a fixed random subset).")
+@click.option("--k", "k", type=int, default=3, show_default=True, help="Neighbourhood size of precision/recall's k-NN manifolds.")
+@click.option("--output", default=None, metavar="FILE", help="Also write the JSON report here (local or s3://).")
+@address_option
+def evaluate(model, data, num, features, inception_weights, split, max_real, k, output, address):
+    """FID, KID and precision/recall of a generative checkpoint against a prepared dataset.
+
+    Real (cached beside the dataset) and generated images are featurised by Ray Data actor pools. Scores on
+    critic features are reported as such (e.g. fid_critic), never as plain FID.
+    """
+    import json
+
+    from genart import runtime
+    from genart.evaluate import job
+
+    runtime.init(address)
+    report = job.run(model, data, num=num, features=features, split=split, inception_weights=inception_weights,
+                     k=k, max_real=max_real, output=output)
+    click.echo(json.dumps(report, indent=2))
+    click.echo(job.summary(report))
 
 
 # ---------------------------------------------------------------- operations
