@@ -277,7 +277,10 @@ class GenerativeLoaded(Loaded):
 
     @torch.no_grad()
     def sample(self, seeds: list[int], labels: list[int] | None = None, truncation: float = 1.0) -> torch.Tensor:
-        """Images for `seeds`: (N, 3, H, W) in [0, 1]; the same seed (and label) always gives the same image."""
+        """Images for `seeds`: (N, 3, H, W) in [0, 1]; the same seed (and label) always gives the same image.
+
+        Class-conditional models take one label per seed; without labels, seed s gets class s % num_labels.
+        """
         seeds = list(seeds)
         if not seeds:
             raise UserError("sample: give at least one seed")
@@ -320,6 +323,12 @@ class Family(Protocol):
     def sample_images(self, cfg: Any, nets: dict, fixed: dict) -> Image.Image: ...
 
     def inference(self, cfg: Any, nets: dict, state: dict) -> Loaded: ...
+
+
+def meta_from_state(state: dict) -> dict:
+    """A checkpoint's state.json (+ "checkpoint" uri added by `load`) -> Loaded.meta."""
+    keys = ("family", "config", "label_names", "image_size", "step", "checkpoint", "metrics", "net_info")
+    return {k: state.get(k) for k in keys}
 
 
 def check_size(family: str, image_size: int, supported: tuple[int, ...] | None) -> None:

@@ -11,6 +11,7 @@ import math
 from typing import Iterable, Literal
 
 import torch
+from PIL import Image
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
@@ -29,6 +30,7 @@ from genart.models.common import (
     labels_of,
     latents,
     make_grid,
+    meta_from_state,
     unwrap,
     update_ema,
 )
@@ -132,8 +134,10 @@ def _losses(kind: str, real_logits: torch.Tensor | None, fake_logits: torch.Tens
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128, seed: int = 0) -> float:
-    """Sliced Wasserstein distance between two image sets (N, 3, H, W), compared at 16x16 after removing each
-    set's per-pixel mean... no: compared raw, so colour and layout statistics both count. Lower is closer."""
+    """Sliced Wasserstein distance between two image sets (N, 3, H, W) pooled to 16x16 pixels: lower is closer.
+
+    A cheap, deterministic distribution distance (after Karras et al. 2018's SWD), not a perceptual metric like FID.
+    """
     n = min(len(a), len(b))
     a = F.adaptive_avg_pool2d(a[:n].float(), 16).flatten(1).cpu()  # (n, 768)
     b = F.adaptive_avg_pool2d(b[:n].float(), 16).flatten(1).cpu()
@@ -185,7 +189,9 @@ class DCGANFamily:
             "discriminator": torch.optim.Adam(nets["discriminator"].parameters(), lr=cfg.lr_d, betas=betas),
         }
 
-    def train_step(self, cfg: DCGANConfig, nets: dict, opts: dict, batch: dict, step: int, precision: Precision | None = None) -> dict[str, float]:
+    def train_step(
+        self, cfg: DCGANConfig, nets: dict, opts: dict, batch: dict, step: int, precision: Precision | None = None
+    ) -> dict[str, float]:
         precision = precision or Precision()
         gen, disc = nets["generator"], nets["discriminator"]  # possibly DDP-wrapped: call them, don't reach inside
         gen.train()
@@ -247,7 +253,7 @@ class DCGANFamily:
             fixed["labels"] = torch.arange(cfg.num_samples) % max(num_labels, 1)
         return fixed
 
-    def sample_images(self, cfg: DCGANConfig, nets: dict, fixed: dict) -> "Image.Image":  # noqa: F821
+    def sample_images(self, cfg: DCGANConfig, nets: dict, fixed: dict) -> Image.Image:
         ema = nets["generator_ema"]
         device = device_of(nets)
         labels = fixed.get("labels")
@@ -256,7 +262,7 @@ class DCGANFamily:
         return make_grid((out.float() + 1) / 2, nrow=int(math.ceil(math.sqrt(len(out)))))
 
     def inference(self, cfg: DCGANConfig, nets: dict, state: dict) -> DCGANLoaded:
-        return DCGANLoaded({"generator_ema": unwrap(nets["generator_ema"])}, state.get("meta", state), state.get("checkpoint_hash", ""), cfg)
+        return DCGANLoaded({"generator_ema": unwrap(nets["generator_ema"])}, meta_from_state(state), state.get("checkpoint_hash", ""), cfg)
 
 
 FAMILY = DCGANFamily()

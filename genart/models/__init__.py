@@ -1,0 +1,139 @@
+"""Model families (dcgan, vae, critic, style), their registry, and `load` for inference from any checkpoint.
+
+    model = genart.models.load("runs/dcgan-demo")                 # best checkpoint of a run (local or s3://)
+    images = model.sample([0, 1, 2])                              # (3, 3, H, W) in [0, 1]
+    critic = genart.models.load("s3://bucket/runs/critic/step-000400", family="critic")
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from genart import storage
+from genart.config import validate
+from genart.errors import UserError
+from genart.models import critic, dcgan, style, vae
+from genart.models.checkpoint import STATE, WEIGHTS, checkpoint_hash, load_nets, read_state, read_weights
+from genart.models.common import Family, Loaded
+from genart.models.critic import CriticConfig
+from genart.models.dcgan import DCGANConfig
+from genart.models.style import StyleConfig
+from genart.models.vae import VAEConfig
+
+REGISTRY: dict[str, Family] = {
+    "dcgan": dcgan.FAMILY,
+    "vae": vae.FAMILY,
+    "critic": critic.FAMILY,
+    "style": style.FAMILY,
+}
+
+# The training config's `model:` section: the `family` key picks the class.
+ModelConfig = Annotated[Union[DCGANConfig, VAEConfig, CriticConfig, StyleConfig], Field(discriminator="family")]
+
+_STEP = re.compile(r"^step-(\d+)$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a checkpoint folder name, never a path
+
+
+def get_family(name: str) -> Family:
+    """The registered family called `name`, or a UserError listing the known ones."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown model family {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def model_section(config: dict) -> dict:
+    """The model section of a saved config: `config["model"]` for a whole training config, else config itself."""
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        return config["model"]
+    return config
+
+
+def _has_state(uri: str) -> bool:
+    return storage.exists(storage.join(uri, STATE))
+
+
+def _checked_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise UserError(f"{where}: {name!r} is not a checkpoint folder name (expected e.g. step-000100)")
+    return name
+
+
+def find_checkpoint(uri: str, which: str = "best") -> str:
+    """A checkpoint folder -> itself; a run folder -> best.json's checkpoint (which="best", if present) or the
+    latest `step-*` folder with a state.json (which="latest", or no best.json); which="step-000100" picks that one."""
+    uri = str(uri).rstrip("/") or "/"
+    if _has_state(uri):
+        return uri
+    if not storage.isdir(uri):
+        raise UserError(f"checkpoint not found: {uri}; give a run folder or a checkpoint folder (step-*/)")
+    if which not in ("best", "latest"):
+        target = storage.join(uri, _checked_name(which, f"checkpoint {which!r}"))
+        if not _has_state(target):
+            raise UserError(f"checkpoint {which} not found in {uri}")
+        return target
+    best = storage.join(uri, "best.json")
+    if which == "best" and storage.exists(best):
+        try:
+            name = json.loads(storage.read_text(best))["checkpoint"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"corrupt {best}: expected {{\"checkpoint\": \"step-...\"}}; fix or delete it") from None
+        target = storage.join(uri, _checked_name(name, best))
+        if not _has_state(target):
+            raise UserError(f"{best} names {name}, which is not a complete checkpoint; use which='latest'")
+        return target
+    candidates = []
+    for child in storage.listdir(uri):
+        name = child.rstrip("/").rsplit("/", 1)[-1]
+        match = _STEP.match(name)
+        if match and _has_state(child):
+            candidates.append((int(match.group(1)), child))
+    if not candidates:
+        raise UserError(f"no checkpoint in {uri}: expected step-*/state.json folders (has training saved one yet?)")
+    return max(candidates)[1]
+
+
+def _fetch(ckpt: str, tmp: str) -> str:
+    """A local folder with the checkpoint's state.json and weights (only those two: optim.pt is not needed)."""
+    if not storage.is_s3(ckpt):
+        return storage.fsspec_fs(ckpt)[1]
+    for name in (STATE, WEIGHTS):
+        uri = storage.join(ckpt, name)
+        if storage.exists(uri):
+            Path(tmp, name).write_bytes(storage.read_bytes(uri))
+    return tmp
+
+
+def load(uri: str, which: str = "best", family: str | None = None) -> Loaded:
+    """Load a model for inference from a run folder or checkpoint folder (local or s3://).
+
+    Raises UserError for a missing, corrupt or (with `family=`) wrong-family checkpoint.
+    """
+    ckpt = find_checkpoint(uri, which)
+    with tempfile.TemporaryDirectory(prefix="genart-ckpt-") as tmp:
+        local = _fetch(ckpt, tmp)
+        state = read_state(local)
+        name = state["family"]
+        if family is not None and name != family:
+            raise UserError(f"{ckpt} is a {name!r} checkpoint, but a {family!r} model is needed here")
+        fam = get_family(name)
+        cfg = validate(fam.config_cls, model_section(state["config"]), source=f"{ckpt}/{STATE} config")
+        image_size = state.get("image_size") or (state["config"].get("data") or {}).get("image_size")
+        if not isinstance(image_size, int):
+            raise UserError(f"corrupt checkpoint: {ckpt}/{STATE} has no image_size")
+        label_names = list(state.get("label_names") or [])
+        if fam.needs_labels and not label_names:
+            raise UserError(f"corrupt checkpoint: {ckpt}/{STATE} has no label_names, which a {name} model needs")
+        nets = fam.build(cfg, image_size, len(label_names), inference=True)
+        load_nets(nets, read_weights(local), ckpt)
+        digest = checkpoint_hash(local)
+    state = {**state, "image_size": image_size, "label_names": label_names, "checkpoint": ckpt, "checkpoint_hash": digest}
+    return fam.inference(cfg, nets, state)
+
+
+__all__ = ["REGISTRY", "ModelConfig", "Loaded", "Family", "load", "find_checkpoint", "get_family", "model_section"]

@@ -1,0 +1,224 @@
+"""Fast neural style transfer (Johnson et al. 2016): a feed-forward transformer net trained against a loss network.
+
+    genart train --config workflows/style.yaml --set model.style_image=wave.jpg --set model.loss_network=random
+Loaded: `.stylize(x) -> (N, 3, H, W)`, any H and W (padded internally, cropped back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterable, Literal
+
+import torch
+from PIL import Image
+from pydantic import Field, field_validator
+from torch import nn
+
+from genart import storage
+from genart.config import Section
+from genart.errors import UserError
+from genart.models.common import (
+    Loaded,
+    Precision,
+    check_images01,
+    device_of,
+    eval_mode,
+    finite,
+    make_grid,
+    meta_from_state,
+    unwrap,
+)
+from genart.models.loss_networks import StyleLoss, build_loss_network
+
+
+class StyleConfig(Section):
+    family: Literal["style"] = "style"  # model family tag
+    style_image: str = "starry_night.jpg"  # a shipped style (genart/assets/styles/<name>) or a path / s3:// uri
+    style_size: int = Field(256, ge=16, le=2048)  # the style image's shorter side (px) when its Gram targets are taken
+    loss_network: str = "vgg16"  # vgg16 | vgg19 (ImageNet weights) | random (seeded random-multiscale) | critic:<uri>
+    loss_network_weights: str | None = None  # VGG weights file (.pth weights-only or .safetensors); default: torch hub cache
+    random_seed: int = Field(0, ge=0)  # seed of the random loss network (same seed = same network)
+    random_filters: int = Field(64, ge=1)  # filters per kernel size in the random loss network
+    content_layers: list[str] | None = None  # loss-network layers for the content loss; None = the network's default
+    style_layers: list[str] | None = None  # loss-network layers for the style (Gram) loss; None = the network's default
+    content_weight: float = Field(1.0, ge=0)  # weight of the feature (content) loss
+    style_weight: float = Field(10.0, ge=0)  # weight of the Gram (style) loss; both losses are relative errors, ~1 at start
+    tv_weight: float = Field(1e-2, ge=0)  # weight of the total-variation (smoothness) loss
+    channels: int = Field(32, ge=1)  # width of the transformer's first layer (32 in the paper; 4-8 for tests)
+    num_res_blocks: int = Field(5, ge=0)  # residual blocks at 1/4 resolution (5 in the paper)
+    lr: float = Field(1e-3, gt=0)  # Adam learning rate
+    num_samples: int = Field(8, ge=1)  # content images stylised in the grid written at each checkpoint
+
+    @field_validator("loss_network")
+    @classmethod
+    def _known_network(cls, value: str) -> str:
+        if value in ("vgg16", "vgg19", "random") or (value.startswith("critic:") and len(value) > 7):
+            return value
+        raise ValueError("must be vgg16, vgg19, random or critic:<checkpoint uri>")
+
+
+class ConvLayer(nn.Sequential):
+    """Reflection-padded conv: (B, cin, H, W) -> (B, cout, H/stride, W/stride)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1):
+        super().__init__(nn.ReflectionPad2d(kernel // 2), nn.Conv2d(cin, cout, kernel, stride))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvLayer(ch, ch, 3), nn.InstanceNorm2d(ch, affine=True), nn.ReLU(True),
+            ConvLayer(ch, ch, 3), nn.InstanceNorm2d(ch, affine=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class UpsampleConv(nn.Sequential):
+    """Nearest-neighbour x2 then conv (Odena et al. 2016): no checkerboard artefacts from transposed convs."""
+
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), ConvLayer(cin, cout, kernel))
+
+
+class TransformerNet(nn.Module):
+    """x (B, 3, H, W) in [0, 1], H and W multiples of 4 -> stylised (B, 3, H, W) in [0, 1]."""
+
+    def __init__(self, channels: int = 32, num_res_blocks: int = 5):
+        super().__init__()
+        c = channels
+        norm = lambda ch: nn.InstanceNorm2d(ch, affine=True)  # noqa: E731
+        self.net = nn.Sequential(
+            ConvLayer(3, c, 9), norm(c), nn.ReLU(True),  # (B, c, H, W)
+            ConvLayer(c, 2 * c, 3, 2), norm(2 * c), nn.ReLU(True),  # (B, 2c, H/2, W/2)
+            ConvLayer(2 * c, 4 * c, 3, 2), norm(4 * c), nn.ReLU(True),  # (B, 4c, H/4, W/4)
+            *[ResidualBlock(4 * c) for _ in range(num_res_blocks)],
+            UpsampleConv(4 * c, 2 * c, 3), norm(2 * c), nn.ReLU(True),  # (B, 2c, H/2, W/2)
+            UpsampleConv(2 * c, c, 3), norm(c), nn.ReLU(True),  # (B, c, H, W)
+            ConvLayer(c, 3, 9),  # (B, 3, H, W)
+        )
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x01 * 2 - 1))  # sigmoid(y) = (tanh(y/2) + 1) / 2: a scaled tanh as in the paper
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 4, minimum: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (N, C, H, W) on the bottom/right to a multiple of `multiple` (and at least `minimum`); returns (padded, (H, W))."""
+    h, w = x.shape[-2:]
+    th, tw = max(minimum, math.ceil(h / multiple) * multiple), max(minimum, math.ceil(w / multiple) * multiple)
+    if (th, tw) == (h, w):
+        return x, (h, w)
+    mode = "reflect" if th - h < h and tw - w < w else "replicate"  # reflect needs the pad to be smaller than the side
+    return nn.functional.pad(x, (0, tw - w, 0, th - h), mode=mode), (h, w)
+
+
+class StyleLoaded(Loaded):
+    family = "style"
+
+    @torch.no_grad()
+    def stylize(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> stylised (N, 3, H, W) in [0, 1]; any H, W."""
+        x = check_images01(x, "stylize")
+        padded, (h, w) = pad_to_multiple(x.to(self.device).float())
+        return self.nets["transformer"](padded)[..., :h, :w].float().clamp(0, 1)
+
+
+def load_style_image(name: str, size: int) -> tuple[torch.Tensor, dict]:
+    """A shipped style name, a path or an s3:// uri -> (1, 3, h, w) in [0, 1] with shorter side `size`, + provenance."""
+    from genart.assets import STYLES, style_image
+    from genart.data.images import Reject, decode_image, to_tensor01
+
+    if storage.is_s3(name):
+        data = storage.read_bytes(name)
+    else:
+        path = style_image(name)
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.name for p in STYLES.glob("*.jpg")))
+            raise UserError(f"style image not found: {name}; set model.style_image to a path or one of: {shipped}")
+        data = path.read_bytes()
+    try:
+        img = decode_image(data)
+    except Reject as exc:
+        raise UserError(f"style image {name}: {exc.reason}") from None
+    scale = size / min(img.size)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
+    return to_tensor01([img]), {"style_image": name, "style_image_sha256": hashlib.sha256(data).hexdigest()}
+
+
+class StyleFamily:
+    name = "style"
+    config_cls = StyleConfig
+    supported_sizes = None  # the transformer is fully convolutional
+    needs_labels = False
+    best_metric = ("val_loss", "min")
+
+    def build(self, cfg: StyleConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
+        transformer = TransformerNet(cfg.channels, cfg.num_res_blocks)
+        if inference:
+            return {"transformer": transformer}
+        style01, style_info = load_style_image(cfg.style_image, cfg.style_size)
+        net = build_loss_network(cfg.loss_network, cfg.loss_network_weights, cfg.random_seed, cfg.random_filters)
+        return {"transformer": transformer, "loss_network": StyleLoss(net, cfg.content_layers, cfg.style_layers, style01, style_info)}
+
+    def trainable(self) -> tuple[str, ...]:
+        return ("transformer",)
+
+    def optimizers(self, cfg: StyleConfig, nets: dict) -> dict[str, torch.optim.Optimizer]:
+        return {"transformer": torch.optim.Adam(nets["transformer"].parameters(), lr=cfg.lr)}
+
+    def _loss(self, cfg: StyleConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return cfg.content_weight * terms["content"] + cfg.style_weight * terms["style"] + cfg.tv_weight * terms["tv"]
+
+    def train_step(
+        self, cfg: StyleConfig, nets: dict, opts: dict, batch: dict, step: int, precision: Precision | None = None
+    ) -> dict[str, float]:
+        precision = precision or Precision()
+        transformer = nets["transformer"]
+        transformer.train()
+        content = (batch["image"] + 1) / 2  # (B, 3, H, W) in [0, 1]
+        with precision.autocast():
+            out = transformer(content)  # (B, 3, H, W) in [0, 1]
+        terms = nets["loss_network"](out.float(), content)  # the loss network runs in fp32
+        loss = self._loss(cfg, terms)
+        opts["transformer"].zero_grad(set_to_none=True)
+        precision.step("transformer", loss, opts["transformer"])
+        return finite({"loss": loss.item(), **{f"{k}_loss": v.item() for k, v in terms.items()}}, "style")
+
+    def evaluate(self, cfg: StyleConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
+        """val_loss (weighted sum) and its val_content_loss / val_style_loss / val_tv_loss terms on validation images."""
+        transformer = unwrap(nets["transformer"])
+        device = device_of(nets)
+        sums: dict[str, float] = {}
+        count = 0
+        with eval_mode(transformer):
+            for batch in batches:
+                content = (batch["image"].to(device).float() + 1) / 2
+                terms = nets["loss_network"](transformer(content), content)
+                terms["loss"] = self._loss(cfg, terms)
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(content)
+                count += len(content)
+        if not count:
+            return {}
+        return {("val_loss" if k == "loss" else f"val_{k}_loss"): v / count for k, v in sums.items()}
+
+    def fixed_inputs(self, cfg: StyleConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
+        return {"content": ((example_batch["image"][: cfg.num_samples].detach().cpu().float() + 1) / 2)}  # (n, 3, S, S)
+
+    def sample_images(self, cfg: StyleConfig, nets: dict, fixed: dict) -> Image.Image:
+        """Top row: the fixed content images; bottom row: stylised."""
+        transformer = unwrap(nets["transformer"])
+        content = fixed["content"].to(device_of(nets))
+        with eval_mode(transformer):
+            padded, (h, w) = pad_to_multiple(content)
+            out = transformer(padded)[..., :h, :w]
+        return make_grid(torch.cat([content, out.float()]), nrow=len(content))
+
+    def inference(self, cfg: StyleConfig, nets: dict, state: dict) -> StyleLoaded:
+        return StyleLoaded({"transformer": unwrap(nets["transformer"])}, meta_from_state(state), state.get("checkpoint_hash", ""))
+
+
+FAMILY = StyleFamily()

@@ -1,0 +1,199 @@
+"""Convolutional beta-VAE (Kingma & Welling 2014; Higgins et al. 2017) for 16-128 px images.
+
+    genart train --config workflows/vae.yaml --set model.beta=4.0
+Loaded: `.sample(seeds)`, `.interpolate(seed_a, seed_b, steps)`, `.reconstruct(x)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Literal
+
+import torch
+from PIL import Image
+from pydantic import Field
+from torch import nn
+
+from genart.config import Section
+from genart.models.common import (
+    GenerativeLoaded,
+    Precision,
+    check_images01,
+    check_size,
+    device_of,
+    eval_mode,
+    finite,
+    latents,
+    make_grid,
+    meta_from_state,
+    resize,
+    unwrap,
+)
+
+SIZES = (16, 32, 64, 128)
+
+
+class VAEConfig(Section):
+    family: Literal["vae"] = "vae"  # model family tag
+    latent_dim: int = Field(128, ge=1)  # size of the latent code z
+    base_channels: int = Field(32, ge=1)  # channels of the first encoder layer; doubles per halving of resolution
+    max_channels: int = Field(256, ge=1)  # cap on channels per layer
+    beta: float = Field(1.0, ge=0.0)  # weight of the KL term (1.0 = plain VAE; > 1 = more disentangled, blurrier)
+    lr: float = Field(1e-3, gt=0)  # Adam learning rate
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    num_samples: int = Field(32, ge=2)  # images in the grid written at each checkpoint (half recons, half samples)
+
+
+def _channels(cfg: VAEConfig, level: int) -> int:
+    return min(cfg.base_channels * 2**level, cfg.max_channels)
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: reconstructions must not depend on what else is in the batch
+    return nn.GroupNorm(min(8, ch), ch)
+
+
+class VAE(nn.Module):
+    """forward(x (B, 3, S, S) in [-1, 1]) -> (x_hat (B, 3, S, S) in [-1, 1], mu (B, D), logvar (B, D))."""
+
+    def __init__(self, cfg: VAEConfig, image_size: int):
+        super().__init__()
+        self.levels = int(math.log2(image_size // 4))  # halvings down to 4x4
+        enc: list[nn.Module] = []
+        cin = 3
+        for level in range(self.levels):  # (B, cin, s, s) -> (B, cout, s/2, s/2)
+            cout = _channels(cfg, level)
+            enc += [nn.Conv2d(cin, cout, 4, 2, 1), _norm(cout), nn.LeakyReLU(0.2, True)]
+            cin = cout
+        self.encoder = nn.Sequential(*enc, nn.Flatten())  # (B, C * 16)
+        self.top = cin
+        self.to_stats = nn.Linear(cin * 16, 2 * cfg.latent_dim)  # -> mu, logvar
+        self.from_latent = nn.Linear(cfg.latent_dim, cin * 16)
+        dec: list[nn.Module] = []
+        for level in range(self.levels - 2, -1, -1):  # (B, cin, s, s) -> (B, cout, 2s, 2s)
+            cout = _channels(cfg, level)
+            dec += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), _norm(cout), nn.ReLU(True)]
+            cin = cout
+        dec += [nn.ConvTranspose2d(cin, 3, 4, 2, 1), nn.Tanh()]
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)  # (B, D) each
+        return mu, logvar.clamp(-10.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.from_latent(z).view(-1, self.top, 4, 4)  # (B, C, 4, 4)
+        return self.decoder(h)  # (B, 3, S, S)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation
+        return self.decode(z), mu, logvar
+
+
+def _loss_terms(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-image squared error summed over pixels, per-image KL), both averaged over the batch."""
+    recon = (x_hat.float() - x.float()).pow(2).sum(dim=(1, 2, 3)).mean()
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).float().sum(dim=1).mean()
+    return recon, kl
+
+
+class VAELoaded(GenerativeLoaded):
+    family = "vae"
+
+    def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: VAEConfig):
+        super().__init__({"vae": nets["vae"]}, meta, checkpoint_hash)
+        self.latent_dim = cfg.latent_dim
+        self.conditional = False
+
+    def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.nets["vae"].decode(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> the decoded posterior mean, same shape (resized to image_size and back)."""
+        x = check_images01(x, "reconstruct")
+        h, w = x.shape[-2:]
+        small = resize(x.to(self.device).float(), self.image_size) * 2 - 1  # (N, 3, S, S) in [-1, 1]
+        mu, _ = self.nets["vae"].encode(small)
+        out = (self.nets["vae"].decode(mu) + 1) / 2
+        if (h, w) != out.shape[-2:]:
+            out = nn.functional.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return out.clamp(0, 1)
+
+
+class VAEFamily:
+    name = "vae"
+    config_cls = VAEConfig
+    supported_sizes = SIZES
+    needs_labels = False
+    best_metric = ("val_loss", "min")
+
+    def build(self, cfg: VAEConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
+        check_size(self.name, image_size, SIZES)
+        return {"vae": VAE(cfg, image_size)}
+
+    def trainable(self) -> tuple[str, ...]:
+        return ("vae",)
+
+    def optimizers(self, cfg: VAEConfig, nets: dict) -> dict[str, torch.optim.Optimizer]:
+        return {"vae": torch.optim.AdamW(nets["vae"].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)}
+
+    def train_step(
+        self, cfg: VAEConfig, nets: dict, opts: dict, batch: dict, step: int, precision: Precision | None = None
+    ) -> dict[str, float]:
+        precision = precision or Precision()
+        vae = nets["vae"]
+        vae.train()
+        x = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        with precision.autocast():
+            x_hat, mu, logvar = vae(x)
+        recon, kl = _loss_terms(x, x_hat, mu, logvar)
+        loss = recon + cfg.beta * kl  # negative ELBO per image (unit-variance Gaussian decoder, up to a constant)
+        opts["vae"].zero_grad(set_to_none=True)
+        precision.step("vae", loss, opts["vae"])
+        pixels = x[0].numel()
+        return finite({"loss": loss.item(), "recon_mse": recon.item() / pixels, "kl": kl.item()}, "vae")
+
+    def evaluate(self, cfg: VAEConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
+        """val_loss (negative ELBO per image, posterior sample), val_recon_mse (per pixel, posterior mean), val_kl."""
+        vae = unwrap(nets["vae"])
+        device = device_of(nets)
+        totals = {"loss": 0.0, "recon_mse": 0.0, "kl": 0.0}
+        count = 0
+        g = torch.Generator(device=device).manual_seed(0)  # the same posterior noise at every evaluation
+        with eval_mode(vae):
+            for batch in batches:
+                x = batch["image"].to(device).float()
+                mu, logvar = vae.encode(x)
+                z = mu + torch.randn(mu.shape, generator=g, device=device) * torch.exp(0.5 * logvar)
+                recon, kl = _loss_terms(x, vae.decode(z), mu, logvar)
+                mean_mse = (vae.decode(mu) - x).pow(2).mean()
+                n = len(x)
+                totals["loss"] += (recon + cfg.beta * kl).item() * n
+                totals["recon_mse"] += mean_mse.item() * n
+                totals["kl"] += kl.item() * n
+                count += n
+        return {f"val_{k}": v / count for k, v in totals.items()} if count else {}
+
+    def fixed_inputs(self, cfg: VAEConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
+        half = cfg.num_samples // 2
+        return {"images": example_batch["image"][:half].detach().cpu().float(), "z": latents(range(half), cfg.latent_dim)}
+
+    def sample_images(self, cfg: VAEConfig, nets: dict, fixed: dict) -> Image.Image:
+        """Rows alternate real / reconstruction, then samples from the fixed latents."""
+        vae = unwrap(nets["vae"])
+        device = device_of(nets)
+        with eval_mode(vae):
+            x = fixed["images"].to(device)  # (n, 3, S, S) in [-1, 1]
+            recon = vae.decode(vae.encode(x)[0])
+            samples = vae.decode(fixed["z"].to(device))
+        nrow = max(1, int(math.ceil(math.sqrt(len(x) + len(samples)))))
+        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2n, 3, S, S): real, recon, real, recon, ...
+        return make_grid((torch.cat([pairs, samples]).float() + 1) / 2, nrow=nrow + nrow % 2)
+
+    def inference(self, cfg: VAEConfig, nets: dict, state: dict) -> VAELoaded:
+        return VAELoaded({"vae": unwrap(nets["vae"])}, meta_from_state(state), state.get("checkpoint_hash", ""), cfg)
+
+
+FAMILY = VAEFamily()
