@@ -58,7 +58,8 @@ def split_of(image_id: str, val_fraction: float) -> str:
 
 def _ours(name: str) -> bool:
     """Files genart writes at DEST; nothing else there is ever deleted, even with --overwrite."""
-    return name.startswith(("part-", "_staging-")) or name in sources.DATASET_SIDECARS
+    # _genart_cache: evaluation's reference statistics, keyed by dataset hash, so stale ones are harmless to drop.
+    return name.startswith(("part-", "_staging-")) or name in sources.DATASET_SIDECARS or name == "_genart_cache"
 
 
 def _check_dest(dest: str, overwrite: bool) -> None:

@@ -1,0 +1,223 @@
+"""Feature extractors for the evaluation metrics: InceptionV3 pool features, or a genart critic's embedding.
+
+    extractor = build_extractor("inception", inception_weights="inception_v3_google-0cc3c7bd.pth")
+    extractor = build_extractor("critic:runs/critic")        # Loaded.embed of a trained critic
+    feats = extractor(images01)                              # list of (3, h, w) or (N, 3, H, W) in [0, 1] -> (N, D)
+Inception weights are never downloaded: they come from a file or torchvision's download cache, else a UserError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from genart import storage
+from genart.errors import UserError
+
+DEFAULT_FEATURES = "inception"
+INCEPTION_SIZE = 299
+INCEPTION_DIM = 2048
+INCEPTION_RESIZE = "bilinear (torch interpolate, align_corners=False, no antialias; as pytorch-fid)"
+# What torchvision uses with its IMAGENET1K_V1 Inception weights (inputs are ImageNet-normalised, then
+# transform_input maps them to the [-1, 1] range the ported Google weights expect).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TF_FID_NOTE = (
+    "torchvision InceptionV3 weights and torch's bilinear resize: values track but are not numerically "
+    "comparable with TF-FID (the original TensorFlow Inception graph) or papers' numbers"
+)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which features: kind "inception" (weights: a file, or None = torchvision's cache) or "critic" (uri: a checkpoint)."""
+
+    kind: str
+    uri: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.kind if self.uri is None else f"{self.kind}:{self.uri}"
+
+
+def parse_features(spec: str | None, inception_weights: str | None = None) -> FeatureSpec:
+    """"inception", "inception:WEIGHTS" or "critic:CKPT" (None = the default, inception) -> FeatureSpec."""
+    spec = (spec or DEFAULT_FEATURES).strip()
+    kind, _, uri = spec.partition(":")
+    if kind == "inception":
+        if uri and inception_weights and uri != inception_weights:
+            raise UserError("give the Inception weights once: either --features inception:PATH or --inception-weights PATH")
+        return FeatureSpec("inception", uri or inception_weights or None)
+    if kind == "critic":
+        if not uri:
+            raise UserError("--features critic needs a checkpoint: --features critic:RUN_OR_CHECKPOINT_DIR")
+        if inception_weights:
+            raise UserError("--inception-weights only applies to --features inception")
+        return FeatureSpec("critic", uri)
+    raise UserError(f"--features {spec!r}: use inception, inception:WEIGHTS_FILE or critic:CHECKPOINT")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _stack_resized(images: Sequence[torch.Tensor] | torch.Tensor, size: int, resize) -> torch.Tensor:
+    """Images (list of (3, h, w) or a (N, 3, H, W) tensor) in [0, 1] -> one (N, 3, size, size) batch."""
+    if isinstance(images, torch.Tensor):
+        return resize(images.float(), size)
+    if len({tuple(im.shape) for im in images}) == 1:  # the usual case: a prepared dataset of one size
+        return resize(torch.stack([torch.as_tensor(im) for im in images]).float(), size)
+    return torch.cat([resize(torch.as_tensor(im)[None].float(), size) for im in images])
+
+
+class Extractor:
+    """Base: `name` (metric key suffix), `label` (what reports say), `identity` (cache key), `dim`, `resize`."""
+
+    name = ""
+    label = ""
+    identity = ""
+    dim = 0
+    input_size = 0
+    resize = ""
+
+    def __call__(self, images: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "label": self.label, "identity": self.identity, "dim": self.dim,
+                "input_size": self.input_size, "resize": self.resize}
+
+
+# ---------------------------------------------------------------- InceptionV3
+
+
+def torchvision_cache_file() -> str:
+    """Where torchvision would have saved its IMAGENET1K_V1 Inception weights (we only read it, never download)."""
+    from torchvision.models import Inception_V3_Weights
+
+    filename = Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def _missing_weights() -> UserError:
+    from torchvision.models import Inception_V3_Weights
+
+    return UserError(
+        f"InceptionV3 weights not found (genart never downloads them): pass --inception-weights PATH "
+        f"(or --features inception:PATH) with torchvision's inception_v3 state_dict (.pth or .safetensors), "
+        f"e.g. {Inception_V3_Weights.IMAGENET1K_V1.url} fetched on a machine with network, or place that file at "
+        f"{torchvision_cache_file()}; or use --features critic:CHECKPOINT"
+    )
+
+
+def _read_state_dict(uri: str) -> tuple[dict, str]:
+    """A weights file (local or s3://) -> (state_dict, sha256); never unpickles code."""
+    if not storage.exists(uri):
+        raise UserError(f"Inception weights file not found: {uri}; check --inception-weights")
+    data = storage.read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        if uri.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - weights_only refuses anything but plain tensors
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"cannot read Inception weights {uri} as a plain state_dict (.pth via weights_only, or .safetensors): {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{uri} is not a state_dict of tensors; save one with torch.save(model.state_dict(), PATH)")
+    return state, digest
+
+
+class InceptionExtractor(Extractor):
+    """torchvision inception_v3 up to global average pooling: (N, 3, H, W) in [0, 1] -> (N, 2048)."""
+
+    name = "inception"
+    dim = INCEPTION_DIM
+    input_size = INCEPTION_SIZE
+    resize = INCEPTION_RESIZE
+
+    def __init__(self, weights: str | None = None, device: torch.device | str | None = None):
+        from torchvision.models import inception_v3
+
+        if weights is None:
+            weights = torchvision_cache_file()
+            if not os.path.isfile(weights):
+                raise _missing_weights()
+        state, digest = _read_state_dict(weights)
+        # transform_input=True as torchvision sets for its ImageNet weights; init_weights=False: they get replaced
+        net = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"{weights} does not match torchvision's inception_v3 ({str(exc).splitlines()[0][:160]})") from None
+        net.fc = torch.nn.Identity()  # pool3 features (N, 2048) instead of logits
+        self.device = torch.device(device) if device is not None else default_device()
+        self.net = net.eval().requires_grad_(False).to(self.device)
+        self.weights_sha256 = digest
+        self.identity = f"inception_v3:{digest}:{INCEPTION_SIZE}:{INCEPTION_RESIZE}"
+        self.label = f"InceptionV3 pool3, torchvision weights {digest[:12]}"
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device)[None, :, None, None]
+        self._std = torch.tensor(IMAGENET_STD, device=self.device)[None, :, None, None]
+
+    @staticmethod
+    def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def __call__(self, images) -> np.ndarray:
+        x = _stack_resized(images, INCEPTION_SIZE, self._resize).to(self.device)  # (N, 3, 299, 299)
+        x = (x.clamp(0, 1) - self._mean) / self._std
+        return self.net(x).float().cpu().numpy()  # (N, 2048)
+
+
+# ---------------------------------------------------------------- critic embedding
+
+
+class CriticExtractor(Extractor):
+    """A genart critic's penultimate features (`Loaded.embed`): (N, 3, H, W) in [0, 1] -> (N, embed_dim)."""
+
+    name = "critic"
+
+    def __init__(self, uri: str, device: torch.device | str | None = None):
+        from genart import models
+        from genart.models.common import resize
+
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = models.load(uri, family="critic").to(self.device)
+        self.input_size = self.model.image_size
+        self._resize_fn = resize
+        self.resize = f"bilinear with antialias to {self.input_size} px (the critic's own input size)"
+        digest = self.model.checkpoint_hash
+        self.identity = f"critic:{digest}:{self.input_size}"
+        self.label = f"critic features: {digest[:12]}"
+        self.dim = int(self(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
+
+    @torch.no_grad()
+    def __call__(self, images) -> np.ndarray:
+        x = _stack_resized(images, self.input_size, self._resize_fn)  # (N, 3, S, S)
+        return self.model.embed(x.to(self.device)).float().cpu().numpy()  # (N, D)
+
+
+def build_extractor(spec: FeatureSpec | str | None, inception_weights: str | None = None, device=None) -> Extractor:
+    if not isinstance(spec, FeatureSpec):
+        spec = parse_features(spec, inception_weights)
+    if spec.kind == "inception":
+        return InceptionExtractor(spec.uri, device)
+    return CriticExtractor(spec.uri, device)
+
+
+def check_features(spec: str | None, inception_weights: str | None = None) -> FeatureSpec:
+    """Fail early (UserError) if the features cannot be built here, e.g. before training starts."""
+    parsed = parse_features(spec, inception_weights)
+    build_extractor(parsed, device="cpu")
+    return parsed

@@ -1,0 +1,192 @@
+"""`genart evaluate`: FID, KID and precision/recall of a generative checkpoint against a prepared dataset, as Ray Data jobs.
+
+    genart evaluate --model runs/dcgan --data data/prepared --num 5000 --features critic:runs/critic
+Real images (on a cache miss) and generated ones (sampled inside the actors from seed indices) are featurised by
+actor pools via `map_batches`, so both sides scale with the cluster; the driver only folds feature rows together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from genart import storage
+from genart.errors import UserError
+from genart.evaluate import reference as R
+from genart.evaluate.features import TF_FID_NOTE, FeatureSpec, build_extractor, parse_features
+from genart.evaluate.metrics import PR_K
+from genart.evaluate.scoring import DEFAULT_SPLIT, compare, load_generator
+
+REAL_BATCH = 32  # images per actor call: 32 x (3, 299, 299) float32 = 34 MB at Inception size
+GENERATE_BATCH = 32
+
+
+class RealFeatures:
+    """Ray Data callable class: shard rows {id, image PNG, split} -> {id, features (B, D)} for the kept rows.
+
+    Decoding happens here, next to the network: prepared images are small PNGs, and a (B, 3, 299, 299) float batch
+    would be far larger to ship between operators than the bytes it came from.
+    """
+
+    def __init__(self, spec: FeatureSpec, split_value: str | None, ids: set[str] | None):
+        self.extractor = build_extractor(spec)
+        self.split_value, self.ids = split_value, ids
+
+    def __call__(self, batch: pa.Table) -> dict:
+        batch = R.select_rows(batch, self.split_value, self.ids)
+        if not batch.num_rows:
+            return {"id": np.zeros(0, dtype="<U32"), "features": np.zeros((0, self.extractor.dim), np.float32)}
+        return {"id": np.array(batch.column("id").to_pylist()), "features": self.extractor(R.decode_rows(batch))}
+
+
+class GeneratedFeatures:
+    """Ray Data callable class: seed indices {id} -> {id, features}: each actor loads the generator and extractor once."""
+
+    def __init__(self, model_uri: str, spec: FeatureSpec):
+        self.extractor = build_extractor(spec)
+        self.model = load_generator(model_uri, getattr(self.extractor, "device", None))
+
+    def __call__(self, batch: dict) -> dict:
+        seeds = [int(s) for s in batch["id"]]
+        return {"id": batch["id"], "features": self.extractor(self.model.sample(seeds))}
+
+
+def _actor_args(max_actors: int | None) -> dict:
+    """An autoscaling actor pool: one GPU per actor on GPU clusters, else one CPU (at most half the cluster's)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    size = max_actors or (gpus if gpus else max(1, min(8, cpus // 2)))
+    args = {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size)}
+    args.update({"num_gpus": 1} if gpus else {"num_cpus": 1})
+    return args
+
+
+def _absolute(uri: str) -> str:
+    """Actors may run in another working folder: hand them absolute paths."""
+    return uri if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def _spec_for_actors(spec: FeatureSpec) -> FeatureSpec:
+    return FeatureSpec(spec.kind, None if spec.uri is None else _absolute(spec.uri))
+
+
+def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real: int | None, max_actors: int | None) -> R.Reference:
+    """Cached reference statistics, or a Ray Data job over the dataset's shards on a miss."""
+    import ray
+
+    from genart import runtime
+
+    key = R.cache_key(data, extractor.identity, split, max_real)
+    ref = R.load_cached(data, extractor.name, key)
+    if ref is not None:
+        return ref
+    split_value = R.check_split(data, split)
+    ids = R.chosen_ids(data, split_value, max_real)
+    runtime.streaming_context()
+    fs, _ = storage.arrow_fs(data)
+    paths = [storage.arrow_fs(f)[1] for f in R.parquet_files(data)]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "split"], override_num_blocks=len(paths))
+    ds = ds.map_batches(RealFeatures, fn_constructor_args=(_spec_for_actors(spec), split_value, ids),
+                        batch_size=REAL_BATCH, batch_format="pyarrow", **_actor_args(max_actors))
+    acc = R.Accumulator()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        acc.update(batch["id"], batch["features"])
+    ref = acc.result(key)
+    ref.path = R.save(data, extractor.name, ref)
+    return ref
+
+
+def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None) -> np.ndarray:
+    """Features of images for seeds 0..num-1, generated and featurised by an actor pool: (num, D), in seed order."""
+    import ray
+
+    blocks = max(1, min(200, num // GENERATE_BATCH))
+    ds = ray.data.range(num, override_num_blocks=blocks)
+    ds = ds.map_batches(GeneratedFeatures, fn_constructor_args=(_absolute(model), _spec_for_actors(spec)),
+                        batch_size=GENERATE_BATCH, batch_format="numpy", **_actor_args(max_actors))
+    seeds, feats = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        seeds.append(np.asarray(batch["id"]))
+        feats.append(np.asarray(batch["features"], np.float32))
+    order = np.argsort(np.concatenate(seeds))  # blocks arrive in any order; KID's subsets need a fixed one
+    return np.concatenate(feats)[order]
+
+
+def run(model: str, data: str, num: int = 1000, features: str | None = None, split: str = DEFAULT_SPLIT,
+        inception_weights: str | None = None, k: int = PR_K, max_real: int | None = None,
+        max_actors: int | None = None, output: str | None = None) -> dict:
+    """The whole evaluation: returns the report (and writes it as JSON to `output`)."""
+    started = time.time()
+    if num < 2:
+        raise UserError(f"--num {num}: must be at least 2")
+    if k < 1:
+        raise UserError(f"--k {k}: must be at least 1")
+    if max_actors is not None and max_actors < 1:
+        raise UserError(f"--concurrency {max_actors}: must be at least 1")
+    if max_real is not None and max_real < 2:
+        raise UserError(f"--max-real {max_real}: must be at least 2")
+    spec = parse_features(features, inception_weights)
+    R.check_split(data, split)
+    generator = load_generator(model, "cpu")  # fail fast on a wrong checkpoint, and read its metadata
+    extractor = build_extractor(spec, device="cpu")  # ditto for missing weights; gives identity and dim
+    if output:
+        storage.check_writable(os.path.dirname(os.path.abspath(output)) if not storage.is_s3(output) else output.rsplit("/", 1)[0])
+
+    ref = real_reference(data, split, spec, extractor, max_real, max_actors)
+    fake = generated(model, num, spec, max_actors)
+    values, details = compare(ref, fake, extractor.name, k=k)
+    report = {
+        "metrics": values,
+        "labels": {key: _label(key, extractor) for key in values},
+        "model": {"uri": model, "family": generator.family, "step": generator.meta.get("step"),
+                  "checkpoint_hash": generator.checkpoint_hash},
+        "data": {"uri": data, "split": split, "dataset_hash": R.dataset_hash(data), "num_real": ref.count,
+                 "num_real_subset": len(ref.subset)},
+        "num_generated": len(fake),
+        "seeds": f"0..{len(fake) - 1}",
+        "features": {**extractor.describe(), "spec": spec.text},
+        **details,
+        "cache": {"hit": ref.hit, "path": ref.path, "key": ref.key},
+        "note": TF_FID_NOTE if extractor.name == "inception" else "critic features: comparable only between runs scored by the same critic checkpoint",
+        "seconds": round(time.time() - started, 2),
+    }
+    if output:
+        storage.write_text(output, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _label(key: str, extractor) -> str:
+    """What a metric key means in words, always naming the features (e.g. "FID (critic features: 3f2a...)")."""
+    metric = key[: -len(extractor.name) - 1]
+    names = {"fid": "FID", "kid": "KID", "kid_std": "KID std", "precision": "precision", "recall": "recall"}
+    return f"{names.get(metric, metric)} ({extractor.label})"
+
+
+def summary(report: dict) -> str:
+    """A few lines for humans: the values, N, features, resize filter, cache, time."""
+    m, f, name = report["metrics"], report["features"], report["features"]["name"]
+    kid = report["kid"]
+    lines = [
+        f"{report['labels'][f'fid_{name}']}: {m[f'fid_{name}']:.4f}",
+        f"{report['labels'][f'kid_{name}']}: {m[f'kid_{name}']:.5f} +- {m[f'kid_std_{name}']:.5f} "
+        f"({kid['subsets']} subsets of {kid['subset_size']})",
+    ]
+    if f"precision_{name}" in m:
+        lines.append(f"precision / recall (k={report['precision_recall']['k']}, {report['precision_recall']['num_real']} per side): "
+                     f"{m[f'precision_{name}']:.4f} / {m[f'recall_{name}']:.4f}")
+    cache = report["cache"]
+    lines += [
+        f"N: {report['num_generated']} generated vs {report['data']['num_real']} real ({report['data']['split']} split)",
+        f"features: {f['label']} (dim {f['dim']}); resize: {f['resize']}",
+        f"reference cache: {'hit' if cache['hit'] else 'miss'}{' (' + cache['path'] + ')' if cache['path'] else ''}",
+        f"time: {report['seconds']:.1f}s",
+    ]
+    if report.get("fid_note"):
+        lines.append(f"note: {report['fid_note']}")
+    return "\n".join(lines)

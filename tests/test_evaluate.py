@@ -1,0 +1,308 @@
+"""genart.evaluate: metric math against plain NumPy/SciPy references, KID unbiasedness, precision/recall edge cases,
+the reference-statistics cache, `score_checkpoint`, the `genart evaluate` CLI (Ray Data), and the Inception path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+
+from genart.errors import UserError
+from genart.evaluate import metrics as M
+
+IMAGE_SIZE = 16
+
+
+# ---------------------------------------------------------------- plain reference implementations (independent)
+
+
+def reference_fid(x: np.ndarray, y: np.ndarray) -> float:
+    mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
+    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_x.dot(cov_y)).real
+    return float(np.sum((mu_x - mu_y) ** 2) + np.trace(cov_x) + np.trace(cov_y) - 2 * np.trace(root))
+
+
+def reference_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b/d + 1)^3, written as the textbook double sums."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (np.dot(a, b) / d + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return float(xx + yy - 2 * xy)
+
+
+def reference_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def dist(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    def radii(a):
+        return np.sort(dist(a, a), axis=1)[:, k]  # column 0 is the point itself
+
+    precision = np.mean([(dist(f[None], real)[0] <= radii(real)).any() for f in fake])
+    recall = np.mean([(dist(r[None], fake)[0] <= radii(fake)).any() for r in real])
+    return float(precision), float(recall)
+
+
+# ---------------------------------------------------------------- metric math
+
+
+def test_self_scores_zero_and_shift_scores_more():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((600, 16))
+    shifted = rng.standard_normal((600, 16)) + 0.5
+    assert abs(M.fid(a, a)) < 1e-6
+    kid_self, _ = M.kid(a, a, num_subsets=5)
+    kid_shift, _ = M.kid(a, shifted, num_subsets=5)
+    # A set against itself is not an independent sample: the unbiased estimate is then -2(mean diag - mean
+    # off-diag of K)/m, small and negative. It must be tiny next to a real shift.
+    kxx = M._poly_kernel(a, a)
+    assert kid_self == pytest.approx(-2 * (np.diag(kxx).mean() - kxx[~np.eye(len(a), dtype=bool)].mean()) / len(a), rel=1e-6)
+    assert abs(kid_self) < 0.05 * kid_shift
+    assert M.fid(a, shifted) > 3.0  # ~ 16 * 0.5^2 = 4
+    assert kid_shift > 0.1
+
+
+def test_metrics_match_plain_numpy_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 8))
+    y = rng.standard_normal((50, 8)) * 1.3 + 0.2
+    assert M.fid(x, y) == pytest.approx(reference_fid(x, y), rel=1e-3)
+    moments = M.Moments()
+    for chunk in np.array_split(y, 4):
+        moments.update(chunk)
+    assert M.frechet_distance(x.mean(0), np.cov(x, rowvar=False), moments.mean, moments.cov) == pytest.approx(reference_fid(x, y), rel=1e-3)
+    assert M.mmd2_unbiased(x, y) == pytest.approx(reference_mmd2(x, y), rel=1e-3)
+    # one subset holding every row of each set: KID is then exactly the unbiased MMD^2 of the two sets
+    kid_mean, kid_std = M.kid(x[:50], y, num_subsets=1, subset_size=50)
+    assert kid_mean == pytest.approx(reference_mmd2(x[:50], y), rel=1e-3) and kid_std == 0.0
+    for k in (1, 3, 5):
+        far = y + 0.5
+        assert M.precision_recall(x, far, k=k) == pytest.approx(reference_precision_recall(x, far, k), rel=1e-3)
+
+
+def test_kid_is_unbiased_against_analytic_mmd2():
+    """In 1-D (gamma = 1) with x ~ N(a, s^2): E k(x, x') = m3^2 + 3 m2^2 + 3 m1^2 + 1 from the raw moments, so
+    MMD^2 = (m3x - m3y)^2 + 3 (m2x - m2y)^2 + 3 (m1x - m1y)^2. Many independent trials must average to it."""
+    rng = np.random.default_rng(2)
+
+    def moments(mu, s):
+        return mu, mu**2 + s**2, mu**3 + 3 * mu * s**2
+
+    def analytic(px, py):
+        (a1, a2, a3), (b1, b2, b3) = moments(*px), moments(*py)
+        return (a3 - b3) ** 2 + 3 * (a2 - b2) ** 2 + 3 * (a1 - b1) ** 2
+
+    trials, n = 300, 200
+    tolerances = []
+    for px, py in [((0.0, 1.0), (0.0, 1.0)), ((0.0, 1.0), (0.5, 1.0))]:
+        values = np.array([
+            M.kid(rng.normal(*px, size=(n, 1)), rng.normal(*py, size=(n, 1)), num_subsets=1, subset_size=n)[0]
+            for _ in range(trials)
+        ])
+        truth = analytic(px, py)
+        tolerance = 4 * values.std(ddof=1) / np.sqrt(trials)
+        tolerances.append(tolerance)
+        assert abs(values.mean() - truth) < tolerance, (px, py, values.mean(), truth, tolerance)
+    # The test has power: the biased estimator (diagonals kept, V-statistic) misses by ~ 2 (28 - 4) / n = 0.24
+    biased = np.mean([
+        (lambda x, y: M._poly_kernel(x, x).mean() + M._poly_kernel(y, y).mean() - 2 * M._poly_kernel(x, y).mean())(
+            rng.normal(size=(n, 1)), rng.normal(size=(n, 1)))
+        for _ in range(trials)
+    ])
+    assert biased > 3 * tolerances[0]  # the same-distribution case, where the truth is 0
+
+
+def test_precision_recall_identical_and_disjoint():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((200, 12))
+    assert M.precision_recall(a, a.copy(), k=3) == (1.0, 1.0)
+    assert M.precision_recall(a, a + 1000.0, k=3) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        M.precision_recall(a[:3], a[:3], k=3)
+
+
+# ---------------------------------------------------------------- tiny checkpoints and datasets
+
+
+def save_model(path, family: str, cfg, label_names: list[str]) -> str:
+    from genart.models import get_family
+    from genart.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    nets = get_family(family).build(cfg, IMAGE_SIZE, len(label_names))
+    save_checkpoint(str(path), nets, {}, {"family": family, "step": 0, "config": cfg.model_dump(),
+                                           "image_size": IMAGE_SIZE, "label_names": label_names})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from genart.data.synth import GENRES
+    from genart.models.critic import CriticConfig
+    from genart.models.dcgan import DCGANConfig
+
+    root = tmp_path_factory.mktemp("eval-ckpts")
+    dcgan = save_model(root / "dcgan" / "step-000000", "dcgan", DCGANConfig(latent_dim=8, base_channels=4, max_channels=16), [])
+    critic = save_model(root / "critic", "critic", CriticConfig(base_channels=4, num_stages=2, embed_dim=16), list(GENRES))
+    return {"dcgan": dcgan, "dcgan_run": str(root / "dcgan"), "critic": critic}
+
+
+def prepare_dataset(src: str, dest: str) -> str:
+    from genart.data.prepare import PrepareOptions, prepare
+
+    prepare([src], dest, PrepareOptions(size=IMAGE_SIZE, val_fraction=0.2), progress=False)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_session, synth_dir, tmp_path_factory):
+    return prepare_dataset(synth_dir, str(tmp_path_factory.mktemp("eval-data") / "prepared"))
+
+
+# ---------------------------------------------------------------- cache, score_checkpoint, CLI (real Ray Data)
+
+
+@pytest.mark.slow  # five Ray Data jobs and two prepares: 1-3 min on a busy 2-core machine
+def test_reference_cache_hit_then_invalidated_when_dataset_changes(ray_session, synth_dir, checkpoints, tmp_path):
+    from genart.data.synth import make_synth
+    from genart.evaluate import job
+
+    data = prepare_dataset(synth_dir, str(tmp_path / "prepared"))
+    features = f"critic:{checkpoints['critic']}"
+    first = job.run(checkpoints["dcgan"], data, num=12, features=features, max_actors=1)
+    assert first["cache"]["hit"] is False
+    assert first["cache"]["path"].startswith(os.path.join(data, "_genart_cache"))
+    second = job.run(checkpoints["dcgan"], data, num=12, features=features, max_actors=1)
+    assert second["cache"]["hit"] is True and second["cache"]["key"] == first["cache"]["key"]
+    assert second["metrics"] == pytest.approx(first["metrics"], rel=1e-6)  # same seeds, same reference
+
+    # The dataset changes: new content prepared and put in its place (manifest and shards), cache folder kept.
+    other_src = tmp_path / "other-src"
+    make_synth(str(other_src), num=40, size=24, seed=7)
+    other = prepare_dataset(str(other_src), str(tmp_path / "other"))
+    for name in os.listdir(data):
+        if name.startswith("part-") or name in ("manifest.json", "rejected.jsonl", "duplicates.jsonl"):
+            os.remove(os.path.join(data, name))
+    for name in os.listdir(other):
+        shutil.copy(os.path.join(other, name), data)
+    third = job.run(checkpoints["dcgan"], data, num=12, features=features, max_actors=1)
+    assert third["cache"]["hit"] is False and third["cache"]["key"] != first["cache"]["key"]
+    assert third["data"]["num_real"] == 40
+
+
+def test_reference_cache_on_s3_and_fallback_when_dataset_location_unwritable(ray_session, s3_bucket, synth_dir, dataset,
+                                                                             checkpoints, tmp_path, monkeypatch):
+    from genart.evaluate import reference
+    from genart.evaluate.features import build_extractor
+
+    extractor = build_extractor(f"critic:{checkpoints['critic']}", device="cpu")
+    data = prepare_dataset(synth_dir, f"s3://{s3_bucket}/prepared")
+    first = reference.get_local(data, "train", extractor, limit=20)
+    assert not first.hit and first.path.startswith(f"s3://{s3_bucket}/prepared/_genart_cache/ref-critic-")
+    assert first.count == 20 and first.subset.shape == (20, 16)
+    second = reference.get_local(data, "train", extractor, limit=20)
+    assert second.hit and second.path == first.path
+    np.testing.assert_array_equal(second.subset, first.subset)
+
+    # A dataset folder that cannot take the cache folder (here: a file is in its way) -> $GENART_CACHE_DIR.
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("_genart_cache"))
+    (copy / "_genart_cache").write_text("not a folder")
+    monkeypatch.setenv("GENART_CACHE_DIR", str(tmp_path / "cache"))
+    local = reference.get_local(str(copy), "all", extractor, limit=10)
+    assert not local.hit and local.path.startswith(str(tmp_path / "cache"))
+    assert reference.get_local(str(copy), "all", extractor, limit=10).hit
+
+
+def test_score_checkpoint_in_process(dataset, checkpoints):
+    from genart.evaluate import metric_keys, score_checkpoint
+    from genart.train.config import EvalSection
+
+    cfg = EvalSection(every_checkpoints=1, num_samples=16, features=f"critic:{checkpoints['critic']}")
+    started = time.time()
+    scores = score_checkpoint(checkpoints["dcgan"], dataset, cfg)
+    assert set(scores) == set(metric_keys("critic"))
+    assert all(isinstance(v, float) and np.isfinite(v) for v in scores.values())
+    assert scores["fid_critic"] > 0 and 0.0 <= scores["precision_critic"] <= 1.0
+    # the second checkpoint reuses the cached real side and, with the same weights, gives the same scores
+    assert score_checkpoint(checkpoints["dcgan_run"], dataset, cfg) == pytest.approx(scores, rel=1e-6)
+    print(f"score_checkpoint x2: {time.time() - started:.1f}s")
+
+
+def test_cli_evaluate_end_to_end(dataset, checkpoints, tmp_path):
+    from genart.cli import main
+
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(main, [
+        "evaluate", "--model", checkpoints["dcgan_run"], "--data", dataset, "--num", "20",
+        "--features", f"critic:{checkpoints['critic']}", "--split", "all", "--output", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report["metrics"]) == {"fid_critic", "kid_critic", "kid_std_critic", "precision_critic", "recall_critic"}
+    assert report["labels"]["fid_critic"].startswith("FID (critic features: ")
+    assert report["num_generated"] == 20 and report["data"]["num_real"] == 100
+    assert report["features"]["name"] == "critic" and report["features"]["dim"] == 16
+    assert {"hit", "path", "key"} <= set(report["cache"]) and report["model"]["family"] == "dcgan"
+    assert "FID (critic features:" in result.output and "reference cache:" in result.output
+
+    bad = CliRunner().invoke(main, ["evaluate", "--model", checkpoints["critic"], "--data", dataset, "--features",
+                                    f"critic:{checkpoints['critic']}"])
+    assert bad.exit_code == 2 and "generative model" in bad.output
+
+
+# ---------------------------------------------------------------- feature specs and the Inception path
+
+
+class NotWeights:
+    """An arbitrary object: a weights file holding one must be refused by the weights-only loader."""
+
+
+def test_feature_specs():
+    from genart.evaluate.features import parse_features
+
+    assert parse_features(None).text == "inception"
+    assert parse_features("inception", "w.pth").uri == "w.pth"
+    assert parse_features("critic:runs/critic").uri == "runs/critic"
+    for bad in ("critic", "vgg", "critic:x --inception-weights"):
+        with pytest.raises(UserError):
+            parse_features(bad, "w.pth" if "weights" in bad else None)
+
+
+def test_inception_features_from_weights_file_and_missing_weights(tmp_path, monkeypatch):
+    from torchvision.models import inception_v3
+
+    from genart.evaluate.features import InceptionExtractor, build_extractor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty torchvision cache
+    with pytest.raises(UserError, match="--inception-weights"):
+        build_extractor("inception", device="cpu")
+
+    started = time.time()
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), weights)
+    extractor = InceptionExtractor(str(weights), device="cpu")
+    images = [torch.rand(3, 16, 16), torch.rand(3, 16, 16), torch.rand(3, 24, 20)]  # mixed sizes are resized each
+    feats = extractor(images)
+    assert feats.shape == (3, 2048) and extractor.dim == 2048 and np.isfinite(feats).all()
+    assert extractor.identity.startswith("inception_v3:") and "bilinear" in extractor.resize
+    print(f"inception build + save + load + 3 images: {time.time() - started:.1f}s")
+
+    evil = tmp_path / "evil.pth"  # a pickle that is not plain tensors must be refused, never run
+    torch.save({"x": NotWeights()}, evil)
+    with pytest.raises(UserError, match="plain state_dict"):
+        InceptionExtractor(str(evil), device="cpu")
