@@ -114,6 +114,87 @@ def train(config_path, overrides, address):
 # ---------------------------------------------------------------- batch inference
 
 
+def _run_options(f):
+    """Flags shared by stylize / generate / score: how the job runs on Ray, and what to do with an existing --output."""
+    for option in reversed([
+        click.option("--batch-size", type=int, default=None, help="Rows per model call (default: 8; generate/score 64)."),
+        click.option("--concurrency", type=int, default=1, show_default=True, help="Model actors (each loads the model once)."),
+        click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor."),
+        click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="CPUs (torch threads) per model actor."),
+        click.option("--resume", is_flag=True, help="Finish an interrupted run at --output: only missing outputs are made."),
+        click.option("--overwrite", is_flag=True, help="Replace the output of an earlier run at --output."),
+        address_option,
+    ]):
+        f = option(f)
+    return f
+
+
+def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address):
+    from genart import runtime
+    from genart.infer import RunOptions
+
+    runtime.init(address)
+    return RunOptions(batch_size=batch_size or default_batch, concurrency=concurrency, gpus_per_worker=gpus_per_worker,
+                      cpus_per_worker=cpus_per_worker, resume=resume, overwrite=overwrite)
+
+
+@main.command()
+@click.option("--model", required=True, help="Style checkpoint: a run folder or a step-* folder, local or s3://.")
+@click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
+@click.option("--output", "out", required=True, help="Folder or s3:// prefix; outputs keep their input's relative path.")
+@click.option("--max-side", type=int, default=None, help="Downscale so the longer side is at most N px (default: keep size).")
+@click.option("--tile", type=int, default=1024, show_default=True, help="Stylise images larger than N px in N x N tiles (0: never).")
+@click.option("--tile-overlap", type=int, default=None, help="Tile overlap in px (default: N/8, at least twice the net's reach).")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "parquet"]), default="png", show_default=True)
+@click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@_run_options
+def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batch_size, concurrency, gpus_per_worker,
+            cpus_per_worker, resume, overwrite, address):
+    """Stylise every image under --input with a style model; bad inputs go to errors.jsonl, never stop the job."""
+    from genart.data import images
+    from genart.infer import jobs, output
+
+    run = _infer_run(batch_size, 8, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address)
+    manifest = jobs.stylize(model, src, out, fmt=fmt, max_side=max_side, tile=tile, tile_overlap=tile_overlap,
+                            max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
+    click.echo(output.summary(manifest))
+
+
+@main.command()
+@click.option("--model", required=True, help="dcgan or vae checkpoint: a run folder or a step-* folder, local or s3://.")
+@click.option("--num", type=int, required=True, help="Number of images.")
+@click.option("--output", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses latent seed (SEED << 32) | i.")
+@click.option("--truncation", type=float, default=1.0, show_default=True, help="Scale latents toward the mean (1.0 = off).")
+@click.option("--label", default=None, help="Class name or index for a class-conditional model (default: varies by image).")
+@click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True)
+@_run_options
+def generate(model, num, out, seed, truncation, label, fmt, batch_size, concurrency, gpus_per_worker, cpus_per_worker,
+             resume, overwrite, address):
+    """Generate --num images, deterministic by --seed whatever the batch size or number of actors."""
+    from genart.infer import jobs, output
+
+    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address)
+    manifest = jobs.generate(model, num, out, seed=seed, truncation=truncation, label=label, fmt=fmt, run=run)
+    click.echo(output.summary(manifest))
+
+
+@main.command()
+@click.option("--model", required=True, help="Critic checkpoint: a run folder or a step-* folder, local or s3://.")
+@click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
+@click.option("--output", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards.")
+@click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@_run_options
+def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address):
+    """Per image: predicted label, class probabilities and embedding from a critic, as Parquet shards + manifest."""
+    from genart.data import images
+    from genart.infer import jobs, output
+
+    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address)
+    manifest = jobs.score(model, src, out, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
+    click.echo(output.summary(manifest))
+
+
 # ---------------------------------------------------------------- serving
 
 
@@ -154,8 +235,10 @@ def serve(models, config_file, host, port, overrides, address):
 @click.option("--max-real", type=int, default=None, help="Use at most this many real images (a fixed random subset).")
 @click.option("--k", "k", type=int, default=3, show_default=True, help="Neighbourhood size of precision/recall's k-NN manifolds.")
 @click.option("--output", default=None, metavar="FILE", help="Also write the JSON report here (local or s3://).")
+@click.option("--concurrency", type=int, default=None,
+              help="Most feature actors per pool (default: one per GPU, else half the CPUs, at most 8).")
 @address_option
-def evaluate(model, data, num, features, inception_weights, split, max_real, k, output, address):
+def evaluate(model, data, num, features, inception_weights, split, max_real, k, output, concurrency, address):
     """FID, KID and precision/recall of a generative checkpoint against a prepared dataset.
 
     Real (cached beside the dataset) and generated images are featurised by Ray Data actor pools. Scores on
@@ -168,7 +251,7 @@ def evaluate(model, data, num, features, inception_weights, split, max_real, k, 
 
     runtime.init(address)
     report = job.run(model, data, num=num, features=features, split=split, inception_weights=inception_weights,
-                     k=k, max_real=max_real, output=output)
+                     k=k, max_real=max_real, max_actors=concurrency, output=output)
     click.echo(json.dumps(report, indent=2))
     click.echo(job.summary(report))
 
