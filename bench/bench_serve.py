@@ -1,0 +1,205 @@
+"""Serving throughput and latency: /v1/generate and /v1/stylize over HTTP with and without batching, vs the bare model.
+
+    .venv/bin/python bench/bench_serve.py [--requests 192] [--out results/bench_serve.json]
+Prints JSON. Models are untrained (speed does not depend on the weights): a DCGAN at 32 px in its default
+config (one image per request, the case batching is for) and a fast-style net on 96x128 photos. Client and
+server share this machine, so the load generator competes with Serve for the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+CONCURRENCY = (1, 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _summary(latencies: list[float], wall_s: float, statuses: dict) -> dict:
+    lat = sorted(latencies)
+    pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2)  # noqa: E731
+    return {"requests": len(lat), "throughput_rps": round(len(lat) / wall_s, 1), "p50_ms": pick(0.50),
+            "p99_ms": pick(0.99), "mean_ms": round(statistics.fmean(lat) * 1000, 2), "statuses": statuses}
+
+
+async def _http_load(url: str, make_request, concurrency: int, total: int) -> dict:
+    """`total` requests from `concurrency` closed-loop clients; latencies of the 200s."""
+    import aiohttp
+
+    latencies, statuses = [], {}
+    counter = iter(range(total))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def client():
+            for i in counter:
+                kwargs = make_request(i)
+                t0 = time.perf_counter()
+                async with session.post(url, **kwargs) as response:
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                    if response.status == 200:
+                        latencies.append(time.perf_counter() - t0)
+
+        for _ in range(2):  # warm up connections and replicas
+            kwargs = make_request(0)
+            async with session.post(url, **kwargs) as response:
+                await response.read()
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return _summary(latencies, wall, statuses)
+
+
+def _bare_load(call, concurrency: int, total: int) -> dict:
+    """The same work in-process: `concurrency` threads, each calling the model one request at a time."""
+    latencies, lock = [], threading.Lock()
+    counter = iter(range(total))
+
+    def worker():
+        for i in counter:
+            t0 = time.perf_counter()
+            call(i)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    call(0)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _summary(latencies, time.perf_counter() - start, {200: len(latencies)})
+
+
+def _photo_png() -> bytes:
+    from genart.assets import PHOTOS
+    from genart.data.images import cap_side, decode_image, encode_png
+
+    img = decode_image((PHOTOS / "figures.jpg").read_bytes())
+    return encode_png(cap_side(img, 128))
+
+
+def make_models(out: str) -> dict[str, str]:
+    from genart.serve.tiny import make_checkpoint
+
+    return {
+        "dcgan": make_checkpoint(f"{out}/dcgan", "dcgan", {}, 32, seed=1),  # default DCGAN config at 32 px
+        "style": make_checkpoint(f"{out}/style", "style", {"channels": 16, "num_res_blocks": 3}, 64, seed=2),
+    }
+
+
+def bench_bare(models: dict[str, str], photo: bytes, total: int, threads: int) -> dict:
+    """Model + the endpoint's own encoding, no Serve: what a request costs without the serving stack."""
+    import torch
+
+    from genart import models as registry
+    from genart.data.images import cap_side, decode_image
+    from genart.serve import runners
+    from genart.serve.ingress import _grid_png, _rgb_png
+
+    torch.set_num_threads(threads)
+    gen, style = registry.load(models["dcgan"]), registry.load(models["style"])
+
+    def generate(i):
+        frames = runners.generate(gen, [runners.GenerateJob((i,))])[0]
+        return _grid_png(frames, 1)
+
+    def stylize(i):
+        arr = np.asarray(cap_side(decode_image(photo), 512), dtype=np.uint8)
+        return _rgb_png(runners.stylize(style, [arr])[0])
+
+    out = {}
+    for name, call in (("generate", generate), ("stylize", stylize)):
+        for c in CONCURRENCY:
+            out[f"{name}_c{c}"] = _bare_load(call, c, total if c > 1 else total // 2)
+    return out
+
+
+def bench_http(base: str, photo: bytes, total: int) -> dict:
+    def gen_request(i):
+        return {"json": {"model": "dcgan", "n": 1, "seed": i}}
+
+    def style_request(i):
+        import aiohttp
+
+        form = aiohttp.FormData()
+        form.add_field("image", photo, filename="photo.png", content_type="image/png")
+        form.add_field("model", "style")
+        return {"data": form}
+
+    out = {}
+    for name, path, make in (("generate", "/v1/generate", gen_request), ("stylize", "/v1/stylize", style_request)):
+        for c in CONCURRENCY:
+            out[f"{name}_c{c}"] = asyncio.run(_http_load(base + path, make, c, total if c > 1 else total // 2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=192, help="requests per measurement at concurrency 32")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    opts = parser.parse_args()
+
+    from ray import serve
+
+    from genart import runtime
+    from genart.serve.app import build
+    from genart.serve.config import parse_args
+    from genart.serve.run import start_http
+
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    with tempfile.TemporaryDirectory(prefix="genart-bench-serve-") as tmp:
+        models = make_models(tmp)
+        photo = _photo_png()
+        common = {"models": models, "api_key_env": "GENART_BENCH_NO_KEY",
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 32},
+                  "max_queued_requests": 1000, "max_ongoing_requests": 64, "access_log": False}
+        report = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+                  "models": {"generate": "dcgan 32px default config, n=1 per request",
+                             "stylize": "style channels=16 res_blocks=3, 128x96 photo"}}
+        threads = parse_args(common).threads
+        report["bare"] = bench_bare(models, photo, opts.requests, threads)
+
+        runtime.init()
+        host, port = start_http("127.0.0.1", _free_port(), access_log=False)
+        for label, extra in (("serve_batched", {"batching": True}), ("serve_unbatched", {"batching": False})):
+            serve.run(build({**common, **extra}), name="bench", route_prefix="/bench")
+            report[label] = bench_http(f"http://{host}:{port}/bench", photo, opts.requests)
+            serve.delete("bench")
+
+        g32 = lambda k: report[k]["generate_c32"]["throughput_rps"]  # noqa: E731
+        s32 = lambda k: report[k]["stylize_c32"]["throughput_rps"]  # noqa: E731
+        report["summary"] = {
+            "generate_c32_batched_over_unbatched": round(g32("serve_batched") / g32("serve_unbatched"), 2),
+            "stylize_c32_batched_over_unbatched": round(s32("serve_batched") / s32("serve_unbatched"), 2),
+            "generate_c1_serve_added_p50_ms": round(report["serve_batched"]["generate_c1"]["p50_ms"] - report["bare"]["generate_c1"]["p50_ms"], 2),
+            "stylize_c1_serve_added_p50_ms": round(report["serve_batched"]["stylize_c1"]["p50_ms"] - report["bare"]["stylize_c1"]["p50_ms"], 2),
+            "targets": {"generate_c32_batched_over_unbatched": ">= 3", "generate_c1_serve_added_p50_ms": "<= 5"},
+        }
+        report["machine"]["load_avg_end"] = os.getloadavg()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if opts.out:
+        os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
+        with open(opts.out, "w") as f:
+            f.write(text)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

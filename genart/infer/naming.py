@@ -1,0 +1,140 @@
+"""Output names for batch inference: an input's relative path made safe, given the output extension, made unique.
+
+    output_key("cats/../../evil.png", ".webp")  ->  "cats/evil.webp"
+Nothing a user or an archive supplies can reach outside the output root: `..`, absolute paths, drive letters,
+backslashes, NUL and control characters are removed here, once, for every job.
+"""
+
+from __future__ import annotations
+
+import collections
+import posixpath
+import re
+import unicodedata
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from genart import storage
+from genart.data import sources
+
+# Files a job writes at the top of its output root: an input may never be named like them.
+SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json")
+MAX_COMPONENT_BYTES = 200  # below the 255-byte limit of common filesystems, leaving room for "~N" and ".tmp-xxxx"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]")
+
+
+def _component(part: str) -> str:
+    part = unicodedata.normalize("NFC", part)
+    part = _UNSAFE.sub("_", part).strip().lstrip(".")  # leading dots: no hidden files, no "..", no "."
+    encoded = part.encode()
+    if len(encoded) > MAX_COMPONENT_BYTES:
+        part = encoded[:MAX_COMPONENT_BYTES].decode(errors="ignore")
+    return part
+
+
+def safe_rel(rel_path: str | None) -> str:
+    """A relative POSIX path that stays inside any root: no '..', '.', absolute parts, backslashes or NUL."""
+    text = str(rel_path or "").replace("\\", "/")
+    parts = [_component(p) for p in text.split("/")]
+    parts = [p for p in parts if p]
+    if not parts:
+        return "image"
+    if parts[0] in SIDECARS or parts[0].startswith("part-"):
+        parts[0] = "_" + parts[0]  # never shadow the job's own files (sidecars, parquet shards)
+    return "/".join(parts)
+
+
+def output_key(rel_path: str | None, ext: str | None) -> str:
+    """The output path (relative to the root) for an input: same folders and stem, `ext` (".png") or the input's own."""
+    rel = safe_rel(rel_path)
+    if ext is None:
+        return rel
+    folder, name = posixpath.split(rel)
+    stem = posixpath.splitext(name)[0] or name or "image"
+    return posixpath.join(folder, stem + ext)
+
+
+def unique_keys(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """(source, key) for every input -> {source: new key} for the inputs whose key another input also has.
+
+    The input with the smallest source keeps the plain key; the others get `stem~2.ext`, `stem~3.ext`...
+    Keys compare case-insensitively, so the output is also safe on case-insensitive filesystems.
+    """
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for source, key in pairs:
+        groups[key.lower()].append(source)
+    taken = set(groups)
+    key_of = dict(pairs)
+    renames: dict[str, str] = {}
+    for lowered, group in groups.items():
+        if len(group) < 2:
+            continue
+        group = sorted(set(group))
+        stem, ext = posixpath.splitext(key_of[group[0]])
+        n = 2
+        for source in group[1:]:
+            while f"{stem}~{n}{ext}".lower() in taken:
+                n += 1
+            renames[source] = f"{stem}~{n}{ext}"
+            taken.add(renames[source].lower())
+            n += 1
+    return renames
+
+
+# ---------------------------------------------------------------- the names of every planned input
+
+
+def planned_names(plan: sources.Plan) -> list[tuple[str, str]]:
+    """(source, rel_path) of every input in the plan, as `sources.read_unit` will name them (no image bytes read)."""
+    pairs: list[tuple[str, str]] = [(f["source"], f["source"]) for f in plan.failures]
+    for unit in plan.units:
+        if unit.kind == "files":
+            pairs.extend(zip(unit.items, unit.rel_paths))
+        elif unit.kind in ("zip", "tar"):
+            pairs.extend((f"{unit.uri}!{name}", rel) for name, rel in zip(unit.items, unit.rel_paths))
+        else:
+            pairs.extend(_parquet_names(unit))
+    return pairs
+
+
+def _parquet_names(unit: sources.Unit) -> list[tuple[str, str]]:
+    """Mirror of `sources._read_parquet`'s naming, reading only the name columns of the file."""
+    fs, path = storage.arrow_fs(unit.uri)
+    rel0 = unit.rel_paths[0]
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        has_image = any(pa.types.is_binary(fld.type) or pa.types.is_large_binary(fld.type) for fld in schema)
+        if not has_image:
+            return [(f"{unit.uri}#{i}", f"{rel0}#{i}") for i in range(unit.rows)]
+        cols = [c for c in ("source", "rel_path") if c in schema.names]
+        if not cols:
+            stem = posixpath.splitext(rel0)[0]
+            return [(f"{unit.uri}#{i}", f"{stem}/{i:08d}") for i in range(unit.rows)]
+        table = pf.read(columns=cols)
+    srcs = table.column("source").to_pylist() if "source" in cols else [f"{unit.uri}#{i}" for i in range(unit.rows)]
+    if "rel_path" in cols:
+        rels = table.column("rel_path").to_pylist()
+    else:
+        rels = [posixpath.basename(str(s)) for s in srcs]
+    return list(zip(srcs, rels))
+
+
+def prune_plan(plan: sources.Plan, keep) -> sources.Plan:
+    """A copy of `plan` without the file and archive inputs for which `keep(source, rel_path)` is False.
+
+    Parquet units are kept whole (their rows are only known once read); the job filters those rows itself.
+    """
+    units = []
+    for unit in plan.units:
+        if unit.kind == "parquet":
+            units.append(unit)
+            continue
+        prefix = "" if unit.kind == "files" else f"{unit.uri}!"
+        idx = [i for i, (item, rel) in enumerate(zip(unit.items, unit.rel_paths)) if keep(prefix + item, rel)]
+        if idx:
+            units.append(sources.Unit(unit.kind, unit.uri, [unit.items[i] for i in idx], [unit.rel_paths[i] for i in idx],
+                                      [unit.labels[i] for i in idx], unit.rows))
+    failures = [f for f in plan.failures if keep(f["source"], f["source"])]
+    return sources.Plan(units=units, label_names=plan.label_names, num_inputs=plan.num_inputs, failures=failures)

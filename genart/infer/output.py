@@ -1,0 +1,197 @@
+"""The output root of a batch-inference job: start / resume / overwrite checks, what is already done, the written files.
+
+Layout: outputs (images mirroring the input tree, or `part-*.parquet` shards) + `run.json` (written first: the
+command, input, model and options) + `errors.jsonl` + `manifest.json` (written last: the run is complete).
+Every output object is written whole (temp file + rename, or one S3 PUT), so an output that exists is complete:
+`--resume` treats existing outputs as done and processes the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import tempfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from genart import __version__, storage
+from genart.errors import UserError
+from genart.infer.naming import SIDECARS
+
+FORMAT_VERSION = 1
+IMAGE_EXT = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # --format -> file extension
+SHARD_PREFIX = "part-"
+_TMP = re.compile(r"\.tmp-[0-9a-f]{8}$")  # storage.write_bytes' temp files, left behind by a killed run
+
+
+def is_tmp(uri: str) -> bool:
+    return bool(_TMP.search(uri))
+
+
+def _is_ours(rel: str) -> bool:
+    """Files a genart job writes (only these are removed by --overwrite)."""
+    name = rel.rsplit("/", 1)[-1]
+    return (rel in SIDECARS or is_tmp(rel) or (name.startswith(SHARD_PREFIX) and name.endswith(".parquet"))
+            or rel.lower().endswith(tuple(IMAGE_EXT.values())))
+
+
+def start(out: str, run: dict, resume: bool, overwrite: bool) -> None:
+    """Check the output root and record the run (`run.json`); raise UserError before any work if it is in the way.
+
+    `run` (command, input, model hash, options) must equal the stored one to --resume: outputs made with other
+    options or another model must never be mixed in.
+    """
+    if resume and overwrite:
+        raise UserError("pass either --resume (finish the run at --output) or --overwrite (start over), not both")
+    manifest_uri, run_uri = storage.join(out, "manifest.json"), storage.join(out, "run.json")
+    has_manifest, has_run = storage.exists(manifest_uri), storage.exists(run_uri)
+    files = [(u, storage.relative(out, u)) for u, _ in storage.find(out)] if storage.exists(out) else []
+    if resume and (has_run or has_manifest):
+        stored = json.loads(storage.read_text(run_uri)) if has_run else None
+        if stored != run:
+            diff = _first_difference(stored or {}, run)
+            raise UserError(f"--resume: {out} was written by a different run ({diff}); rerun with the same "
+                            "arguments, or pass --overwrite to start over")
+    elif overwrite and (has_run or has_manifest):
+        for uri, rel in files:
+            if _is_ours(rel):
+                storage.remove(uri)
+        files = [(u, r) for u, r in files if not _is_ours(r)]
+    elif has_manifest:
+        raise UserError(f"{out} already holds finished output; pass --overwrite to replace it or choose another --output")
+    elif has_run:
+        raise UserError(f"{out} holds an interrupted run; pass --resume to finish it or --overwrite to start over")
+    foreign = [r for _, r in files if not _is_ours(r)]
+    if foreign or (files and not (has_run or has_manifest)):
+        example = (foreign or [r for _, r in files])[0]
+        raise UserError(f"{out} holds files that are not this job's output (e.g. {example}); choose an empty --output")
+    storage.check_writable(out)
+    for uri, rel in files:
+        if is_tmp(rel):
+            storage.remove(uri)
+    storage.remove(manifest_uri)  # the run is incomplete again until it finishes
+    storage.write_text(run_uri, json.dumps(run, indent=2, sort_keys=True) + "\n")
+
+
+def _first_difference(stored: dict, run: dict) -> str:
+    for key in sorted(set(stored) | set(run)):
+        if stored.get(key) != run.get(key):
+            if isinstance(stored.get(key), dict) and isinstance(run.get(key), dict):
+                return f"{key}.{_first_difference(stored[key], run[key])}"
+            return f"{key}: {stored.get(key)!r} then, {run.get(key)!r} now"
+    return "no run.json"
+
+
+def done_keys(out: str, fmt: str) -> set[str]:
+    """Keys (paths relative to the root) of the outputs already written: image files, or rows of the shards."""
+    if not storage.exists(out):
+        return set()
+    if fmt != "parquet":
+        rels = (storage.relative(out, u) for u, _ in storage.find(out))
+        return {r for r in rels if r not in SIDECARS and not is_tmp(r)}
+    keys: set[str] = set()
+    for uri in shards(out):
+        keys.update(_read_shard(uri, ["key"]).column("key").to_pylist())
+    return keys
+
+
+def shards(out: str) -> list[str]:
+    return [u for u in storage.listdir(out) if u.rsplit("/", 1)[-1].startswith(SHARD_PREFIX) and u.endswith(".parquet")]
+
+
+def _read_shard(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.arrow_fs(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def write_shard(out: str, table: pa.Table) -> str:
+    """Write one batch of rows as a complete Parquet shard, named by its keys (a retried batch rewrites its own file)."""
+    digest = hashlib.sha1("\n".join(sorted(table.column("key").to_pylist())).encode()).hexdigest()[:20]
+    uri = storage.join(out, f"{SHARD_PREFIX}{digest}.parquet")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    return uri
+
+
+def dedupe_shards(out: str) -> int:
+    """Drop rows whose key is also in an earlier shard (a task retried with a differently cut batch); returns rows dropped."""
+    seen: set[str] = set()
+    dropped = 0
+    for uri in sorted(shards(out)):
+        keys = _read_shard(uri, ["key"]).column("key").to_pylist()
+        mask = [k not in seen for k in keys]
+        seen.update(keys)
+        if all(mask):
+            continue
+        dropped += mask.count(False)
+        table = _read_shard(uri).filter(pa.array(mask))
+        storage.remove(uri)
+        if table.num_rows:
+            write_shard(out, table)
+    return dropped
+
+
+class Tally:
+    """Driver-side record of the per-row statuses streamed back by a job: counts and errors, never image data."""
+
+    def __init__(self):
+        self.written = 0
+        self.reasons: collections.Counter = collections.Counter()
+        self.failed_sources: set[str] = set()
+        self._errors = tempfile.TemporaryFile("w+")  # may be long (a broken million-member archive); kept on disk
+
+    def add(self, status: pa.Table) -> None:
+        for source, error in zip(status.column("source").to_pylist(), status.column("error").to_pylist()):
+            if error is None:
+                self.written += 1
+            else:
+                self.reasons[error.split(":")[0]] += 1
+                self.failed_sources.add(source)
+                self._errors.write(json.dumps({"source": source, "reason": error}) + "\n")
+
+    @property
+    def errors(self) -> int:
+        return sum(self.reasons.values())
+
+    def errors_jsonl(self) -> str:
+        """All errors, sorted by source, so a resumed run ends with the same file as an uninterrupted one."""
+        self._errors.seek(0)
+        return "".join(sorted(self._errors.readlines()))
+
+
+def finish(out: str, fmt: str, tally: Tally, manifest: dict, extra_files: dict[str, str] | None = None) -> dict:
+    """Write errors.jsonl (and any extra sidecars), remove stray temp files, then manifest.json last."""
+    if fmt == "parquet":
+        manifest["shards"] = sorted(storage.relative(out, u) for u in shards(out))
+    storage.write_text(storage.join(out, "errors.jsonl"), tally.errors_jsonl())
+    for name, text in (extra_files or {}).items():
+        storage.write_text(storage.join(out, name), text)
+    if not storage.is_s3(out):
+        for uri, _ in storage.find(out):
+            if is_tmp(uri):
+                os.remove(uri)
+    manifest.update(version=FORMAT_VERSION, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    genart_version=__version__)
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    """A short human summary of a finished job."""
+    c = manifest["counts"]
+    lines = [
+        f"{manifest['command']}: {c['written']} outputs from {c['inputs']} inputs, {c['errors']} errors "
+        f"in {manifest['seconds']:.1f}s ({manifest['images_per_second']:.1f} images/s this run)",
+    ]
+    if c.get("already_done"):
+        lines.append(f"  resumed: {c['already_done']} outputs were already there, {c['written_this_run']} written now")
+    for reason, n in sorted(manifest.get("error_reasons", {}).items(), key=lambda kv: -kv[1]):
+        lines.append(f"  - {n} x {reason}")
+    lines.append(f"  outputs: {manifest['output']} (manifest.json, errors.jsonl)")
+    return "\n".join(lines)

@@ -1,0 +1,306 @@
+"""The stages of a batch-inference pipeline: decode (Ray tasks) -> model (an actor pool) -> encode + write (Ray tasks).
+
+Rows travel between stages as Arrow tables (WORK_SCHEMA + job columns): decoded pixels as raw RGB uint8 bytes, or
+the reason the row failed. A failure is caught per row and carried to the end as a status, never raised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from genart import storage
+from genart.data import images
+from genart.infer import output
+
+WORK_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),  # where the input came from (path, s3 URI, "archive!member", "file#row", "seed S index i")
+        ("key", pa.string()),  # output path relative to the output root (or the row's key in a Parquet shard)
+        ("error", pa.string()),  # why this row failed, else null
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("pixels", pa.binary()),  # raw RGB uint8, (height, width, 3) row-major; null on error
+    ]
+)
+STATUS_SCHEMA = pa.schema([("source", pa.string()), ("key", pa.string()), ("error", pa.string())])
+
+
+def _short(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _get_cached(ref):
+    """ray.get once per worker process (the done-set of a resumed run can be large)."""
+    import ray
+
+    cache = globals().setdefault("_REF_CACHE", {})
+    key = ref.hex()
+    if key not in cache:
+        cache.clear()
+        cache[key] = ray.get(ref)
+    return cache[key]
+
+
+# ---------------------------------------------------------------- decode (tasks)
+
+
+def decode_batch(batch: pa.Table, ext: str | None, renames: dict, skip_ref, max_pixels: int | None,
+                 max_side: int | None) -> pa.Table:
+    """Raw records (sources.RAW_SCHEMA) -> WORK_SCHEMA rows: validated, decoded, capped pixels or an error."""
+    from genart.infer.naming import output_key
+
+    skip = _get_cached(skip_ref) if skip_ref is not None else ()
+    rows = []
+    for rec in batch.to_pylist():
+        key = renames.get(rec["source"]) or output_key(rec["rel_path"], ext)
+        if key in skip:  # already written by the run being resumed (Parquet inputs are filtered here)
+            continue
+        row = {"source": rec["source"], "key": key, "error": rec["error"], "width": None, "height": None, "pixels": None}
+        if not row["error"]:
+            try:
+                img = images.cap_side(images.decode_image(rec["data"], max_pixels), max_side)
+                row.update(width=img.width, height=img.height, pixels=img.tobytes())
+            except images.Reject as rej:
+                row["error"] = rej.reason
+            except Exception as exc:  # noqa: BLE001 - one odd image must never stop the job
+                row["error"] = f"decode failed: {_short(exc)}"
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+def to_tensor(row_pixels: bytes, width: int, height: int):
+    """Raw RGB bytes -> torch float32 (3, H, W) in [0, 1]."""
+    import torch
+
+    arr = np.frombuffer(row_pixels, dtype=np.uint8).reshape(height, width, 3)
+    return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32) / 255.0)
+
+
+def to_pixels(x) -> bytes:
+    """torch (3, H, W) in [0, 1] -> raw RGB uint8 bytes (rounded as `images.from_tensor01` does)."""
+    arr = (np.clip(x.detach().cpu().numpy(), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return arr.transpose(1, 2, 0).tobytes()
+
+
+# ---------------------------------------------------------------- model actors
+
+
+class ModelActor:
+    """Loads the model once per actor (on its GPU if it has one), with a fixed number of torch threads."""
+
+    family: str | tuple[str, ...] = ""
+
+    def __init__(self, checkpoint: str, threads: int = 1, use_gpu: bool = False, **options):
+        import torch
+
+        from genart import models
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            # Same inputs -> same outputs on every run (resume, reruns): no autotuned, nondeterministic kernels.
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        family = self.family if isinstance(self.family, str) else None
+        self.model = models.load(checkpoint, family=family).to(self.device)
+        self.options = options
+        self.setup()
+
+    def setup(self) -> None:
+        pass
+
+
+TILE_BATCH = 4  # tiles per forward pass: fixed, so the output never depends on run options like --batch-size
+
+
+class Stylizer(ModelActor):
+    """WORK rows -> WORK rows with stylised pixels, each image on its own (tiles of one image batched together).
+
+    One image per forward pass keeps every output independent of what else is in the batch, so a resumed or
+    re-run job writes the same bytes; at >= 256 px a single image already fills the conv kernels (see bench/).
+    """
+
+    family = "style"
+
+    def setup(self) -> None:
+        from genart.infer import tiling
+
+        self.layers = tiling.norm_layers(self.model.nets)
+        self.tile = self.options.get("tile")
+        self.overlap = self.options.get("overlap")
+        self.tile_batch = TILE_BATCH
+
+    def _overlap(self) -> int:
+        if self.overlap is None:  # measured on first use: only jobs with images larger than a tile pay for it
+            from genart.infer import tiling
+
+            radius = tiling.receptive_radius(self.model.stylize, self.layers, self.device, probe=192)
+            self.overlap = tiling.default_overlap(self.tile, radius)
+        return self.overlap
+
+    def stylize(self, x):
+        """(3, H, W) in [0, 1] -> (3, H, W) in [0, 1], tiled when larger than the tile."""
+        from genart.infer import tiling
+
+        x = x.to(self.device)
+        if not self.tile or max(x.shape[1:]) <= self.tile:
+            return self.model.stylize(x[None])[0]
+        return tiling.tiled(self.model.stylize, x, self.tile, self._overlap(), self.tile_batch, self.layers)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["error"]:
+                continue
+            try:
+                out = self.stylize(to_tensor(row["pixels"], row["width"], row["height"]))
+                if tuple(out.shape) != (3, row["height"], row["width"]):
+                    raise RuntimeError(f"model returned shape {tuple(out.shape)}")
+                row["pixels"] = to_pixels(out)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one huge image: report it, go on
+                row.update(error=f"stylize failed: {_short(exc)}", pixels=None)
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+GENERATE_CHUNK = 16  # images per forward pass in `generate`, aligned to index multiples (see Generator)
+
+GENERATED_SCHEMA = WORK_SCHEMA.append(pa.field("seed", pa.int64())).append(pa.field("index", pa.int64())) \
+    .append(pa.field("latent_seed", pa.int64())).append(pa.field("label", pa.int32()))
+
+
+def latent_seed(seed: int, index: int) -> int:
+    """The latent seed of image `index` of a run with `seed`: distinct for every (seed, index), reproducible in serving
+    as `model.sample([latent_seed])`."""
+    return (int(seed) << 32) | int(index)
+
+
+def image_name(seed: int, index: int, num: int, ext: str) -> str:
+    return f"seed{seed}-{index:0{max(6, len(str(num - 1)))}d}{ext}"
+
+
+class Generator(ModelActor):
+    """Indices ("id") -> generated images. Forward passes cover fixed index chunks [16k, 16k+16), whatever the
+    batch: image i always comes out of the same computation, so the bytes depend only on (seed, index)."""
+
+    family = ("dcgan", "vae")
+
+    def setup(self) -> None:
+        if self.model.family not in self.family:
+            raise ValueError(f"generate needs a dcgan or vae checkpoint, not {self.model.family}")
+
+    def labels_for(self, seeds: list[int]) -> list[int] | None:
+        label = self.options.get("label")
+        if not getattr(self.model, "conditional", False):
+            return None
+        return [label if label is not None else s % self.model.num_labels for s in seeds]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        seed, num, ext = self.options["seed"], self.options["num"], self.options["ext"]
+        wanted = sorted(batch.column("id").to_pylist())
+        rows = []
+        for chunk in sorted({i // GENERATE_CHUNK for i in wanted}):
+            indices = list(range(chunk * GENERATE_CHUNK, min(num, (chunk + 1) * GENERATE_CHUNK)))
+            seeds = [latent_seed(seed, i) for i in indices]
+            labels = self.labels_for(seeds)
+            out = self.model.sample(seeds, labels=labels, truncation=self.options["truncation"])
+            keep = set(wanted)
+            for j, i in enumerate(indices):
+                if i not in keep:
+                    continue
+                rows.append({
+                    "source": f"seed {seed} index {i}", "key": image_name(seed, i, num, ext), "error": None,
+                    "width": out.shape[-1], "height": out.shape[-2], "pixels": to_pixels(out[j]),
+                    "seed": seed, "index": i, "latent_seed": seeds[j], "label": None if labels is None else labels[j],
+                })
+        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("key", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("label", pa.int32()),  # predicted class (argmax of probs)
+        ("label_name", pa.string()),
+        ("probs", pa.list_(pa.float32())),  # (K,) in the model's label_names order
+        ("embedding", pa.list_(pa.float32())),  # (D,) penultimate features
+    ]
+)
+
+
+class Scorer(ModelActor):
+    """WORK rows -> SCORE rows: each image resized to the critic's size (as `predict` does), then one batched pass."""
+
+    family = "critic"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from genart.models.common import resize
+
+        rows, ready, tensors = [], [], []
+        for row in batch.to_pylist():
+            out = {k: row[k] for k in ("source", "key", "error", "width", "height")}
+            rows.append(out)
+            if out["error"]:
+                continue
+            try:
+                x = to_tensor(row["pixels"], row["width"], row["height"])[None].to(self.device)
+                tensors.append(resize(x, self.model.image_size))  # (1, 3, S, S)
+                ready.append(out)
+            except Exception as exc:  # noqa: BLE001
+                out["error"] = f"score failed: {_short(exc)}"
+        if tensors:
+            x = torch.cat(tensors)
+            probs, emb = self.model.predict(x).cpu().numpy(), self.model.embed(x).cpu().numpy()
+            names = self.model.label_names
+            for out, p, e in zip(ready, probs, emb):
+                label = int(p.argmax())
+                out.update(label=label, label_name=names[label] if label < len(names) else None,
+                           probs=p.astype(np.float32).tolist(), embedding=e.astype(np.float32).tolist())
+        return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+
+
+# ---------------------------------------------------------------- encode + write (tasks)
+
+
+def write_batch(batch: pa.Table, out: str, fmt: str) -> pa.Table:
+    """Encode and write every good row (one file each, or one Parquet shard for the batch); return the statuses."""
+    errors = batch.column("error").to_pylist()
+    keys = batch.column("key").to_pylist()
+    if fmt == "parquet":
+        good = [i for i, e in enumerate(errors) if e is None]
+        table = batch.take(good)
+        if "pixels" in table.column_names:
+            encoded = [images.encode_png(_image(p, w, h)) for p, w, h in zip(
+                table.column("pixels").to_pylist(), table.column("width").to_pylist(), table.column("height").to_pylist())]
+            table = table.drop_columns(["pixels"]).append_column("image", pa.array(encoded, pa.binary()))
+        table = table.drop_columns(["error"])
+        if table.num_rows:
+            try:
+                output.write_shard(out, table)
+            except Exception as exc:  # noqa: BLE001 - the rows stay missing; --resume retries them
+                for i in good:
+                    errors[i] = f"write failed: {_short(exc)}"
+    else:
+        pixels, widths, heights = (batch.column(c).to_pylist() for c in ("pixels", "width", "height"))
+        for i, key in enumerate(keys):
+            if errors[i] is not None:
+                continue
+            try:
+                data = images.encode(_image(pixels[i], widths[i], heights[i]), fmt)
+                storage.write_bytes(storage.join(out, key), data)
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = f"write failed: {_short(exc)}"
+    status = pa.table({"source": batch.column("source"), "key": keys, "error": errors}, schema=STATUS_SCHEMA)
+    return status
+
+
+def _image(pixels: bytes, width: int, height: int):
+    from PIL import Image
+
+    return Image.frombytes("RGB", (width, height), pixels)

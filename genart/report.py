@@ -1,0 +1,71 @@
+"""A small static HTML report over a results folder: what a person opens after a workflow.
+
+    from genart.report import write_report
+    write_report("results/quickstart", sections)   # -> results/quickstart/index.html
+
+Sections are built by the workflow (it knows what it made); this module only lays them out, with
+relative links so the folder can be zipped, copied or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""  # one short paragraph
+    images: list[tuple[str, str]] = field(default_factory=list)  # (path, caption); paths local to the machine
+    table: list[list[str]] = field(default_factory=list)  # first row is the header
+    links: list[tuple[str, str]] = field(default_factory=list)  # (path, label)
+
+
+STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
+.grid { display: flex; flex-wrap: wrap; gap: 1rem; }
+figure { margin: 0; max-width: 340px; } figure img { max-width: 340px; image-rendering: pixelated; border: 1px solid #ddd; }
+figcaption { font-size: .85rem; color: #555; }
+table { border-collapse: collapse; } td, th { padding: .2rem .8rem; border-bottom: 1px solid #eee; text-align: left; }
+code { background: #f4f4f4; padding: 0 .3rem; }
+"""
+
+
+def _rel(path: str, root: str) -> str:
+    return html.escape(os.path.relpath(path, root).replace(os.sep, "/"), quote=True)
+
+
+def render(root: str, title: str, intro: str, sections: list[Section]) -> str:
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"]
+    parts.append(f"<h1>{html.escape(title)}</h1><p>{intro}</p>")
+    for sec in sections:
+        parts.append(f"<h2>{html.escape(sec.title)}</h2>")
+        if sec.text:
+            parts.append(f"<p>{sec.text}</p>")
+        if sec.table:
+            head, *rows = sec.table
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in head) + "</tr>")
+            for row in rows:
+                parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
+            parts.append("</table>")
+        if sec.images:
+            parts.append("<div class='grid'>")
+            for path, caption in sec.images:
+                src = _rel(path, root)
+                parts.append(f"<figure><a href='{src}'><img src='{src}' alt='{html.escape(caption, quote=True)}'></a>"
+                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append("</div>")
+        if sec.links:
+            parts.append("<ul>" + "".join(f"<li><a href='{_rel(p, root)}'>{html.escape(label)}</a></li>" for p, label in sec.links) + "</ul>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(root: str, title: str, intro: str, sections: list[Section]) -> str:
+    """Write <root>/index.html and return its path."""
+    path = os.path.join(root, "index.html")
+    with open(path, "w") as f:
+        f.write(render(root, title, intro, sections))
+    return path

@@ -1,0 +1,107 @@
+"""The app builder: `genart.serve.app:build(args)` turns the serving args into a Serve application.
+
+    serve deploy cluster/serve.yaml          # import_path: genart.serve.app:build, args: {...} (see ServeArgs)
+    serve.run(build({"models": {"dcgan": "runs/dcgan", "starry": "runs/style-starry"}}))
+The graph: Ingress (FastAPI) -> one GenerativeModel / CriticModel deployment per model, one StyleModels for all styles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from ray.serve import Application
+
+from genart.errors import UserError
+from genart.serve.config import ServeArgs, parse_args
+from genart.serve.deployments import CriticModel, GenerativeModel, StyleModels
+from genart.serve.ingress import Ingress
+
+logger = logging.getLogger(__name__)
+FAMILIES = ("dcgan", "vae", "critic", "style")
+
+
+def model_card(name: str, uri: str) -> dict:
+    """What /v1/models says about a model, read from its checkpoint's state.json and weights file (no torch).
+
+    A run folder is resolved to one checkpoint folder here, and the replicas load exactly that folder, so the
+    card and the served weights agree even while training keeps writing new checkpoints into the run.
+    """
+    from genart import storage
+    from genart.models import find_checkpoint, model_section
+    from genart.models.checkpoint import STATE, WEIGHTS
+
+    checkpoint = find_checkpoint(uri)
+    try:
+        state = json.loads(storage.read_text(storage.join(checkpoint, STATE)))
+        family = state["family"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"corrupt checkpoint: {checkpoint}/{STATE} has no family; use another checkpoint") from None
+    if family not in FAMILIES:
+        raise UserError(f"{uri}: a {family!r} checkpoint cannot be served; expected one of {', '.join(FAMILIES)}")
+    digest = hashlib.sha256()
+    fs, path = storage.fsspec_fs(storage.join(checkpoint, WEIGHTS))
+    try:
+        with fs.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise UserError(f"corrupt checkpoint: {checkpoint} has no {WEIGHTS}; use another checkpoint") from None
+    config = model_section(state.get("config") or {})
+    return {
+        "name": name,
+        "family": family,
+        "checkpoint": checkpoint,
+        "checkpoint_hash": digest.hexdigest(),
+        "step": state.get("step"),
+        "image_size": state.get("image_size"),
+        "labels": list(state.get("label_names") or []),
+        "conditional": bool(family == "dcgan" and config.get("conditional")),
+    }
+
+
+def api_key_from_env(settings: ServeArgs) -> str | None:
+    """The key, read where the app is built (the driver for `genart serve`, a cluster worker for `serve deploy`)."""
+    key = os.environ.get(settings.api_key_env, "").strip()
+    if not key:
+        logger.warning("genart serve: $%s is not set: the API needs no key", settings.api_key_env)
+    return key or None
+
+
+def build(args: dict) -> Application:
+    """Serve's app builder: validated args (unknown keys rejected) -> the bound application graph."""
+    settings = parse_args(args)
+    cards = {name: model_card(name, uri) for name, uri in settings.models.items()}
+    actor = {"num_cpus": settings.num_cpus_per_replica}
+    model_actor = {**actor, "num_gpus": settings.num_gpus_per_replica} if settings.num_gpus_per_replica else actor
+    logging_config = {"enable_access_log": settings.access_log}
+    model_options = dict(
+        ray_actor_options=model_actor,
+        logging_config=logging_config,
+        autoscaling_config=settings.autoscaling.model_dump(),
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+    )
+    generators, critics, styles = {}, {}, {}
+    for name, card in cards.items():
+        if card["family"] in ("dcgan", "vae"):
+            deployment = GenerativeModel.options(name=f"generator-{name}", **model_options)
+            generators[name] = deployment.bind(card["checkpoint"], settings)
+        elif card["family"] == "critic":
+            critics[name] = CriticModel.options(name=f"critic-{name}", **model_options).bind(card["checkpoint"], settings)
+        else:
+            styles[name] = card["checkpoint"]
+    style_app = None
+    if styles or settings.style_root:
+        style_app = StyleModels.options(name="styles", **model_options).bind(styles, settings)
+    ingress = Ingress.options(
+        name="ingress",
+        ray_actor_options=actor,
+        logging_config=logging_config,
+        autoscaling_config=settings.autoscaling.model_dump(),
+        max_ongoing_requests=settings.ingress_max_ongoing_requests,
+        max_queued_requests=settings.ingress_max_ongoing_requests,
+    )
+    return ingress.bind(settings, api_key_from_env(settings), cards, generators, critics, style_app)

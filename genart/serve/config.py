@@ -1,0 +1,99 @@
+"""The serving settings: the `args` of the Serve app (cluster/serve.yaml, a RayService, or `genart serve --config`).
+
+    from genart.serve.config import ServeArgs, parse_args
+    settings = parse_args({"models": {"dcgan": "runs/dcgan"}, "max_upload_mb": 10})   # UserError on a bad key
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from genart.config import Section, validate
+
+# Model names appear in URLs, deployment names and (with style_root) as a folder name: no path tricks.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_N = 64  # images per /v1/generate request and frames per /v1/interpolate request
+
+
+class Autoscaling(Section):
+    """Replica autoscaling of every deployment (Serve's autoscaling_config)."""
+
+    min_replicas: int = Field(1, ge=0)  # 1 keeps a warm replica (no cold start); 0 scales to zero when idle
+    max_replicas: int = Field(2, ge=1)  # upper bound per deployment
+    target_ongoing_requests: float = Field(2.0, gt=0)  # add replicas when each has more than this in flight
+
+    @model_validator(mode="after")
+    def _order(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeArgs(Section):
+    """Everything the app builder `genart.serve.app:build(args)` accepts; unknown keys are rejected."""
+
+    # name -> checkpoint: a run folder (its best checkpoint) or a checkpoint folder, local or s3://
+    models: dict[str, str] = Field(default_factory=dict)
+    max_upload_mb: float = Field(20.0, gt=0)  # larger request bodies are refused with 413
+    max_pixels: int = Field(16_000_000, ge=1)  # decoded uploads with more pixels are refused with 400
+    request_timeout_s: float = Field(30.0, gt=0)  # a request running longer gets 504
+    max_queued_requests: int = Field(64, ge=1)  # per deployment; beyond it requests get 503
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    api_key_env: str = "GENART_API_KEY"  # env var holding the API key; unset or empty = no key needed
+    # --- genart's own knobs (defaults fit the embedded local Ray)
+    style_root: str | None = None  # folder of style checkpoints, one sub-folder per style name, served on demand
+    batching: bool = True  # dynamic request batching (@serve.batch); false = one request per model call
+    max_batch_size: int = Field(16, ge=1)  # requests per batch for /v1/stylize and /v1/classify
+    max_batch_images: int = Field(256, ge=MAX_N)  # images per batch for /v1/generate (a request has up to 64)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill
+    max_ongoing_requests: int = Field(32, ge=1)  # in flight per model replica (>= max_batch_size to fill batches)
+    ingress_max_ongoing_requests: int = Field(256, ge=1)  # in flight per ingress (HTTP) replica
+    max_styles_per_replica: int = Field(4, ge=1)  # style models kept loaded per replica (LRU eviction)
+    num_cpus_per_replica: float = Field(0.25, ge=0)  # CPU reservation of each replica (small: fits a laptop Ray)
+    num_gpus_per_replica: float = Field(0.0, ge=0)  # GPUs for each model replica (0 = CPU)
+    # torch intra-op threads per replica; 0 = max(1, int(num_cpus_per_replica)). More threads than reserved CPUs
+    # spin against each other on a busy node (seen: 2 threads 50x slower than 1 on a loaded 2-core box).
+    torch_threads: int = Field(0, ge=0)
+    access_log: bool = True  # Serve's per-request log line in every deployment; false saves CPU at high request rates
+    max_side_limit: int = Field(1024, ge=16)  # largest `max_side` a /v1/stylize or /v1/reconstruct call may ask for
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: dict[str, str]) -> dict[str, str]:
+        for name, uri in models.items():
+            if not NAME_RE.match(name):
+                raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (max 64 chars)")
+            if not isinstance(uri, str) or not uri.strip():
+                raise ValueError(f"model {name!r}: give a checkpoint path or s3:// uri")
+        return models
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str) -> str:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise ValueError(f"api_key_env {name!r}: must be the NAME of an environment variable, never the key itself")
+        return name
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> "ServeArgs":
+        if not self.models and not self.style_root:
+            raise ValueError("models: give at least one model (name: checkpoint), or a style_root")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus_per_replica))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def parse_args(args: Any, source: str = "serve args") -> ServeArgs:
+    """A dict (YAML `args`) or ServeArgs -> validated ServeArgs; a bad key is a one-line UserError."""
+    if isinstance(args, ServeArgs):
+        return args
+    return validate(ServeArgs, dict(args or {}), source=source)

@@ -1,0 +1,152 @@
+"""Model deployments: one per generator (dcgan/vae) or critic, and ONE multiplexed deployment for every style.
+
+Generators and critics are few and hot, so each gets its own replicas, autoscaling and batch queue (never a
+cold load on the request path, batches never mix models). Styles are many and long-tailed: one deployment
+loads them on demand by name (`@serve.multiplexed`, LRU-evicted), so a new style is a new checkpoint, not a
+new deployment. Options (replicas, queues, CPUs) are set by `genart.serve.app.build` with `.options()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+from ray import serve
+
+from genart import storage
+from genart.errors import UserError
+from genart.serve import runners
+from genart.serve.config import NAME_RE, ServeArgs
+from genart.serve.runners import GenerateJob
+
+logger = logging.getLogger("ray.serve")
+
+
+def _load(uri: str, family: str | tuple[str, ...] | None, settings: ServeArgs):
+    import torch
+
+    from genart import models
+
+    torch.set_num_threads(settings.threads)
+    loaded = models.load(uri)
+    allowed = (family,) if isinstance(family, str) else family
+    if allowed and loaded.family not in allowed:
+        raise UserError(f"{uri} is a {loaded.family} checkpoint; this deployment serves {' or '.join(allowed)} models")
+    device = "cuda" if settings.num_gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+    return loaded.to(device)
+
+
+def _images_in(jobs: list[GenerateJob]) -> int:
+    return sum(job.size for job in jobs)
+
+
+class _Batcher:
+    """Calls a @serve.batch method, without the batch wait when the request is alone in the replica: nothing
+    would join its batch, so waiting would only add latency. Under load the configured wait fills batches."""
+
+    def __init__(self, batch_method, settings: ServeArgs, max_batch_size: int):
+        self.method = batch_method
+        self.wait_s = settings.batch_wait_timeout_s
+        self.inflight = 0
+        batch_method.set_max_batch_size(max_batch_size)
+
+    async def __call__(self, item):
+        self.inflight += 1
+        try:
+            self.method.set_batch_wait_timeout_s(self.wait_s if self.inflight > 1 else 0.0)
+            return await self.method(item)
+        finally:
+            self.inflight -= 1
+
+
+@serve.deployment
+class GenerativeModel:
+    """A dcgan or vae checkpoint: generate (batched by image count), interpolate, reconstruct (vae)."""
+
+    def __init__(self, checkpoint: str, settings: ServeArgs):
+        self.model = _load(checkpoint, ("dcgan", "vae"), settings)
+        self.batching = settings.batching
+        self._batched = _Batcher(self._generate_batch, settings, settings.max_batch_images)
+
+    async def generate(self, job: GenerateJob) -> np.ndarray:
+        """(n, H, W, 3) uint8 for one request."""
+        if self.batching:
+            return await self._batched(job)
+        return (await asyncio.to_thread(runners.generate, self.model, [job]))[0]
+
+    # max_batch_size counts images (batch_size_fn), set from the args in __init__
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
+    async def _generate_batch(self, jobs: list[GenerateJob]) -> list[np.ndarray]:
+        # in a thread: the replica keeps queueing the next batch while this one computes
+        return await asyncio.to_thread(runners.generate, self.model, jobs)
+
+    async def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None) -> np.ndarray:
+        return await asyncio.to_thread(runners.interpolate, self.model, seed_a, seed_b, steps, label)
+
+    async def reconstruct(self, image: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(runners.reconstruct, self.model, image)
+
+
+@serve.deployment
+class CriticModel:
+    """A critic checkpoint: class probabilities for an uploaded image, batched across requests."""
+
+    def __init__(self, checkpoint: str, settings: ServeArgs):
+        self.model = _load(checkpoint, "critic", settings)
+        self.batching = settings.batching
+        self._batched = _Batcher(self._classify_batch, settings, settings.max_batch_size)
+
+    async def classify(self, image: np.ndarray) -> list[float]:
+        """(H, W, 3) uint8 -> K probabilities, in label_names order."""
+        x = runners.critic_input(image, self.model.image_size)  # (3, S, S): same shape for every request
+        if self.batching:
+            return await self._batched(x)
+        return (await asyncio.to_thread(runners.classify, self.model, [x]))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _classify_batch(self, inputs: list[np.ndarray]) -> list[list[float]]:
+        return await asyncio.to_thread(runners.classify, self.model, inputs)
+
+
+@serve.deployment
+class StyleModels:
+    """Every style model behind one deployment: the request's multiplexed model id names the style.
+
+    Styles come from `models` entries of family style, or from sub-folders of `style_root` (names checked
+    against NAME_RE, so a request cannot reach outside it). Up to `max_styles_per_replica` stay loaded.
+    """
+
+    def __init__(self, styles: dict[str, str], settings: ServeArgs):
+        self.styles = dict(styles)
+        self.settings = settings
+        self.batching = settings.batching
+
+        async def load_style(name: str):
+            logger.info("loading style %r", name)
+            return await asyncio.to_thread(_load, self.uri_of(name), "style", settings)
+
+        # wired at init (not as a class decorator) so the LRU size comes from the args; Serve takes a plain
+        # function here (it keeps its model cache as an attribute of the function it wraps)
+        self._get_model = serve.multiplexed(max_num_models_per_replica=settings.max_styles_per_replica)(load_style)
+        self._batched = _Batcher(self._stylize_batch, settings, settings.max_batch_size)
+
+    def uri_of(self, name: str) -> str:
+        if name in self.styles:
+            return self.styles[name]
+        if self.settings.style_root and NAME_RE.match(name):
+            return storage.join(self.settings.style_root, name)
+        raise UserError(f"no style named {name!r}")
+
+    async def stylize(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> stylized (H, W, 3) uint8 with the style named by the multiplexed model id."""
+        if self.batching:
+            return await self._batched(image)
+        model = await self._get_model(serve.get_multiplexed_model_id())
+        return (await asyncio.to_thread(runners.stylize, model, [image]))[0]
+
+    # Serve splits batches by multiplexed model id, so one batch is always one style.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _stylize_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        model = await self._get_model(serve.get_multiplexed_model_id())
+        return await asyncio.to_thread(runners.stylize, model, images)

@@ -1,0 +1,316 @@
+"""The HTTP side of the app: a FastAPI ingress deployment that validates requests and calls the model deployments.
+
+Uploads are size-capped and decoded here (genart.data.images.decode_image), so model replicas only see clean
+uint8 arrays; every error is JSON {"error": ..., "detail": ...}. The playground page is served from static/.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the route signatures of the nested functions at runtime
+import asyncio
+import base64
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException
+
+from genart import storage
+from genart.data.images import Reject, cap_side, decode_image, encode_png
+from genart.errors import UserError
+from genart.serve.config import MAX_N, NAME_RE, ServeArgs
+from genart.serve.limits import BearerAuth, BodyLimit, Deadline
+from genart.serve.runners import GenerateJob
+
+STATIC = Path(__file__).parent / "static"
+GENERATIVE = ("dcgan", "vae")
+STYLE_LIST_TTL_S = 30.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: Any = None, headers: dict | None = None):
+        super().__init__(f"{status} {error}: {detail}")
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class GenerateBody(_Body):
+    model: str | None = None  # a dcgan or vae model name (default: the first one)
+    n: int = Field(8, ge=1, le=MAX_N)  # images; seeds are seed .. seed + n - 1
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    truncation: float = Field(1.0, ge=0.0, le=1.0)  # 1.0 = off, 0.0 = the mean image
+    label: int | str | None = None  # class index or name, for class-conditional models
+    format: Literal["png", "json"] | None = None  # png grid (default) or JSON with base64 PNGs
+
+
+class InterpolateBody(_Body):
+    model: str | None = None
+    seed_a: int = Field(0, ge=0, le=2**32 - 1)
+    seed_b: int = Field(1, ge=0, le=2**32 - 1)
+    steps: int = Field(8, ge=2, le=MAX_N)
+    label: int | str | None = None
+    format: Literal["png", "gif"] = "png"  # a strip of frames, or an animated GIF
+    frame_ms: int = Field(100, ge=20, le=5000)  # GIF frame duration
+
+
+def _png_response(data: bytes, **headers: str) -> Response:
+    return Response(data, media_type="image/png", headers=headers)
+
+
+def _grid_png(frames: np.ndarray, nrow: int) -> bytes:
+    return encode_png(_grid(frames, nrow))
+
+
+def _rgb_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    from PIL import Image
+
+    return encode_png(Image.fromarray(image, "RGB"))
+
+
+def _grid(frames: np.ndarray, nrow: int):
+    """(N, H, W, 3) uint8 -> one PIL image, `nrow` frames per row, 2 px white gaps."""
+    from genart.models.common import make_grid
+    import torch
+
+    return make_grid(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0, nrow=nrow)
+
+
+def _b64png(frame: np.ndarray) -> str:
+    return base64.b64encode(_rgb_png(frame)).decode()
+
+
+def _gif(frames: np.ndarray, frame_ms: int) -> bytes:
+    from PIL import Image
+
+    images = [Image.fromarray(f, "RGB") for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return buf.getvalue()
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """HTTP API + page. `cards` describe every configured model (genart.serve.app.model_card); handles reach replicas."""
+
+    def __init__(self, settings: ServeArgs, api_key: str | None, cards: dict[str, dict],
+                 generators: dict, critics: dict, styles=None):
+        self.settings = settings
+        self.api_key = api_key or None
+        self.cards = {name: {k: v for k, v in card.items() if k != "checkpoint"} for name, card in cards.items()}
+        self.handles = {**generators, **critics}
+        self.styles = styles
+        self._root_styles: tuple[float, list[str]] = (0.0, [])
+
+    # ------------------------------------------------------------ wiring
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = FastAPI(title="genart", version="1", summary="Generate, interpolate, stylize and classify images.")
+        self._routes(app)
+        self._error_handlers(app)
+        # last added = outermost: auth, then the body cap, then the deadline around everything else
+        app.add_middleware(Deadline, timeout_s=self.settings.request_timeout_s)
+        app.add_middleware(BodyLimit, max_bytes=self.settings.max_upload_bytes)
+        app.add_middleware(BearerAuth, api_key=self.api_key)
+        return app
+
+    def _error_handlers(self, app: FastAPI) -> None:
+        def reply(status: int, error: str, detail: Any, headers: dict | None = None) -> JSONResponse:
+            return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+        @app.exception_handler(ApiError)
+        async def _api(_: Request, exc: ApiError):
+            return reply(exc.status, exc.error, exc.detail, exc.headers)
+
+        @app.exception_handler(RequestValidationError)
+        async def _invalid(_: Request, exc: RequestValidationError):
+            detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+            return reply(422, "invalid request", detail)
+
+        @app.exception_handler(HTTPException)
+        async def _http(_: Request, exc: HTTPException):
+            return reply(exc.status_code, str(exc.detail).lower(), None, getattr(exc, "headers", None))
+
+        @app.exception_handler(Exception)
+        async def _crash(_: Request, exc: Exception):  # a bug: the traceback goes to the replica's log, not the client
+            return reply(500, "internal error", f"{type(exc).__name__}; see the server log")
+
+    # ------------------------------------------------------------ helpers
+
+    async def _await(self, response, name: str):
+        """Await a model call; queue-full and unavailable become 503, a cancelled request cancels the call."""
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except BackPressureError:
+            raise ApiError(503, "overloaded", f"model {name!r} has a full queue (max_queued_requests="
+                           f"{self.settings.max_queued_requests}); retry shortly", {"Retry-After": "1"}) from None
+        except DeploymentUnavailableError as exc:
+            raise ApiError(503, "unavailable", f"model {name!r} is not available: {exc}"[:300], {"Retry-After": "5"}) from None
+        except UserError as exc:  # requests are validated here first, so this is the model's side, e.g. a broken checkpoint
+            cause = getattr(exc, "cause", None) or exc  # the original error inside Ray's RayTaskError wrapper
+            raise ApiError(500, "model error", f"model {name!r}: {str(cause).splitlines()[0][:300]}") from None
+
+    async def _style_names(self) -> list[str]:
+        names = [n for n, card in self.cards.items() if card["family"] == "style"]
+        root = self.settings.style_root
+        if root:
+            at, cached = self._root_styles
+            if time.monotonic() - at > STYLE_LIST_TTL_S:
+                found = await asyncio.to_thread(storage.listdir, root)
+                cached = sorted(n for n in (uri.rstrip("/").rsplit("/", 1)[-1] for uri in found) if NAME_RE.match(n))
+                self._root_styles = (time.monotonic(), cached)
+            names += [n for n in cached if n not in names]
+        return names
+
+    async def _resolve(self, name: str | None, families: tuple[str, ...], endpoint: str) -> dict:
+        """The card of the model a request asks for (default: the first of a fitting family); 404 if unknown,
+        422 if the wrong kind. Styles under style_root get a card of their own on first use."""
+        if name is None:
+            for card in self.cards.values():
+                if card["family"] in families:
+                    return card
+            if "style" in families and (found := await self._style_names()):
+                return self._root_card(found[0])
+            raise ApiError(404, "model not found", f"no {' or '.join(families)} model is served; {endpoint} needs one")
+        card = self.cards.get(name)
+        if card is None and "style" in families and NAME_RE.match(name) and name in await self._style_names():
+            card = self._root_card(name)
+        if card is None:
+            known = ", ".join(sorted(self.cards)) or "none"
+            raise ApiError(404, "model not found", f"no model named {name!r}; served models: {known} (see /v1/models)")
+        if card["family"] not in families:
+            raise ApiError(422, "wrong model kind",
+                           f"{name!r} is a {card['family']} model; {endpoint} needs a {' or '.join(families)} model")
+        return card
+
+    @staticmethod
+    def _root_card(name: str) -> dict:
+        """A style found under style_root: listed by name, loaded (and hashed) only by the replica that serves it."""
+        return {"name": name, "family": "style", "checkpoint_hash": None, "step": None, "image_size": None,
+                "labels": [], "conditional": False}
+
+    def _label(self, card: dict, label: int | str | None) -> int | None:
+        if label is None:
+            return None
+        names = card["labels"]
+        if not card["conditional"]:
+            raise ApiError(422, "invalid request", f"model {card['name']!r} is not class-conditional: leave 'label' out")
+        if isinstance(label, str):
+            if label not in names:
+                raise ApiError(422, "invalid request", f"label {label!r} is not one of {names}")
+            return names.index(label)
+        if not 0 <= label < len(names):
+            raise ApiError(422, "invalid request", f"label {label} is out of range 0..{len(names) - 1} ({', '.join(names)})")
+        return label
+
+    async def _read_image(self, upload: UploadFile, max_side: int) -> np.ndarray:
+        """The uploaded file -> (H, W, 3) uint8, at most max_side px on its longer side; 400 if not a usable image."""
+        if not 16 <= max_side <= self.settings.max_side_limit:
+            raise ApiError(422, "invalid request", f"max_side {max_side} must be within 16..{self.settings.max_side_limit}")
+        data = await upload.read()
+
+        def decode() -> np.ndarray:
+            img = decode_image(data, max_pixels=self.settings.max_pixels)
+            return np.asarray(cap_side(img, max_side), dtype=np.uint8)
+
+        try:
+            return await asyncio.to_thread(decode)
+        except Reject as exc:
+            raise ApiError(400, "bad image", exc.reason) from None
+
+    # ------------------------------------------------------------ routes
+
+    def _routes(self, app: FastAPI) -> None:  # noqa: C901 - one place that lists the API
+        @app.get("/", include_in_schema=False)
+        async def page(request: Request):
+            if not request.url.path.endswith("/"):  # under a route prefix: keep the page's relative URLs right
+                return RedirectResponse(request.url.path + "/")
+            return FileResponse(STATIC / "index.html")
+
+        @app.get("/static/{name}", include_in_schema=False)
+        async def static(name: str):
+            path = STATIC / name
+            if "/" in name or name.startswith(".") or not path.is_file():
+                raise ApiError(404, "not found", f"no static file {name!r}")
+            return FileResponse(path)
+
+        @app.get("/healthz", summary="Liveness: 200 while the ingress answers")
+        async def healthz():
+            return {"status": "ok", "auth_required": self.api_key is not None}
+
+        @app.get("/v1/models", summary="Served models: name, family, checkpoint hash, image size, labels")
+        async def list_models():
+            out = list(self.cards.values())
+            out += [self._root_card(name) for name in await self._style_names() if name not in self.cards]
+            return {"models": out, "limits": {"max_n": MAX_N, "max_upload_mb": self.settings.max_upload_mb,
+                                               "max_pixels": self.settings.max_pixels,
+                                               "max_side": self.settings.max_side_limit}}
+
+        @app.post("/v1/generate", summary="A grid of images from seeds (PNG), or JSON with base64 PNGs",
+                  responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+        async def generate(body: GenerateBody, request: Request):
+            card = await self._resolve(body.model, GENERATIVE, "/v1/generate")
+            name, label = card["name"], self._label(card, body.label)
+            seeds = tuple(range(body.seed, body.seed + body.n))
+            job = GenerateJob(seeds, None if label is None else (label,) * body.n, body.truncation)
+            frames = await self._await(self.handles[name].generate.remote(job), name)  # (n, H, W, 3)
+            accepts_json = "application/json" in request.headers.get("accept", "")
+            if body.format == "json" or (body.format is None and accepts_json):
+                images = await asyncio.to_thread(lambda: [_b64png(f) for f in frames])
+                return {"model": name, "family": card["family"], "checkpoint_hash": card["checkpoint_hash"],
+                        "seeds": list(seeds), "label": label, "truncation": body.truncation, "images": images}
+            grid = await asyncio.to_thread(_grid_png, frames, math.ceil(math.sqrt(body.n)))
+            return _png_response(grid, **{"X-Genart-Model": name, "X-Genart-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+
+        @app.post("/v1/interpolate", summary="A walk between two seeds: PNG strip or animated GIF",
+                  responses={200: {"content": {"image/png": {}, "image/gif": {}}}})
+        async def interpolate(body: InterpolateBody):
+            card = await self._resolve(body.model, GENERATIVE, "/v1/interpolate")
+            name, label = card["name"], self._label(card, body.label)
+            call = self.handles[name].interpolate.remote(body.seed_a, body.seed_b, body.steps, label)
+            frames = await self._await(call, name)  # (steps, H, W, 3)
+            if body.format == "gif":
+                return Response(await asyncio.to_thread(_gif, frames, body.frame_ms), media_type="image/gif")
+            return _png_response(await asyncio.to_thread(_grid_png, frames, body.steps), **{"X-Genart-Model": name})
+
+        @app.post("/v1/reconstruct", summary="A VAE's reconstruction of the uploaded image (PNG)",
+                  responses={200: {"content": {"image/png": {}}}})
+        async def reconstruct(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512)):
+            name = (await self._resolve(model, ("vae",), "/v1/reconstruct"))["name"]
+            arr = await self._read_image(image, max_side)
+            out = await self._await(self.handles[name].reconstruct.remote(arr), name)
+            return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+
+        @app.post("/v1/stylize", summary="The uploaded image in a style (PNG, same aspect ratio)",
+                  responses={200: {"content": {"image/png": {}}}})
+        async def stylize(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512)):
+            name = (await self._resolve(model, ("style",), "/v1/stylize"))["name"]
+            arr = await self._read_image(image, max_side)
+            out = await self._await(self.styles.options(multiplexed_model_id=name).stylize.remote(arr), name)
+            return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+
+        @app.post("/v1/classify", summary="The critic's labels for the uploaded image, most likely first")
+        async def classify(image: UploadFile = File(...), model: str | None = Form(None),
+                           top_k: int | None = Form(None, ge=1)):
+            card = await self._resolve(model, ("critic",), "/v1/classify")
+            name = card["name"]
+            arr = await self._read_image(image, min(512, self.settings.max_side_limit))  # the critic sees <= 128 px anyway
+            probs = await self._await(self.handles[name].classify.remote(arr), name)
+            ranked = sorted(zip(card["labels"], probs), key=lambda lp: -lp[1])[: top_k or None]
+            return {"model": name, "checkpoint_hash": card["checkpoint_hash"],
+                    "labels": [{"label": label, "probability": round(float(p), 6)} for label, p in ranked]}
+

@@ -1,0 +1,85 @@
+"""`genart serve`: run the app on the embedded local Ray or a cluster until Ctrl-C.
+
+    genart serve --model dcgan=runs/dcgan --model starry=runs/style-starry --port 8000
+    genart serve --config cluster/serve.yaml --host 0.0.0.0       # a Serve config file, or just its app args
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from genart.config import apply_overrides, read_yaml
+from genart.errors import UserError
+from genart.serve.config import ServeArgs, parse_args
+
+APP_NAME = "genart"
+IMPORT_PATH = "genart.serve.app:build"
+
+
+def settings_from(config: str | None = None, models: tuple[str, ...] = (), overrides: tuple[str, ...] = ()) -> ServeArgs:
+    """Args from a YAML file (app args, or a Serve config holding this app), then `--model NAME=CKPT`, then `--set`."""
+    data: dict = {}
+    source = "serve args"
+    if config:
+        data, source = _app_args(read_yaml(config)), config
+    data.setdefault("models", {})
+    for item in models:
+        name, sep, uri = item.partition("=")
+        if not sep or not name.strip() or not uri.strip():
+            raise UserError(f"--model {item!r}: expected NAME=CHECKPOINT, e.g. --model dcgan=runs/dcgan")
+        data["models"][name.strip()] = uri.strip()
+    return parse_args(apply_overrides(data, overrides), source=source)
+
+
+def _app_args(doc: dict) -> dict:
+    """A full Serve config (applications: [...]) -> the args of its genart app; anything else is taken as args."""
+    if "applications" not in doc:
+        return doc
+    for app in doc.get("applications") or []:
+        if app.get("import_path") == IMPORT_PATH:
+            return dict(app.get("args") or {})
+    raise UserError(f"the Serve config has no application with import_path {IMPORT_PATH}")
+
+
+def start_http(host: str, port: int, request_timeout_s: float | None = None, access_log: bool = True) -> tuple[str, int]:
+    """Start Serve's HTTP proxy on host:port (a cluster-wide setting); returns where it really listens, which
+    differs when Serve was already running with other options."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    http_options = {"host": host, "port": port}
+    if request_timeout_s:
+        http_options["request_timeout_s"] = request_timeout_s
+    serve.start(http_options=http_options, logging_config={"enable_access_log": access_log})
+    config = _get_global_client().http_config
+    return config.host, config.port
+
+
+def serve_forever(settings: ServeArgs, host: str, port: int, address: str | None = None) -> None:
+    """Deploy the app, print its URL, block until Ctrl-C, then remove the app."""
+    from ray import serve
+
+    from genart import runtime
+    from genart.serve.app import build, model_card
+
+    for name, uri in settings.models.items():  # a bad checkpoint fails here, before Ray starts
+        model_card(name, uri)
+    runtime.init(address)
+    # Serve's own proxy timeout is a backstop a little past the app's (which answers 504 with a JSON reason).
+    real_host, real_port = start_http(host, port, settings.request_timeout_s + 5, settings.access_log)
+    if (real_host, real_port) != (host, port):
+        print(f"note: Serve was already running on {real_host}:{real_port}; using that (restart Ray to change it)")
+    key_env = settings.api_key_env
+    serve.run(build(settings), name=APP_NAME, route_prefix="/")
+    shown = "127.0.0.1" if real_host in ("0.0.0.0", "::") else real_host
+    print(f"genart is serving {len(settings.models)} model(s) at http://{shown}:{real_port}/  (API docs: /docs)")
+    print(f"API key: {'required (from $' + key_env + ')' if os.environ.get(key_env) else 'not required (set $' + key_env + ' to require one)'}")
+    print("Ctrl-C to stop.")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping…")
+    finally:
+        serve.delete(APP_NAME)

@@ -1,0 +1,178 @@
+// genart playground: talks to the JSON/PNG API next to this page (relative URLs, so any route prefix works).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "genart-api-key";
+let apiKey = sessionStorage.getItem(KEY_STORE) || "";
+let models = [];
+const objectUrls = {};
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+function askForKey(message) {
+  $("auth").hidden = false;
+  $("auth-msg").textContent = message;
+  $("api-key").focus();
+}
+
+// fetch with the API key; a 401 shows the key field, any other error shows the server's JSON message
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (apiKey) headers.set("Authorization", "Bearer " + apiKey);
+  const response = await fetch(path, { ...options, headers });
+  if (response.ok) return response;
+  let message = response.status + " " + response.statusText;
+  try {
+    const body = await response.json();
+    const detail = Array.isArray(body.detail)
+      ? body.detail.map((d) => (d.loc || []).slice(-1)[0] + ": " + d.msg).join("; ")
+      : body.detail;
+    message = body.error + (detail ? " — " + detail : "");
+  } catch (_) { /* not JSON (e.g. a proxy page) */ }
+  if (response.status === 401) {
+    askForKey(apiKey ? "That key was refused. Check it and try again." : "This server needs an API key.");
+  }
+  const err = new Error(message);
+  err.status = response.status;
+  throw err;
+}
+
+function showImage(img, blob) {
+  if (objectUrls[img.id]) URL.revokeObjectURL(objectUrls[img.id]);
+  objectUrls[img.id] = URL.createObjectURL(blob);
+  img.src = objectUrls[img.id];
+}
+
+async function busy(button, work) {
+  button.disabled = true;
+  showError("");
+  try { await work(); } catch (err) { showError(err.message); } finally { button.disabled = false; }
+}
+
+function fillSelect(select, names) {
+  select.replaceChildren(...names.map((n) => new Option(n, n)));
+}
+
+async function loadModels() {
+  const body = await (await api("v1/models")).json();
+  models = body.models;
+  const of = (...families) => models.filter((m) => families.includes(m.family)).map((m) => m.name);
+  fillSelect($("gen-model"), of("dcgan", "vae"));
+  fillSelect($("style-model"), of("style"));
+  $("generate").disabled = $("interpolate").disabled = !of("dcgan", "vae").length;
+  $("stylize").disabled = !of("style").length;
+  $("classify").disabled = !of("critic").length;
+  updateLabels();
+}
+
+function updateLabels() {
+  const m = models.find((x) => x.name === $("gen-model").value);
+  const conditional = Boolean(m && m.conditional && m.labels.length);
+  $("label-wrap").hidden = !conditional;
+  if (conditional) fillSelect($("gen-label"), ["(by seed)", ...m.labels]);
+}
+
+function generateBody() {
+  const body = {
+    model: $("gen-model").value,
+    seed: Number($("seed").value) || 0,
+    n: Number($("n").value),
+    truncation: Number($("truncation").value),
+  };
+  const label = $("gen-label").value;
+  if (!$("label-wrap").hidden && label && label !== "(by seed)") body.label = label;
+  return body;
+}
+
+async function generate() {
+  const body = generateBody();
+  const t0 = performance.now();
+  const response = await api("v1/generate", {
+    method: "POST", headers: { "Content-Type": "application/json", Accept: "image/png" }, body: JSON.stringify(body),
+  });
+  showImage($("gen-img"), await response.blob());
+  $("gen-cap").textContent = `${body.model} · seeds ${body.seed}–${body.seed + body.n - 1} · ${Math.round(performance.now() - t0)} ms`;
+}
+
+async function interpolate() {
+  const seed = Number($("seed").value) || 0;
+  const body = { model: $("gen-model").value, seed_a: seed, seed_b: seed + 1, steps: 16, format: "gif" };
+  const response = await api("v1/interpolate", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  showImage($("gen-img"), await response.blob());
+  $("gen-cap").textContent = `${body.model} · walk from seed ${seed} to ${seed + 1}`;
+}
+
+function photoForm(model, extra = {}) {
+  const file = $("photo").files[0];
+  if (!file) throw new Error("Choose a photo first.");
+  const form = new FormData();
+  form.append("image", file);
+  if (model) form.append("model", model);
+  for (const [k, v] of Object.entries(extra)) form.append(k, v);
+  return form;
+}
+
+async function stylize() {
+  const style = $("style-model").value;
+  const form = photoForm(style, { max_side: $("max-side").value });
+  const t0 = performance.now();
+  const response = await api("v1/stylize", { method: "POST", body: form });
+  showImage($("style-img"), await response.blob());
+  $("style-cap").textContent = `${style} · ${Math.round(performance.now() - t0)} ms`;
+}
+
+async function classify() {
+  const body = await (await api("v1/classify", { method: "POST", body: photoForm(null) })).json();
+  $("labels").replaceChildren(...body.labels.map(({ label, probability }) => {
+    const li = document.createElement("li");
+    const pct = (probability * 100).toFixed(1);
+    li.innerHTML = `<span></span><span class="bar"><i style="width:${pct}%"></i></span><span class="p">${pct}%</span>`;
+    li.firstChild.textContent = label;  // label names come from the checkpoint: never as HTML
+    return li;
+  }));
+}
+
+async function checkHealth() {
+  try {
+    const health = await (await fetch("healthz")).json();
+    $("status").textContent = "server ok";
+    $("status").className = "status ok";
+    if (health.auth_required && !apiKey) askForKey("This server needs an API key.");
+  } catch (_) {
+    $("status").textContent = "server unreachable";
+    $("status").className = "status bad";
+  }
+}
+
+function wire() {
+  $("n").addEventListener("input", () => { $("n-out").value = $("n").value; });
+  $("truncation").addEventListener("input", () => { $("trunc-out").value = Number($("truncation").value).toFixed(2); });
+  $("dice").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 1e6); });
+  $("gen-model").addEventListener("change", updateLabels);
+  $("generate").addEventListener("click", (e) => busy(e.currentTarget, generate));
+  $("interpolate").addEventListener("click", (e) => busy(e.currentTarget, interpolate));
+  $("stylize").addEventListener("click", (e) => busy(e.currentTarget, stylize));
+  $("classify").addEventListener("click", (e) => busy(e.currentTarget, classify));
+  $("photo").addEventListener("change", () => {
+    const file = $("photo").files[0];
+    if (file) showImage($("photo-img"), file);
+    $("labels").replaceChildren();
+  });
+  $("save-key").addEventListener("click", () => {
+    apiKey = $("api-key").value.trim();
+    sessionStorage.setItem(KEY_STORE, apiKey);
+    $("auth-msg").textContent = "Checking…";
+    loadModels().then(() => { $("auth").hidden = true; showError(""); }).catch((err) => showError(err.message));
+  });
+  $("api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") $("save-key").click(); });
+}
+
+wire();
+checkHealth();
+loadModels().catch((err) => showError(err.message));

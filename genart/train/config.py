@@ -1,0 +1,83 @@
+"""`genart train` config: model (one of the families), data, train, scaling, run and eval sections.
+
+    cfg = load_config("workflows/configs/dcgan.yaml", ["train.max_steps=200", "scaling.num_workers=1"])
+Unknown keys and wrong types are one-line UserErrors naming the key (see genart.config).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Literal
+
+from pydantic import Field, field_validator
+
+from genart import config as config_lib
+from genart.config import Section
+from genart.models import ModelConfig
+
+# A run name becomes a folder under run.storage: letters, digits, '.', '_', '-', no path separators.
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class DataSection(Section):
+    path: str  # prepared dataset (`genart prepare`), local folder or s3:// prefix
+    image_size: int | None = Field(None, ge=8)  # square side in px; None = the size the dataset was prepared at
+    batch_size: int = Field(32, ge=1)  # images per step on EACH worker (global batch = batch_size x num_workers)
+    augment: bool = True  # random crop (from 112.5%) + horizontal flip on the train split
+    # Train splits up to this size (decoded float32) are read once into Ray's object store and augmented on the
+    # workers; bigger ones stream from storage every epoch (a pipeline restart per epoch). 0 = always stream.
+    cache_max_mb: int = Field(512, ge=0)
+
+
+class TrainSection(Section):
+    max_steps: int = Field(1000, ge=1)  # total optimizer steps; re-running with a larger value continues the run
+    checkpoint_every_steps: int = Field(250, ge=1)  # checkpoint + sample grid + validation every N steps (and at the end)
+    keep_last: int = Field(3, ge=1)  # checkpoints kept besides the best one (older ones are deleted)
+    log_every_steps: int = Field(25, ge=1)  # progress line + metrics.jsonl row every N steps
+    seed: int = Field(0, ge=0)  # initial weights and noise; data order is not fixed by it
+    amp: bool = False  # float16 mixed precision on GPUs; ignored (with a note) on CPUs
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(1, ge=1)  # data-parallel training workers (DDP), one process each
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = Field(1.0, gt=0)  # logical CPUs reserved per worker (Ray Data needs some left over)
+
+
+class RunSection(Section):
+    storage: str = "runs"  # parent folder of run folders: local path or s3://bucket/prefix
+    name: str | None = None  # run folder name; None = the model family. Same storage + name = resume
+    max_failures: int = Field(3, ge=-1)  # worker failures to recover from (from the last checkpoint); -1 = forever
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not RUN_NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (no '/'), starting with a letter or digit")
+        return value
+
+
+class EvalSection(Section):
+    every_checkpoints: int = Field(0, ge=0)  # run genart.evaluate on every Nth checkpoint; 0 = never
+    num_samples: int = Field(256, ge=1)  # generated / real images the evaluation compares
+    features: str | None = None  # feature network for the evaluation metrics; None = genart.evaluate's default
+    best_metric: str | None = None  # pick best.json by this evaluation metric instead of the family's val metric
+    best_mode: Literal["min", "max"] = "min"  # whether lower or higher best_metric is better
+
+
+class TrainConfig(Section):
+    model: ModelConfig  # model.family selects dcgan | vae | critic | style; the other keys are the family's
+    data: DataSection
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    eval: EvalSection = EvalSection()
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or self.model.family
+
+
+def load_config(path: str | None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """The YAML file plus `--set` overrides, validated (unknown keys and bad values are one-line UserErrors)."""
+    return config_lib.load(TrainConfig, path, overrides)

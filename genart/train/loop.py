@@ -1,0 +1,283 @@
+"""The one `train_loop_per_worker` every model family trains with (Ray Train V2 + DDP); the family supplies the nets
+and the step, this file supplies data, resume, metrics, checkpoints, samples and validation.
+
+Every worker calls `ray.train.report` at the same steps (V2 requires it: report is a barrier). Rank 0 alone
+saves the checkpoint and writes the run files (genart.train.outputs); the others report checkpoint=None.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Iterator
+
+import torch
+
+from genart import storage
+from genart.models.common import Precision, set_seed, unwrap
+from genart.train import outputs
+from genart.train.config import TrainConfig
+
+# Rows each worker's local shuffle buffer holds, in batches: mixes the streamed blocks without a global shuffle.
+SHUFFLE_BATCHES = 4
+# Validation / sample-grid batch: the critic's confusion-matrix PNG uses up to this many val images.
+VAL_BATCH = 256
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """config: {"train_config": TrainConfig as a dict, "image_size": int, "label_names": [str], "run_dir": str,
+    "augment_on_workers": bool (the train split is cached un-augmented, see data.cache_max_mb)}."""
+    import ray.train
+    import ray.train.torch
+
+    from genart import models
+
+    _quiet_logs()
+    cfg = TrainConfig.model_validate(config["train_config"])
+
+    family = models.REGISTRY[cfg.model.family]
+    image_size, label_names, run_dir = config["image_size"], config["label_names"], config["run_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # Same seed on every rank: nets that DDP does not broadcast (EMA copies, loss networks) start identical.
+    set_seed(cfg.train.seed)
+    nets = family.build(cfg.model, image_size, len(label_names))
+    for name, net in nets.items():
+        nets[name] = ray.train.torch.prepare_model(net) if name in family.trainable() else net.to(device)
+    opts = family.optimizers(cfg.model, nets)
+    precision = Precision(cfg.train.amp, device)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        from genart.models.checkpoint import restore_training
+
+        with checkpoint.as_directory() as local:
+            state = restore_training(local, nets, opts, precision)  # nets, optimizers, GradScalers, rank 0's RNG
+        start_step = int(state["step"])
+    # Different noise per rank (else every worker draws the same z); rank 0 keeps the restored RNG stream.
+    if rank or not checkpoint:
+        set_seed(cfg.train.seed + 1000 * rank + 7919 * start_step)
+
+    files = outputs.RunFiles(run_dir, start_step) if rank == 0 else None
+    val = _Val() if rank == 0 else None
+    fixed = None
+    if rank == 0:
+        verb = f"resumed from {outputs.checkpoint_name(start_step)}" if start_step else "started"
+        _say(f"{cfg.model.family}: {verb} on {world} worker(s), {device}; training to step {cfg.train.max_steps}")
+        example = val.example(label_names)
+        if example is not None:
+            fixed = family.fixed_inputs(cfg.model, image_size, len(label_names), example)
+
+    batches = _batches(cfg, device, augment=config.get("augment_on_workers", False), seed=cfg.train.seed + 1000 * rank + start_step)
+    window = _Window()
+    step = start_step
+    while step < cfg.train.max_steps:
+        batch = next(batches)
+        if rank == 0 and fixed is None:  # no val split: the first train batch feeds the sample grid
+            example = {**{k: v.detach().cpu() for k, v in batch.items()}, "label_names": label_names}
+            fixed = family.fixed_inputs(cfg.model, image_size, len(label_names), example)
+        window.add(family.train_step(cfg.model, nets, opts, batch, step, precision))
+        step += 1
+        at_checkpoint = step % cfg.train.checkpoint_every_steps == 0 or step == cfg.train.max_steps
+        if step % cfg.train.log_every_steps and not at_checkpoint:
+            continue
+        row = {"step": step, **window.means(world), "images_per_s": window.rate(cfg.data.batch_size * world), "start_step": start_step}
+        if not at_checkpoint:
+            ray.train.report(row)
+            if rank == 0:
+                _log(files, row, cfg, flush=not storage.is_s3(run_dir))
+        elif rank != 0:
+            ray.train.report(row, checkpoint=None, checkpoint_dir_name=outputs.checkpoint_name(step))
+        else:
+            meta = {"family": cfg.model.family, "config": cfg.model_dump(mode="json"), "image_size": image_size,
+                    "label_names": label_names, "precision": precision.state_dict()}
+            _checkpoint_and_report(family, cfg, nets, opts, val, row, meta)
+            _after_checkpoint(files, family, cfg, nets, fixed, row)
+        # The next window starts where this one was measured (report time counts), except after a checkpoint:
+        # validation, saving and sample grids do not count against images_per_s.
+        window.reset(None if at_checkpoint else window.measured)
+
+
+def _checkpoint_and_report(family, cfg: TrainConfig, nets: dict, opts: dict, val: "_Val", row: dict, meta: dict) -> None:
+    """Rank 0: validate, save every net + optimizer + RNG into a temp folder, report it as step-XXXXXX."""
+    import ray.train
+
+    from genart.models.checkpoint import save_checkpoint
+
+    step = row["step"]
+    local = tempfile.mkdtemp(prefix="genart-ckpt-")
+    try:
+        row.update(_validate(family, cfg, nets, val))
+        save_checkpoint(local, nets, opts, {**meta, "step": step, "metrics": dict(row)})
+        row.update(_run_eval(cfg, local, step))
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=outputs.checkpoint_name(step))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _quiet_logs() -> None:
+    """Keep the worker log to genart's progress lines: no per-epoch Ray Data lines, no per-report Train lines."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Batches of a cached (materialized) split are read-only views of the object store; nothing writes into them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    try:  # Ray 2.60 names this logger by its file path, so RunConfig(logging_config=...) does not reach it
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _batches(cfg: TrainConfig, device, augment: bool, seed: int) -> Iterator[dict]:
+    """This worker's shard of the train split as endless (B, ...) batches, epoch after epoch."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    b = cfg.data.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        got = 0
+        # drop_last: every worker gets equally many full batches per epoch (streaming_split(equal=True))
+        for batch in shard.iter_torch_batches(batch_size=b, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BATCHES * b, device=device):
+            got += 1
+            if augment:
+                batch["image"] = augment_batch(batch["image"], gen)
+            yield batch
+        if not got:
+            raise RuntimeError(f"epoch {epoch}: this worker's share of the train split is smaller than data.batch_size={b}")
+        epoch += 1
+
+
+def augment_batch(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """genart.data.read's augmentation on a batch, for a cached train split: a random crop from a CROP_SCALE
+    upscale and a horizontal flip for half the images. (B, 3, S, S) -> (B, 3, S, S)."""
+    from genart.data.read import CROP_SCALE
+
+    b, _, s, _ = images.shape
+    big = max(s, int(round(s * CROP_SCALE)))
+    up = torch.nn.functional.interpolate(images, size=(big, big), mode="bilinear", antialias=True, align_corners=False)
+    xs, ys = torch.randint(0, big - s + 1, (2, b), generator=gen).tolist()
+    flips = (torch.rand(b, generator=gen) < 0.5).tolist()
+    crops = [up[i, :, ys[i] : ys[i] + s, xs[i] : xs[i] + s] for i in range(b)]  # each (3, S, S)
+    return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips)])
+
+
+class _Val:
+    """The val split (capped on the driver), read once by rank 0 and kept in memory: every validation sees the
+    same images, without restarting a Ray Data pipeline per checkpoint."""
+
+    def __init__(self):
+        import ray.train
+
+        try:
+            self.shard = ray.train.get_dataset_shard("val")
+        except KeyError:  # the dataset has no val split
+            self.shard = None
+        self.cached: list[dict] | None = None
+
+    def batches(self) -> list[dict]:
+        if self.shard is None:
+            return []
+        if self.cached is None:
+            self.cached = list(self.shard.iter_torch_batches(batch_size=VAL_BATCH, device="cpu"))
+        return self.cached
+
+    def example(self, label_names: list[str]) -> dict | None:
+        """The first val batch (up to VAL_BATCH images) for the fixed sample grid; None without a val split."""
+        batches = self.batches()
+        return {**batches[0], "label_names": label_names} if batches else None
+
+
+# ---------------------------------------------------------------- metrics and checkpoints (rank 0)
+
+
+class _Window:
+    """Running sums of a family's step metrics between two reports, and the wall time they took."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, started: float | None = None) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.started = time.perf_counter() if started is None else started
+        self.measured = self.started
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps += 1
+
+    def means(self, world: int) -> dict[str, float]:
+        """Means over the window and over every worker (a small all-reduce, at the same steps on every rank)."""
+        keys = list(self.sums)  # the family's order, the same on every rank
+        values = torch.tensor([self.sums[k] / max(1, self.steps) for k in keys], dtype=torch.float64)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)  # gloo/nccl sum; the tensor is tiny
+            values /= world
+        return {k: round(float(v), 6) for k, v in zip(keys, values)}
+
+    def rate(self, images_per_step: int) -> float:
+        self.measured = time.perf_counter()
+        return round(self.steps * images_per_step / max(1e-9, self.measured - self.started), 2)
+
+
+def _validate(family, cfg: TrainConfig, nets: dict, val: _Val) -> dict:
+    batches = val.batches()
+    if not batches:
+        return {}
+    plain = {k: unwrap(v) for k, v in nets.items()}  # never run a rank-0-only forward through DDP (it syncs buffers)
+    return family.evaluate(cfg.model, plain, iter(batches))
+
+
+def _run_eval(cfg: TrainConfig, local_checkpoint: str, step: int) -> dict:
+    """genart.evaluate's scores on every eval.every_checkpoints-th checkpoint (and the last), as eval_* metrics."""
+    every = cfg.eval.every_checkpoints
+    nth_checkpoint = step // cfg.train.checkpoint_every_steps
+    if every <= 0 or (nth_checkpoint % every and step != cfg.train.max_steps):
+        return {}
+    from genart.train.trainer import _evaluator
+
+    scores = _evaluator()(local_checkpoint, cfg.data.path, cfg.eval)
+    return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in scores.items()}
+
+
+def _after_checkpoint(files: outputs.RunFiles, family, cfg: TrainConfig, nets: dict, fixed: dict, row: dict) -> None:
+    """Rank 0, once the checkpoint is stored: sample grid, metrics, loss curve, best.json, pruning, progress line."""
+    step = row["step"]
+    plain = {k: unwrap(v) for k, v in nets.items()}
+    files.save_samples(step, family.sample_images(cfg.model, plain, fixed))
+    if cfg.eval.best_metric:
+        metric, mode = "eval_" + cfg.eval.best_metric.removeprefix("eval_"), cfg.eval.best_mode
+    else:
+        metric, mode = family.best_metric
+    improved = files.update_best(step, row, metric, mode)
+    files.prune(cfg.train.keep_last)
+    _log(files, row, cfg, flush=True, note=f"checkpoint {outputs.checkpoint_name(step)}" + (" (best)" if improved else ""))
+    files.plot_losses()
+
+
+def _log(files: outputs.RunFiles, row: dict, cfg: TrainConfig, flush: bool, note: str = "") -> None:
+    files.add_metrics(row)
+    if flush:
+        files.flush_metrics()
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "start_step", "images_per_s") and not k.startswith("val_accuracy_class_"))
+    width = len(str(cfg.train.max_steps))
+    _say(f"step {row['step']:>{width}}/{cfg.train.max_steps}  {shown}  | {row['images_per_s']:.1f} img/s" + (f"  [{note}]" if note else ""))
+
+
+def _say(line: str) -> None:
+    # Not print(): Ray Train patches print into its logger and the line would show twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,318 @@
+"""`genart train`: check the config against the data and the cluster, then run the one TorchTrainer (Ray Train V2, DDP).
+
+    genart train workflows/configs/dcgan.yaml --set data.path=results/quickstart/data/synth --set train.max_steps=200
+Re-running the same command (same run.storage and run.name) resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from genart import config as config_lib
+from genart import storage
+from genart.errors import UserError
+from genart.train import outputs
+from genart.train.config import TrainConfig
+
+VAL_MAX_BYTES = 256 << 20
+
+
+def run_dir_of(cfg: TrainConfig) -> str:
+    return storage.join(cfg.run.storage, cfg.run_name)
+
+
+def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
+    """Train (or resume) the run `cfg` describes; returns a summary dict. UserError before any worker starts."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from genart import runtime
+
+    runtime.init(address)
+    cfg = resolve(cfg)
+    plan = check(cfg, address)
+    run_dir = plan["run_dir"]
+    if plan["start_step"] >= cfg.train.max_steps:
+        echo(f"{run_dir} is already at step {plan['start_step']} (train.max_steps={cfg.train.max_steps}); nothing to do. "
+             f"Raise train.max_steps to continue it.")
+        return summarize(cfg, run_dir, seconds=0.0, start_step=plan["start_step"], trained=False)
+    for note in plan["notes"]:
+        echo(f"note: {note}")
+    storage.write_text(storage.join(run_dir, "config.yaml"), config_lib.to_yaml(cfg))
+    _reconcile_ray_snapshot(run_dir)
+
+    datasets, augment_on_workers = _datasets(cfg, plan["image_size"], plan["train_rows"], plan["has_val"])
+    loop_config = {
+        "train_config": cfg.model_dump(mode="json"),
+        "image_size": plan["image_size"],
+        "label_names": plan["label_names"],
+        "run_dir": run_dir,
+        "augment_on_workers": augment_on_workers,
+    }
+    fs = storage.arrow_fs(cfg.run.storage)[0] if storage.is_s3(cfg.run.storage) else None
+    trainer = TorchTrainer(
+        _loop(),
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage.arrow_fs(cfg.run.storage)[1],
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # genart prunes checkpoints itself (keep_last + best, see outputs.RunFiles.prune); Ray keeps its list.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints the progress lines
+        ),
+        datasets=datasets,
+        # Only the train split is sharded; rank 0 reads the whole (small) val split for validation.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    where = "resuming" if plan["start_step"] else "starting"
+    echo(f"{where} {cfg.model.family} run {run_dir} at step {plan['start_step']} of {cfg.train.max_steps}: "
+         f"{cfg.scaling.num_workers} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
+         f"{plan['train_rows']} train / {plan['val_rows']} val images")
+    started = time.time()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RuntimeError(f"training failed after {cfg.run.max_failures} recoveries; see the worker error above") from exc
+    return summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """A copy with the run name spelt out and local paths made absolute (Ray Train workers run in another folder)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.name = cfg.run_name
+    if not storage.is_s3(cfg.run.storage):
+        cfg.run.storage = os.path.abspath(os.path.expanduser(cfg.run.storage))
+    if not storage.is_s3(cfg.data.path):
+        cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
+    return cfg
+
+
+def _loop():
+    # Imported here so the driver does not need the loop's module imported until a fit runs.
+    from genart.train.loop import train_loop_per_worker
+
+    return train_loop_per_worker
+
+
+def _datasets(cfg: TrainConfig, image_size: int, train_rows: int, has_val: bool) -> tuple[dict, bool]:
+    """{"train": ..., "val": ...} and whether the workers augment (the train split is cached, see data.cache_max_mb)."""
+    from genart.data.read import training_dataset
+
+    cached = train_rows * 3 * image_size * image_size * 4 <= cfg.data.cache_max_mb << 20
+    # Streaming restarts the read + decode pipeline every epoch (seconds per epoch on a small machine, every few
+    # steps on a small dataset); a cached split is decoded once and each epoch only re-splits blocks in memory.
+    train = training_dataset(cfg.data.path, "train", image_size, augment=cfg.data.augment and not cached)
+    _quiet(train)
+    datasets = {"train": train.materialize() if cached else train}
+    if has_val:
+        # Rank 0 keeps the val images in memory for every validation, so they are capped (~VAL_MAX_BYTES of tensors).
+        datasets["val"] = training_dataset(cfg.data.path, "val", image_size, augment=False).limit(
+            max(256, VAL_MAX_BYTES // (3 * image_size * image_size * 4)))
+        _quiet(datasets["val"])
+    return datasets, cached and cfg.data.augment
+
+
+def _quiet(ds) -> None:
+    """Progress bars from every worker would drown the training log."""
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+
+
+# ---------------------------------------------------------------- validation before any worker starts
+
+
+def check(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Everything that can be checked on the driver: data, model vs data, cluster size, storage, resume state."""
+    from genart import models, runtime
+    from genart.data.read import label_names as read_label_names, read_manifest
+
+    family = models.REGISTRY[cfg.model.family]
+    manifest = read_manifest(cfg.data.path)
+    splits = manifest.get("splits") or {}
+    train_rows, val_rows = int(splits.get("train", 0)), int(splits.get("val", 0))
+    if train_rows == 0:
+        raise UserError(f"data.path: {cfg.data.path} has no training images ({splits}); prepare a dataset with images in it")
+    global_batch = cfg.data.batch_size * cfg.scaling.num_workers
+    if train_rows < global_batch:
+        raise UserError(
+            f"data.batch_size: {cfg.data.batch_size} x {cfg.scaling.num_workers} workers needs at least {global_batch} train images, "
+            f"{cfg.data.path} has {train_rows}; lower data.batch_size or scaling.num_workers"
+        )
+    image_size = cfg.data.image_size or manifest.get("image_size")
+    if not image_size:
+        raise UserError(f"data.image_size: {cfg.data.path} keeps original image sizes; set data.image_size (e.g. 64)")
+    label_names = read_label_names(cfg.data.path)
+    if family.needs_labels and len(label_names) < 2:
+        raise UserError(f"data.path: {cfg.model.family} needs a labelled dataset (one folder per class, >= 2 classes); "
+                        f"{cfg.data.path} has {len(label_names)} labels")
+    if family.supported_sizes is not None and image_size not in family.supported_sizes:
+        sizes = ", ".join(str(s) for s in family.supported_sizes)
+        raise UserError(f"data.image_size: {cfg.model.family} supports {sizes} px, not {image_size}")
+    family.build(cfg.model, int(image_size), len(label_names))  # the family's own checks (sizes, labels), as UserErrors
+
+    notes = []
+    if cfg.train.amp and not cfg.scaling.use_gpu:
+        notes.append("train.amp is ignored on CPUs (mixed precision needs scaling.use_gpu=true)")
+    if cfg.scaling.use_gpu:
+        _check_gpus(cfg, address)
+    runtime.check_training_fits(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+    if cfg.eval.every_checkpoints > 0:
+        _check_eval(cfg)
+    elif cfg.eval.best_metric:
+        raise UserError("eval.best_metric: needs eval.every_checkpoints > 0 (the metric comes from the evaluation)")
+    if not val_rows and cfg.eval.every_checkpoints == 0:
+        notes.append(f"{cfg.data.path} has no val split: no validation metrics and no best.json (load picks the latest checkpoint)")
+
+    run_dir = run_dir_of(cfg)
+    storage.check_writable(cfg.run.storage)
+    _check_same_model(cfg, run_dir)
+    done = outputs.list_checkpoints(run_dir)
+    return {
+        "run_dir": run_dir,
+        "image_size": int(image_size),
+        "label_names": label_names,
+        "train_rows": train_rows,
+        "val_rows": val_rows,
+        "has_val": val_rows > 0,
+        "start_step": done[-1][0] if done else 0,
+        "notes": notes,
+    }
+
+
+def _check_gpus(cfg: TrainConfig, address: str | None) -> None:
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus >= cfg.scaling.num_workers:
+        return
+    if not address:  # the embedded local Ray cannot grow: waiting for GPUs would hang forever
+        raise UserError(f"scaling.use_gpu: this machine has {gpus:g} GPUs for {cfg.scaling.num_workers} workers; "
+                        f"set scaling.use_gpu=false or run on a GPU cluster with --address")
+
+
+def _evaluator():
+    """genart.evaluate.score_checkpoint, imported only when a run asks for it."""
+    try:
+        from genart.evaluate import score_checkpoint
+    except ImportError as exc:
+        raise UserError(f"eval.every_checkpoints: the evaluation module is not available ({exc}); set eval.every_checkpoints=0") from None
+    return score_checkpoint
+
+
+def _check_eval(cfg: TrainConfig) -> None:
+    """The evaluation must be able to run on rank 0 (family, feature network) and name the best_metric it reports."""
+    _evaluator()
+    from genart.evaluate import check_features, metric_keys
+    from genart.evaluate.scoring import GENERATIVE_FAMILIES
+
+    if cfg.model.family not in GENERATIVE_FAMILIES:
+        raise UserError(f"eval.every_checkpoints: evaluation scores generated images ({', '.join(GENERATIVE_FAMILIES)}), "
+                        f"not a {cfg.model.family}; set eval.every_checkpoints=0")
+    features = check_features(cfg.eval.features)  # e.g. Inception weights missing: fail now, not at the first checkpoint
+    known = metric_keys(features.kind)
+    if cfg.eval.best_metric and cfg.eval.best_metric.removeprefix("eval_") not in known:
+        raise UserError(f"eval.best_metric: {cfg.eval.best_metric!r} is not reported with eval.features={features.text}; "
+                        f"use one of {', '.join(known)}")
+
+
+def _check_same_model(cfg: TrainConfig, run_dir: str) -> None:
+    """A resumed run must keep its model config: the checkpoints would not load into other shapes."""
+    path = storage.join(run_dir, "config.yaml")
+    if not storage.exists(path):
+        return
+    import yaml
+
+    old = (yaml.safe_load(storage.read_text(path)) or {}).get("model") or {}
+    new = cfg.model.model_dump(mode="json")
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed and outputs.list_checkpoints(run_dir):
+        key = changed[0]
+        raise UserError(f"model.{key}: {run_dir} was trained with {old.get(key)!r}, not {new.get(key)!r}; "
+                        f"keep the run's model config or choose a new run.name")
+
+
+def _reconcile_ray_snapshot(run_dir: str) -> None:
+    """Drop checkpoints genart pruned from Ray's own list, so Ray can restore the run.
+
+    Ray Train keeps every reported checkpoint in checkpoint_manager_snapshot.json and refuses to resume when
+    one of them is missing; genart deletes old ones itself (keep_last + best), which Ray cannot express.
+    """
+    path = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    if not storage.exists(path):
+        return
+    state = json.loads(storage.read_text(path))
+    present = {name for _, name in outputs.list_checkpoints(run_dir)}
+    results, indices = state.get("checkpoint_results", []), state.get("checkpoint_report_indices", [])
+    kept = [(r, i) for r, i in zip(results, indices) if r.get("checkpoint_dir_name") in present]
+    if len(kept) == len(results):
+        return
+    state["checkpoint_results"] = [r for r, _ in kept]
+    state["checkpoint_report_indices"] = [i for _, i in kept]
+    latest = state.get("latest_checkpoint_result")
+    if latest and latest.get("checkpoint_dir_name") not in present:
+        state["latest_checkpoint_result"] = kept[-1][0] if kept else None
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names"):
+        state[key] = [n for n in state.get(key, []) if n in present]
+    pending = state.get("pending_training_results", [])
+    specs = state.get("pending_validation_specs", [])
+    keep_pending = [(r, s) for r, s in zip(pending, specs) if r.get("checkpoint_dir_name") in present]
+    state["pending_training_results"] = [r for r, _ in keep_pending]
+    state["pending_validation_specs"] = [s for _, s in keep_pending]
+    storage.write_text(path, json.dumps(state))
+
+
+# ---------------------------------------------------------------- summary
+
+
+def summarize(cfg: TrainConfig, run_dir: str, seconds: float, start_step: int, trained: bool) -> dict:
+    rows = outputs.read_metrics(run_dir)
+    last = rows[-1] if rows else {}
+    checkpoints = [name for _, name in outputs.list_checkpoints(run_dir)]
+    best = outputs.read_best(run_dir)
+    losses = {k: v for k, v in last.items() if k not in ("step", "start_step", "images_per_s", "epoch", "seconds")}
+    return {
+        "run_dir": run_dir,
+        "family": cfg.model.family,
+        "trained": trained,
+        "start_step": start_step,
+        "step": last.get("step", start_step),
+        "max_steps": cfg.train.max_steps,
+        "seconds": round(seconds, 1),
+        "final_metrics": losses,
+        "images_per_s": last.get("images_per_s"),
+        "checkpoints": checkpoints,
+        "best": best,
+        "samples": storage.join(run_dir, "samples"),
+        "loss_curve": storage.join(run_dir, "loss.png"),
+        "metrics": storage.join(run_dir, "metrics.jsonl"),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run report the CLI prints."""
+    metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in summary["final_metrics"].items() if not k.startswith("val_accuracy_class_"))
+    best = summary["best"]
+    lines = [
+        f"{'trained' if summary['trained'] else 'run'} {summary['family']}: step {summary['step']}/{summary['max_steps']}"
+        + (f" (from {summary['start_step']}) in {summary['seconds']:.0f} s" if summary["trained"] else ""),
+        f"  final      {metrics or '-'}",
+        f"  best       {best['checkpoint']} ({best['metric']} {_fmt(best['value'])})" if best else "  best       - (no validation metric)",
+        f"  run folder {summary['run_dir']}",
+        f"  checkpoints {', '.join(summary['checkpoints']) or '-'}",
+        f"  samples    {summary['samples']}",
+        f"  loss curve {summary['loss_curve']}",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

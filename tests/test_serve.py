@@ -1,0 +1,499 @@
+"""Serving over real HTTP on the session's Ray: every endpoint's success path and error status, a bounded flood,
+a Serve config file deployed the way `serve deploy` does it, and the `genart serve` command."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from genart.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+GENART = str(Path(sys.executable).parent / "genart")  # the installed console script
+KEY_ENV = "GENART_TEST_SERVE_KEY"
+NO_KEY_ENV = "GENART_TEST_SERVE_NO_KEY"
+MAX_PIXELS = 200 * 200
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(width: int, height: int, color=(200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_of(response) -> Image.Image:
+    return Image.open(io.BytesIO(response.content))
+
+
+def assert_error(response, status: int, contains: str | None = None) -> dict:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    if contains:
+        assert contains in (str(body["error"]) + " " + str(body["detail"])), body
+    return body
+
+
+def upload(base, path, data: bytes, **form):
+    return requests.post(base + path, files={"image": ("upload.png", data, "image/png")}, data=form, timeout=60)
+
+
+def deploy(name: str, args: dict) -> None:
+    from ray import serve
+
+    from genart.serve.app import build
+
+    serve.run(build(args), name=name, route_prefix=f"/{name}")
+
+
+def wait_healthy(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} never became healthy")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    from genart.serve.tiny import make_tiny_checkpoints
+
+    return make_tiny_checkpoints(str(tmp_path_factory.mktemp("serve-models")), critic_steps=10)
+
+
+@pytest.fixture(scope="module")
+def style_root(tmp_path_factory) -> str:
+    """A folder of style checkpoints, one per sub-folder: styles served by name without being listed in `models`."""
+    from genart.serve.tiny import make_checkpoint
+
+    root = tmp_path_factory.mktemp("style-root")
+    make_checkpoint(str(root / "mosaic"), "style", {"channels": 4, "num_res_blocks": 1}, 32, seed=7)
+    (root / "broken").mkdir()  # a folder that is not a checkpoint
+    (root / "broken" / "state.json").write_text("{not json")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def http(ray_session) -> str:
+    """Serve's HTTP proxy on loopback (a free port unless another module already started Serve)."""
+    from genart.serve.run import start_http
+
+    host, port = start_http("127.0.0.1", free_port())
+    return f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def app(http, tiny_models, style_root):
+    """The main app: every family, small caps, short queues so a flood meets 503s."""
+    from ray import serve
+
+    name = "t-serve"
+    deploy(name, {
+        "models": tiny_models, "style_root": style_root, "max_upload_mb": 1, "max_pixels": MAX_PIXELS,
+        "request_timeout_s": 60, "max_queued_requests": 4, "max_ongoing_requests": 4, "api_key_env": NO_KEY_ENV,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
+    })
+    yield f"{http}/{name}"
+    serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> str:
+    """A DCGAN at 128 px in its default (large) config: 64 images take seconds on a CPU."""
+    from genart.serve.tiny import make_checkpoint
+
+    return make_checkpoint(str(tmp_path_factory.mktemp("slow") / "big"), "dcgan", {}, 128, seed=9)
+
+
+@pytest.fixture(scope="module")
+def strict(http, slow_model, tiny_models):
+    """An app with an API key, a 0.5 s deadline and room for one request in flight plus one queued."""
+    from ray import serve
+
+    name, key = "t-strict", secrets.token_urlsafe(24)  # made per run: no key in the repo
+    os.environ[KEY_ENV] = key
+    try:
+        deploy(name, {
+            "models": {"big": slow_model, "starry": tiny_models["starry"]}, "api_key_env": KEY_ENV,
+            "request_timeout_s": 0.5, "max_ongoing_requests": 1, "max_queued_requests": 1, "batching": False,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1},
+        })
+    finally:
+        os.environ.pop(KEY_ENV, None)
+    yield f"{http}/{name}", key
+    serve.delete(name)
+
+
+# ---------------------------------------------------------------- args (no Serve needed)
+
+
+def test_args_schema_matches_the_cluster_serve_config():
+    from genart.serve.config import parse_args
+
+    doc = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    args = next(a for a in doc["applications"] if a["import_path"] == "genart.serve.app:build")["args"]
+    settings = parse_args(args)
+    assert settings.autoscaling.max_replicas == args["autoscaling"]["max_replicas"]
+    with pytest.raises(UserError, match="bogus: unknown key"):
+        parse_args({**args, "bogus": 1})
+    with pytest.raises(UserError, match="autoscaling"):
+        parse_args({**args, "autoscaling": {"min_replicas": 3, "max_replicas": 1}})
+    with pytest.raises(UserError, match="api_key_env"):
+        parse_args({**args, "api_key_env": "sk-not a variable name"})
+    with pytest.raises(UserError, match="models"):
+        parse_args({"models": {"../evil": "/tmp/x"}})
+
+
+def test_cli_settings_from_model_flags_and_serve_config(tmp_path):
+    from genart.serve.run import settings_from
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "genart", "import_path": "genart.serve.app:build",
+                                                         "args": {"models": {"a": "/ckpt/a"}, "max_upload_mb": 3}}]}))
+    settings = settings_from(str(config), ("b=/ckpt/b",), ("max_pixels=1000",))
+    assert settings.models == {"a": "/ckpt/a", "b": "/ckpt/b"}
+    assert (settings.max_upload_mb, settings.max_pixels) == (3, 1000)
+    with pytest.raises(UserError, match="NAME=CHECKPOINT"):
+        settings_from(None, ("no-equals-sign",))
+
+
+def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([GENART, "serve", "--model", f"x={tmp_path}/missing"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "checkpoint not found" in result.stderr
+
+
+# ---------------------------------------------------------------- success paths
+
+
+def test_health_page_and_docs(app):
+    assert requests.get(app + "/healthz").json() == {"status": "ok", "auth_required": False}
+    page = requests.get(app + "/")
+    assert page.status_code == 200 and "genart playground" in page.text
+    script = requests.get(app + "/static/app.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    for text in (page.text, script.text, requests.get(app + "/static/style.css").text):  # nothing from a CDN
+        assert 'src="http' not in text and 'href="http' not in text and "url(http" not in text and "//cdn" not in text
+    spec = requests.get(app + "/openapi.json").json()
+    assert {"/v1/generate", "/v1/interpolate", "/v1/reconstruct", "/v1/stylize", "/v1/classify", "/v1/models"} <= set(spec["paths"])
+    assert requests.get(app + "/docs").status_code == 200
+
+
+def test_models_lists_every_model_with_its_checkpoint_hash(app, tiny_models):
+    body = requests.get(app + "/v1/models").json()
+    by_name = {m["name"]: m for m in body["models"]}
+    assert {n: by_name[n]["family"] for n in tiny_models} == {
+        "dcgan": "dcgan", "vae": "vae", "critic": "critic", "starry": "style", "wave": "style"}
+    for name, run in tiny_models.items():
+        weights = next(Path(run).glob("step-*/model.safetensors"))
+        assert by_name[name]["checkpoint_hash"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert by_name[name]["image_size"] == 32
+    assert by_name["critic"]["labels"] == ["stripes", "circles", "grid", "noise", "gradient"]
+    assert by_name["mosaic"]["family"] == "style"  # found in style_root
+    assert body["limits"]["max_n"] == 64
+
+
+def test_generate_png_grid_and_json(app):
+    r = requests.post(app + "/v1/generate", json={"model": "dcgan", "n": 5, "seed": 7})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert image_of(r).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 per row, 32 px + 2 px gaps
+    as_json = requests.post(app + "/v1/generate", json={"model": "dcgan", "n": 3, "seed": 7},
+                            headers={"Accept": "application/json"}).json()
+    assert as_json["seeds"] == [7, 8, 9] and len(as_json["images"]) == 3
+    again = requests.post(app + "/v1/generate", json={"model": "dcgan", "n": 3, "seed": 7, "format": "json"}).json()
+    assert again["images"] == as_json["images"]  # a seed always gives the same image
+    first = Image.open(io.BytesIO(base64.b64decode(as_json["images"][0])))
+    assert first.size == (32, 32)
+    assert as_json["images"][0] != as_json["images"][1]
+    by_name = requests.post(app + "/v1/generate", json={"n": 2, "label": "grid", "format": "json"}).json()
+    by_index = requests.post(app + "/v1/generate", json={"n": 2, "label": 2, "format": "json"}).json()
+    assert by_name["images"] == by_index["images"] and by_name["label"] == 2
+    vae = requests.post(app + "/v1/generate", json={"model": "vae", "n": 1})
+    assert vae.status_code == 200 and image_of(vae).size == (32, 32)  # one image: no grid border
+
+
+def test_concurrent_requests_batched_together_get_their_own_images(app):
+    """Requests with different n, seeds, labels and truncation share batches; each must get exactly what it would
+    get alone (the batch is split back by image count, grouped by truncation and label use)."""
+    bodies = [{"n": 1 + i % 3, "seed": 10 * i, "truncation": [1.0, 0.5][i % 2], "format": "json",
+               **({"label": i % 5} if i % 3 == 0 else {})} for i in range(6)]
+    def pixels(body) -> list:
+        images = requests.post(app + "/v1/generate", json=body).json()["images"]
+        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.int16) for b64 in images]
+
+    alone = [pixels(b) for b in bodies]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(pixels, bodies * 2))
+    for got, want in zip(together, alone * 2):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):  # equal up to float rounding of a different batch size (1/255)
+            assert g.shape == w.shape and np.abs(g - w).max() <= 1
+
+
+def test_interpolate_strip_and_gif(app):
+    strip = requests.post(app + "/v1/interpolate", json={"model": "dcgan", "seed_a": 1, "seed_b": 2, "steps": 5})
+    assert strip.status_code == 200 and image_of(strip).size == (5 * 34 + 2, 36)
+    gif = requests.post(app + "/v1/interpolate", json={"model": "vae", "steps": 6, "format": "gif"})
+    assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
+    frames = image_of(gif)
+    assert frames.format == "GIF" and frames.n_frames >= 2  # Pillow merges identical neighbouring frames
+
+
+def test_reconstruct_keeps_the_size(app):
+    r = upload(app, "/v1/reconstruct", png(40, 30), model="vae")
+    assert r.status_code == 200 and image_of(r).size == (40, 30)
+
+
+def test_stylize_keeps_aspect_ratio_and_serves_styles_on_demand(app):
+    r = upload(app, "/v1/stylize", png(90, 60), model="wave", max_side="45")
+    assert r.status_code == 200 and image_of(r).size == (45, 30)
+    assert image_of(upload(app, "/v1/stylize", png(90, 60), model="starry")).size == (90, 60)  # never upscaled
+    from_root = upload(app, "/v1/stylize", png(20, 50), model="mosaic")  # loaded from style_root on first use
+    assert from_root.status_code == 200 and image_of(from_root).size == (20, 50)
+    # a style folder that does not load is the server's problem: a JSON 500 naming it, and the app stays up
+    assert_error(upload(app, "/v1/stylize", png(20, 50), model="broken"), 500, "corrupt checkpoint")
+    assert upload(app, "/v1/stylize", png(20, 50), model="mosaic").status_code == 200
+
+
+def test_classify_ranks_the_critics_labels(app):
+    from genart.data.synth import render
+
+    buf = io.BytesIO()
+    render("stripes", 3, 64).save(buf, "PNG")
+    body = upload(app, "/v1/classify", buf.getvalue()).json()
+    probs = [item["probability"] for item in body["labels"]]
+    assert sorted(item["label"] for item in body["labels"]) == sorted(["stripes", "circles", "grid", "noise", "gradient"])
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-3
+    assert len(upload(app, "/v1/classify", buf.getvalue(), model="critic", top_k="2").json()["labels"]) == 2
+
+
+# ---------------------------------------------------------------- error statuses
+
+
+def test_413_declared_content_length(app):
+    assert_error(upload(app, "/v1/stylize", b"\0" * (1024 * 1024 + 100), model="starry"), 413, "max_upload_mb")
+
+
+def _multipart_chunks(boundary: str, size: int, chunk: int = 64 * 1024):
+    yield (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+           f"Content-Type: image/png\r\n\r\n").encode()
+    for _ in range(size // chunk):
+        yield b"\x89" * chunk
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_413_chunked_upload_without_content_length(app):
+    boundary = uuid.uuid4().hex
+    r = requests.post(app + "/v1/classify", data=_multipart_chunks(boundary, 3 * 1024 * 1024), timeout=60,
+                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    assert_error(r, 413, "max_upload_mb")
+
+
+def test_lying_content_length_cannot_smuggle_a_large_body(app):
+    """A client that declares 1000 bytes and sends 2 MB: the server reads 1000 (a broken upload), never the rest."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(_multipart_chunks(boundary, 2 * 1024 * 1024))
+    host, port = app.split("//")[1].split("/")[0].split(":")
+    prefix = "/" + app.split("/", 3)[3]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall((f"POST {prefix}/v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode())
+        try:
+            sock.sendall(body)
+            reply = sock.recv(4096)
+        except OSError:
+            reply = b""  # the server may close the connection on the garbage after the declared body
+    assert not reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    if reply:
+        assert int(reply.split(b" ", 2)[1]) in (400, 413, 422), reply[:300]
+    assert requests.get(app + "/healthz").status_code == 200
+
+
+def test_400_for_bad_images(app):
+    good = png(30, 20)
+    assert_error(upload(app, "/v1/classify", b"hello, not an image"), 400, "not an image")
+    assert_error(upload(app, "/v1/stylize", good[: len(good) // 2], model="starry"), 400, "bad image")
+    assert_error(upload(app, "/v1/stylize", png(300, 300), model="starry"), 400, "too many pixels")
+    assert_error(upload(app, "/v1/reconstruct", b""), 400, "empty")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/generate", {"n": 0}),
+    ("/v1/generate", {"n": 65}),
+    ("/v1/generate", {"seed": -1}),
+    ("/v1/generate", {"truncation": 1.5}),
+    ("/v1/generate", {"label": 99}),
+    ("/v1/generate", {"label": "cubism"}),
+    ("/v1/generate", {"model": "vae", "label": 0}),
+    ("/v1/generate", {"unknown_field": 1}),
+    ("/v1/generate", {"n": "many"}),
+    ("/v1/interpolate", {"steps": 1}),
+    ("/v1/interpolate", {"format": "webm"}),
+])
+def test_422_for_parameters_out_of_range(app, path, body):
+    assert_error(requests.post(app + path, json=body), 422)
+
+
+def test_422_for_form_fields_and_wrong_model_kinds(app):
+    assert_error(upload(app, "/v1/stylize", png(30, 20), model="starry", max_side="5"), 422, "max_side")
+    assert_error(upload(app, "/v1/stylize", png(30, 20), model="dcgan"), 422, "needs a style model")
+    assert_error(upload(app, "/v1/reconstruct", png(30, 20), model="dcgan"), 422, "vae")
+    assert_error(requests.post(app + "/v1/generate", json={"model": "critic"}), 422, "dcgan or vae")
+    assert_error(requests.post(app + "/v1/stylize", data={"model": "starry"}), 422)  # no image part
+
+
+def test_404_for_unknown_models_and_routes(app):
+    assert_error(requests.post(app + "/v1/generate", json={"model": "nope"}), 404, "nope")
+    assert_error(requests.post(app + "/v1/interpolate", json={"model": "nope"}), 404)
+    assert_error(upload(app, "/v1/stylize", png(30, 20), model="nope"), 404)
+    assert_error(upload(app, "/v1/stylize", png(30, 20), model="../starry"), 404)  # no way out of style_root
+    assert_error(upload(app, "/v1/classify", png(30, 20), model="nope"), 404)
+    assert_error(requests.get(app + "/v1/nothing-here"), 404)
+    assert_error(requests.get(app + "/v1/generate"), 405)
+
+
+def test_bounded_flood_gets_only_200_and_503_and_the_app_recovers(app):
+    """300 requests from 64 concurrent loopback clients against queues of 4: overload is refused, never fatal."""
+    def one(i):
+        with requests.Session() as session:
+            return session.post(app + "/v1/generate", json={"n": 2, "seed": i}, timeout=60).status_code
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        statuses = list(pool.map(one, range(300)))
+    assert time.monotonic() - start < 300
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert statuses.count(200) > 0 and statuses.count(503) > 0, {s: statuses.count(s) for s in set(statuses)}
+    assert requests.get(app + "/healthz").status_code == 200
+    assert requests.post(app + "/v1/generate", json={"n": 1}).status_code == 200
+
+
+def test_401_without_or_with_a_wrong_key(strict):
+    url, key = strict
+    body = assert_error(requests.get(url + "/v1/models"), 401, "Authorization")
+    assert "key" in body["detail"]
+    assert requests.get(url + "/v1/models").headers["www-authenticate"].startswith("Bearer")
+    assert_error(requests.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "wrong API key")
+    assert_error(requests.get(url + "/v1/models", headers={"Authorization": key}), 401)  # no Bearer scheme
+    assert requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    health = requests.get(url + "/healthz")  # open, and tells the page a key is needed
+    assert health.status_code == 200 and health.json()["auth_required"] is True
+    assert requests.get(url + "/").status_code == 200
+
+
+def test_504_when_a_request_runs_past_its_deadline(strict):
+    url, key = strict
+    r = requests.post(url + "/v1/generate", json={"model": "big", "n": 64}, headers={"Authorization": f"Bearer {key}"},
+                      timeout=60)
+    assert_error(r, 504, "request_timeout_s")
+
+
+def test_503_when_the_queue_is_full(strict):
+    url, key = strict
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def one(i):
+        return requests.post(url + "/v1/generate", json={"model": "big", "n": 32, "seed": i}, headers=headers,
+                             timeout=60)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(one, range(12)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {503, 504}, codes  # one runs (and times out), one waits, the rest are refused
+    assert codes.count(503) >= 1, codes
+    overloaded = next(r for r in responses if r.status_code == 503)
+    assert_error(overloaded, 503, "max_queued_requests")
+    assert overloaded.headers.get("retry-after") == "1"
+    assert requests.get(url + "/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------- deployment paths
+
+
+def test_serve_config_file_deploys_like_serve_deploy(http, tiny_models):
+    """cluster/serve.yaml with our checkpoints, validated as a ServeDeploySchema and applied through the Serve
+    controller's declarative path (what `serve deploy` / the dashboard's PUT /api/serve/applications/ call;
+    the session Ray has no dashboard to take that HTTP request)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    app_cfg = next(a for a in doc["applications"] if a["import_path"] == "genart.serve.app:build")
+    app_cfg.update(name="t-config", route_prefix="/t-config")
+    app_cfg["args"].update(models={"dcgan": tiny_models["dcgan"], "starry": tiny_models["starry"]}, api_key_env=NO_KEY_ENV)
+    doc["applications"] = [app_cfg]
+    schema = ServeDeploySchema.model_validate(doc)
+    _get_global_client().deploy_apps(schema)
+    try:
+        wait_healthy(f"{http}/t-config")
+        r = requests.post(f"{http}/t-config/v1/generate", json={"model": "dcgan", "n": 4})
+        assert r.status_code == 200 and image_of(r).size == (70, 70)
+        assert upload(f"{http}/t-config", "/v1/stylize", png(30, 20), model="starry").status_code == 200
+    finally:
+        serve.delete("t-config")
+
+
+@pytest.mark.slow
+def test_genart_serve_command_runs_until_ctrl_c(tiny_models, tmp_path):
+    """The CLI end to end: its own embedded Ray, prints the URL, serves, stops cleanly on SIGINT."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [GENART, "serve", "--model", f"dcgan={tiny_models['dcgan']}", "--port", str(port),
+         "--set", f"api_key_env={NO_KEY_ENV}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "genart serve exited early:\n" + "".join(lines)
+            lines.append(line)
+            if "genart is serving" in line:
+                break
+        assert f"http://127.0.0.1:{port}/" in lines[-1]
+        r = requests.post(f"http://127.0.0.1:{port}/v1/generate", json={"n": 1}, timeout=60)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

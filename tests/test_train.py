@@ -1,0 +1,341 @@
+"""`genart train` for real: Ray Train V2 fits of every family on tiny synthetic data (2 workers, DDP), resume,
+recovery from a killed worker, S3 run storage, config errors before any worker starts, and loading the result.
+
+Five real fits in total (each ~1 minute here); the config-error tests need no fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from genart import models, storage
+from genart.cli import main
+from genart.config import validate
+from genart.errors import UserError
+from genart.train import outputs
+from genart.train.config import TrainConfig, load_config
+from genart.train.trainer import _reconcile_ray_snapshot, format_summary, train
+
+TINY_MODELS = {
+    "dcgan": {"family": "dcgan", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "num_samples": 16, "eval_samples": 16},
+    "vae": {"family": "vae", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "num_samples": 8},
+    "critic": {"family": "critic", "base_channels": 8, "num_stages": 3, "embed_dim": 32, "dropout": 0.0, "lr": 3e-3},
+    "style": {"family": "style", "style_image": "wave.jpg", "style_size": 32, "loss_network": "random", "random_filters": 8,
+              "channels": 4, "num_res_blocks": 1, "num_samples": 4},
+}
+
+
+def make_cfg(family: str, data_path: str, storage_uri: str, name: str, **sections) -> TrainConfig:
+    raw = {
+        "model": dict(TINY_MODELS[family]),
+        "data": {"path": data_path, "batch_size": 8},
+        "train": {"max_steps": 20, "checkpoint_every_steps": 10, "log_every_steps": 5, "keep_last": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "run": {"storage": storage_uri, "name": name},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return validate(TrainConfig, raw)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_session) -> str:
+    """300 synthetic images (5 genres) prepared at 32 px, ~20% in the val split (enough val images that an
+    accuracy is not a coin toss; the session's 100-image synth_dir leaves ~20)."""
+    from genart.data.prepare import PrepareOptions, prepare
+    from genart.data.synth import make_synth
+
+    root = tmp_path_factory.mktemp("train-data")
+    make_synth(str(root / "raw"), num=300, size=32, seed=1)
+    dest = str(root / "synth")
+    prepare([str(root / "raw")], dest, PrepareOptions(size=32, val_fraction=0.2), progress=False)
+    return dest
+
+
+def val_images(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The val split as (N, 3, 32, 32) in [0, 1] and labels (N,)."""
+    from genart.data.read import training_dataset
+
+    rows = training_dataset(dataset, "val", 32).take_all()
+    x = torch.from_numpy(np.stack([r["image"] for r in rows]))
+    return (x + 1) / 2, torch.tensor([int(r["label"]) for r in rows])
+
+
+def check_run_folder(run_dir: str, steps: list[int]) -> list[dict]:
+    """The files every run writes; returns metrics.jsonl rows (all losses finite)."""
+    for name in ("config.yaml", "metrics.jsonl", "loss.png"):
+        assert storage.exists(storage.join(run_dir, name)), name
+    for step in steps:
+        assert storage.exists(storage.join(run_dir, outputs.checkpoint_name(step), "state.json")), step
+        png = storage.read_bytes(storage.join(run_dir, "samples", f"{outputs.checkpoint_name(step)}.png"))
+        assert png.startswith(b"\x89PNG")
+    rows = outputs.read_metrics(run_dir)
+    assert rows and all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "steps must increase, without repeats"
+    assert all(r["images_per_s"] > 0 for r in rows)
+    return rows
+
+
+# ---------------------------------------------------------------- config errors: no fit needed
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_step=3", "train.max_step: unknown key"),
+        ("train.max_steps=many", "train.max_steps"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+        ("model.family=gpt", "model"),
+        ("model.loss=wasserstein", "model.loss"),
+        ("run.name=../elsewhere", "run.name"),
+    ],
+)
+def test_config_errors_name_the_key(override, key):
+    path = os.path.join(os.path.dirname(__file__), "..", "workflows", "configs", "dcgan.yaml")
+    with pytest.raises(UserError) as err:
+        load_config(path, [override])
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "vae", "critic", "style"])
+def test_shipped_configs_are_valid(family):
+    path = os.path.join(os.path.dirname(__file__), "..", "workflows", "configs", f"{family}.yaml")
+    cfg = load_config(path, ["data.path=somewhere"])
+    assert cfg.model.family == family and cfg.scaling.cpus_per_worker == 1
+
+
+def test_data_and_cluster_errors_before_any_worker(dataset, tmp_path):
+    from genart.data.prepare import PrepareOptions, prepare
+
+    runs = str(tmp_path / "runs")
+    cases = [
+        (make_cfg("dcgan", dataset, runs, "a", data={"image_size": 48}), "data.image_size"),
+        (make_cfg("critic", dataset, runs, "b", model={"num_stages": 6}), "image_size 32 is too small"),
+        (make_cfg("vae", dataset, runs, "c", data={"batch_size": 200}), "data.batch_size"),
+        (make_cfg("vae", dataset, runs, "d", scaling={"num_workers": 4, "cpus_per_worker": 2}), "scaling"),
+        (make_cfg("vae", str(tmp_path / "nothing"), runs, "e"), "not a prepared dataset"),
+        (make_cfg("vae", dataset, runs, "f", scaling={"use_gpu": True}), "scaling.use_gpu"),
+        (make_cfg("critic", dataset, runs, "g", eval={"every_checkpoints": 1}), "eval.every_checkpoints"),
+        (make_cfg("vae", dataset, runs, "g2", eval={"best_metric": "fid_critic"}), "eval.best_metric"),
+    ]
+    # an "empty" dataset: every input rejected, so the manifest has no images
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"\x89PNG not really")
+    empty = str(tmp_path / "empty")
+    prepare([str(bad)], empty, PrepareOptions(size=32), progress=False)
+    cases.append((make_cfg("vae", empty, runs, "h"), "data.path"))
+    # unlabelled data for a classifier
+    unlabelled = str(tmp_path / "unlabelled")
+    prepare([_flat_copy(dataset, tmp_path)], unlabelled, PrepareOptions(size=32, labels="none"), progress=False)
+    cases.append((make_cfg("critic", unlabelled, runs, "i"), "labelled"))
+    for cfg, expected in cases:
+        with pytest.raises(UserError) as err:
+            train(cfg)
+        assert expected in str(err.value) and "\n" not in str(err.value), (cfg.run.name, str(err.value))
+        assert not storage.exists(storage.join(runs, cfg.run_name, "config.yaml")), "nothing may be written"
+
+
+def _flat_copy(dataset: str, tmp_path) -> str:
+    """A few of the dataset's images as a flat folder (no class sub-folders)."""
+    out = tmp_path / "flat"
+    out.mkdir()
+    x, _ = val_images(dataset)
+    for i, img in enumerate(x[:12]):
+        Image.fromarray((img.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)).save(out / f"img{i}.png")
+    return str(out)
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "workflows", "configs", "vae.yaml")
+    result = CliRunner().invoke(main, ["train", path, "--set", "data.batchsize=3"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert "data.batchsize: unknown key" in result.output
+
+
+# ---------------------------------------------------------------- run-folder bookkeeping (no Ray)
+
+
+def test_prune_keeps_last_k_and_best(tmp_path):
+    run = str(tmp_path / "run")
+    for step in (10, 20, 30, 40):
+        storage.write_text(storage.join(run, outputs.checkpoint_name(step), "state.json"), "{}")
+    files = outputs.RunFiles(run, start_step=40)
+    assert files.update_best(10, {"val_loss": 0.5}, "val_loss", "min")
+    assert not files.update_best(20, {"val_loss": 0.7}, "val_loss", "min")
+    assert files.prune(keep_last=2) == ["step-000020"]
+    assert [n for _, n in outputs.list_checkpoints(run)] == ["step-000010", "step-000030", "step-000040"]
+    # Ray's own list is reconciled with what genart deleted, or Ray would refuse to resume the run
+    snapshot = {
+        "checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in ("step-000010", "step-000020", "step-000030")],
+        "checkpoint_report_indices": [0, 1, 2],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "step-000030", "metrics": {}},
+        "pending_training_results": [], "pending_validation_specs": [], "current_report_index": 3,
+        "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+    storage.write_text(storage.join(run, "checkpoint_manager_snapshot.json"), json.dumps(snapshot))
+    _reconcile_ray_snapshot(run)
+    fixed = json.loads(storage.read_text(storage.join(run, "checkpoint_manager_snapshot.json")))
+    assert [r["checkpoint_dir_name"] for r in fixed["checkpoint_results"]] == ["step-000010", "step-000030"]
+    assert fixed["checkpoint_report_indices"] == [0, 2]
+
+
+# ---------------------------------------------------------------- real fits
+
+
+@pytest.mark.slow
+def test_critic_learns_resumes_and_loads(dataset, tmp_path):
+    """Fits 1 and 2: a critic to step 30, then the same run to step 60 (resumed, never restarted)."""
+    runs = str(tmp_path / "runs")
+    steps = {"checkpoint_every_steps": 15, "keep_last": 1}
+    cfg = make_cfg("critic", dataset, runs, "critic", data={"batch_size": 16}, train={"max_steps": 30, **steps})
+    first = train(cfg)
+    run_dir = first["run_dir"]
+    check_run_folder(run_dir, [30])
+    assert first["step"] == 30 and first["start_step"] == 0
+    text = format_summary(first)
+    assert run_dir in text and "samples" in text and "loss curve" in text
+
+    cfg2 = make_cfg("critic", dataset, runs, "critic", data={"batch_size": 16}, train={"max_steps": 60, **steps})
+    second = train(cfg2)
+    rows = check_run_folder(run_dir, [60])
+    assert second["start_step"] == 30 and second["step"] == 60
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    assert {r["start_step"] for r in rows if r["step"] > 30} == {30}, "the second fit continued from step-000030"
+    best = outputs.read_best(run_dir)
+    kept = [name for _, name in outputs.list_checkpoints(run_dir)]
+    assert kept == sorted({"step-000060", best["checkpoint"]}), "keep_last=1 plus the best"
+
+    # real learning: 5 genres (chance 0.2); the best checkpoint checked again independently through genart.models.load
+    assert best["metric"] == "val_accuracy" and best["value"] >= 0.6, best
+    critic = models.load(run_dir, family="critic")
+    x, labels = val_images(dataset)
+    accuracy = float((critic.predict(x).argmax(dim=1) == labels).float().mean())
+    assert accuracy >= 0.6, accuracy
+    assert critic.embed(x[:3]).shape == (3, 32)
+    assert critic.meta["step"] == int(best["checkpoint"][5:])
+
+    # already at max_steps: nothing to do, no worker started
+    again = train(cfg2)
+    assert again["trained"] is False and again["step"] == 60
+
+
+@pytest.mark.slow
+def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path):
+    """Fit 3, with genart.evaluate's FID on every 2nd checkpoint (features: a small critic checkpoint made here)."""
+    features = _critic_checkpoint(str(tmp_path / "features"))
+    cfg = make_cfg("vae", dataset, str(tmp_path / "runs"), "vae", model={"lr": 3e-3}, data={"batch_size": 16},
+                   train={"max_steps": 150, "checkpoint_every_steps": 50, "log_every_steps": 10},
+                   eval={"every_checkpoints": 2, "num_samples": 32, "features": f"critic:{features}", "best_metric": "fid_critic"})
+    summary = train(cfg)
+    rows = check_run_folder(summary["run_dir"], [100, 150])
+    val = [r["val_recon_mse"] for r in rows if "val_recon_mse" in r]
+    assert val[-1] < val[0], val
+    evaluated = [r["step"] for r in rows if "eval_fid_critic" in r]
+    assert evaluated == [100, 150], evaluated  # the 2nd checkpoint and the last
+    best = outputs.read_best(summary["run_dir"])
+    assert best["metric"] == "eval_fid_critic" and best["checkpoint"] in ("step-000100", "step-000150")
+    assert rows[-1]["recon_mse"] < 0.7 * rows[0]["recon_mse"], (rows[0], rows[-1])
+
+    vae = models.load(summary["run_dir"], family="vae")
+    x, _ = val_images(dataset)
+    trained_error = float((vae.reconstruct(x) - x).pow(2).mean())
+    family = models.REGISTRY["vae"]
+    torch.manual_seed(0)
+    untrained = family.inference(cfg.model, family.build(cfg.model, 32, 5, inference=True), {"image_size": 32, "step": 0})
+    untrained_error = float((untrained.reconstruct(x) - x).pow(2).mean())
+    assert trained_error < 0.7 * untrained_error, (trained_error, untrained_error)
+    assert vae.sample([1, 2]).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_dcgan_survives_a_killed_worker(dataset, tmp_path, ray_session):
+    """Fit 4: a worker process is SIGKILLed mid-run; FailureConfig restarts the workers from the last checkpoint."""
+    cfg = make_cfg("dcgan", dataset, str(tmp_path / "runs"), "dcgan", model={"lr_g": 1e-3, "lr_d": 1e-3},
+                   train={"max_steps": 120, "checkpoint_every_steps": 30, "log_every_steps": 5}, run={"max_failures": 2})
+    run_dir = storage.join(cfg.run.storage, cfg.run_name)
+    killed: dict = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, 40, killed, stop), daemon=True)
+    killer.start()
+    try:
+        summary = train(cfg)
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    assert killed.get("pid"), "the worker was not killed before the run ended"
+    assert summary["step"] == 120
+    rows = check_run_folder(run_dir, [90, 120])
+    resumed = {r["start_step"] for r in rows if r["step"] > killed["step"]}
+    assert resumed and min(resumed) >= 30, f"after the kill the run resumed from a checkpoint, not step 0: {resumed}"
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed["pid"], 0)
+    swd = [r["val_swd"] for r in rows if "val_swd" in r]
+    assert swd[-1] < swd[0], f"samples got closer to the data (sliced Wasserstein, lower is closer): {swd}"
+
+    # the EMA generator moved away from its initial weights, and loads for sampling
+    gan = models.load(run_dir, family="dcgan")
+    family = models.REGISTRY["dcgan"]
+    torch.manual_seed(cfg.train.seed)  # the loop builds the nets right after seeding the same way
+    init = family.inference(cfg.model, family.build(cfg.model, 32, 5, inference=True), {"image_size": 32, "step": 0})
+    seeds = list(range(8))
+    assert float((gan.sample(seeds) - init.sample(seeds)).abs().mean()) > 0.02
+    assert torch.equal(gan.sample(seeds), gan.sample(seeds))
+
+
+def _critic_checkpoint(folder: str) -> str:
+    """An (untrained) critic checkpoint: a valid feature network for the evaluation, made without a fit."""
+    from genart.models.checkpoint import save_checkpoint
+
+    family = models.REGISTRY["critic"]
+    cfg = validate(family.config_cls, TINY_MODELS["critic"])
+    torch.manual_seed(0)
+    nets = family.build(cfg, 32, 5)
+    save_checkpoint(folder, nets, {}, {"family": "critic", "step": 0, "config": cfg.model_dump(mode="json"), "image_size": 32,
+                                       "label_names": ["circles", "gradient", "grid", "noise", "stripes"]})
+    return folder
+
+
+def _kill_a_worker_after(run_dir: str, step: int, killed: dict, stop: threading.Event) -> None:
+    """SIGKILL one Ray Train worker of this session's cluster once metrics.jsonl reaches `step`."""
+    import ray._private.state as ray_state  # the GCS actor table: works without the dashboard's state API
+
+    while not stop.is_set():
+        try:
+            rows = outputs.read_metrics(run_dir)
+        except (ValueError, OSError):
+            rows = []
+        if rows and rows[-1]["step"] >= step:
+            pids = sorted(a["Pid"] for a in ray_state.actors().values()
+                          if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE")
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.update(pid=pids[-1], step=rows[-1]["step"])
+                return
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_style_on_s3_run_storage(dataset, s3_bucket):
+    """Fit 5: checkpoints (Ray's storage_filesystem) and run files (genart.storage) both on S3."""
+    cfg = make_cfg("style", dataset, f"s3://{s3_bucket}/runs", "style", train={"max_steps": 10, "checkpoint_every_steps": 5})
+    summary = train(cfg)
+    run_dir = summary["run_dir"]
+    assert run_dir == f"s3://{s3_bucket}/runs/style"
+    check_run_folder(run_dir, [5, 10])
+    assert outputs.read_best(run_dir)["metric"] == "val_loss"
+    styler = models.load(run_dir, family="style")
+    out = styler.stylize(torch.rand(1, 3, 20, 28))
+    assert out.shape == (1, 3, 20, 28) and torch.isfinite(out).all()

@@ -1,0 +1,193 @@
+"""The quickstart workflow: everything genart does, end to end, on the embedded local Ray (or --address).
+
+    python workflows/quickstart.py --out results/quickstart            # what `make quickstart` runs
+    python workflows/quickstart.py --out /tmp/qs --set steps.dcgan=40  # a shorter run
+
+Steps: sample data -> prepare -> train DCGAN, VAE, critic and one style network -> sample grid ->
+stylize a small archive -> score it with the critic -> results/quickstart/index.html.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zipfile
+
+import click
+from pydantic import Field
+
+from genart import assets, config, report, runtime, storage
+from genart.errors import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Steps(config.Section):
+    dcgan: int = Field(400, ge=1)
+    vae: int = Field(300, ge=1)
+    critic: int = Field(150, ge=1)
+    style: int = Field(150, ge=1)
+
+
+class QuickstartConfig(config.Section):
+    synth_images: int = Field(1000, ge=50)  # synthetic labelled images (5 genres)
+    image_size: int = 32  # dcgan / vae / critic resolution
+    content_size: int = 64  # style network resolution
+    num_workers: int = Field(2, ge=1)  # Ray Train workers per run
+    steps: Steps = Steps()
+    style_image: str = "starry_night.jpg"
+    generate: int = Field(64, ge=1)
+    stylize_max_side: int = Field(256, ge=16)
+
+
+def _say(msg: str) -> None:
+    click.echo(click.style(f"==> {msg}", bold=True))
+
+
+def prepare_data(cfg: QuickstartConfig, out: str) -> tuple[str, str]:
+    """Synthetic genres for the GAN/VAE/critic, the shipped paintings as style-transfer content."""
+    from genart.data.prepare import PrepareOptions, prepare, summary
+    from genart.data.synth import make_synth
+
+    synth_raw, synth = f"{out}/data/raw/synth", f"{out}/data/synth"
+    paintings = f"{out}/data/paintings"
+    if not storage.exists(f"{synth}/manifest.json"):
+        make_synth(synth_raw, num=cfg.synth_images, size=cfg.image_size, seed=0)
+        click.echo(summary(prepare([synth_raw], synth, PrepareOptions(size=cfg.image_size, val_fraction=0.1), progress=False)))
+    if not storage.exists(f"{paintings}/manifest.json"):
+        opts = PrepareOptions(size=cfg.content_size, labels="none", val_fraction=0.1)
+        click.echo(summary(prepare([str(assets.PAINTINGS), str(assets.PHOTOS)], paintings, opts, progress=False)))
+    return synth, paintings
+
+
+def train_all(cfg: QuickstartConfig, synth: str, paintings: str, out: str) -> dict[str, dict]:
+    """One small run per family; re-running the quickstart resumes or skips finished runs."""
+    from genart.train.config import load_config
+    from genart.train.trainer import format_summary, train
+
+    runs = {}
+    common = [f"run.storage={out}/runs", f"scaling.num_workers={cfg.num_workers}"]
+    plans = {
+        "critic": [f"data.path={synth}", f"data.image_size={cfg.image_size}"],
+        "dcgan": [f"data.path={synth}", f"data.image_size={cfg.image_size}"],
+        "vae": [f"data.path={synth}", f"data.image_size={cfg.image_size}"],
+        "style": [f"data.path={paintings}", f"data.image_size={cfg.content_size}", "model.loss_network=random",
+                  f"model.style_image={cfg.style_image}"],
+    }
+    for family, overrides in plans.items():
+        steps = getattr(cfg.steps, family)
+        every = max(1, steps // 2)
+        overrides = overrides + common + [f"run.name={family}", f"train.max_steps={steps}",
+                                          f"train.checkpoint_every_steps={every}", f"train.log_every_steps={max(1, steps // 10)}"]
+        _say(f"train {family} ({steps} steps)")
+        result = train(load_config(os.path.join(HERE, "configs", f"{family}.yaml"), overrides))
+        click.echo(format_summary(result))
+        runs[family] = result
+    return runs
+
+
+def make_archive(out: str) -> str:
+    """A small zip of photos and paintings to stylize, as a user would hand one over."""
+    path = f"{out}/data/to_stylize.zip"
+    if not os.path.exists(path):
+        with zipfile.ZipFile(path, "w") as zf:
+            for folder in (assets.PHOTOS, assets.PAINTINGS):
+                for root, _, files in os.walk(folder):
+                    for name in sorted(files)[:2]:
+                        full = os.path.join(root, name)
+                        zf.write(full, os.path.relpath(full, folder.parent))
+    return path
+
+
+def batch_jobs(cfg: QuickstartConfig, out: str) -> dict:
+    """generate -> stylize an archive -> score the stylized images and the GAN samples with the critic."""
+    from genart.infer import jobs
+
+    results = {}
+    for name, job in (
+        ("generate", lambda run: jobs.generate(f"{out}/runs/dcgan", cfg.generate, f"{out}/samples", seed=0, run=run)),
+        ("stylize", lambda run: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
+                                             max_side=cfg.stylize_max_side, tile=None, run=run)),
+        ("score_stylized", lambda run: jobs.score(f"{out}/runs/critic", f"{out}/stylized", f"{out}/scores/stylized", run=run)),
+        ("score_samples", lambda run: jobs.score(f"{out}/runs/critic", f"{out}/samples", f"{out}/scores/samples", run=run)),
+    ):
+        _say(name.replace("_", " "))
+        results[name] = job(jobs.RunOptions(resume=True, progress=False))
+        click.echo(jobs.output.summary(results[name]))
+    return results
+
+
+def _score_table(scores_dir: str) -> list[list[str]]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for shard in sorted(p for p in os.listdir(scores_dir) if p.endswith(".parquet")):
+        rows.extend(pq.read_table(os.path.join(scores_dir, shard)).to_pylist())
+    table = [["image", "critic's label", "probability"]]
+    for row in sorted(rows, key=lambda r: r.get("key") or "")[:24]:
+        probs = row.get("probs") or []
+        table.append([row.get("key", ""), row.get("label_name", ""), f"{max(probs):.2f}" if probs else ""])
+    return table
+
+
+def write_report(cfg: QuickstartConfig, out: str, runs: dict, started: float) -> str:
+    sections = []
+    for family, result in runs.items():
+        samples = sorted(os.listdir(result["samples"])) if os.path.isdir(result["samples"]) else []
+        images = [(os.path.join(result["samples"], samples[-1]), f"{family}: {samples[-1]}")] if samples else []
+        images.append((result["loss_curve"], f"{family}: loss curve"))
+        best = result.get("best") or {}
+        text = f"{result['step']} steps; best checkpoint {best.get('checkpoint', '-')} by {best.get('metric', '-')} = {best.get('value', '-')}"
+        sections.append(report.Section(f"Training: {family}", text, images=images,
+                                       links=[(result["run_dir"], "run folder"), (result["metrics"], "metrics.jsonl")]))
+    generated = sorted(p for p in os.listdir(f"{out}/samples") if p.endswith(".png"))
+    sections.append(report.Section("Generated samples (DCGAN, seed 0)", f"{len(generated)} images from `genart generate`.",
+                                   images=[(f"{out}/samples/{p}", p) for p in generated[:12]]))
+    stylized = []
+    for root, _, files in os.walk(f"{out}/stylized"):
+        stylized.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(".png"))
+    sections.append(report.Section(f"Stylized archive ({cfg.style_image})", "Each image keeps its size and aspect ratio.",
+                                   images=[(p, os.path.relpath(p, f"{out}/stylized")) for p in stylized[:12]]))
+    sections.append(report.Section("Critic's labels for the GAN samples", "From `genart score` (a critic trained on the synthetic genres).",
+                                   table=_score_table(f"{out}/scores/samples")))
+    intro = (f"Made by <code>workflows/quickstart.py</code> in {time.time() - started:.0f} s. "
+             f"Serve these models with <code>genart serve --model dcgan={out}/runs/dcgan --model vae={out}/runs/vae "
+             f"--model critic={out}/runs/critic --model style={out}/runs/style</code>.")
+    return report.write_report(out, "genart quickstart", intro, sections)
+
+
+@click.command()
+@click.option("--out", default="results/quickstart", show_default=True, help="Results folder.")
+@click.option("--config", "config_path", default=os.path.join(HERE, "quickstart.yaml"), show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set steps.dcgan=50.")
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: embedded local Ray).")
+def main(out: str, config_path: str, overrides: tuple[str, ...], address: str | None) -> None:
+    """Run the whole genart pipeline on sample data and write an HTML report."""
+    started = time.time()
+    try:
+        cfg = config.load(QuickstartConfig, config_path, overrides)
+        out = os.path.abspath(out)
+        os.makedirs(out, exist_ok=True)
+        with open(f"{out}/quickstart.yaml", "w") as f:
+            f.write(config.to_yaml(cfg))
+        runtime.init(address)
+        _say("prepare data")
+        synth, paintings = prepare_data(cfg, out)
+        runs = train_all(cfg, synth, paintings, out)
+        results = batch_jobs(cfg, out)
+        page = write_report(cfg, out, runs, started)
+    except UserError as exc:
+        click.echo(f"quickstart: error: {exc}", err=True)
+        sys.exit(2)
+    with open(f"{out}/summary.json", "w") as f:
+        json.dump({"runs": runs, "jobs": {k: v.get("counts") for k, v in results.items()}, "seconds": round(time.time() - started, 1)}, f, indent=2, default=str)
+    _say(f"done in {time.time() - started:.0f} s")
+    click.echo(f"  report:  {page}")
+    click.echo(f"  runs:    {out}/runs/{{dcgan,vae,critic,style}}")
+    click.echo(f"  serve:   genart serve --model dcgan={out}/runs/dcgan --model critic={out}/runs/critic --model style={out}/runs/style")
+
+
+if __name__ == "__main__":
+    main()
