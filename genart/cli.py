@@ -102,6 +102,7 @@ def train(config_path, overrides, address):
 
     Re-running the same command resumes from the latest checkpoint. Example:
 
+    \b
         genart train workflows/configs/dcgan.yaml --set data.path=data/synth --set train.max_steps=500
     """
     from genart.train.config import load_config

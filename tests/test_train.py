@@ -230,6 +230,10 @@ def test_critic_learns_resumes_and_loads(dataset, tmp_path):
     # already at max_steps: nothing to do, no worker started
     again = train(cfg2)
     assert again["trained"] is False and again["step"] == 60
+    # resuming with other weight shapes is refused up front, naming the key
+    wider = make_cfg("critic", dataset, runs, "critic", model={"base_channels": 16}, train={"max_steps": 90})
+    with pytest.raises(UserError, match="model.base_channels"):
+        train(wider)
 
 
 @pytest.mark.slow

@@ -21,13 +21,14 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, name) of every `step-*` folder in the run, oldest first."""
+def list_checkpoints(run_dir: str, complete: bool = False) -> list[tuple[int, str]]:
+    """(step, name) of every `step-*` folder in the run, oldest first; complete=True: only those with a state.json
+    (written last, so a checkpoint whose upload was cut short is left out)."""
     found = []
     for uri in storage.listdir(run_dir):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         match = CHECKPOINT_DIR.match(name)
-        if match:
+        if match and (not complete or storage.exists(storage.join(uri, "state.json"))):
             found.append((int(match.group(1)), name))
     return sorted(found)
 

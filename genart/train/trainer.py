@@ -29,6 +29,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     from ray.train.torch import TorchTrainer
 
     from genart import runtime
+    from genart.train.loop import train_loop_per_worker
 
     runtime.init(address)
     cfg = resolve(cfg)
@@ -42,6 +43,10 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
         echo(f"note: {note}")
     storage.write_text(storage.join(run_dir, "config.yaml"), config_lib.to_yaml(cfg))
     _reconcile_ray_snapshot(run_dir)
+    where = "resuming" if plan["start_step"] else "starting"
+    echo(f"{where} {cfg.model.family} run {run_dir} at step {plan['start_step']} of {cfg.train.max_steps}: "
+         f"{cfg.scaling.num_workers} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
+         f"{plan['train_rows']} train / {plan['val_rows']} val images")
 
     datasets, augment_on_workers = _datasets(cfg, plan["image_size"], plan["train_rows"], plan["has_val"])
     loop_config = {
@@ -53,7 +58,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     }
     fs = storage.arrow_fs(cfg.run.storage)[0] if storage.is_s3(cfg.run.storage) else None
     trainer = TorchTrainer(
-        _loop(),
+        train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -73,10 +78,6 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
         # Only the train split is sharded; rank 0 reads the whole (small) val split for validation.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    where = "resuming" if plan["start_step"] else "starting"
-    echo(f"{where} {cfg.model.family} run {run_dir} at step {plan['start_step']} of {cfg.train.max_steps}: "
-         f"{cfg.scaling.num_workers} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
-         f"{plan['train_rows']} train / {plan['val_rows']} val images")
     started = time.time()
     try:
         trainer.fit()
@@ -94,13 +95,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if not storage.is_s3(cfg.data.path):
         cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
     return cfg
-
-
-def _loop():
-    # Imported here so the driver does not need the loop's module imported until a fit runs.
-    from genart.train.loop import train_loop_per_worker
-
-    return train_loop_per_worker
 
 
 def _datasets(cfg: TrainConfig, image_size: int, train_rows: int, has_val: bool) -> tuple[dict, bool]:
@@ -174,8 +168,9 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
 
     run_dir = run_dir_of(cfg)
     storage.check_writable(cfg.run.storage)
-    _check_same_model(cfg, run_dir)
-    done = outputs.list_checkpoints(run_dir)
+    done = outputs.list_checkpoints(run_dir, complete=True)
+    if done:
+        _check_resumable(cfg, run_dir, done[-1][1], int(image_size), label_names)
     return {
         "run_dir": run_dir,
         "image_size": int(image_size),
@@ -224,20 +219,24 @@ def _check_eval(cfg: TrainConfig) -> None:
                         f"use one of {', '.join(known)}")
 
 
-def _check_same_model(cfg: TrainConfig, run_dir: str) -> None:
-    """A resumed run must keep its model config: the checkpoints would not load into other shapes."""
-    path = storage.join(run_dir, "config.yaml")
-    if not storage.exists(path):
-        return
-    import yaml
-
-    old = (yaml.safe_load(storage.read_text(path)) or {}).get("model") or {}
+def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: int, label_names: list[str]) -> None:
+    """Resuming must keep what shapes the weights (model config, image size, labels): checked here, once, instead of
+    failing in every worker (and every retry) when the checkpoint does not load."""
+    state = json.loads(storage.read_text(storage.join(run_dir, latest, "state.json")))
+    old = (state.get("config") or {}).get("model") or {}
     new = cfg.model.model_dump(mode="json")
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if changed and outputs.list_checkpoints(run_dir):
+    where = f"{run_dir} ({latest})"
+    if changed:
         key = changed[0]
-        raise UserError(f"model.{key}: {run_dir} was trained with {old.get(key)!r}, not {new.get(key)!r}; "
+        raise UserError(f"model.{key}: {where} was trained with {old.get(key)!r}, not {new.get(key)!r}; "
                         f"keep the run's model config or choose a new run.name")
+    if state.get("image_size") != image_size:
+        raise UserError(f"data.image_size: {where} was trained at {state.get('image_size')} px, not {image_size}; "
+                        f"keep it or choose a new run.name")
+    if list(state.get("label_names") or []) != list(label_names):
+        raise UserError(f"data.path: {where} was trained on labels {state.get('label_names')}, this dataset has "
+                        f"{label_names}; use the same labels or a new run.name")
 
 
 def _reconcile_ray_snapshot(run_dir: str) -> None:
