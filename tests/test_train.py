@@ -29,7 +29,7 @@ from genart.train.trainer import _reconcile_ray_snapshot, format_summary, train
 TINY_MODELS = {
     "dcgan": {"family": "dcgan", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "num_samples": 16, "eval_samples": 16},
     "vae": {"family": "vae", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "num_samples": 8},
-    "critic": {"family": "critic", "base_channels": 8, "num_stages": 3, "embed_dim": 32, "dropout": 0.0, "lr": 3e-3},
+    "critic": {"family": "critic", "base_channels": 8, "num_stages": 3, "embed_dim": 32, "dropout": 0.0},
     "style": {"family": "style", "style_image": "wave.jpg", "style_size": 32, "loss_network": "random", "random_filters": 8,
               "channels": 4, "num_res_blocks": 1, "num_samples": 4},
 }
@@ -197,42 +197,43 @@ def test_prune_keeps_last_k_and_best(tmp_path):
 
 @pytest.mark.slow
 def test_critic_learns_resumes_and_loads(dataset, tmp_path):
-    """Fits 1 and 2: a critic to step 30, then the same run to step 60 (resumed, never restarted)."""
+    """Fits 1 and 2: a critic to step 75, then the same run to step 150 (resumed, never restarted)."""
     runs = str(tmp_path / "runs")
-    steps = {"checkpoint_every_steps": 15, "keep_last": 1}
-    cfg = make_cfg("critic", dataset, runs, "critic", data={"batch_size": 16}, train={"max_steps": 30, **steps})
+    steps = {"checkpoint_every_steps": 25, "log_every_steps": 10, "keep_last": 1}
+    cfg = make_cfg("critic", dataset, runs, "critic", data={"batch_size": 16}, train={"max_steps": 75, **steps})
     first = train(cfg)
     run_dir = first["run_dir"]
-    check_run_folder(run_dir, [30])
-    assert first["step"] == 30 and first["start_step"] == 0
+    check_run_folder(run_dir, [75])
+    assert first["step"] == 75 and first["start_step"] == 0
     text = format_summary(first)
     assert run_dir in text and "samples" in text and "loss curve" in text
 
-    cfg2 = make_cfg("critic", dataset, runs, "critic", data={"batch_size": 16}, train={"max_steps": 60, **steps})
+    cfg2 = make_cfg("critic", dataset, runs, "critic", data={"batch_size": 16}, train={"max_steps": 150, **steps})
     second = train(cfg2)
-    rows = check_run_folder(run_dir, [60])
-    assert second["start_step"] == 30 and second["step"] == 60
-    assert [r["step"] for r in rows] == list(range(5, 61, 5))
-    assert {r["start_step"] for r in rows if r["step"] > 30} == {30}, "the second fit continued from step-000030"
+    rows = check_run_folder(run_dir, [150])
+    assert second["start_step"] == 75 and second["step"] == 150
+    assert [r["step"] for r in rows] == sorted({*range(10, 151, 10), 25, 75, 125}), "a row per log step and per checkpoint"
+    assert {r["start_step"] for r in rows if r["step"] > 75} == {75}, "the second fit continued from step-000075"
     best = outputs.read_best(run_dir)
     kept = [name for _, name in outputs.list_checkpoints(run_dir)]
-    assert kept == sorted({"step-000060", best["checkpoint"]}), "keep_last=1 plus the best"
+    assert kept == sorted({"step-000150", best["checkpoint"]}), "keep_last=1 plus the best"
 
-    # real learning: 5 genres (chance 0.2). 60 tiny-critic steps reached 0.59-0.7 on the ~56-image val split across
-    # runs, so the bar is "well over twice chance"; the best checkpoint is checked again through genart.models.load.
-    assert best["metric"] == "val_accuracy" and best["value"] >= 0.45, best
+    # real learning: 5 genres (chance 0.2). With 150 steps at lr 1e-3 the best of the 6 checkpoints reached 0.80-0.93
+    # on the ~56-image val split in calibration runs (single checkpoints swing by +-0.15 on so few images);
+    # the best checkpoint is checked again, independently, through genart.models.load.
+    assert best["metric"] == "val_accuracy" and best["value"] >= 0.6, best
     critic = models.load(run_dir, family="critic")
     x, labels = val_images(dataset)
     accuracy = float((critic.predict(x).argmax(dim=1) == labels).float().mean())
-    assert accuracy >= 0.45, accuracy
+    assert accuracy >= 0.6, accuracy
     assert critic.embed(x[:3]).shape == (3, 32)
     assert critic.meta["step"] == int(best["checkpoint"][5:])
 
     # already at max_steps: nothing to do, no worker started
     again = train(cfg2)
-    assert again["trained"] is False and again["step"] == 60
+    assert again["trained"] is False and again["step"] == 150
     # resuming with other weight shapes is refused up front, naming the key
-    wider = make_cfg("critic", dataset, runs, "critic", model={"base_channels": 16}, train={"max_steps": 90})
+    wider = make_cfg("critic", dataset, runs, "critic", model={"base_channels": 16}, train={"max_steps": 200})
     with pytest.raises(UserError, match="model.base_channels"):
         train(wider)
 
