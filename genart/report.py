@@ -27,7 +27,8 @@ STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; padding: 0 1rem; color: #222; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
 .grid { display: flex; flex-wrap: wrap; gap: 1rem; }
-figure { margin: 0; max-width: 340px; } figure img { max-width: 340px; image-rendering: pixelated; border: 1px solid #ddd; }
+figure { margin: 0; max-width: 340px; }
+figure img { max-width: 340px; min-width: 96px; image-rendering: pixelated; border: 1px solid #ddd; }  /* 32 px samples shown at 3x */
 figcaption { font-size: .85rem; color: #555; }
 table { border-collapse: collapse; } td, th { padding: .2rem .8rem; border-bottom: 1px solid #eee; text-align: left; }
 code { background: #f4f4f4; padding: 0 .3rem; }
@@ -69,3 +70,31 @@ def write_report(root: str, title: str, intro: str, sections: list[Section]) -> 
     with open(path, "w") as f:
         f.write(render(root, title, intro, sections))
     return path
+
+
+def contact_sheet(uris: list[str], thumb: int = 192, columns: int = 4) -> bytes:
+    """PNG bytes of up to `columns` x n thumbnails of the images at `uris` (local or s3://), in order.
+
+    For a glance at a job's outputs where they live (e.g. a preview.png beside stylized images on S3).
+    Unreadable files are left blank: the sheet is a preview, the job's errors.jsonl is the record.
+    """
+    import io
+
+    from PIL import Image
+
+    from genart import storage
+    from genart.data.images import Reject, decode_image
+
+    rows = max(1, -(-len(uris) // columns))
+    sheet = Image.new("RGB", (columns * (thumb + 4) + 4, rows * (thumb + 4) + 4), "white")
+    for i, uri in enumerate(uris):
+        try:
+            img = decode_image(storage.read_bytes(uri))
+        except (Reject, OSError):
+            continue
+        img.thumbnail((thumb, thumb))
+        x, y = 4 + (i % columns) * (thumb + 4), 4 + (i // columns) * (thumb + 4)
+        sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()

@@ -34,6 +34,9 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}
+    if quiet:
+        runtime_env["worker_process_setup_hook"] = "genart.runtime.quiet_logs"
+        quiet_logs()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, runtime_env=runtime_env)
     if address:
@@ -44,6 +47,36 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
         return
     # address="local": never attach by accident to some other cluster found in /tmp/ray.
     ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
+
+
+# Ray Data's console lines that say nothing to a genart user (genart prints its own progress and summaries).
+_NOISE = ("Progress bars disabled", "Progress bars for operators disabled", "execution finished in",
+          "Starting execution of Dataset", "Execution plan of Dataset", "Full logs are in", "Data sink ")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _NOISE)
+
+
+def quiet_logs() -> None:
+    """Keep the console for genart's own progress lines (the driver, and every Ray worker via a setup hook).
+
+    Ray Data logs each dataset execution (several per training epoch) to the console; those lines stay in its
+    log file (session_*/logs/ray-data). Train V2's placement-group cleaner polls the state API, which is absent
+    without a dashboard, and warns on every poll; a dead controller's group still goes when the cluster stops.
+    """
+    import warnings
+
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which are adjusted below
+
+    # Raised inside Ray Train's own DatasetManager (Ray 2.60), about an option genart does not set.
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources. is deprecated")
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":  # the console, not the session log file
+            handler.addFilter(_DropNoise())
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def cluster_cpus() -> float:

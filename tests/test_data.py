@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 
 from genart import storage
@@ -219,6 +220,25 @@ def test_reading_a_dataset_larger_than_the_object_store_streams(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["rows"] == 2000
     assert not result["spilled"], result["spilled"]
+
+
+def test_a_job_output_folder_is_an_input_without_its_own_files(tmp_path):
+    """stylize -> score: the images of a finished job's folder are the inputs, its manifest and logs are not;
+    a prepared dataset's folder still means its Parquet shards."""
+    from genart.data import sources
+
+    out = tmp_path / "stylized"
+    (out / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(out / "a" / "x.png")
+    Image.new("RGB", (8, 8)).save(out / "y.png")
+    for name in ("manifest.json", "run.json", "errors.jsonl"):
+        (out / name).write_text("{}")
+    plan = sources.plan([str(out)])
+    rels = sorted(r for unit in plan.units for r in unit.rel_paths)
+    assert rels == ["a/x.png", "y.png"] and plan.num_inputs == 2
+
+    (out / "notes.txt").write_text("hi")  # anything else stays an input (and is reported if it is no image)
+    assert sources.plan([str(out)]).num_inputs == 3
 
 
 def test_synth_cli(tmp_path):

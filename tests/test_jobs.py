@@ -6,6 +6,7 @@ the other Ray instances on this machine; every CLI call is a subprocess of .venv
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -154,6 +155,22 @@ def test_submit_runs_the_command_and_exits_zero(head, tmp_path):
     assert out.read_text().split() == ["job.py"]
     token = head.token_file.read_text().strip()
     assert token not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_submit_a_genart_workflow_and_check_its_outputs(head, tmp_path):
+    """A real two-step genart pipeline as one job: Ray Data runs `prepare` on the head's cluster."""
+    work = tmp_path / "work"
+    work.mkdir()
+    data = tmp_path / "data"
+    script = (f"{GENART} datasets synth --out {data}/raw --num 30 --size 16 && "
+              f"{GENART} prepare {data}/raw --out {data}/prepared --size 16")
+    result = genart("submit", "--address", head.url, "--working-dir", str(work), "--", script,
+                    env=_clean_env(HOME=str(head.home)), cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "SUCCEEDED" in result.stderr and "prepared 30 images" in result.stdout
+    manifest = json.loads((data / "prepared" / "manifest.json").read_text())
+    assert manifest["counts"]["written"] == 30 and list(manifest["labels"]) == sorted(p.name for p in (data / "raw").iterdir())
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -405,6 +406,42 @@ def test_vgg_needs_weights_and_loads_a_weights_file(tmp_path, monkeypatch):
     fam, cfg, size, labels = tiny("style", loss_network="vgg16", loss_network_weights=str(tmp_path / "bad.pth"))
     with pytest.raises(UserError, match="not a torchvision vgg16"):
         fam.build(cfg, size, labels)
+
+
+def test_loss_network_weights_from_s3_and_pickles_refused(s3_bucket, tmp_path):
+    """Every node of a cluster reads the same s3:// weights file; a pickle that runs code is refused there too."""
+    from safetensors.torch import save as save_bytes
+    from torchvision.models import vgg
+
+    from genart import storage
+    from genart.models.loss_networks import read_state_dict
+
+    state = {k: v.contiguous() for k, v in vgg.make_layers(vgg.cfgs["D"]).state_dict().items()}
+    storage.write_bytes(f"s3://{s3_bucket}/w/vgg16.safetensors", save_bytes(state))
+    read = read_state_dict(f"s3://{s3_bucket}/w/vgg16.safetensors")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    buf = io.BytesIO()
+    torch.save({"w": Evil()}, buf)
+    storage.write_bytes(f"s3://{s3_bucket}/w/evil.pth", buf.getvalue())
+    with pytest.raises(UserError, match="cannot read as plain weights"):
+        read_state_dict(f"s3://{s3_bucket}/w/evil.pth")
+    with pytest.raises(UserError, match="weights file not found"):
+        read_state_dict(f"s3://{s3_bucket}/w/missing.pth")
+
+
+def test_style_input_skip_starts_as_identity():
+    from genart.models.style import TransformerNet
+
+    x = torch.rand(2, 3, 20, 28)
+    out = TransformerNet(channels=4, num_res_blocks=1, input_skip=True)(x)  # (2, 3, 20, 28)
+    assert torch.allclose(out, x.clamp(1e-3, 1 - 1e-3), atol=1e-5)
+    plain = TransformerNet(channels=4, num_res_blocks=1)(x)
+    assert not torch.allclose(plain, x, atol=0.05)  # the paper's net starts far from its input
 
 
 def test_critic_as_style_loss_network(tmp_path):

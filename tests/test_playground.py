@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY_ENV = "GENART_TEST_PLAYGROUND_KEY"
 SCREENSHOT_DIR = Path(os.environ.get("GENART_SCREENSHOT_DIR", "")) if os.environ.get("GENART_SCREENSHOT_DIR") else None
 
@@ -46,17 +43,6 @@ def page_app(ray_session, tmp_path_factory):
         os.environ.pop(KEY_ENV, None)
     yield f"http://{host}:{port}/{name}/", key
     serve.delete(name)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def _natural_width(page, selector: str) -> int:

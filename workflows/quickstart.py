@@ -11,39 +11,34 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 import zipfile
+from typing import Callable
 
 import click
 from pydantic import Field
 
 from genart import assets, config, report, runtime, storage
-from genart.errors import UserError
+from genart.workflow import Workflow, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Steps(config.Section):
     dcgan: int = Field(400, ge=1)
-    vae: int = Field(300, ge=1)
-    critic: int = Field(150, ge=1)
-    style: int = Field(150, ge=1)
+    vae: int = Field(250, ge=1)
+    critic: int = Field(100, ge=1)
+    style: int = Field(100, ge=1)
 
 
 class QuickstartConfig(config.Section):
     synth_images: int = Field(1000, ge=50)  # synthetic labelled images (5 genres)
     image_size: int = 32  # dcgan / vae / critic resolution
-    content_size: int = 64  # style network resolution
+    content_size: int = 48  # style network training crops (it stylizes any size)
     num_workers: int = Field(2, ge=1)  # Ray Train workers per run
     steps: Steps = Steps()
     style_image: str = "starry_night.jpg"
     generate: int = Field(64, ge=1)
     stylize_max_side: int = Field(256, ge=16)
-
-
-def _say(msg: str) -> None:
-    click.echo(click.style(f"==> {msg}", bold=True))
 
 
 def prepare_data(cfg: QuickstartConfig, out: str) -> tuple[str, str]:
@@ -62,30 +57,21 @@ def prepare_data(cfg: QuickstartConfig, out: str) -> tuple[str, str]:
     return synth, paintings
 
 
-def train_all(cfg: QuickstartConfig, synth: str, paintings: str, out: str) -> dict[str, dict]:
-    """One small run per family; re-running the quickstart resumes or skips finished runs."""
+def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
+    """One small run of `family`; re-running the quickstart resumes or skips a finished run."""
     from genart.train.config import load_config
     from genart.train.trainer import format_summary, train
 
-    runs = {}
-    common = [f"run.storage={out}/runs", f"scaling.num_workers={cfg.num_workers}"]
-    plans = {
-        "critic": [f"data.path={synth}", f"data.image_size={cfg.image_size}"],
-        "dcgan": [f"data.path={synth}", f"data.image_size={cfg.image_size}"],
-        "vae": [f"data.path={synth}", f"data.image_size={cfg.image_size}"],
-        "style": [f"data.path={paintings}", f"data.image_size={cfg.content_size}", "model.loss_network=random",
-                  f"model.style_image={cfg.style_image}"],
-    }
-    for family, overrides in plans.items():
-        steps = getattr(cfg.steps, family)
-        every = max(1, steps // 2)
-        overrides = overrides + common + [f"run.name={family}", f"train.max_steps={steps}",
-                                          f"train.checkpoint_every_steps={every}", f"train.log_every_steps={max(1, steps // 10)}"]
-        _say(f"train {family} ({steps} steps)")
-        result = train(load_config(os.path.join(HERE, "configs", f"{family}.yaml"), overrides))
-        click.echo(format_summary(result))
-        runs[family] = result
-    return runs
+    steps = getattr(cfg.steps, family)
+    size = cfg.content_size if family == "style" else cfg.image_size
+    overrides = [f"data.path={data}", f"data.image_size={size}", f"run.storage={out}/runs", f"run.name={family}",
+                 f"scaling.num_workers={cfg.num_workers}", f"train.max_steps={steps}",
+                 f"train.checkpoint_every_steps={max(1, steps // 2)}", f"train.log_every_steps={max(1, steps // 10)}"]
+    if family == "style":
+        overrides.append(f"model.style_image={cfg.style_image}")
+    result = train(load_config(os.path.join(HERE, "configs", f"{family}.yaml"), overrides))
+    click.echo(format_summary(result))
+    return result
 
 
 def make_archive(out: str) -> str:
@@ -101,22 +87,29 @@ def make_archive(out: str) -> str:
     return path
 
 
-def batch_jobs(cfg: QuickstartConfig, out: str) -> dict:
+def jobs_options():
+    from genart.infer.jobs import RunOptions
+
+    return RunOptions(resume=True, progress=False)
+
+
+def jobs_summary(manifest: dict) -> str:
+    from genart.infer.output import summary
+
+    return summary(manifest)
+
+
+def batch_jobs(cfg: QuickstartConfig, out: str) -> list[tuple[str, Callable]]:
     """generate -> stylize an archive -> score the stylized images and the GAN samples with the critic."""
     from genart.infer import jobs
 
-    results = {}
-    for name, job in (
+    return [
         ("generate", lambda run: jobs.generate(f"{out}/runs/dcgan", cfg.generate, f"{out}/samples", seed=0, run=run)),
         ("stylize", lambda run: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
                                              max_side=cfg.stylize_max_side, tile=None, run=run)),
         ("score_stylized", lambda run: jobs.score(f"{out}/runs/critic", f"{out}/stylized", f"{out}/scores/stylized", run=run)),
         ("score_samples", lambda run: jobs.score(f"{out}/runs/critic", f"{out}/samples", f"{out}/scores/samples", run=run)),
-    ):
-        _say(name.replace("_", " "))
-        results[name] = job(jobs.RunOptions(resume=True, progress=False))
-        click.echo(jobs.output.summary(results[name]))
-    return results
+    ]
 
 
 def _score_table(scores_dir: str) -> list[list[str]]:
@@ -132,14 +125,16 @@ def _score_table(scores_dir: str) -> list[list[str]]:
     return table
 
 
-def write_report(cfg: QuickstartConfig, out: str, runs: dict, started: float) -> str:
+def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) -> str:
     sections = []
     for family, result in runs.items():
         samples = sorted(os.listdir(result["samples"])) if os.path.isdir(result["samples"]) else []
         images = [(os.path.join(result["samples"], samples[-1]), f"{family}: {samples[-1]}")] if samples else []
         images.append((result["loss_curve"], f"{family}: loss curve"))
         best = result.get("best") or {}
-        text = f"{result['step']} steps; best checkpoint {best.get('checkpoint', '-')} by {best.get('metric', '-')} = {best.get('value', '-')}"
+        value = best.get("value")
+        text = (f"{result['step']} steps; best checkpoint {best.get('checkpoint', '-')} by {best.get('metric', '-')} = "
+                f"{value:.4g}" if isinstance(value, float) else f"{result['step']} steps")
         sections.append(report.Section(f"Training: {family}", text, images=images,
                                        links=[(result["run_dir"], "run folder"), (result["metrics"], "metrics.jsonl")]))
     generated = sorted(p for p in os.listdir(f"{out}/samples") if p.endswith(".png"))
@@ -152,10 +147,38 @@ def write_report(cfg: QuickstartConfig, out: str, runs: dict, started: float) ->
                                    images=[(p, os.path.relpath(p, f"{out}/stylized")) for p in stylized[:12]]))
     sections.append(report.Section("Critic's labels for the GAN samples", "From `genart score` (a critic trained on the synthetic genres).",
                                    table=_score_table(f"{out}/scores/samples")))
-    intro = (f"Made by <code>workflows/quickstart.py</code> in {time.time() - started:.0f} s. "
+    intro = (f"Made by <code>workflows/quickstart.py</code> in {seconds:.0f} s. "
              f"Serve these models with <code>genart serve --model dcgan={out}/runs/dcgan --model vae={out}/runs/vae "
              f"--model critic={out}/runs/critic --model style={out}/runs/style</code>.")
     return report.write_report(out, "genart quickstart", intro, sections)
+
+
+def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), address: str | None = None) -> dict:
+    flow = Workflow("quickstart", QuickstartConfig)
+    cfg = flow.load(config_path, overrides)
+    out = os.path.abspath(out)
+    flow.record(cfg, out)
+    runtime.init(address)
+    with flow.step("prepare data"):
+        synth, paintings = prepare_data(cfg, out)
+    runs = {}
+    for family in ("critic", "dcgan", "vae", "style"):
+        steps = getattr(cfg.steps, family)
+        with flow.step(f"train {family} ({steps} steps)"):
+            runs[family] = train_one(cfg, family, synth if family != "style" else paintings, out)
+    results = {}
+    for name, job in batch_jobs(cfg, out):
+        with flow.step(name.replace("_", " ")):
+            results[name] = job(jobs_options())
+            click.echo(jobs_summary(results[name]))
+    page = write_report(cfg, out, runs, flow.seconds)
+    summary = {"runs": runs, "jobs": {k: v.get("counts") for k, v in results.items()}, "report": page,
+               "timings_s": flow.timings, "seconds": flow.seconds}
+    with open(f"{out}/summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    models = " ".join(f"--model {family}={out}/runs/{family}" for family in runs)
+    flow.done([f"report:  {page}", f"runs:    {out}/runs/{{{','.join(runs)}}}", f"serve:   genart serve {models}"])
+    return summary
 
 
 @click.command()
@@ -165,28 +188,7 @@ def write_report(cfg: QuickstartConfig, out: str, runs: dict, started: float) ->
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: embedded local Ray).")
 def main(out: str, config_path: str, overrides: tuple[str, ...], address: str | None) -> None:
     """Run the whole genart pipeline on sample data and write an HTML report."""
-    started = time.time()
-    try:
-        cfg = config.load(QuickstartConfig, config_path, overrides)
-        out = os.path.abspath(out)
-        os.makedirs(out, exist_ok=True)
-        with open(f"{out}/quickstart.yaml", "w") as f:
-            f.write(config.to_yaml(cfg))
-        runtime.init(address)
-        _say("prepare data")
-        synth, paintings = prepare_data(cfg, out)
-        runs = train_all(cfg, synth, paintings, out)
-        results = batch_jobs(cfg, out)
-        page = write_report(cfg, out, runs, started)
-    except UserError as exc:
-        click.echo(f"quickstart: error: {exc}", err=True)
-        sys.exit(2)
-    with open(f"{out}/summary.json", "w") as f:
-        json.dump({"runs": runs, "jobs": {k: v.get("counts") for k, v in results.items()}, "seconds": round(time.time() - started, 1)}, f, indent=2, default=str)
-    _say(f"done in {time.time() - started:.0f} s")
-    click.echo(f"  report:  {page}")
-    click.echo(f"  runs:    {out}/runs/{{dcgan,vae,critic,style}}")
-    click.echo(f"  serve:   genart serve --model dcgan={out}/runs/dcgan --model critic={out}/runs/critic --model style={out}/runs/style")
+    run_main("quickstart", lambda: run(config_path, out, overrides, address))
 
 
 if __name__ == "__main__":

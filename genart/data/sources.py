@@ -23,8 +23,10 @@ from genart.errors import UserError
 ZIP_EXT = (".zip",)
 TAR_EXT = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 PARQUET_EXT = (".parquet",)
-# Files a prepared dataset keeps beside its shards; they are not inputs.
+# Files a prepared dataset keeps beside its shards, and files a batch job writes at its output root: never inputs
+# (so one job's output folder can be the next one's input, e.g. stylize -> score).
 DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl")
+JOB_SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json")
 FILES_PER_UNIT = 64
 PARQUET_ROWS_PER_BATCH = 64
 
@@ -100,9 +102,14 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
         rel = posixpath.basename(src.rstrip("/"))
         return _plan_file(src, rel, None, labels, failures)
     files = storage.find(src)
-    if any(storage.relative(src, f).split("/")[-1] == "manifest.json" for f, _ in files):
-        # A prepared genart dataset: its Parquet shards are the inputs.
-        files = [(f, s) for f, s in files if _has_ext(f, PARQUET_EXT)]
+    outputs = {posixpath.dirname(f) for f, _ in files if posixpath.basename(f) == "manifest.json"}
+    if outputs:
+        shards = [(f, s) for f, s in files if _has_ext(f, PARQUET_EXT)]
+        # A prepared dataset or a job's Parquet output: its shards are the inputs. A job's image output: its
+        # images, without the job's own files.
+        sidecars = set(DATASET_SIDECARS + JOB_SIDECARS)
+        files = shards or [(f, s) for f, s in files
+                           if not (posixpath.basename(f) in sidecars and posixpath.dirname(f) in outputs)]
     rels = [storage.relative(src, f) for f, _ in files]
     use_dirs = labels == "dirs" or (labels is None and any("/" in r for r in rels))
     plain: list[tuple[str, str, str | None]] = []

@@ -19,7 +19,7 @@ from genart import storage
 from genart.data import sources
 
 # Files a job writes at the top of its output root: an input may never be named like them.
-SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json")
+SIDECARS = sources.JOB_SIDECARS
 MAX_COMPONENT_BYTES = 200  # below the 255-byte limit of common filesystems, leaving room for "~N" and ".tmp-xxxx"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]")
 

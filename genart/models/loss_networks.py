@@ -100,23 +100,35 @@ def vgg_cache_path(arch: str) -> Path:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A weights file -> state_dict, without ever unpickling code: safetensors, or torch.load(weights_only=True)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """A weights file (local or s3://, so every node of a cluster can read it) -> state_dict, without ever
+    unpickling code: safetensors, or torch.load(weights_only=True)."""
+    import io
 
-            return load_file(str(path))
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    from genart import storage
+
+    name = str(path)
+    if storage.is_s3(name):
+        if not storage.exists(name):
+            raise UserError(f"weights file not found: {name}")
+        source: io.BytesIO | str = io.BytesIO(storage.read_bytes(name))
+    else:
+        local = Path(name).expanduser()
+        if not local.is_file():
+            raise UserError(f"weights file not found: {local}")
+        name = source = str(local)
+    try:
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load, load_file
+
+            return load(source.getvalue()) if isinstance(source, io.BytesIO) else load_file(source)
+        data = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refused pickles and corrupt files both end here
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{path}: cannot read as plain weights (safetensors or a weights-only torch file): {first}") from None
+        raise UserError(f"{name}: cannot read as plain weights (safetensors or a weights-only torch file): {first}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise UserError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+        raise UserError(f"{name}: expected a state_dict (a mapping of names to tensors)")
     return data
 
 

@@ -37,7 +37,7 @@ class StyleConfig(Section):
     style_image: str = "starry_night.jpg"  # a shipped style (genart/assets/styles/<name>) or a path / s3:// uri
     style_size: int = Field(256, ge=16, le=2048)  # the style image's shorter side (px) when its Gram targets are taken
     loss_network: str = "vgg16"  # vgg16 | vgg19 (ImageNet weights) | random (seeded random-multiscale) | critic:<uri>
-    loss_network_weights: str | None = None  # VGG weights file (.pth weights-only or .safetensors); default: torch hub cache
+    loss_network_weights: str | None = None  # VGG weights file (.pth weights-only or .safetensors), local or s3://; default: torch hub cache
     random_seed: int = Field(0, ge=0)  # seed of the random loss network (same seed = same network)
     random_filters: int = Field(64, ge=1)  # filters per kernel size in the random loss network
     content_layers: list[str] | None = None  # loss-network layers for the content loss; None = the network's default
@@ -46,6 +46,9 @@ class StyleConfig(Section):
     style_weight: float = Field(10.0, ge=0)  # weight of the Gram (style) loss; both losses are relative errors, ~1 at start
     tv_weight: float = Field(1e-2, ge=0)  # weight of the total-variation (smoothness) loss
     channels: int = Field(32, ge=1)  # width of the transformer's first layer (32 in the paper; 4-8 for tests)
+    # Add the input to the transformer's output (in logits) and start that branch at zero: training starts from the
+    # content image instead of a grey blur, so short CPU runs already keep the content. False = the paper's net.
+    input_skip: bool = False
     num_res_blocks: int = Field(5, ge=0)  # residual blocks at 1/4 resolution (5 in the paper)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     num_samples: int = Field(8, ge=1)  # content images stylised in the grid written at each checkpoint
@@ -87,9 +90,10 @@ class UpsampleConv(nn.Sequential):
 class TransformerNet(nn.Module):
     """x (B, 3, H, W) in [0, 1], H and W multiples of 4 -> stylised (B, 3, H, W) in [0, 1]."""
 
-    def __init__(self, channels: int = 32, num_res_blocks: int = 5):
+    def __init__(self, channels: int = 32, num_res_blocks: int = 5, input_skip: bool = False):
         super().__init__()
         c = channels
+        self.input_skip = input_skip
         norm = lambda ch: nn.InstanceNorm2d(ch, affine=True)  # noqa: E731
         self.net = nn.Sequential(
             ConvLayer(3, c, 9), norm(c), nn.ReLU(True),  # (B, c, H, W)
@@ -100,9 +104,15 @@ class TransformerNet(nn.Module):
             UpsampleConv(2 * c, c, 3), norm(c), nn.ReLU(True),  # (B, c, H, W)
             ConvLayer(c, 3, 9),  # (B, 3, H, W)
         )
+        if input_skip:  # the net learns a change to the image, starting from none: the output starts as the input
+            nn.init.zeros_(self.net[-1][1].weight)
+            nn.init.zeros_(self.net[-1][1].bias)
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x01 * 2 - 1))  # sigmoid(y) = (tanh(y/2) + 1) / 2: a scaled tanh as in the paper
+        y = self.net(x01 * 2 - 1)  # (B, 3, H, W) logits
+        if self.input_skip:
+            y = y + torch.logit(x01, eps=1e-3)
+        return torch.sigmoid(y)  # sigmoid(y) = (tanh(y/2) + 1) / 2: a scaled tanh as in the paper
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 4, minimum: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -156,7 +166,7 @@ class StyleFamily:
     best_metric = ("val_loss", "min")
 
     def build(self, cfg: StyleConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
-        transformer = TransformerNet(cfg.channels, cfg.num_res_blocks)
+        transformer = TransformerNet(cfg.channels, cfg.num_res_blocks, cfg.input_skip)
         if inference:
             return {"transformer": transformer}
         style01, style_info = load_style_image(cfg.style_image, cfg.style_size)

@@ -1,0 +1,245 @@
+"""The workflows in workflows/, run for real in reduced form on the shared local Ray.
+
+quickstart: every artifact it promises, and a report whose every image loads in headless Chromium.
+cluster_stylize: data, runs and outputs on the moto S3 server, a corrupt archive member reported, a rerun resumes.
+train_then_deploy: candidates trained and scored, the winner deployed and answering HTTP, then kept on a rerun.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+
+
+def load_workflow(name: str):
+    spec = importlib.util.spec_from_file_location(f"workflow_{name}", WORKFLOWS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the configs' annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_png(data: bytes) -> tuple[int, int]:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    return img.size
+
+
+# ---------------------------------------------------------------- quickstart
+
+
+QUICK = ["synth_images=60", "num_workers=1", "steps.dcgan=6", "steps.vae=6", "steps.critic=6", "steps.style=4",
+         "generate=8", "stylize_max_side=48", "content_size=32"]
+
+
+@pytest.fixture(scope="module")
+def quickstart(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    qs = load_workflow("quickstart")
+    summary = qs.run(str(WORKFLOWS / "quickstart.yaml"), str(out), tuple(QUICK))
+    return out, summary
+
+
+@pytest.mark.slow
+def test_quickstart_makes_every_promised_artifact(quickstart):
+    out, summary = quickstart
+    for family in ("dcgan", "vae", "critic", "style"):
+        run = summary["runs"][family]
+        assert run["step"] == {"style": 4}.get(family, 6)
+        assert is_png(Path(run["loss_curve"]).read_bytes())
+        grids = sorted(Path(run["samples"]).glob("*.png"))
+        assert grids, f"{family}: no sample grid"
+        assert is_png(grids[-1].read_bytes())
+    # generate -> stylize -> score: nothing lost, nothing failed.
+    jobs = summary["jobs"]
+    assert jobs["generate"]["written"] == 8 and jobs["generate"]["errors"] == 0
+    archive_members = len(__import__("zipfile").ZipFile(out / "data" / "to_stylize.zip").namelist())
+    assert jobs["stylize"]["inputs"] == archive_members and jobs["stylize"]["written"] == archive_members
+    stylized = [p for p in (out / "stylized").rglob("*.png")]
+    assert len(stylized) == archive_members
+    # The critic scored exactly the stylized images: the job's own files in that folder are not inputs.
+    assert jobs["score_stylized"]["inputs"] == archive_members and jobs["score_stylized"]["errors"] == 0
+    assert jobs["score_samples"]["written"] == 8
+    assert json.loads((out / "summary.json").read_text())["jobs"] == jobs
+    assert yaml.safe_load((out / "quickstart.yaml").read_text())["steps"]["dcgan"] == 6
+
+
+@pytest.mark.slow
+def test_quickstart_report_opens_with_every_image(quickstart, browser):
+    out, summary = quickstart
+    page = browser.new_page()
+    try:
+        page.goto((out / "index.html").as_uri())
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth])")
+        links = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
+        headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
+    finally:
+        page.close()
+    assert len(images) >= 4 * 2 + 8 + 1  # a grid + loss curve per family, generated samples, stylized images
+    broken = [src for src, width in images if not width]
+    assert not broken, f"images that did not load: {broken}"
+    for href in links:
+        assert (out / href).exists(), f"dead link in the report: {href}"
+    assert any("Stylized" in h for h in headings) and any("Training: dcgan" in h for h in headings)
+
+
+@pytest.mark.slow
+def test_quickstart_rerun_resumes_without_training_again(quickstart, capsys):
+    out, _ = quickstart
+    qs = load_workflow("quickstart")
+    summary = qs.run(str(WORKFLOWS / "quickstart.yaml"), str(out), tuple(QUICK))
+    assert not any(run["trained"] for run in summary["runs"].values())
+    assert summary["jobs"]["stylize"]["already_done"] == summary["jobs"]["stylize"]["inputs"]
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_workflow_bad_config_is_one_line_and_exit_2(tmp_path):
+    for name in ("quickstart", "cluster_stylize", "train_then_deploy"):
+        result = subprocess.run([sys.executable, str(WORKFLOWS / f"{name}.py"), "--set", "no_such_key=1"],
+                                capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{name}: error:") and "no_such_key" in lines[0], result.stderr
+
+
+# ---------------------------------------------------------------- cluster_stylize on S3
+
+
+def _put(s3, bucket: str, key: str, data: bytes) -> None:
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_cluster_stylize_on_s3_reports_rejects_and_resumes(ray_session, s3_server, s3_bucket, tmp_path):
+    import boto3
+
+    from genart import assets
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    paintings = sorted(p for p in Path(assets.PAINTINGS).rglob("*.jpg"))[:10]
+    for p in paintings:
+        _put(s3, s3_bucket, f"genart/raw/content/{p.name}", p.read_bytes())
+    # Two top folders (one would be stripped as the archive's wrapper folder) and a corrupt member.
+    members = {f"photos/{p.name}": p.read_bytes() for p in sorted(Path(assets.PHOTOS).rglob("*.jpg"))[:1]}
+    members.update({f"paintings/{p.name}": p.read_bytes()
+                    for p in sorted(Path(assets.PAINTINGS).rglob("*.jpg"))[-2:]})
+    members["paintings/broken.jpg"] = b"\xff\xd8\xff not really a jpeg"
+    _put(s3, s3_bucket, "genart/raw/to_stylize.tar", _tar(members))
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({
+        "bucket": f"s3://{s3_bucket}/genart",
+        "train": {"image_size": 32, "max_steps": 3, "batch_size": 2, "num_workers": 1, "use_gpu": False,
+                  "cpus_per_worker": 1, "style_image": "wave.jpg",
+                  "set": ["model.channels=4", "model.num_res_blocks=1", "model.style_size=32",
+                          "train.checkpoint_every_steps=3", "model.num_samples=2"]},
+        "stylize": {"concurrency": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "batch_size": 2,
+                    "max_side": 48, "tile": None, "format": "png", "preview": 4},
+    }))
+    cs = load_workflow("cluster_stylize")
+    summary = cs.run(str(config))
+
+    def keys(prefix: str) -> set[str]:
+        found = s3.list_objects_v2(Bucket=s3_bucket, Prefix=prefix).get("Contents", [])
+        return {o["Key"][len(prefix):] for o in found}
+
+    assert "manifest.json" in keys("genart/datasets/content/")
+    assert {f"step-000003/{f}" for f in ("model.safetensors", "state.json")} <= keys("genart/runs/style/")
+    outputs = keys("genart/stylized/")
+    good = {name.rsplit(".", 1)[0] + ".png" for name in members if "broken" not in name}
+    assert len(good) == 3 and good <= outputs and "paintings/broken.png" not in outputs
+    assert summary["stylize"] == {**summary["stylize"], "inputs": 4, "written": 3, "errors": 1}
+    errors = s3.get_object(Bucket=s3_bucket, Key="genart/stylized/errors.jsonl")["Body"].read().decode()
+    assert "broken.jpg" in errors
+    report = keys("genart/reports/cluster_stylize/")
+    assert {"summary.json", "preview.png", "cluster_stylize.yaml"} <= report
+    preview = s3.get_object(Bucket=s3_bucket, Key="genart/reports/cluster_stylize/preview.png")["Body"].read()
+    assert is_png(preview)[0] > 48
+
+    again = cs.run(str(config))  # prepared data is reused, the run is complete, finished images are skipped
+    assert not again["run"]["trained"]
+    assert again["stylize"]["already_done"] == 3 and again["stylize"]["written_this_run"] == 0
+
+
+# ---------------------------------------------------------------- train_then_deploy
+
+
+@pytest.mark.slow
+def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, tmp_path, capsys):
+    from ray import serve
+
+    from genart.data.prepare import PrepareOptions, prepare
+    from genart.serve.run import start_http
+    from genart.serve.tiny import make_checkpoint
+
+    data = str(tmp_path / "data")
+    prepare([synth_dir], data, PrepareOptions(size=16, val_fraction=0.3), progress=False)
+    critic = make_checkpoint(str(tmp_path / "critic"), "critic", {"base_channels": 8}, image_size=16,
+                             label_names=["circles", "gradient", "grid", "noise", "stripes"], train_steps=5)
+    host, port = start_http("127.0.0.1", free_port())
+    config = tmp_path / "ttd.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": data, "runs": str(tmp_path / "runs"), "max_steps": 4, "num_workers": 1,
+        "candidates": [
+            {"name": "small", "set": ["model.base_channels=4", "model.latent_dim=8", "data.batch_size=8",
+                                      "train.checkpoint_every_steps=2", "data.image_size=16"]},
+            {"name": "hinge", "set": ["model.base_channels=4", "model.latent_dim=8", "data.batch_size=8",
+                                      "train.checkpoint_every_steps=2", "data.image_size=16", "model.loss=hinge"]},
+        ],
+        "selection": {"metric": "kid", "features": f"critic:{critic}", "num_samples": 24},
+        "deploy": {"app_name": "t-ttd", "route_prefix": "/t-ttd", "host": host, "port": port},
+    }))
+    ttd = load_workflow("train_then_deploy")
+    out = tmp_path / "out"
+    try:
+        first = ttd.run(str(config), str(out))
+        rows = first["rows"]
+        # keep_last checkpoints of both candidates, each scored, best (lowest KID) first.
+        assert {r["candidate"] for r in rows} == {"small", "hinge"} and len(rows) == 4
+        assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
+        assert first["decision"] == "deploy" and first["winner"] == rows[0]
+        models = requests.get(f"http://{host}:{port}/t-ttd/v1/models", timeout=30).json()["models"]
+        assert [m["checkpoint_hash"] for m in models if m["name"] == "dcgan"] == [rows[0]["checkpoint_hash"]]
+        assert not any("checkpoint" in m for m in models)  # the API never shows server paths
+        assert is_png((out / "deployed.png").read_bytes())
+        written = yaml.safe_load((out / "serve.yaml").read_text())["applications"][0]
+        assert written["import_path"] == "genart.serve.app:build"
+        assert written["args"]["models"] == {"dcgan": rows[0]["checkpoint"]}
+
+        second = ttd.run(str(config), str(out))  # nothing new beats what is serving; scores are reused
+        assert second["serving_before"] == {k: rows[0][k] for k in ("checkpoint", "checkpoint_hash")}
+        assert second["decision"] == "keep" and second["rows"] == rows
+        assert "(scored before)" in capsys.readouterr().out
+    finally:
+        serve.delete("t-ttd")

@@ -1,0 +1,287 @@
+"""Train candidate generators, pick the best checkpoint by an evaluation metric, and deploy or update the Serve app.
+
+    python workflows/train_then_deploy.py                        # after `make quickstart`: its data and critic
+    genart submit -- python workflows/train_then_deploy.py --config my.yaml --out s3://bucket/genart/deploy
+
+Steps: train one run per candidate (a list of `--set` overrides; a rerun resumes) -> evaluate every kept
+checkpoint (and the checkpoint being served now, if any) with `genart evaluate` on the same features, seeds and
+real images -> deploy the winner, only if it beats what is serving -> smoke-test the live endpoint.
+On a cluster the app keeps running after this script ends; on the embedded local Ray it serves until Ctrl-C.
+Writes selection.json (every score), serve.yaml (for `serve deploy`) and deployed.png (a grid from the endpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Literal
+
+import click
+from pydantic import Field, field_validator
+
+from genart import config, runtime, storage
+from genart.errors import UserError
+from genart.train.config import RUN_NAME
+from genart.workflow import Workflow, run_main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False}
+SERVABLE = ("dcgan", "vae")  # generators: what FID/KID/precision/recall measure
+
+
+class Candidate(config.Section):
+    name: str  # run folder name under `runs`
+    set: list[str] = []  # training --set overrides that make this candidate, e.g. ["model.lr_g=0.0001"]
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not RUN_NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (no '/'), starting with a letter or digit")
+        return value
+
+
+class Selection(config.Section):
+    metric: Literal["fid", "kid", "precision", "recall"] = "fid"  # fid/kid: lower is better; precision/recall: higher
+    features: str = "inception"  # inception[:WEIGHTS] or critic:RUN_OR_CHECKPOINT (see `genart evaluate --help`)
+    num_samples: int = Field(1000, ge=2)  # generated images per checkpoint (same seeds for every checkpoint)
+    split: str = "val"  # real images compared against
+    max_real: int | None = Field(None, ge=2)  # cap on real images (None = the whole split)
+
+
+class Deploy(config.Section):
+    model_name: str = "dcgan"  # the entry of the app's `models` that gets the winning checkpoint
+    serve_config: str | None = None  # Serve config or app args to start from (keeps its other models); None = new app
+    app_name: str = "genart"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (0.0.0.0 on a cluster behind a firewall / LB)
+    port: int = Field(8000, ge=1, le=65535)
+    only_if_better: bool = True  # keep the served checkpoint unless the winner scores better on the same metric
+
+
+class TrainThenDeployConfig(config.Section):
+    data: str = "results/quickstart/data/synth"  # prepared dataset: trained on and evaluated against
+    train_config: str = "configs/dcgan.yaml"  # base training config (relative to workflows/)
+    runs: str = "results/train_then_deploy/runs"  # run.storage of the candidates
+    max_steps: int = Field(600, ge=1)
+    num_workers: int = Field(2, ge=1)
+    candidates: list[Candidate] = Field(default_factory=lambda: [Candidate(name="dcgan-a")], min_length=1)
+    selection: Selection = Selection()
+    deploy: Deploy = Deploy()
+
+
+# ---------------------------------------------------------------- train + evaluate
+
+
+def train_candidates(cfg: TrainThenDeployConfig) -> dict[str, dict]:
+    from genart.train.config import load_config
+    from genart.train.trainer import format_summary, train
+
+    runs = {}
+    for cand in cfg.candidates:
+        overrides = [f"data.path={cfg.data}", f"run.storage={cfg.runs}", f"run.name={cand.name}",
+                     f"train.max_steps={cfg.max_steps}", f"scaling.num_workers={cfg.num_workers}", *cand.set]
+        train_cfg = load_config(os.path.join(HERE, cfg.train_config), overrides)
+        if train_cfg.model.family not in SERVABLE:
+            raise UserError(f"train_config: model.family {train_cfg.model.family!r} is not a generator; use one of {', '.join(SERVABLE)}")
+        click.echo(f"-- candidate {cand.name}: {' '.join(cand.set) or '(base config)'}")
+        runs[cand.name] = train(train_cfg)
+        click.echo(format_summary(runs[cand.name]))
+    return runs
+
+
+def score(checkpoint: str, cfg: TrainThenDeployConfig) -> float:
+    """The selection metric of one checkpoint (same seeds, real images and features for all)."""
+    from genart.evaluate import job
+
+    sel = cfg.selection
+    report = job.run(checkpoint, cfg.data, num=sel.num_samples, features=sel.features, split=sel.split,
+                     max_real=sel.max_real)
+    key = f"{sel.metric}_{report['features']['name']}"
+    if key not in report["metrics"]:  # precision/recall need more than k images per side
+        raise UserError(f"selection.metric {sel.metric}: not computed with num_samples={sel.num_samples}; raise it")
+    return float(report["metrics"][key])
+
+
+def weights_hash(checkpoint: str) -> str:
+    """What /v1/models reports as checkpoint_hash (the sha256 of the weights file)."""
+    from genart.serve.app import model_card
+
+    return model_card("candidate", checkpoint)["checkpoint_hash"]
+
+
+def scored_with(cfg: TrainThenDeployConfig) -> dict:
+    """Everything a score depends on besides the weights: scores made with the same settings are reused."""
+    from genart.evaluate.reference import dataset_hash
+
+    return {**cfg.selection.model_dump(mode="json"), "data": cfg.data, "dataset_hash": dataset_hash(cfg.data)}
+
+
+def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], previous: dict, serving: dict | None) -> list[dict]:
+    """One row per kept checkpoint of every candidate (+ the served one), best first. A checkpoint scored by an
+    earlier run with the same settings (and the same weights) keeps its score instead of being evaluated again."""
+    from genart.train import outputs
+
+    settings = scored_with(cfg)
+    known = {(r["checkpoint"], r["checkpoint_hash"]): r["value"] for r in previous.get("rows", [])
+             if previous.get("scored_with") == settings}
+    todo = [(name, storage.join(run["run_dir"], ckpt), step) for name, run in runs.items()
+            for step, ckpt in outputs.list_checkpoints(run["run_dir"], complete=True)]
+    if serving and serving["checkpoint"] not in {uri for _, uri, _ in todo}:
+        todo.append(("(serving now)", serving["checkpoint"], None))
+    rows = []
+    for name, uri, step in todo:
+        digest = weights_hash(uri)
+        value = known.get((uri, digest))
+        if value is None:
+            value = score(uri, cfg)
+        rows.append({"candidate": name, "checkpoint": uri, "checkpoint_hash": digest, "step": step, "value": value})
+        reused = " (scored before)" if (uri, digest) in known else ""
+        click.echo(f"  {name} {uri.rsplit('/', 1)[-1]}: {cfg.selection.metric} {value:.4g}{reused}")
+    lower = LOWER_IS_BETTER[cfg.selection.metric]
+    return sorted(rows, key=lambda r: r["value"] if lower else -r["value"])
+
+
+# ---------------------------------------------------------------- deploy
+
+
+def _base_url(d: Deploy) -> str:
+    host = "127.0.0.1" if d.host in ("0.0.0.0", "::") else d.host
+    return f"http://{host}:{d.port}{d.route_prefix.rstrip('/')}"
+
+
+def _request(d: Deploy, path: str, body: dict | None = None, api_key_env: str = "GENART_API_KEY", timeout: float = 60):
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if os.environ.get(api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
+    req = urllib.request.Request(_base_url(d) + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.read()
+
+
+def served_hash(d: Deploy) -> str | None:
+    """checkpoint_hash of what the live app serves as `model_name`, or None when nothing answers there.
+    (The API never reveals server paths; the path comes from this workflow's own record, see `served`.)"""
+    try:
+        models = json.loads(_request(d, "/v1/models", timeout=5))["models"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return None
+    return next((m.get("checkpoint_hash") for m in models if m.get("name") == d.model_name), None)
+
+
+def served(d: Deploy, previous: dict) -> dict | None:
+    """The live checkpoint as {"checkpoint", "checkpoint_hash"}: checkpoint is None when this workflow (with this
+    --out) did not deploy it, so it cannot be evaluated and is replaced."""
+    digest = served_hash(d)
+    if digest is None:
+        return None
+    deployed = previous.get("deployed") or {}
+    path = deployed.get("checkpoint") if deployed.get("checkpoint_hash") == digest else None
+    return {"checkpoint": path, "checkpoint_hash": digest}
+
+
+def serve_config_doc(d: Deploy, args: dict) -> dict:
+    """A Serve config (`serve deploy serve.yaml`) equivalent to what this workflow deployed."""
+    from genart.serve.run import IMPORT_PATH
+
+    return {"http_options": {"host": d.host, "port": d.port},
+            "applications": [{"name": d.app_name, "route_prefix": d.route_prefix, "import_path": IMPORT_PATH,
+                              "args": args}]}
+
+
+def deploy(cfg: TrainThenDeployConfig, checkpoint: str, out: str) -> dict:
+    """Deploy (or update in place: Serve redeploys only what changed) and smoke-test the endpoint."""
+    import yaml
+    from ray import serve
+
+    from genart.serve.app import build
+    from genart.serve.run import settings_from, start_http
+
+    d = cfg.deploy
+    settings = settings_from(d.serve_config, models=(f"{d.model_name}={checkpoint}",))
+    args = settings.model_dump(mode="json", exclude_defaults=True)
+    storage.write_text(storage.join(out, "serve.yaml"), yaml.safe_dump(serve_config_doc(d, args), sort_keys=False))
+    host, port = start_http(d.host, d.port, settings.request_timeout_s + 5, settings.access_log)
+    if (host, port) != (d.host, d.port):  # HTTP options are cluster-wide: a running Serve keeps its own
+        click.echo(f"note: Serve already listens on {host}:{port}; deploying there (deploy.host/port apply to a new Serve)")
+        d = d.model_copy(update={"host": host, "port": port})
+    serve.run(build(settings), name=d.app_name, route_prefix=d.route_prefix, blocking=False)
+    digest = weights_hash(checkpoint)
+    deadline = time.time() + 300
+    while served_hash(d) != digest:  # an update: the old replicas answer until the new ones are up
+        if time.time() > deadline:
+            raise RuntimeError(f"{_base_url(d)}/v1/models does not show {checkpoint} after 300 s; see `serve status`")
+        time.sleep(1)
+    grid = _request(d, "/v1/generate", {"model": d.model_name, "n": 16, "seed": 0}, settings.api_key_env)
+    storage.write_bytes(storage.join(out, "deployed.png"), grid)
+    return {"url": _base_url(d) + "/", "checkpoint": checkpoint, "checkpoint_hash": digest, "smoke_test_png_bytes": len(grid)}
+
+
+# ---------------------------------------------------------------- main
+
+
+def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), address: str | None = None) -> dict:
+    flow = Workflow("train_then_deploy", TrainThenDeployConfig)
+    cfg = flow.load(config_path, overrides)
+    flow.record(cfg, out)
+    runtime.init(address)
+    with flow.step(f"train {len(cfg.candidates)} candidate(s)"):
+        runs = train_candidates(cfg)
+    selection_path = storage.join(out, "selection.json")
+    previous = json.loads(storage.read_text(selection_path)) if storage.exists(selection_path) else {}
+    serving = served(cfg.deploy, previous)
+    with flow.step(f"evaluate checkpoints by {cfg.selection.metric} ({cfg.selection.features})"):
+        gate = serving if cfg.deploy.only_if_better and serving and serving["checkpoint"] else None
+        rows = evaluate_all(cfg, runs, previous, gate)
+    best = rows[0]
+    if serving is None:
+        decision = "deploy"
+    else:
+        decision = "keep" if serving["checkpoint_hash"] == best["checkpoint_hash"] else "update"
+        if serving["checkpoint"] is None:
+            click.echo(f"note: the served {cfg.deploy.model_name} (weights {serving['checkpoint_hash'][:12]}) was not "
+                       f"deployed from {out}; it cannot be scored, so the winner replaces it")
+    selection = {"metric": cfg.selection.metric, "features": cfg.selection.features, "scored_with": scored_with(cfg),
+                 "winner": best, "serving_before": serving, "decision": decision, "rows": rows,
+                 "deployed": previous.get("deployed") if decision == "keep" else None}
+    if decision == "keep":
+        click.echo(f"the served checkpoint {best['checkpoint']} still scores best; nothing to deploy")
+    else:
+        with flow.step(f"{decision} {cfg.deploy.app_name}: {cfg.deploy.model_name} = {best['checkpoint']}"):
+            selection["deployed"] = deploy(cfg, best["checkpoint"], out)
+    selection["timings_s"] = flow.timings
+    storage.write_text(selection_path, json.dumps(selection, indent=2, default=str) + "\n")
+    flow.done([f"winner:    {best['candidate']} {best['checkpoint']} ({cfg.selection.metric} {best['value']:.4g})",
+               f"decision:  {decision}", f"endpoint:  {_base_url(cfg.deploy)}/",
+               f"selection: {storage.join(out, 'selection.json')}", f"serve.yaml: {storage.join(out, 'serve.yaml')}"])
+    return selection
+
+
+@click.command()
+@click.option("--config", "config_path", default=os.path.join(HERE, "train_then_deploy.yaml"), show_default=True)
+@click.option("--out", default="results/train_then_deploy", show_default=True, help="Where selection.json, serve.yaml and deployed.png go.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set max_steps=100.")
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: embedded local Ray).")
+@click.option("--keep-serving/--no-keep-serving", default=None,
+              help="Block serving until Ctrl-C after deploying [default: on the embedded local Ray, whose app ends with this process].")
+def main(config_path: str, out: str, overrides: tuple[str, ...], address: str | None, keep_serving: bool | None) -> None:
+    """Train candidates, pick the best checkpoint by a metric, and deploy or update the Serve app."""
+    def body() -> None:
+        run(config_path, out if storage.is_s3(out) else os.path.abspath(out), overrides, address)
+        if keep_serving if keep_serving is not None else not address:
+            click.echo("serving until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+
+    run_main("train_then_deploy", body)
+
+
+if __name__ == "__main__":
+    main()
