@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Callable
+from typing import Callable, Iterable
 
 import click
 from pydantic import Field
@@ -87,29 +87,22 @@ def make_archive(out: str) -> str:
     return path
 
 
-def jobs_options():
-    from genart.infer.jobs import RunOptions
-
-    return RunOptions(resume=True, progress=False)
-
-
-def jobs_summary(manifest: dict) -> str:
-    from genart.infer.output import summary
-
-    return summary(manifest)
-
-
-def batch_jobs(cfg: QuickstartConfig, out: str) -> list[tuple[str, Callable]]:
+def batch_jobs(cfg: QuickstartConfig, out: str) -> list[tuple[str, Callable[[], dict]]]:
     """generate -> stylize an archive -> score the stylized images and the GAN samples with the critic."""
     from genart.infer import jobs
 
+    run = jobs.RunOptions(resume=True, progress=False)
     return [
-        ("generate", lambda run: jobs.generate(f"{out}/runs/dcgan", cfg.generate, f"{out}/samples", seed=0, run=run)),
-        ("stylize", lambda run: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
-                                             max_side=cfg.stylize_max_side, tile=None, run=run)),
-        ("score_stylized", lambda run: jobs.score(f"{out}/runs/critic", f"{out}/stylized", f"{out}/scores/stylized", run=run)),
-        ("score_samples", lambda run: jobs.score(f"{out}/runs/critic", f"{out}/samples", f"{out}/scores/samples", run=run)),
+        ("generate", lambda: jobs.generate(f"{out}/runs/dcgan", cfg.generate, f"{out}/samples", seed=0, run=run)),
+        ("stylize", lambda: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
+                                         max_side=cfg.stylize_max_side, tile=None, run=run)),
+        ("score_stylized", lambda: jobs.score(f"{out}/runs/critic", f"{out}/stylized", f"{out}/scores/stylized", run=run)),
+        ("score_samples", lambda: jobs.score(f"{out}/runs/critic", f"{out}/samples", f"{out}/scores/samples", run=run)),
     ]
+
+
+def serve_command(out: str, families: Iterable[str]) -> str:
+    return "genart serve " + " ".join(f"--model {family}={out}/runs/{family}" for family in families)
 
 
 def _score_table(scores_dir: str) -> list[list[str]]:
@@ -148,12 +141,13 @@ def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) ->
     sections.append(report.Section("Critic's labels for the GAN samples", "From `genart score` (a critic trained on the synthetic genres).",
                                    table=_score_table(f"{out}/scores/samples")))
     intro = (f"Made by <code>workflows/quickstart.py</code> in {seconds:.0f} s. "
-             f"Serve these models with <code>genart serve --model dcgan={out}/runs/dcgan --model vae={out}/runs/vae "
-             f"--model critic={out}/runs/critic --model style={out}/runs/style</code>.")
+             f"Serve these models with <code>{serve_command(out, runs)}</code>.")
     return report.write_report(out, "genart quickstart", intro, sections)
 
 
 def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), address: str | None = None) -> dict:
+    from genart.infer.output import summary as job_summary
+
     flow = Workflow("quickstart", QuickstartConfig)
     cfg = flow.load(config_path, overrides)
     out = os.path.abspath(out)
@@ -169,15 +163,14 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
     results = {}
     for name, job in batch_jobs(cfg, out):
         with flow.step(name.replace("_", " ")):
-            results[name] = job(jobs_options())
-            click.echo(jobs_summary(results[name]))
+            results[name] = job()
+            click.echo(job_summary(results[name]))
     page = write_report(cfg, out, runs, flow.seconds)
     summary = {"runs": runs, "jobs": {k: v.get("counts") for k, v in results.items()}, "report": page,
                "timings_s": flow.timings, "seconds": flow.seconds}
     with open(f"{out}/summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    models = " ".join(f"--model {family}={out}/runs/{family}" for family in runs)
-    flow.done([f"report:  {page}", f"runs:    {out}/runs/{{{','.join(runs)}}}", f"serve:   genart serve {models}"])
+    flow.done([f"report:  {page}", f"runs:    {out}/runs/{{{','.join(runs)}}}", f"serve:   {serve_command(out, runs)}"])
     return summary
 
 

@@ -120,12 +120,12 @@ def scored_with(cfg: TrainThenDeployConfig) -> dict:
     return {**cfg.selection.model_dump(mode="json"), "data": cfg.data, "dataset_hash": dataset_hash(cfg.data)}
 
 
-def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], previous: dict, serving: dict | None) -> list[dict]:
+def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: dict, previous: dict,
+                 serving: dict | None) -> list[dict]:
     """One row per kept checkpoint of every candidate (+ the served one), best first. A checkpoint scored by an
-    earlier run with the same settings (and the same weights) keeps its score instead of being evaluated again."""
+    earlier run with the same `settings` (and the same weights) keeps its score instead of being evaluated again."""
     from genart.train import outputs
 
-    settings = scored_with(cfg)
     known = {(r["checkpoint"], r["checkpoint_hash"]): r["value"] for r in previous.get("rows", [])
              if previous.get("scored_with") == settings}
     todo = [(name, storage.join(run["run_dir"], ckpt), step) for name, run in runs.items()
@@ -193,7 +193,7 @@ def serve_config_doc(d: Deploy, args: dict) -> dict:
                               "args": args}]}
 
 
-def deploy(cfg: TrainThenDeployConfig, checkpoint: str, out: str) -> dict:
+def deploy(cfg: TrainThenDeployConfig, winner: dict, out: str) -> dict:
     """Deploy (or update in place: Serve redeploys only what changed) and smoke-test the endpoint."""
     import yaml
     from ray import serve
@@ -202,6 +202,7 @@ def deploy(cfg: TrainThenDeployConfig, checkpoint: str, out: str) -> dict:
     from genart.serve.run import settings_from, start_http
 
     d = cfg.deploy
+    checkpoint, digest = winner["checkpoint"], winner["checkpoint_hash"]
     settings = settings_from(d.serve_config, models=(f"{d.model_name}={checkpoint}",))
     args = settings.model_dump(mode="json", exclude_defaults=True)
     storage.write_text(storage.join(out, "serve.yaml"), yaml.safe_dump(serve_config_doc(d, args), sort_keys=False))
@@ -210,7 +211,6 @@ def deploy(cfg: TrainThenDeployConfig, checkpoint: str, out: str) -> dict:
         click.echo(f"note: Serve already listens on {host}:{port}; deploying there (deploy.host/port apply to a new Serve)")
         d = d.model_copy(update={"host": host, "port": port})
     serve.run(build(settings), name=d.app_name, route_prefix=d.route_prefix, blocking=False)
-    digest = weights_hash(checkpoint)
     deadline = time.time() + 300
     while served_hash(d) != digest:  # an update: the old replicas answer until the new ones are up
         if time.time() > deadline:
@@ -234,9 +234,10 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
     selection_path = storage.join(out, "selection.json")
     previous = json.loads(storage.read_text(selection_path)) if storage.exists(selection_path) else {}
     serving = served(cfg.deploy, previous)
+    settings = scored_with(cfg)
     with flow.step(f"evaluate checkpoints by {cfg.selection.metric} ({cfg.selection.features})"):
         gate = serving if cfg.deploy.only_if_better and serving and serving["checkpoint"] else None
-        rows = evaluate_all(cfg, runs, previous, gate)
+        rows = evaluate_all(cfg, runs, settings, previous, gate)
     best = rows[0]
     if serving is None:
         decision = "deploy"
@@ -245,19 +246,19 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
         if serving["checkpoint"] is None:
             click.echo(f"note: the served {cfg.deploy.model_name} (weights {serving['checkpoint_hash'][:12]}) was not "
                        f"deployed from {out}; it cannot be scored, so the winner replaces it")
-    selection = {"metric": cfg.selection.metric, "features": cfg.selection.features, "scored_with": scored_with(cfg),
+    selection = {"metric": cfg.selection.metric, "features": cfg.selection.features, "scored_with": settings,
                  "winner": best, "serving_before": serving, "decision": decision, "rows": rows,
                  "deployed": previous.get("deployed") if decision == "keep" else None}
     if decision == "keep":
         click.echo(f"the served checkpoint {best['checkpoint']} still scores best; nothing to deploy")
     else:
         with flow.step(f"{decision} {cfg.deploy.app_name}: {cfg.deploy.model_name} = {best['checkpoint']}"):
-            selection["deployed"] = deploy(cfg, best["checkpoint"], out)
+            selection["deployed"] = deploy(cfg, best, out)
     selection["timings_s"] = flow.timings
     storage.write_text(selection_path, json.dumps(selection, indent=2, default=str) + "\n")
     flow.done([f"winner:    {best['candidate']} {best['checkpoint']} ({cfg.selection.metric} {best['value']:.4g})",
                f"decision:  {decision}", f"endpoint:  {_base_url(cfg.deploy)}/",
-               f"selection: {storage.join(out, 'selection.json')}", f"serve.yaml: {storage.join(out, 'serve.yaml')}"])
+               f"selection: {selection_path}", f"serve.yaml: {storage.join(out, 'serve.yaml')}"])
     return selection
 
 
@@ -273,12 +274,10 @@ def main(config_path: str, out: str, overrides: tuple[str, ...], address: str | 
     def body() -> None:
         run(config_path, out if storage.is_s3(out) else os.path.abspath(out), overrides, address)
         if keep_serving if keep_serving is not None else not address:
+            from genart.serve.run import wait_for_ctrl_c
+
             click.echo("serving until Ctrl-C")
-            try:
-                while True:
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                pass
+            wait_for_ctrl_c()
 
     run_main("train_then_deploy", body)
 

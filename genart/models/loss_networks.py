@@ -108,9 +108,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     name = str(path)
     if storage.is_s3(name):
-        if not storage.exists(name):
-            raise UserError(f"weights file not found: {name}")
-        source: io.BytesIO | str = io.BytesIO(storage.read_bytes(name))
+        try:
+            source: io.BytesIO | str = io.BytesIO(storage.read_bytes(name))
+        except UserError:  # storage's "not found: ..."
+            raise UserError(f"weights file not found: {name}") from None
     else:
         local = Path(name).expanduser()
         if not local.is_file():

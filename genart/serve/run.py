@@ -77,9 +77,16 @@ def serve_forever(settings: ServeArgs, host: str, port: int, address: str | None
     print(f"API key: {'required (from $' + key_env + ')' if os.environ.get(key_env) else 'not required (set $' + key_env + ' to require one)'}")
     print("Ctrl-C to stop.")
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
+        wait_for_ctrl_c()
         print("stopping…")
     finally:
         serve.delete(APP_NAME)
+
+
+def wait_for_ctrl_c() -> None:
+    """Block this driver (which keeps the embedded Ray, and so the app, alive) until Ctrl-C."""
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
