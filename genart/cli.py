@@ -55,8 +55,11 @@ set_option = click.option(
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at --out.")
 @address_option
 def prepare(srcs, dest, size, resize_mode, labels, val_fraction, shard_rows, max_pixels, overwrite, address):
-    """Turn raw images (folders, .zip/.tar archives, Parquet, s3:// prefixes) into a validated, deduplicated,
-    sharded Parquet dataset with manifest.json and rejected.jsonl."""
+    """Turn raw images (folders, .zip/.tar archives, Parquet, MNIST-style idx pairs, s3:// prefixes) into a
+    validated, deduplicated, sharded Parquet dataset with manifest.json and rejected.jsonl.
+
+    An idx pair is a *-images-idx3-ubyte[.gz] file with its *-labels-idx1-ubyte[.gz] beside it (give the file or
+    its folder); its images are labelled by the labels file ("0".."9" for MNIST)."""
     from genart import runtime
     from genart.data import images
     from genart.data.prepare import PrepareOptions, prepare as run_prepare, summary
@@ -243,7 +246,7 @@ def evaluate(model, data, num, features, inception_weights, split, max_real, k, 
     """FID, KID and precision/recall of a generative checkpoint against a prepared dataset.
 
     Real (cached beside the dataset) and generated images are featurised by Ray Data actor pools. Scores on
-    critic features are reported as such (e.g. fid_critic), never as plain FID.
+    critic features are named as such (e.g. fid1k_critic: 1,000 generated, critic features), never plain FID.
     """
     import json
 

@@ -126,7 +126,7 @@ def test_round_trip_tensors(tmp_path, synth_dir, ray_session):
     manifest = prep.prepare([synth_dir], dest, prep.PrepareOptions(size=32, val_fraction=0.2), progress=False)
     for split in ("train", "val"):
         seen, labels = 0, []
-        for batch in training_dataset(dest, split, 16, augment=(split == "train")).iter_torch_batches(batch_size=8):
+        for batch in training_dataset(dest, split, 16).iter_torch_batches(batch_size=8):
             img = batch["image"]
             assert img.shape[1:] == (3, 16, 16) and str(img.dtype) == "torch.float32"
             assert -1.0 <= float(img.min()) and float(img.max()) <= 1.0

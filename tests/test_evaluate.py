@@ -1,12 +1,17 @@
-"""genart.evaluate: metric math against plain NumPy/SciPy references, KID unbiasedness, precision/recall edge cases,
-the reference-statistics cache, `score_checkpoint`, the `genart evaluate` CLI (Ray Data), and the Inception path."""
+"""genart.evaluate: metric math against plain NumPy/SciPy references, KID unbiasedness and spread, precision/recall
+edge cases, the metric registry and its names, the one preprocessing path, the reference-statistics cache,
+`score_checkpoint`, the `genart evaluate` CLI (Ray Data), the workflow's metric selection, and the Inception path."""
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 import shutil
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +21,7 @@ from click.testing import CliRunner
 
 from genart.errors import UserError
 from genart.evaluate import metrics as M
+from genart.evaluate import registry
 
 IMAGE_SIZE = 16
 
@@ -64,7 +70,7 @@ def test_self_scores_zero_and_shift_scores_more():
     a = rng.standard_normal((600, 16))
     shifted = rng.standard_normal((600, 16)) + 0.5
     assert abs(M.fid(a, a)) < 1e-6
-    kid_self, _ = M.kid(a, a, num_subsets=5)
+    kid_self, _ = M.kid(a, a, num_subsets=5, max_fraction=1.0)  # one subset = the whole set, on both sides
     kid_shift, _ = M.kid(a, shifted, num_subsets=5)
     # A set against itself is not an independent sample: the unbiased estimate is then -2(mean diag - mean
     # off-diag of K)/m, small and negative. It must be tiny next to a real shift.
@@ -86,7 +92,7 @@ def test_metrics_match_plain_numpy_scipy():
     assert M.frechet_distance(x.mean(0), np.cov(x, rowvar=False), moments.mean, moments.cov) == pytest.approx(reference_fid(x, y), rel=1e-3)
     assert M.mmd2_unbiased(x, y) == pytest.approx(reference_mmd2(x, y), rel=1e-3)
     # one subset holding every row of each set: KID is then exactly the unbiased MMD^2 of the two sets
-    kid_mean, kid_std = M.kid(x[:50], y, num_subsets=1, subset_size=50)
+    kid_mean, kid_std = M.kid(x[:50], y, num_subsets=1, subset_size=50, max_fraction=1.0)
     assert kid_mean == pytest.approx(reference_mmd2(x[:50], y), rel=1e-3) and kid_std == 0.0
     for k in (1, 3, 5):
         far = y + 0.5
@@ -109,7 +115,7 @@ def test_kid_is_unbiased_against_analytic_mmd2():
     tolerances = []
     for px, py in [((0.0, 1.0), (0.0, 1.0)), ((0.0, 1.0), (0.5, 1.0))]:
         values = np.array([
-            M.kid(rng.normal(*px, size=(n, 1)), rng.normal(*py, size=(n, 1)), num_subsets=1, subset_size=n)[0]
+            M.kid(rng.normal(*px, size=(n, 1)), rng.normal(*py, size=(n, 1)), num_subsets=1, subset_size=n, max_fraction=1.0)[0]
             for _ in range(trials)
         ])
         truth = analytic(px, py)
@@ -125,6 +131,23 @@ def test_kid_is_unbiased_against_analytic_mmd2():
     assert biased > 3 * tolerances[0]  # the same-distribution case, where the truth is 0
 
 
+def test_kid_std_is_not_zero_for_small_n_and_mean_stays_unbiased():
+    """With N <= 1000 every subset of min(1000, N) rows was the whole set: std 0 whatever the data. Subsets are now at
+    most half the smaller set, so they differ; each one's MMD^2 is unbiased, so the mean over them is too."""
+    assert M.kid_subset_size(500, 500) == 250 and M.kid_subset_size(10_000, 1000) == 500
+    assert M.kid_subset_size(5000, 5000) == M.KID_SUBSET_SIZE and M.kid_subset_size(3, 2) == 2
+    rng = np.random.default_rng(4)
+    mean, std = M.kid(rng.standard_normal((500, 16)), rng.standard_normal((500, 16)))
+    assert std > 0 and abs(mean) < 2 * std, (mean, std)
+    # Same distribution, many independent draws: the means average to 0 within their own standard error...
+    means = np.array([M.kid(rng.standard_normal((500, 16)), rng.standard_normal((500, 16)), num_subsets=10)[0]
+                      for _ in range(30)])
+    assert abs(means.mean()) < 4 * means.std(ddof=1) / np.sqrt(len(means)), means
+    # ...and a real difference stands far above that noise.
+    shifted, _ = M.kid(rng.standard_normal((500, 16)), rng.standard_normal((500, 16)) + 0.3, num_subsets=10)
+    assert shifted > 10 * means.std(ddof=1), (shifted, means.std(ddof=1))
+
+
 def test_precision_recall_identical_and_disjoint():
     rng = np.random.default_rng(3)
     a = rng.standard_normal((200, 12))
@@ -132,6 +155,37 @@ def test_precision_recall_identical_and_disjoint():
     assert M.precision_recall(a, a + 1000.0, k=3) == (0.0, 0.0)
     with pytest.raises(ValueError):
         M.precision_recall(a[:3], a[:3], k=3)
+
+
+# ---------------------------------------------------------------- the metric registry and its names
+
+
+def test_metric_names_carry_sample_count_and_protocol():
+    assert [registry.count_tag(n) for n in (1000, 50_000, 256, 1500, 24)] == ["1k", "50k", "256", "1500", "24"]
+    assert registry.metric_keys("critic", 1000) == [
+        "fid1k_critic", "kid1k_critic", "kid1k_critic_std", "pr1k_k3_critic_precision", "pr1k_k3_critic_recall"]
+    assert registry.metric_keys("inception", 256, k=5)[-1] == "pr256_k5_inception_recall"
+    assert registry.metric_keys("critic", 3) == ["fid3_critic", "kid3_critic", "kid3_critic_std"]  # pr needs N > k
+    better = {name: out.better for name, out in registry.specs(registry.Protocol("critic", 1000)).items()}
+    assert better == {"fid1k_critic": "min", "kid1k_critic": "min", "kid1k_critic_std": None,
+                      "pr1k_k3_critic_precision": "max", "pr1k_k3_critic_recall": "max"}
+
+
+@pytest.mark.parametrize("base", sorted(registry.METRICS))
+def test_every_registered_metric_reports_exactly_its_names(base):
+    """Registered means tested: compute gives finite values under exactly the names `metric_keys` promises."""
+    from genart.evaluate.reference import Reference
+
+    rng = np.random.default_rng(5)
+    real, fake = rng.standard_normal((120, 8)), rng.standard_normal((40, 8)) + 0.2
+    ref = Reference(real.mean(0), np.cov(real, rowvar=False), len(real), real.astype(np.float32), "key")
+    protocol = registry.Protocol("critic", len(fake))
+    values, details = registry.METRICS[base].compute(ref, fake, protocol)
+    names = {registry.key(base, protocol, suffix) for suffix in values}
+    assert names == {n for n in registry.metric_keys("critic", len(fake)) if n.startswith(base + "40")}
+    assert all(np.isfinite(v) for v in values.values()) and isinstance(details, dict)
+    all_values, _ = registry.compute(ref, fake, protocol)
+    assert list(all_values) == registry.metric_keys("critic", len(fake))
 
 
 # ---------------------------------------------------------------- tiny checkpoints and datasets
@@ -172,6 +226,74 @@ def dataset(ray_session, synth_dir, tmp_path_factory):
     return prepare_dataset(synth_dir, str(tmp_path_factory.mktemp("eval-data") / "prepared"))
 
 
+# ---------------------------------------------------------------- one preprocessing path for real and generated
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_real_and_generated_images_take_one_path(checkpoints):
+    """A real picture stored wider than square, and the same picture as a generator's float output, must give the
+    same features: the real one is center-cropped (not squashed), the generated one quantised like serving does."""
+    import pyarrow as pa
+
+    from genart.data.images import model_input
+    from genart.evaluate import reference
+    from genart.evaluate.features import build_extractor
+    from genart.serve.runners import to_uint8
+
+    rng = np.random.default_rng(6)
+    square = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # (H, W, 3)
+    border = np.zeros((IMAGE_SIZE, 4, 3), np.uint8)
+    border[..., 0] = 255  # red bars left and right: a squash would mix them in, a center crop drops them
+    stored = png_bytes(np.concatenate([border, square, border], axis=1))  # 16 x 24, as a dataset keeping sizes
+    table = pa.table({"image": [stored]})
+    real = reference.decode_rows(table, IMAGE_SIZE)
+    np.testing.assert_array_equal(real[0], square)
+
+    # The generator's float output for that picture, off by less than half a level: quantises back to `square`.
+    generated = torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255 + 0.4 / 255  # (1, 3, 16, 16)
+    extractor = build_extractor(f"critic:{checkpoints['critic']}", device="cpu")
+    np.testing.assert_array_equal(extractor(generated), extractor(real))
+
+    # Quantisation is serving's round-half-up: (k + 0.5) / 255 -> k + 1, and float input equals its uint8 pixels.
+    from genart.evaluate.preprocess import network_input, to_pixels
+
+    halves = torch.full((1, 3, 4, 4), 100.5 / 255)
+    assert to_pixels(halves)[0].max() == 101
+    floats = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_array_equal(np.stack(to_pixels(floats)), to_uint8(floats))
+    np.testing.assert_array_equal(extractor(floats), extractor(to_uint8(floats)))
+    # The crop + resize is images.model_input, the one used by training data, batch scoring and serving.
+    wide = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(network_input([wide], 8).numpy(), model_input(wide, 8)[None])
+    # A real image stored bigger than the generator is brought to the generator's resolution first.
+    big = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(reference.decode_rows(pa.table({"image": [png_bytes(big)]}), IMAGE_SIZE)[0],
+                                  to_uint8(torch.from_numpy(model_input(big, IMAGE_SIZE))[None])[0])
+
+
+def test_cache_key_holds_resolution_and_preprocessing_version(dataset, checkpoints, monkeypatch):
+    from genart.evaluate import reference
+    from genart.evaluate.features import build_extractor
+
+    extractor = build_extractor(f"critic:{checkpoints['critic']}", device="cpu")
+    key16 = reference.cache_key(dataset, extractor.identity, "all", None, 16)
+    assert reference.cache_key(dataset, extractor.identity, "all", None, 8) != key16
+    monkeypatch.setattr(reference, "PREPROCESS_VERSION", reference.PREPROCESS_VERSION + 1)
+    assert reference.cache_key(dataset, extractor.identity, "all", None, 16) != key16
+    monkeypatch.undo()
+    # statistics made at another resolution are another file, never the 16 px one reused
+    at16 = reference.get_local(dataset, "all", extractor, resolution=16, limit=10)
+    at8 = reference.get_local(dataset, "all", extractor, resolution=8, limit=10)
+    assert at16.path != at8.path and not np.allclose(at16.mean, at8.mean)
+
+
 # ---------------------------------------------------------------- cache, score_checkpoint, CLI (real Ray Data)
 
 
@@ -210,10 +332,10 @@ def test_reference_cache_on_s3_and_fallback_when_dataset_location_unwritable(ray
 
     extractor = build_extractor(f"critic:{checkpoints['critic']}", device="cpu")
     data = prepare_dataset(synth_dir, f"s3://{s3_bucket}/prepared")
-    first = reference.get_local(data, "train", extractor, limit=20)
+    first = reference.get_local(data, "train", extractor, IMAGE_SIZE, limit=20)
     assert not first.hit and first.path.startswith(f"s3://{s3_bucket}/prepared/_genart_cache/ref-critic-")
     assert first.count == 20 and first.subset.shape == (20, 16)
-    second = reference.get_local(data, "train", extractor, limit=20)
+    second = reference.get_local(data, "train", extractor, IMAGE_SIZE, limit=20)
     assert second.hit and second.path == first.path
     np.testing.assert_array_equal(second.subset, first.subset)
 
@@ -222,21 +344,27 @@ def test_reference_cache_on_s3_and_fallback_when_dataset_location_unwritable(ray
     shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("_genart_cache"))
     (copy / "_genart_cache").write_text("not a folder")
     monkeypatch.setenv("GENART_CACHE_DIR", str(tmp_path / "cache"))
-    local = reference.get_local(str(copy), "all", extractor, limit=10)
+    local = reference.get_local(str(copy), "all", extractor, IMAGE_SIZE, limit=10)
     assert not local.hit and local.path.startswith(str(tmp_path / "cache"))
-    assert reference.get_local(str(copy), "all", extractor, limit=10).hit
+    assert reference.get_local(str(copy), "all", extractor, IMAGE_SIZE, limit=10).hit
 
 
 def test_score_checkpoint_in_process(dataset, checkpoints):
-    from genart.evaluate import metric_keys, score_checkpoint
+    from genart.evaluate import metric_keys, reference, score_checkpoint
+    from genart.evaluate.scoring import extractor_for
     from genart.train.config import EvalSection
 
+    assert EvalSection().num_samples == 1000  # FID on 256 samples is mostly bias and noise
     cfg = EvalSection(every_checkpoints=1, num_samples=16, features=f"critic:{checkpoints['critic']}")
     started = time.time()
     scores = score_checkpoint(checkpoints["dcgan"], dataset, cfg)
-    assert set(scores) == set(metric_keys("critic"))
+    assert list(scores) == metric_keys("critic", 16) and "fid16_critic" in scores
     assert all(isinstance(v, float) and np.isfinite(v) for v in scores.values())
-    assert scores["fid_critic"] > 0 and 0.0 <= scores["precision_critic"] <= 1.0
+    assert scores["fid16_critic"] > 0 and 0.0 <= scores["pr16_k3_critic_precision"] <= 1.0
+    assert scores["kid16_critic_std"] > 0
+    # The real side is the whole split (100 images), not shrunk to the 16 generated ones, and it is cached.
+    ref = reference.get_local(dataset, "all", extractor_for(cfg.features), resolution=IMAGE_SIZE)
+    assert ref.hit and ref.count == 100
     # the second checkpoint reuses the cached real side and, with the same weights, gives the same scores
     assert score_checkpoint(checkpoints["dcgan_run"], dataset, cfg) == pytest.approx(scores, rel=1e-6)
     print(f"score_checkpoint x2: {time.time() - started:.1f}s")
@@ -252,16 +380,36 @@ def test_cli_evaluate_end_to_end(dataset, checkpoints, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert set(report["metrics"]) == {"fid_critic", "kid_critic", "kid_std_critic", "precision_critic", "recall_critic"}
-    assert report["labels"]["fid_critic"].startswith("FID (critic features: ")
+    assert list(report["metrics"]) == registry.metric_keys("critic", 20) and "fid20_critic" in report["metrics"]
+    assert report["labels"]["fid20_critic"].startswith("FID (critic features: ")
+    assert report["preprocess"]["resolution"] == IMAGE_SIZE and report["kid"]["subset_size"] == 10
     assert report["num_generated"] == 20 and report["data"]["num_real"] == 100
     assert report["features"]["name"] == "critic" and report["features"]["dim"] == 16
     assert {"hit", "path", "key"} <= set(report["cache"]) and report["model"]["family"] == "dcgan"
-    assert "FID (critic features:" in result.output and "reference cache:" in result.output
+    assert "fid20_critic = FID (critic features:" in result.output and "reference cache:" in result.output
 
     bad = CliRunner().invoke(main, ["evaluate", "--model", checkpoints["critic"], "--data", dataset, "--features",
                                     f"critic:{checkpoints['critic']}"])
     assert bad.exit_code == 2 and "generative model" in bad.output
+
+
+def test_workflow_selects_by_registry_names():
+    """train_then_deploy's selection.metric is a `genart evaluate` name, checked against num_samples and features."""
+    from genart import config
+
+    path = Path(__file__).resolve().parents[1] / "workflows" / "train_then_deploy.py"
+    spec = importlib.util.spec_from_file_location("workflow_train_then_deploy", path)
+    ttd = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ttd  # pydantic resolves the configs' annotations through sys.modules
+    spec.loader.exec_module(ttd)
+
+    shipped = config.load(ttd.TrainThenDeployConfig, path.with_suffix(".yaml"))
+    assert shipped.selection.metric == "fid1k_critic" and shipped.selection.better == "min"
+    recall = ttd.Selection(metric="pr24_k3_critic_recall", features="critic:x", num_samples=24)
+    assert recall.better == "max"
+    for stale in ("fid", "kid1k_critic", "kid24_critic_std"):  # old name, wrong N, not a quality score
+        with pytest.raises(ValueError, match="fid24_critic"):
+            ttd.Selection(metric=stale, features="critic:x", num_samples=24)
 
 
 # ---------------------------------------------------------------- feature specs and the Inception path
@@ -299,7 +447,7 @@ def test_inception_features_from_weights_file_and_missing_weights(tmp_path, monk
     images = [torch.rand(3, 16, 16), torch.rand(3, 16, 16), torch.rand(3, 24, 20)]  # mixed sizes are resized each
     feats = extractor(images)
     assert feats.shape == (3, 2048) and extractor.dim == 2048 and np.isfinite(feats).all()
-    assert extractor.identity.startswith("inception_v3:") and "bilinear" in extractor.resize
+    assert extractor.identity.startswith("inception_v3:") and "Lanczos" in extractor.resize
     print(f"inception build + save + load + 3 images: {time.time() - started:.1f}s")
 
     evil = tmp_path / "evil.pth"  # a pickle that is not plain tensors must be refused, never run

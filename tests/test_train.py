@@ -126,7 +126,7 @@ def test_data_and_cluster_errors_before_any_worker(dataset, tmp_path):
         (make_cfg("vae", str(tmp_path / "nothing"), runs, "e"), "not a prepared dataset"),
         (make_cfg("vae", dataset, runs, "f", scaling={"use_gpu": True}), "scaling.use_gpu"),
         (make_cfg("critic", dataset, runs, "g", eval={"every_checkpoints": 1}), "eval.every_checkpoints"),
-        (make_cfg("vae", dataset, runs, "g2", eval={"best_metric": "fid_critic"}), "eval.best_metric"),
+        (make_cfg("vae", dataset, runs, "g2", eval={"best_metric": "fid1k_critic"}), "eval.best_metric"),
     ]
     # an "empty" dataset: every input rejected, so the manifest has no images
     bad = tmp_path / "bad"
@@ -244,15 +244,15 @@ def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path):
     features = _critic_checkpoint(str(tmp_path / "features"))
     cfg = make_cfg("vae", dataset, str(tmp_path / "runs"), "vae", model={"lr": 3e-3}, data={"batch_size": 16},
                    train={"max_steps": 150, "checkpoint_every_steps": 50, "log_every_steps": 10},
-                   eval={"every_checkpoints": 2, "num_samples": 32, "features": f"critic:{features}", "best_metric": "fid_critic"})
+                   eval={"every_checkpoints": 2, "num_samples": 32, "features": f"critic:{features}", "best_metric": "fid32_critic"})
     summary = train(cfg)
     rows = check_run_folder(summary["run_dir"], [100, 150])
     val = [r["val_recon_mse"] for r in rows if "val_recon_mse" in r]
     assert val[-1] < val[0], val
-    evaluated = [r["step"] for r in rows if "eval_fid_critic" in r]
+    evaluated = [r["step"] for r in rows if "eval_fid32_critic" in r]
     assert evaluated == [100, 150], evaluated  # the 2nd checkpoint and the last
     best = outputs.read_best(summary["run_dir"])
-    assert best["metric"] == "eval_fid_critic" and best["checkpoint"] in ("step-000100", "step-000150")
+    assert best["metric"] == "eval_fid32_critic" and best["checkpoint"] in ("step-000100", "step-000150")
     assert rows[-1]["recon_mse"] < 0.7 * rows[0]["recon_mse"], (rows[0], rows[-1])
 
     vae = models.load(summary["run_dir"], family="vae")

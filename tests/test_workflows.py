@@ -217,7 +217,7 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
             {"name": "hinge", "set": ["model.base_channels=4", "model.latent_dim=8", "data.batch_size=8",
                                       "train.checkpoint_every_steps=2", "data.image_size=16", "model.loss=hinge"]},
         ],
-        "selection": {"metric": "kid", "features": f"critic:{critic}", "num_samples": 24},
+        "selection": {"metric": "kid24_critic", "features": f"critic:{critic}", "num_samples": 24},
         "deploy": {"app_name": "t-ttd", "route_prefix": "/t-ttd", "host": host, "port": port},
     }))
     ttd = load_workflow("train_then_deploy")

@@ -20,7 +20,7 @@ import urllib.request
 from typing import Literal
 
 import click
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from genart import config, runtime, storage
 from genart.errors import UserError
@@ -28,7 +28,6 @@ from genart.train.config import RUN_NAME
 from genart.workflow import Workflow, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False}
 SERVABLE = ("dcgan", "vae")  # generators: what FID/KID/precision/recall measure
 
 
@@ -45,11 +44,37 @@ class Candidate(config.Section):
 
 
 class Selection(config.Section):
-    metric: Literal["fid", "kid", "precision", "recall"] = "fid"  # fid/kid: lower is better; precision/recall: higher
+    # A `genart evaluate` metric name, which carries num_samples and the features (genart.evaluate.registry):
+    # fid1k_inception, kid1k_critic (lower is better), pr1k_k3_critic_precision / _recall (higher is better), ...
+    metric: str = "fid1k_inception"
     features: str = "inception"  # inception[:WEIGHTS] or critic:RUN_OR_CHECKPOINT (see `genart evaluate --help`)
     num_samples: int = Field(1000, ge=2)  # generated images per checkpoint (same seeds for every checkpoint)
     split: str = "val"  # real images compared against
     max_real: int | None = Field(None, ge=2)  # cap on real images (None = the whole split)
+
+    @model_validator(mode="after")
+    def _known_metric(self):
+        if not self.better:
+            from genart.evaluate import metric_keys, parse_features
+
+            names = [n for n in metric_keys(parse_features(self.features).kind, self.num_samples)
+                     if _direction(n, self)]
+            raise ValueError(f"selection.metric {self.metric!r} is not a score of num_samples={self.num_samples} on "
+                             f"features={self.features}; use one of {', '.join(names)}")
+        return self
+
+    @property
+    def better(self) -> Literal["min", "max"] | None:
+        """Which way `metric` is better, from the registry; None when it is not a selectable score here."""
+        return _direction(self.metric, self)
+
+
+def _direction(name: str, sel: Selection) -> Literal["min", "max"] | None:
+    from genart.evaluate import parse_features
+    from genart.evaluate.registry import Protocol, specs
+
+    output = specs(Protocol(parse_features(sel.features).kind, sel.num_samples)).get(name)
+    return output.better if output else None
 
 
 class Deploy(config.Section):
@@ -100,10 +125,9 @@ def score(checkpoint: str, cfg: TrainThenDeployConfig) -> float:
     sel = cfg.selection
     report = job.run(checkpoint, cfg.data, num=sel.num_samples, features=sel.features, split=sel.split,
                      max_real=sel.max_real)
-    key = f"{sel.metric}_{report['features']['name']}"
-    if key not in report["metrics"]:  # precision/recall need more than k images per side
-        raise UserError(f"selection.metric {sel.metric}: not computed with num_samples={sel.num_samples}; raise it")
-    return float(report["metrics"][key])
+    if sel.metric not in report["metrics"]:  # precision/recall need more than k images per side
+        raise UserError(f"selection.metric {sel.metric}: not computed for {checkpoint} (see its report); raise num_samples")
+    return float(report["metrics"][sel.metric])
 
 
 def weights_hash(checkpoint: str) -> str:
@@ -141,7 +165,7 @@ def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: di
         rows.append({"candidate": name, "checkpoint": uri, "checkpoint_hash": digest, "step": step, "value": value})
         reused = " (scored before)" if (uri, digest) in known else ""
         click.echo(f"  {name} {uri.rsplit('/', 1)[-1]}: {cfg.selection.metric} {value:.4g}{reused}")
-    lower = LOWER_IS_BETTER[cfg.selection.metric]
+    lower = cfg.selection.better == "min"
     return sorted(rows, key=lambda r: r["value"] if lower else -r["value"])
 
 

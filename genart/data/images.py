@@ -105,6 +105,13 @@ def resize_square(img: Image.Image, size: int, mode: str = "crop") -> Image.Imag
     raise ValueError(f"resize mode must be 'crop' or 'pad', not {mode!r}")
 
 
+def model_input(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+    """The one way an image becomes a square model input everywhere (training data, batch jobs, serving, metrics):
+    (H, W, 3) uint8 or a PIL image -> center-crop to a square, Lanczos to size x size -> float32 (3, S, S) in [0, 1]."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image), "RGB")
+    return to_array(resize_square(img.convert("RGB"), size, "crop"))
+
+
 def cap_side(img: Image.Image, max_side: int | None) -> Image.Image:
     """Downscale so the longer side is at most max_side, keeping the aspect ratio."""
     if not max_side or max(img.size) <= max_side:

@@ -10,6 +10,7 @@ DEST is complete or absent: until the manifest exists, nothing at DEST looks lik
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -56,6 +57,36 @@ def split_of(image_id: str, val_fraction: float) -> str:
     return "val" if int(image_id[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
 
 
+def _hashed(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def mixed(plan: sources.Plan) -> sources.Plan:
+    """The plan with its inputs in a hashed (deterministic, class-blind) order, so shards come out mixed.
+
+    Inputs are usually listed class by class (sorted folders); written in that order, every shard, the first rows
+    of a split and every streamed block would hold one class. Plain files and zip members are re-chunked in the
+    order of their hashed names; a tar stream or a Parquet file stays one unit (its rows keep their order) and
+    only takes a hashed place among the units. Costs nothing at run time: no image bytes are shuffled.
+    """
+    plain, zips, whole = [], {}, []
+    for unit in plan.units:
+        if unit.kind == "files":
+            plain.extend(zip(unit.items, unit.rel_paths, unit.labels))
+        elif unit.kind == "zip":
+            zips.setdefault(unit.uri, []).extend(zip(unit.items, unit.rel_paths, unit.labels))
+        else:
+            whole.append(unit)
+    units = list(whole)
+    for kind, uri, members in [("files", "", plain)] + [("zip", u, m) for u, m in zips.items()]:
+        members = sorted(members, key=lambda m: _hashed(f"{uri}!{m[0]}"))
+        for i in range(0, len(members), sources.FILES_PER_UNIT):
+            chunk = members[i : i + sources.FILES_PER_UNIT]
+            units.append(sources.Unit(kind, uri, [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]))
+    units.sort(key=lambda u: _hashed(f"{u.kind}:{u.uri}:{u.items[0] if u.items else ''}"))
+    return dataclasses.replace(plan, units=units)
+
+
 def _ours(name: str) -> bool:
     """Files genart writes at DEST; nothing else there is ever deleted, even with --overwrite."""
     # _genart_cache: evaluation's reference statistics, keyed by dataset hash, so stale ones are harmless to drop.
@@ -87,7 +118,7 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
         raise UserError(f"--resize {opts.resize_mode}: must be crop or pad")
     if opts.labels not in (None, "dirs", "none"):
         raise UserError(f"--labels {opts.labels}: must be dirs or none")
-    plan = sources.plan(srcs, opts.labels)
+    plan = mixed(sources.plan(srcs, opts.labels))
     _check_dest(dest, opts.overwrite)
     runtime.init()
     ray.data.DataContext.get_current().enable_progress_bars = progress

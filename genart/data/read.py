@@ -1,6 +1,6 @@
 """Stream a prepared dataset (local or s3://) as Ray Datasets of normalised tensors, for training and evaluation.
 
-    ds = training_dataset("data/prepared", split="train", image_size=64, augment=True)
+    ds = training_dataset("data/prepared", split="train", image_size=64)
     # columns: image float32 (3, H, W) in [-1, 1]; label int64 (-1 when unlabelled)
 
 Reading is lazy and streamed block by block: memory stays bounded however large the dataset.
@@ -18,9 +18,6 @@ from PIL import Image
 from genart import runtime, storage
 from genart.errors import UserError
 
-# Random crops are taken from an image upscaled by this factor (then flipped half the time).
-CROP_SCALE = 1.125
-
 
 def read_manifest(uri: str) -> dict:
     """The manifest of a prepared dataset; a clear error when `uri` is not one."""
@@ -34,30 +31,22 @@ def parquet_files(uri: str) -> list[str]:
     return [u for u in storage.listdir(uri) if u.rsplit("/", 1)[-1].startswith("part-") and u.endswith(".parquet")]
 
 
-def _decode(png: bytes, size: int, augment: bool, rng: np.random.Generator) -> np.ndarray:
+def _decode(png: bytes, size: int) -> np.ndarray:
+    """PNG bytes -> (3, S, S) float32 in [-1, 1] through `images.model_input`, the crop + resize used everywhere."""
+    from genart.data.images import model_input
+
     img = Image.open(io.BytesIO(png)).convert("RGB")
-    if augment:
-        big = max(size, int(round(size * CROP_SCALE)))
-        img = _square(img, big)
-        x, y = rng.integers(0, big - size + 1, size=2)
-        img = img.crop((int(x), int(y), int(x) + size, int(y) + size))
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    else:
-        img = _square(img, size)
-    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
-
-
-def _square(img: Image.Image, size: int) -> Image.Image:
     if img.size == (size, size):
-        return img
-    from genart.data.images import resize_square
-
-    return resize_square(img, size, "crop")
+        return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return model_input(img, size) * 2.0 - 1.0
 
 
-def training_dataset(uri: str, split: str | None = "train", image_size: int | None = None, augment: bool = False, seed: int | None = None):
-    """Ray Dataset of {"image": (3,S,S) float32 in [-1,1], "label": int64} rows for one split (None = all)."""
+def training_dataset(uri: str, split: str | None = "train", image_size: int | None = None):
+    """Ray Dataset of {"image": (3,S,S) float32 in [-1,1], "label": int64} rows for one split (None = all).
+
+    No augmentation here: training augments batches on the workers (genart.train.augment), one implementation
+    whether the split is cached or streamed.
+    """
     import ray
 
     manifest = read_manifest(uri)
@@ -74,11 +63,10 @@ def training_dataset(uri: str, split: str | None = "train", image_size: int | No
     def decode_batch(batch: pa.Table) -> dict:
         if split:
             batch = batch.filter(pa.compute.equal(batch.column("split"), split))
-        rng = np.random.default_rng(seed)
         pngs = batch.column("image").to_pylist()
         labels = batch.column("label").to_pylist()
         return {
-            "image": np.stack([_decode(p, size, augment, rng) for p in pngs]) if pngs else np.zeros((0, 3, size, size), np.float32),
+            "image": np.stack([_decode(p, size) for p in pngs]) if pngs else np.zeros((0, 3, size, size), np.float32),
             "label": np.array([-1 if lab is None else lab for lab in labels], dtype=np.int64),
         }
 

@@ -1,4 +1,5 @@
-"""Where images come from: folders, zip/tar archives, Parquet datasets and s3:// prefixes, as one Ray Dataset.
+"""Where images come from: folders, zip/tar archives, Parquet datasets, MNIST-style idx files and s3:// prefixes,
+as one Ray Dataset.
 
 The driver only *plans*: it lists every input (file, archive member or Parquet row) and groups them into
 units. Ray tasks then read the units in parallel and emit one raw record per input, with either its bytes
@@ -7,9 +8,14 @@ or the reason it could not be read. Every planned input yields exactly one recor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gzip
 import posixpath
+import re
+import struct
 import tarfile
+import zlib
 import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -23,6 +29,14 @@ from genart.errors import UserError
 ZIP_EXT = (".zip",)
 TAR_EXT = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 PARQUET_EXT = (".parquet",)
+# MNIST-style idx pairs (MNIST, Fashion-MNIST, EMNIST; Kaggle's "t10k-images.idx3-ubyte" spelling too): unsigned-byte
+# images (N x rows x cols) with, beside them, the labels file of the same name (N bytes). Optionally gzipped.
+IDX_IMAGES = re.compile(r"images([-.])idx3([-.])ubyte(\.gz)?$", re.IGNORECASE)
+IDX_LABELS = re.compile(r"labels[-.]idx1[-.]ubyte(\.gz)?$", re.IGNORECASE)
+IDX_IMAGES_PER_UNIT = 2048
+IDX_MAX_IMAGES = 10_000_000
+IDX_MAX_SIDE = 4096
+IDX_MAX_BYTES = 4 << 30  # decompressed pixel bytes of one idx file
 # Files a prepared dataset keeps beside its shards, and files a batch job writes at its output root: never inputs
 # (so one job's output folder can be the next one's input, e.g. stylize -> score).
 DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl")
@@ -43,11 +57,11 @@ RAW_SCHEMA = pa.schema(
 
 @dataclass
 class Unit:
-    """One read task: a batch of files, some members of one archive, or one Parquet file."""
+    """One read task: a batch of files, some members of one archive, one Parquet file, or a run of idx images."""
 
-    kind: str  # "files" | "zip" | "tar" | "parquet"
-    uri: str  # the archive or Parquet file ("" for plain files)
-    items: list[str] = field(default_factory=list)  # file URIs or archive member names
+    kind: str  # "files" | "zip" | "tar" | "parquet" | "idx"
+    uri: str  # the archive, Parquet or idx images file ("" for plain files)
+    items: list[str] = field(default_factory=list)  # file URIs, archive member names or idx image indices
     rel_paths: list[str] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
     rows: int = 0  # parquet: number of rows
@@ -112,12 +126,17 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
                            if not (posixpath.basename(f) in sidecars and posixpath.dirname(f) in outputs)]
     rels = [storage.relative(src, f) for f, _ in files]
     use_dirs = labels == "dirs" or (labels is None and any("/" in r for r in rels))
+    paired = {c for f, _ in files if _is_idx(f, IDX_IMAGES) for c in _idx_partners(f)}  # labels files in use
     plain: list[tuple[str, str, str | None]] = []
     units: list[Unit] = []
     for (uri, _), rel in zip(files, rels):
         label = _label_of(rel, use_dirs)
-        if _has_ext(uri, ZIP_EXT + TAR_EXT + PARQUET_EXT):
+        if _has_ext(uri, ZIP_EXT + TAR_EXT + PARQUET_EXT) or _is_idx(uri, IDX_IMAGES):
             units.extend(_plan_file(uri, rel, label, labels, failures))
+        elif _is_idx(uri, IDX_LABELS):
+            if uri not in paired:
+                failures.append({"source": uri, "reason": "bad idx file: a labels file without its "
+                                 "*-images-idx3-ubyte[.gz] file beside it"})
         else:
             plain.append((uri, rel, label))
     for i in range(0, len(plain), FILES_PER_UNIT):
@@ -159,7 +178,110 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
             return []
         # Label names of a Parquet source are carried for the plan's label map; rows keep their own.
         return [Unit("parquet", uri, [], [rel], labs, rows=rows)]
+    if _is_idx(uri, IDX_IMAGES):
+        return _plan_idx(uri, rel, label, labels, failures)
+    if _is_idx(uri, IDX_LABELS):
+        failures.append({"source": uri, "reason": "bad idx file: a labels file holds no images; "
+                         "give its *-images-idx3-ubyte[.gz] file or their folder"})
+        return []
     return [Unit("files", "", [uri], [rel], [label])]
+
+
+class IdxError(ValueError):
+    """An idx file whose header or length is wrong; the message is the whole reason."""
+
+
+def _is_idx(uri: str, pattern: re.Pattern) -> bool:
+    return pattern.search(posixpath.basename(uri)) is not None
+
+
+def _idx_partners(images_uri: str) -> list[str]:
+    """The labels files that can go with an images file: same folder and name, gzipped or not (same kind first)."""
+    folder, name = posixpath.split(images_uri)
+    stem = IDX_IMAGES.sub(r"labels\1idx1\2ubyte", name)
+    candidates = [posixpath.join(folder, stem + ".gz"), posixpath.join(folder, stem)]
+    return candidates if images_uri.lower().endswith(".gz") else candidates[::-1]
+
+
+@contextlib.contextmanager
+def _idx_open(uri: str):
+    """The idx file as one decompressed byte stream."""
+    fs, path = storage.fsspec_fs(uri)
+    with fs.open(path, "rb") as raw:
+        if uri.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield f
+        else:
+            yield raw
+
+
+def _idx_header(f, ndim: int) -> tuple[int, ...]:
+    """Check the magic number (0x0000 08 ndim: unsigned bytes, ndim dimensions) and return the dimensions."""
+    head = f.read(4 + 4 * ndim)
+    if len(head) < 4 + 4 * ndim:
+        raise IdxError(f"truncated header ({len(head)} of {4 + 4 * ndim} bytes)")
+    if head[:3] != b"\x00\x00\x08" or head[3] != ndim:
+        raise IdxError(f"magic number 0x{head[:4].hex()}, expected 0x0000080{ndim} (idx{ndim}, unsigned bytes)")
+    return struct.unpack(f">{ndim}I", head[4:])
+
+
+def _idx_reason(exc: Exception) -> str:
+    if isinstance(exc, IdxError):
+        return f"bad idx file: {exc}"
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return f"bad idx file: truncated or corrupt gzip stream ({_short(exc)})"
+    return f"unreadable idx file: {_short(exc)}"
+
+
+def _plan_idx(uri: str, rel: str, label: str | None, labels: str | None, failures: list[dict]) -> list[Unit]:
+    """Units for an idx images file, labelled from its labels file ("0".."9" for MNIST). The whole file is
+    checked here (header, caps, exact length) so a truncated download is one clear reject, not 10,000."""
+    try:
+        with _idx_open(uri) as f:
+            count, rows, cols = _idx_header(f, 3)
+            if not (0 < count <= IDX_MAX_IMAGES and 0 < rows <= IDX_MAX_SIDE and 0 < cols <= IDX_MAX_SIDE) \
+                    or count * rows * cols > IDX_MAX_BYTES:
+                raise IdxError(f"header says {count} images of {rows}x{cols}: outside the caps (1..{IDX_MAX_IMAGES} "
+                               f"images, 1..{IDX_MAX_SIDE} px a side, {IDX_MAX_BYTES} bytes)")
+            expected, found = count * rows * cols, 0
+            while found <= expected and (chunk := f.read(1 << 20)):
+                found += len(chunk)
+            if found != expected:
+                holds = f"{found} bytes" if found < expected else "more"
+                raise IdxError(f"{'truncated' if found < expected else 'trailing bytes'}: header says {count} images "
+                               f"of {rows}x{cols} ({expected} bytes of pixels), the file holds {holds}; fetch it again")
+        digits = None if labels == "none" else _idx_labels(uri, count)
+    except Exception as exc:  # noqa: BLE001 - a broken idx file is one reported input, not a crash
+        failures.append({"source": uri, "reason": _idx_reason(exc)})
+        return []
+    if labels == "none":
+        labs: list[str | None] = [None] * count
+    elif digits is None or (labels == "dirs" and label):
+        labs = [label] * count  # no labels file (or folder labels asked for): the inherited folder label
+    else:
+        labs = digits
+    units = []
+    for lo in range(0, count, IDX_IMAGES_PER_UNIT):
+        run = range(lo, min(count, lo + IDX_IMAGES_PER_UNIT))
+        units.append(Unit("idx", uri, [str(i) for i in run], [f"{rel}#{i}" for i in run], labs[run.start : run.stop]))
+    return units
+
+
+def _idx_labels(images_uri: str, count: int) -> list[str] | None:
+    """Label names from the labels file beside `images_uri` (None when there is none); IdxError if it does not fit."""
+    partner = next((c for c in _idx_partners(images_uri) if storage.exists(c)), None)
+    if partner is None:
+        return None
+    name = posixpath.basename(partner)
+    with _idx_open(partner) as f:
+        (n,) = _idx_header(f, 1)
+        if n != count:
+            raise IdxError(f"{name} holds {n} labels for {count} images")
+        data = f.read(n + 1)
+    if len(data) != n:
+        raise IdxError(f"{name}: {'truncated' if len(data) < n else 'trailing bytes'}: header says {n} labels, "
+                       f"the file holds {len(data) if len(data) < n else 'more'}")
+    return [str(b) for b in data]
 
 
 def _zip_names(uri: str) -> list[str]:
@@ -183,8 +305,8 @@ def _tar_names(uri: str) -> list[str]:
 
 def read_unit(unit: Unit, max_bytes: int | None = None) -> Iterator[pa.Table]:
     """Yield raw records (RAW_SCHEMA tables) for one unit: one row per planned input, always."""
-    reader = {"files": _read_files, "zip": _read_zip, "tar": _read_tar, "parquet": _read_parquet}[unit.kind]
-    yield from reader(unit, max_bytes)
+    readers = {"files": _read_files, "zip": _read_zip, "tar": _read_tar, "parquet": _read_parquet, "idx": _read_idx}
+    yield from readers[unit.kind](unit, max_bytes)
 
 
 def _table(rows: list[dict]) -> pa.Table:
@@ -297,6 +419,41 @@ def _read_parquet(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
                 rows.append(_record(src, rel, label, None if error else blob, error))
             offset += n
             yield _table(rows)
+
+
+def _read_idx(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
+    """Each idx image as a binary PGM (P5) file: the raw grey bytes behind a tiny header, decoded by the image gate."""
+    rows: list[dict] = []
+    done = 0
+    try:
+        with _idx_open(unit.uri) as f:
+            count, height, width = _idx_header(f, 3)
+            size = height * width
+            error = _too_big(size, max_bytes)
+            pgm_header = b"P5\n%d %d\n255\n" % (width, height)
+            position = 16
+            for item, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
+                index = int(item)
+                if index >= count:
+                    raise IdxError(f"image {index} is past the end: the file now holds {count} images")
+                if position != 16 + index * size:  # units are contiguous runs: one seek at the start
+                    position = 16 + index * size
+                    f.seek(position)
+                pixels = f.read(size)
+                position += len(pixels)
+                if len(pixels) < size:
+                    raise IdxError(f"truncated at image {index}")
+                rows.append(_record(f"{unit.uri}#{index}", rel, label, None if error else pgm_header + pixels, error))
+                done += 1
+                if len(rows) >= PARQUET_ROWS_PER_BATCH:
+                    yield _table(rows)
+                    rows = []
+    except Exception as exc:  # noqa: BLE001 - changed or broken since planning: the rest are reported
+        reason = _idx_reason(exc)
+        for item, rel, label in list(zip(unit.items, unit.rel_paths, unit.labels))[done:]:
+            rows.append(_record(f"{unit.uri}#{item}", rel, label, error=reason))
+    if rows:
+        yield _table(rows)
 
 
 # ---------------------------------------------------------------- the Ray Dataset

@@ -2,7 +2,8 @@
 
     extractor = build_extractor("inception", inception_weights="inception_v3_google-0cc3c7bd.pth")
     extractor = build_extractor("critic:runs/critic")        # Loaded.embed of a trained critic
-    feats = extractor(images01)                              # list of (3, h, w) or (N, 3, H, W) in [0, 1] -> (N, D)
+    feats = extractor(pixels)       # uint8 (N, H, W, 3), or float (N, 3, H, W) in [0, 1] (quantised first) -> (N, D)
+Every input goes through `preprocess.network_input` (uint8, center crop, Lanczos): one path for real and generated.
 Inception weights are never downloaded: they come from a file or torchvision's download cache, else a UserError.
 """
 
@@ -12,25 +13,24 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from genart import storage
 from genart.errors import UserError
+from genart.evaluate.preprocess import network_input
 
 DEFAULT_FEATURES = "inception"
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
-INCEPTION_RESIZE = "bilinear (torch interpolate, align_corners=False, no antialias; as pytorch-fid)"
+INCEPTION_RESIZE = "center crop + Lanczos (Pillow, genart.data.images.model_input) from uint8 pixels"
 # What torchvision uses with its IMAGENET1K_V1 Inception weights (inputs are ImageNet-normalised, then
 # transform_input maps them to the [-1, 1] range the ported Google weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_FID_NOTE = (
-    "torchvision InceptionV3 weights and torch's bilinear resize: values track but are not numerically "
+    "torchvision InceptionV3 weights and Pillow's Lanczos resize: values track but are not numerically "
     "comparable with TF-FID (the original TensorFlow Inception graph) or papers' numbers"
 )
 
@@ -68,15 +68,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _stack_resized(images: Sequence[torch.Tensor] | torch.Tensor, size: int, resize) -> torch.Tensor:
-    """Images (list of (3, h, w) or a (N, 3, H, W) tensor) in [0, 1] -> one (N, 3, size, size) batch."""
-    if isinstance(images, torch.Tensor):
-        return resize(images.float(), size)
-    if len({tuple(im.shape) for im in images}) == 1:  # the usual case: a prepared dataset of one size
-        return resize(torch.stack([torch.as_tensor(im) for im in images]).float(), size)
-    return torch.cat([resize(torch.as_tensor(im)[None].float(), size) for im in images])
-
-
 class Extractor:
     """Base: `name` (metric key suffix), `label` (what reports say), `identity` (cache key), `dim`, `resize`."""
 
@@ -87,7 +78,8 @@ class Extractor:
     input_size = 0
     resize = ""
 
-    def __call__(self, images: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
+    def __call__(self, images) -> np.ndarray:
+        """Images (anything `preprocess.to_pixels` takes) -> features (N, dim)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -169,14 +161,10 @@ class InceptionExtractor(Extractor):
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device)[None, :, None, None]
         self._std = torch.tensor(IMAGENET_STD, device=self.device)[None, :, None, None]
 
-    @staticmethod
-    def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        x = _stack_resized(images, INCEPTION_SIZE, self._resize).to(self.device)  # (N, 3, 299, 299)
-        x = (x.clamp(0, 1) - self._mean) / self._std
+        x = network_input(images, INCEPTION_SIZE).to(self.device)  # (N, 3, 299, 299) in [0, 1]
+        x = (x - self._mean) / self._std
         return self.net(x).float().cpu().numpy()  # (N, 2048)
 
 
@@ -190,21 +178,19 @@ class CriticExtractor(Extractor):
 
     def __init__(self, uri: str, device: torch.device | str | None = None):
         from genart import models
-        from genart.models.common import resize
 
         self.device = torch.device(device) if device is not None else default_device()
         self.model = models.load(uri, family="critic").to(self.device)
         self.input_size = self.model.image_size
-        self._resize_fn = resize
-        self.resize = f"bilinear with antialias to {self.input_size} px (the critic's own input size)"
+        self.resize = f"center crop + Lanczos (genart.data.images.model_input) to {self.input_size} px, the critic's input"
         digest = self.model.checkpoint_hash
         self.identity = f"critic:{digest}:{self.input_size}"
         self.label = f"critic features: {digest[:12]}"
-        self.dim = int(self(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
+        self.dim = int(self(np.zeros((1, self.input_size, self.input_size, 3), np.uint8)).shape[1])
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        x = _stack_resized(images, self.input_size, self._resize_fn)  # (N, 3, S, S)
+        x = network_input(images, self.input_size)  # (N, 3, S, S) in [0, 1]; embed's own resize is then a no-op
         return self.model.embed(x.to(self.device)).float().cpu().numpy()  # (N, D)
 
 

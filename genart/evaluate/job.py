@@ -3,6 +3,7 @@
     genart evaluate --model runs/dcgan --data data/prepared --num 5000 --features critic:runs/critic
 Real images (on a cache miss) and generated ones (sampled inside the actors from seed indices) are featurised by
 actor pools via `map_batches`, so both sides scale with the cluster; the driver only folds feature rows together.
+Both sides take the one path of `preprocess` (uint8 at the generator's resolution, center crop, Lanczos).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import pyarrow as pa
 from genart import storage
 from genart.errors import UserError
 from genart.evaluate import reference as R
+from genart.evaluate import registry
 from genart.evaluate.features import TF_FID_NOTE, FeatureSpec, build_extractor, parse_features
 from genart.evaluate.metrics import PR_K
+from genart.evaluate.preprocess import DESCRIPTION, PREPROCESS_VERSION
 from genart.evaluate.scoring import DEFAULT_SPLIT, compare, load_generator
 
 REAL_BATCH = 32  # images per actor call: 32 x (3, 299, 299) float32 = 34 MB at Inception size
@@ -26,21 +29,22 @@ GENERATE_BATCH = 32
 
 
 class RealFeatures:
-    """Ray Data callable class: shard rows {id, image PNG, split} -> {id, features (B, D)} for the kept rows.
+    """Ray Data callable class: shard rows {id, image PNG, split} -> {id, features (B, D)} for the kept rows, each
+    image cropped and resized to `resolution` (the generator's) first.
 
     Decoding happens here, next to the network: prepared images are small PNGs, and a (B, 3, 299, 299) float batch
     would be far larger to ship between operators than the bytes it came from.
     """
 
-    def __init__(self, spec: FeatureSpec, split_value: str | None, ids: set[str] | None):
+    def __init__(self, spec: FeatureSpec, split_value: str | None, ids: set[str] | None, resolution: int):
         self.extractor = build_extractor(spec)
-        self.split_value, self.ids = split_value, ids
+        self.split_value, self.ids, self.resolution = split_value, ids, resolution
 
     def __call__(self, batch: pa.Table) -> dict:
         batch = R.select_rows(batch, self.split_value, self.ids)
         if not batch.num_rows:
             return {"id": np.zeros(0, dtype="<U32"), "features": np.zeros((0, self.extractor.dim), np.float32)}
-        return {"id": np.array(batch.column("id").to_pylist()), "features": self.extractor(R.decode_rows(batch))}
+        return {"id": np.array(batch.column("id").to_pylist()), "features": self.extractor(R.decode_rows(batch, self.resolution))}
 
 
 class GeneratedFeatures:
@@ -76,13 +80,14 @@ def _spec_for_actors(spec: FeatureSpec) -> FeatureSpec:
     return FeatureSpec(spec.kind, None if spec.uri is None else _absolute(spec.uri))
 
 
-def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real: int | None, max_actors: int | None) -> R.Reference:
+def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real: int | None, max_actors: int | None,
+                   resolution: int) -> R.Reference:
     """Cached reference statistics, or a Ray Data job over the dataset's shards on a miss."""
     import ray
 
     from genart import runtime
 
-    key = R.cache_key(data, extractor.identity, split, max_real)
+    key = R.cache_key(data, extractor.identity, split, max_real, resolution)
     ref = R.load_cached(data, extractor.name, key)
     if ref is not None:
         return ref
@@ -92,7 +97,7 @@ def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real
     fs, _ = storage.arrow_fs(data)
     paths = [storage.arrow_fs(f)[1] for f in R.parquet_files(data)]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "split"], override_num_blocks=len(paths))
-    ds = ds.map_batches(RealFeatures, fn_constructor_args=(_spec_for_actors(spec), split_value, ids),
+    ds = ds.map_batches(RealFeatures, fn_constructor_args=(_spec_for_actors(spec), split_value, ids, resolution),
                         batch_size=REAL_BATCH, batch_format="pyarrow", **_actor_args(max_actors))
     acc = R.Accumulator()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -138,12 +143,13 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
     if output:
         storage.check_writable(os.path.dirname(os.path.abspath(output)) if not storage.is_s3(output) else output.rsplit("/", 1)[0])
 
-    ref = real_reference(data, split, spec, extractor, max_real, max_actors)
+    ref = real_reference(data, split, spec, extractor, max_real, max_actors, generator.image_size)
     fake = generated(model, num, spec, max_actors)
     values, details = compare(ref, fake, extractor.name, k=k)
+    outputs = registry.specs(registry.Protocol(extractor.name, len(fake), k))
     report = {
         "metrics": values,
-        "labels": {key: _label(key, extractor) for key in values},
+        "labels": {key: f"{outputs[key].label} ({extractor.label}; {len(fake)} generated)" for key in values},
         "model": {"uri": model, "family": generator.family, "step": generator.meta.get("step"),
                   "checkpoint_hash": generator.checkpoint_hash},
         "data": {"uri": data, "split": split, "dataset_hash": R.dataset_hash(data), "num_real": ref.count,
@@ -151,6 +157,7 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
         "num_generated": len(fake),
         "seeds": f"0..{len(fake) - 1}",
         "features": {**extractor.describe(), "spec": spec.text},
+        "preprocess": {"version": PREPROCESS_VERSION, "resolution": generator.image_size, "steps": DESCRIPTION},
         **details,
         "cache": {"hit": ref.hit, "path": ref.path, "key": ref.key},
         "note": TF_FID_NOTE if extractor.name == "inception" else "critic features: comparable only between runs scored by the same critic checkpoint",
@@ -161,29 +168,24 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
     return report
 
 
-def _label(key: str, extractor) -> str:
-    """What a metric key means in words, always naming the features (e.g. "FID (critic features: 3f2a...)")."""
-    metric = key[: -len(extractor.name) - 1]
-    names = {"fid": "FID", "kid": "KID", "kid_std": "KID std", "precision": "precision", "recall": "recall"}
-    return f"{names.get(metric, metric)} ({extractor.label})"
-
-
 def summary(report: dict) -> str:
     """A few lines for humans: the values, N, features, resize filter, cache, time."""
-    m, f, name = report["metrics"], report["features"], report["features"]["name"]
-    kid = report["kid"]
-    lines = [
-        f"{report['labels'][f'fid_{name}']}: {m[f'fid_{name}']:.4f}",
-        f"{report['labels'][f'kid_{name}']}: {m[f'kid_{name}']:.5f} +- {m[f'kid_std_{name}']:.5f} "
-        f"({kid['subsets']} subsets of {kid['subset_size']})",
-    ]
-    if f"precision_{name}" in m:
-        lines.append(f"precision / recall (k={report['precision_recall']['k']}, {report['precision_recall']['num_real']} per side): "
-                     f"{m[f'precision_{name}']:.4f} / {m[f'recall_{name}']:.4f}")
-    cache = report["cache"]
+    m, f, labels = report["metrics"], report["features"], report["labels"]
+    kid, pr = report["kid"], report["precision_recall"]
+    lines = []
+    for name, value in m.items():
+        if name.endswith("_std"):
+            continue  # shown beside its mean
+        line = f"{name} = {labels[name]}: {value:.5g}"
+        if f"{name}_std" in m:
+            line += f" +- {m[f'{name}_std']:.5g} ({kid['subsets']} subsets of {kid['subset_size']})"
+        elif name.endswith(("_precision", "_recall")):
+            line += f" (k={pr['k']}, {pr['num_real']} per side)"
+        lines.append(line)
+    cache, pre = report["cache"], report["preprocess"]
     lines += [
         f"N: {report['num_generated']} generated vs {report['data']['num_real']} real ({report['data']['split']} split)",
-        f"features: {f['label']} (dim {f['dim']}); resize: {f['resize']}",
+        f"features: {f['label']} (dim {f['dim']}); images at {pre['resolution']} px, then {f['resize']}",
         f"reference cache: {'hit' if cache['hit'] else 'miss'}{' (' + cache['path'] + ')' if cache['path'] else ''}",
         f"time: {report['seconds']:.1f}s",
     ]

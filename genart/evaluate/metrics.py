@@ -14,9 +14,13 @@ import numpy as np
 import scipy.linalg
 import torch
 
-# KID defaults as in Binkowski et al. / StyleGAN2-ADA: 100 subsets of up to 1000 samples each.
+# KID defaults as in Binkowski et al. / StyleGAN2-ADA: 100 subsets of up to 1000 samples each...
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
+# ...but at most this fraction of the smaller set: with N <= 1000 a subset of min(1000, N) rows drawn without
+# replacement is the whole set every time, so all subsets agree and the std is 0. Half the rows keeps subsets
+# different (two share ~1/4 of their rows) while each subset's MMD^2 stays unbiased, so the mean is too.
+KID_MAX_FRACTION = 0.5
 PR_K = 3
 # Rows of the distance matrix computed at once in precision_recall: 1024 x N float32.
 DISTANCE_CHUNK = 1024
@@ -110,13 +114,23 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     )
 
 
-def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
+def kid_subset_size(num_real: int, num_fake: int, subset_size: int = KID_SUBSET_SIZE,
+                    max_fraction: float = KID_MAX_FRACTION) -> int:
+    """Rows per KID subset: min(subset_size, max_fraction * the smaller set), at least 2 when there are 2 rows."""
+    smaller = min(num_real, num_fake)
+    return min(subset_size, smaller, max(2, int(max_fraction * smaller)))
+
+
+def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+        seed: int = 0, max_fraction: float = KID_MAX_FRACTION) -> tuple[float, float]:
     """Kernel Inception Distance: (mean, std) of the unbiased MMD^2 over `num_subsets` random subsets.
 
-    Each subset draws min(subset_size, len(real), len(fake)) rows without replacement from each set.
+    Each subset draws `kid_subset_size` rows (at most max_fraction of the smaller set) without replacement from
+    each set. The std is the spread of one subset's estimate, a measure of the noise at that subset size (the mean
+    over subsets is less noisy); max_fraction=1.0 with N <= subset_size gives one whole-set estimate and std 0.
     """
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    size = min(subset_size, len(real), len(fake))
+    size = kid_subset_size(len(real), len(fake), subset_size, max_fraction)
     if size < 2:
         raise ValueError(f"kid: needs at least 2 real and 2 generated samples (got {len(real)}, {len(fake)})")
     rng = np.random.default_rng(seed)

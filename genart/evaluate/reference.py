@@ -2,8 +2,9 @@
 cached beside the dataset as `<data>/_genart_cache/ref-*.npz` and reused until the dataset or the extractor changes.
 
 The cache key hashes the dataset (manifest.json + shard names and sizes), the extractor identity (network, weights
-hash, input size, resize filter), the split and the row limit. A read-only dataset location falls back to
-$GENART_CACHE_DIR (default ~/.cache/genart/reference).
+hash, input size, resize filter), the resolution real images are brought to (the generator's), the preprocessing
+version, the split and the row limit. A read-only dataset location falls back to $GENART_CACHE_DIR
+(default ~/.cache/genart/reference).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genart import storage
-from genart.data import images
 from genart.data.read import parquet_files, read_manifest
 from genart.errors import UserError
 from genart.evaluate.metrics import Moments
+from genart.evaluate.preprocess import PREPROCESS_VERSION, real_pixels
 
 CACHE_FORMAT = 1
 CACHE_DIR_NAME = "_genart_cache"
@@ -70,9 +71,10 @@ def dataset_hash(uri: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(uri: str, identity: str, split: str, limit: int | None) -> str:
+def cache_key(uri: str, identity: str, split: str, limit: int | None, resolution: int) -> str:
+    """Everything the statistics depend on; `resolution`: the side real images are cropped and resized to first."""
     parts = {"format": CACHE_FORMAT, "dataset": dataset_hash(uri), "features": identity, "split": split,
-             "limit": limit, "subset_cap": SUBSET_CAP}
+             "limit": limit, "subset_cap": SUBSET_CAP, "resolution": int(resolution), "preprocess": PREPROCESS_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -169,12 +171,12 @@ def select_rows(batch: pa.Table, split_value: str | None, ids: set[str] | None) 
     return batch
 
 
-def decode_rows(batch: pa.Table) -> list[np.ndarray]:
-    """PNG bytes -> list of (3, h, w) float32 in [0, 1] (sizes may differ when the dataset kept original sizes)."""
-    return [images.to_array(images.decode_image(png)) for png in batch.column("image").to_pylist()]
+def decode_rows(batch: pa.Table, resolution: int) -> np.ndarray:
+    """PNG bytes (any stored size, square or not) -> uint8 (B, R, R, 3): `preprocess.real_pixels` of each row."""
+    return np.stack([real_pixels(png, resolution) for png in batch.column("image").to_pylist()])
 
 
-def compute_local(uri: str, split: str, extractor, limit: int | None, key: str) -> Reference:
+def compute_local(uri: str, split: str, extractor, limit: int | None, key: str, resolution: int) -> Reference:
     """Featurise the real images in this process (no Ray): for `score_checkpoint` inside a training worker."""
     split_value = check_split(uri, split)
     ids = chosen_ids(uri, split_value, limit)
@@ -185,15 +187,15 @@ def compute_local(uri: str, split: str, extractor, limit: int | None, key: str) 
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=["id", "image", "split"]):
                 batch = select_rows(pa.Table.from_batches([record_batch]), split_value, ids)
                 if batch.num_rows:
-                    acc.update(batch.column("id").to_pylist(), extractor(decode_rows(batch)))
+                    acc.update(batch.column("id").to_pylist(), extractor(decode_rows(batch, resolution)))
     return acc.result(key)
 
 
-def get_local(uri: str, split: str, extractor, limit: int | None) -> Reference:
-    """Cached reference statistics, computed in-process on a miss."""
-    key = cache_key(uri, extractor.identity, split, limit)
+def get_local(uri: str, split: str, extractor, resolution: int, limit: int | None = None) -> Reference:
+    """Cached reference statistics of the split (every row unless `limit`), computed in-process on a miss."""
+    key = cache_key(uri, extractor.identity, split, limit, resolution)
     ref = load_cached(uri, extractor.name, key)
     if ref is None:
-        ref = compute_local(uri, split, extractor, limit, key)
+        ref = compute_local(uri, split, extractor, limit, key, resolution)
         ref.path = save(uri, extractor.name, ref)
     return ref

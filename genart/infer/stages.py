@@ -233,14 +233,15 @@ SCORE_SCHEMA = pa.schema(
 
 
 class Scorer(ModelActor):
-    """WORK rows -> SCORE rows: each image resized to the critic's size (as `predict` does), then one batched pass."""
+    """WORK rows -> SCORE rows: each image center-cropped and resized to the critic's size (`images.model_input`, as
+    serving does), then one batched pass."""
 
     family = "critic"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from genart.models.common import resize
+        from genart.data.images import model_input
 
         rows, ready, tensors = [], [], []
         for row in batch.to_pylist():
@@ -249,8 +250,9 @@ class Scorer(ModelActor):
             if out["error"]:
                 continue
             try:
-                x = to_tensor(row["pixels"], row["width"], row["height"])[None].to(self.device)
-                tensors.append(resize(x, self.model.image_size))  # (1, 3, S, S)
+                pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+                # the same crop + resize as serving and training data: a batch score equals the served score
+                tensors.append(torch.from_numpy(model_input(pixels, self.model.image_size))[None].to(self.device))
                 ready.append(out)
             except Exception as exc:  # noqa: BLE001
                 out["error"] = f"score failed: {_short(exc)}"

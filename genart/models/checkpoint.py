@@ -107,6 +107,10 @@ def save_checkpoint(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, 
     optim = {"optimizers": {name: opt.state_dict() for name, opt in optimizers.items()}, "rng": rng_tensors}
     if "precision" in state:  # GradScaler states (tensors and floats) belong with the optimizers
         optim["precision"] = state.pop("precision")
+    ranks = state.pop("rng_ranks", None)  # [(json, tensors)] per training rank, from the loop's all-gather
+    if ranks:
+        state["rng_ranks"] = [j for j, _ in ranks]
+        optim["rng_ranks"] = [t for _, t in ranks]
     _atomic(folder / OPTIM, lambda p: torch.save(optim, p))
     full = {**state, "net_info": net_info, "rng": state.get("rng") or rng_json, "nets": sorted(nets)}
     text = json.dumps(_jsonable(full), indent=1)
@@ -192,8 +196,13 @@ def load_nets(nets: dict[str, nn.Module], tensors_by_net: dict[str, dict[str, to
             raise UserError(f"checkpoint {where}: {name} weights do not match the model its config describes ({first})") from None
 
 
-def restore_training(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], precision: Any = None) -> dict:
-    """Resume: load nets, optimizer states, GradScaler states and RNG states from a local checkpoint; returns its state."""
+def restore_training(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], precision: Any = None,
+                     rank: int = 0) -> dict:
+    """Resume: load nets, optimizer states, GradScaler states and `rank`'s RNG states from a local checkpoint.
+
+    Returns its state, with state["rng_restored"] saying whether this rank's own RNG streams were in it (a
+    checkpoint from a run with fewer workers has none for the new ranks: the loop then seeds them afresh).
+    """
     tensors, optim, state = load_checkpoint(dir)
     load_nets(nets, tensors, dir)
     for name, opt in optimizers.items():
@@ -202,5 +211,13 @@ def restore_training(dir: str, nets: dict[str, nn.Module], optimizers: dict[str,
         opt.load_state_dict(optim["optimizers"][name])
     if precision is not None and optim.get("precision"):
         precision.load_state_dict(optim["precision"])
-    restore_rng(state.get("rng"), optim.get("rng"))
+    json_ranks, tensor_ranks = state.get("rng_ranks") or [], optim.get("rng_ranks") or []
+    if rank < min(len(json_ranks), len(tensor_ranks)):
+        restore_rng(json_ranks[rank], tensor_ranks[rank])
+        state["rng_restored"] = True
+    elif rank == 0:
+        restore_rng(state.get("rng"), optim.get("rng"))
+        state["rng_restored"] = bool(state.get("rng"))
+    else:
+        state["rng_restored"] = False
     return state

@@ -80,8 +80,17 @@ def check_images01(x: Any, what: str = "images") -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, size, size), antialiased bilinear (a no-op when already that size)."""
-    if x.shape[-2:] == (size, size):
+    """(N, C, H, W) -> (N, C, size, size): center-crop to a square, then antialiased bilinear (a no-op at that size).
+
+    Cropping, never squashing, as training data and serving do; uint8 callers use `images.model_input` (Lanczos).
+    """
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[..., top : top + side, left : left + side]
+    if side == size:
         return x
     return nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
@@ -109,12 +118,37 @@ def unwrap(net: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_ema(ema_net: nn.Module, net: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net for parameters; buffers (BatchNorm stats) are copied."""
+    """ema <- decay * ema + (1 - decay) * net, for parameters only.
+
+    Buffers are left alone: BatchNorm statistics of the raw net describe the raw net's activations, not the
+    averaged weights'. `recalibrate_batchnorm` measures the EMA net's own before it is used.
+    """
     net = unwrap(net)
     for p_ema, p in zip(ema_net.parameters(), net.parameters()):
         p_ema.lerp_(p.detach(), 1.0 - decay)
-    for b_ema, b in zip(ema_net.buffers(), net.buffers()):
-        b_ema.copy_(b)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, inputs: Iterable[tuple]) -> None:
+    """Re-measure every BatchNorm's running mean/var as the exact average over `inputs` (each a tuple of forward
+    args), in train mode, then restore the net's mode: the stats then belong to these very weights (as
+    torch.optim.swa_utils.update_bn does for SWA). Deterministic given the inputs."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calls below
+    was_training = net.training
+    net.train()
+    try:
+        for args in inputs:
+            net(*args)
+    finally:
+        for m in norms:
+            m.momentum = momenta[m]
+        net.train(was_training)
 
 
 @contextlib.contextmanager
@@ -305,6 +339,7 @@ class Family(Protocol):
     supported_sizes: tuple[int, ...] | None  # None = any size
     needs_labels: bool  # always needs labelled data (critic); a conditional dcgan checks num_labels in build()
     best_metric: tuple[str, str]  # (metric from evaluate(), "min" | "max") that picks best.json
+    default_augment: str  # data.augment when the config leaves it null (genart.train.augment)
 
     def build(self, cfg: Any, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]: ...
 
@@ -315,6 +350,9 @@ class Family(Protocol):
     def train_step(
         self, cfg: Any, nets: dict, opts: dict, batch: dict[str, torch.Tensor], step: int, precision: Precision | None = None
     ) -> dict[str, float]: ...
+
+    def before_checkpoint(self, cfg: Any, nets: dict[str, nn.Module]) -> None:
+        """Rank 0, before validation, sample grids and saving: bring inference-only state up to date."""
 
     def evaluate(self, cfg: Any, nets: dict, batches: Iterable[dict]) -> dict[str, float]: ...
 

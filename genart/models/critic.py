@@ -132,6 +132,7 @@ class CriticFamily:
     supported_sizes = None  # any size >= 2**num_stages (checked in build)
     needs_labels = True
     best_metric = ("val_accuracy", "max")
+    default_augment = "crop_flip"
 
     def build(self, cfg: CriticConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         if num_labels < 2:
@@ -163,6 +164,9 @@ class CriticFamily:
         precision.step("critic", loss, opts["critic"])
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return finite({"loss": loss.item(), "accuracy": accuracy.item()}, "critic")
+
+    def before_checkpoint(self, cfg, nets: dict) -> None:
+        """Nothing to bring up to date: the trained nets are the inference nets."""
 
     def evaluate(self, cfg: CriticConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
         """val_loss, val_accuracy, and val_accuracy_class_<i> per class seen in the validation data."""

@@ -15,10 +15,12 @@ from PIL import Image
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 from genart.config import Section
 from genart.errors import UserError
+from genart.train.augment import diff_augment
 from genart.models.common import (
     GenerativeLoaded,
     Precision,
@@ -32,6 +34,7 @@ from genart.models.common import (
     make_grid,
     meta_from_state,
     unwrap,
+    recalibrate_batchnorm,
     update_ema,
 )
 
@@ -47,6 +50,9 @@ class DCGANConfig(Section):
     spectral_norm: bool = False  # spectral norm on D's layers (and no BatchNorm in D): steadier, esp. with hinge
     conditional: bool = False  # class-conditional on the dataset's labels (label embedding in G, projection in D)
     label_embed_dim: int = Field(32, ge=1)  # size of G's label embedding, concatenated to z
+    # DiffAugment policy: the same differentiable transforms on real and generated images before D (Zhao et al.
+    # 2020). Small datasets otherwise let D memorise the real images within a few hundred steps. [] = off.
+    diff_augment: list[Literal["color", "translation", "cutout"]] = ["color", "translation", "cutout"]
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)  # EMA of G's weights per step (warmed up over the first steps)
     lr_g: float = Field(2e-4, gt=0)  # generator Adam learning rate
     lr_d: float = Field(2e-4, gt=0)  # discriminator Adam learning rate
@@ -61,11 +67,16 @@ def _channels(cfg: DCGANConfig, level: int) -> int:
 
 
 def _init(module: nn.Module) -> None:
-    # DCGAN init: N(0, 0.02) weights, BatchNorm gamma ~ N(1, 0.02)
+    """DCGAN init: N(0, 0.02) weights (also label embeddings), BatchNorm gamma ~ N(1, 0.02).
+
+    Under spectral norm `m.weight` is computed from `parametrizations.weight.original`: the init must go there,
+    or it writes into a throw-away tensor and the layer keeps PyTorch's default init.
+    """
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+            weight = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+            nn.init.normal_(weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
@@ -167,6 +178,9 @@ class DCGANFamily:
     supported_sizes = SIZES
     needs_labels = False  # only when model.conditional=true, checked in build()
     best_metric = ("val_swd", "min")
+    default_augment = "flip"  # no crops: the generator must learn the pictures as they are
+    # fixed latents whose batches re-measure the EMA generator's BatchNorm statistics before every checkpoint
+    bn_batches, bn_batch_size = 8, 64
 
     def build(self, cfg: DCGANConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
@@ -201,17 +215,18 @@ class DCGANFamily:
         z = torch.randn(real.shape[0], cfg.latent_dim, device=real.device)  # (B, latent)
 
         # discriminator: real up, fake down (fake detached so G gets no gradient here)
+        policy = tuple(cfg.diff_augment)
         with precision.autocast():
             fake = gen(z, labels)  # (B, 3, H, W)
-            real_logits = disc(real, labels)
-            fake_logits = disc(fake.detach(), labels)
+            real_logits = disc(diff_augment(real, policy), labels)
+            fake_logits = disc(diff_augment(fake.detach(), policy), labels)
             loss_d = _losses(cfg.loss, real_logits, fake_logits)
         opts["discriminator"].zero_grad(set_to_none=True)
         precision.step("discriminator", loss_d, opts["discriminator"])
 
         # generator: gradients flow through a frozen D
         with frozen(disc), precision.autocast():
-            loss_g = _losses(cfg.loss, None, disc(fake, labels))
+            loss_g = _losses(cfg.loss, None, disc(diff_augment(fake, policy), labels))
         opts["generator"].zero_grad(set_to_none=True)
         precision.step("generator", loss_g, opts["generator"])
 
@@ -226,6 +241,18 @@ class DCGANFamily:
             },
             "dcgan",
         )
+
+    def before_checkpoint(self, cfg: DCGANConfig, nets: dict) -> None:
+        """The EMA generator's BatchNorm statistics, measured on its own averaged weights (fixed latents)."""
+        ema = nets["generator_ema"]
+        device = device_of(nets)
+        n = self.bn_batches * self.bn_batch_size
+        z = latents(range(20_000, 20_000 + n), cfg.latent_dim).to(device)  # (n, latent), fixed seeds
+        labels = torch.arange(n, device=device) % max(1, ema.embed.num_embeddings) if ema.embed is not None else None
+        recalibrate_batchnorm(ema, [
+            (z[i : i + self.bn_batch_size], None if labels is None else labels[i : i + self.bn_batch_size])
+            for i in range(0, n, self.bn_batch_size)
+        ])
 
     def evaluate(self, cfg: DCGANConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
         """val_swd: sliced Wasserstein distance (16x16 pixels) between EMA-G samples and up to eval_samples val images."""

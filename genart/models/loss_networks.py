@@ -223,10 +223,17 @@ def build_loss_network(spec: str, weights_path: str | None = None, seed: int = 0
 # ---------------------------------------------------------------- the losses
 
 
-def gram(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, C) Gram matrix normalised by C*H*W (so it does not grow with image size)."""
+def gram(features: torch.Tensor, center: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, C) Gram matrix normalised by C*H*W (so it does not grow with image size).
+
+    center=True subtracts each channel's spatial mean first (a feature covariance): the texture without the
+    colour mass. With an uncentered Gram the cheapest way to match a dark style's statistics is to paint
+    dark blobs over the content (measured on the quickstart: 8.2% hole pixels, vs 1.9% centered).
+    """
     b, c, h, w = features.shape
     f = features.float().reshape(b, c, h * w)
+    if center:
+        f = f - f.mean(dim=2, keepdim=True)
     return f @ f.transpose(1, 2) / (c * h * w)
 
 
@@ -255,6 +262,7 @@ class StyleLoss(nn.Module):
         style_layers: list[str] | None,
         style01: torch.Tensor,  # (1, 3, h, w) in [0, 1]
         style_info: dict,
+        center_gram: bool = False,
     ):
         super().__init__()
         default_content, default_style = net.defaults()
@@ -267,8 +275,10 @@ class StyleLoss(nn.Module):
         with torch.no_grad():
             feats = net(style01, set(self.style_layers))  # style01: (1, 3, h, w) in [0, 1]
             for name in self.style_layers:
-                self.register_buffer(f"gram_{name}", gram(feats[name]), persistent=False)  # (1, C, C)
-        self._info = {**net.info, "content_layers": self.content_layers, "style_layers": self.style_layers, **style_info}
+                self.register_buffer(f"gram_{name}", gram(feats[name], center_gram), persistent=False)  # (1, C, C)
+        self.center_gram = center_gram
+        self._info = {**net.info, "content_layers": self.content_layers, "style_layers": self.style_layers,
+                      "center_gram": center_gram, **style_info}
 
     def checkpoint_info(self) -> dict:
         return dict(self._info)
@@ -285,6 +295,6 @@ class StyleLoss(nn.Module):
         content = sum(_relative_mse(out_feats[n], target_feats[n]) for n in self.content_layers) / len(self.content_layers)
         style = 0.0
         for name in self.style_layers:
-            g = gram(out_feats[name])  # (B, C, C)
+            g = gram(out_feats[name], self.center_gram)  # (B, C, C)
             style = style + _relative_mse(g, getattr(self, f"gram_{name}").expand_as(g))
         return {"content": content, "style": style / len(self.style_layers), "tv": total_variation(out01.float())}

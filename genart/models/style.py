@@ -35,7 +35,10 @@ from genart.models.loss_networks import StyleLoss, build_loss_network
 class StyleConfig(Section):
     family: Literal["style"] = "style"  # model family tag
     style_image: str = "starry_night.jpg"  # a shipped style (genart/assets/styles/<name>) or a path / s3:// uri
-    style_size: int = Field(256, ge=16, le=2048)  # the style image's shorter side (px) when its Gram targets are taken
+    # The style image's shorter side (px) when its Gram targets are taken; null = the training content size, so
+    # brush strokes in the targets have the pixel scale the net learns at (it keeps that scale at any input size:
+    # train at about the size you will stylize at for strokes that look the same).
+    style_size: int | None = Field(None, ge=16, le=2048)
     loss_network: str = "vgg16"  # vgg16 | vgg19 (ImageNet weights) | random (seeded random-multiscale) | critic:<uri>
     loss_network_weights: str | None = None  # VGG weights file (.pth weights-only or .safetensors), local or s3://; default: torch hub cache
     random_seed: int = Field(0, ge=0)  # seed of the random loss network (same seed = same network)
@@ -45,9 +48,15 @@ class StyleConfig(Section):
     content_weight: float = Field(1.0, ge=0)  # weight of the feature (content) loss
     style_weight: float = Field(10.0, ge=0)  # weight of the Gram (style) loss; both losses are relative errors, ~1 at start
     tv_weight: float = Field(1e-2, ge=0)  # weight of the total-variation (smoothness) loss
+    # Style statistics as feature covariances (Gram of mean-subtracted features): texture without colour mass,
+    # so the net does not paint dark blobs to match a dark style. False = the classic Gram (Gatys, Johnson).
+    center_gram: bool = True
+    range_weight: float = Field(10.0, ge=0)  # input_skip: weight of the squared excess outside [0, 1] (no clipped blobs)
     channels: int = Field(32, ge=1)  # width of the transformer's first layer (32 in the paper; 4-8 for tests)
-    # Add the input to the transformer's output (in logits) and start that branch at zero: training starts from the
-    # content image instead of a grey blur, so short CPU runs already keep the content. False = the paper's net.
+    # Output = input + a learned change (in pixels, the change's last layer starting at zero): training starts from
+    # the content image instead of a grey blur, so short CPU runs already keep the content. The change is not
+    # squashed (a sigmoid on logits froze dark and light pixels and trapped overshoots as black holes); the
+    # range_weight term keeps it inside [0, 1] and inference clips. False = the paper's net (a scaled tanh).
     input_skip: bool = False
     num_res_blocks: int = Field(5, ge=0)  # residual blocks at 1/4 resolution (5 in the paper)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
@@ -109,10 +118,17 @@ class TransformerNet(nn.Module):
             nn.init.zeros_(self.net[-1][1].bias)
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        y = self.net(x01 * 2 - 1)  # (B, 3, H, W) logits
+        """(B, 3, H, W) in [0, 1] -> (B, 3, H, W); in [0, 1] without input_skip, else about it (callers clip)."""
+        y = self.net(x01 * 2 - 1)  # (B, 3, H, W)
         if self.input_skip:
-            y = y + torch.logit(x01, eps=1e-3)
+            return x01 + y
         return torch.sigmoid(y)  # sigmoid(y) = (tanh(y/2) + 1) / 2: a scaled tanh as in the paper
+
+
+def _soft_clip(x: torch.Tensor) -> torch.Tensor:
+    """Clip to [0, 1] in the forward pass, identity in the backward one: the loss network sees what users will,
+    while pixels past the range still get the gradient that brings them back (range_weight pulls them in too)."""
+    return x + (x.clamp(0, 1) - x).detach()
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 4, minimum: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -164,14 +180,16 @@ class StyleFamily:
     supported_sizes = None  # the transformer is fully convolutional
     needs_labels = False
     best_metric = ("val_loss", "min")
+    default_augment = "crop_flip"  # content crops
 
     def build(self, cfg: StyleConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         transformer = TransformerNet(cfg.channels, cfg.num_res_blocks, cfg.input_skip)
         if inference:
             return {"transformer": transformer}
-        style01, style_info = load_style_image(cfg.style_image, cfg.style_size)
+        style01, style_info = load_style_image(cfg.style_image, cfg.style_size or image_size)
         net = build_loss_network(cfg.loss_network, cfg.loss_network_weights, cfg.random_seed, cfg.random_filters)
-        return {"transformer": transformer, "loss_network": StyleLoss(net, cfg.content_layers, cfg.style_layers, style01, style_info)}
+        loss = StyleLoss(net, cfg.content_layers, cfg.style_layers, style01, style_info, center_gram=cfg.center_gram)
+        return {"transformer": transformer, "loss_network": loss}
 
     def trainable(self) -> tuple[str, ...]:
         return ("transformer",)
@@ -179,8 +197,13 @@ class StyleFamily:
     def optimizers(self, cfg: StyleConfig, nets: dict) -> dict[str, torch.optim.Optimizer]:
         return {"transformer": torch.optim.Adam(nets["transformer"].parameters(), lr=cfg.lr)}
 
-    def _loss(self, cfg: StyleConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return cfg.content_weight * terms["content"] + cfg.style_weight * terms["style"] + cfg.tv_weight * terms["tv"]
+    def _terms(self, cfg: StyleConfig, loss_network: nn.Module, out: torch.Tensor, content: torch.Tensor) -> dict[str, torch.Tensor]:
+        """content / style / tv (loss network, on the clipped output, as users see it) + range, and their weighted sum."""
+        terms = loss_network(out.float().clamp(0, 1) if not cfg.input_skip else _soft_clip(out.float()), content)
+        terms["range"] = (out.float() - out.float().clamp(0, 1)).pow(2).mean()
+        terms["loss"] = (cfg.content_weight * terms["content"] + cfg.style_weight * terms["style"]
+                         + cfg.tv_weight * terms["tv"] + cfg.range_weight * terms["range"])
+        return terms
 
     def train_step(
         self, cfg: StyleConfig, nets: dict, opts: dict, batch: dict, step: int, precision: Precision | None = None
@@ -191,11 +214,13 @@ class StyleFamily:
         content = (batch["image"] + 1) / 2  # (B, 3, H, W) in [0, 1]
         with precision.autocast():
             out = transformer(content)  # (B, 3, H, W) in [0, 1]
-        terms = nets["loss_network"](out.float(), content)  # the loss network runs in fp32
-        loss = self._loss(cfg, terms)
+        terms = self._terms(cfg, nets["loss_network"], out, content)  # the loss network runs in fp32
         opts["transformer"].zero_grad(set_to_none=True)
-        precision.step("transformer", loss, opts["transformer"])
-        return finite({"loss": loss.item(), **{f"{k}_loss": v.item() for k, v in terms.items()}}, "style")
+        precision.step("transformer", terms["loss"], opts["transformer"])
+        return finite({(k if k == "loss" else f"{k}_loss"): v.item() for k, v in terms.items()}, "style")
+
+    def before_checkpoint(self, cfg, nets: dict) -> None:
+        """Nothing to bring up to date: the trained nets are the inference nets."""
 
     def evaluate(self, cfg: StyleConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
         """val_loss (weighted sum) and its val_content_loss / val_style_loss / val_tv_loss terms on validation images."""
@@ -206,8 +231,7 @@ class StyleFamily:
         with eval_mode(transformer):
             for batch in batches:
                 content = (batch["image"].to(device).float() + 1) / 2
-                terms = nets["loss_network"](transformer(content), content)
-                terms["loss"] = self._loss(cfg, terms)
+                terms = self._terms(cfg, nets["loss_network"], transformer(content), content)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(content)
                 count += len(content)

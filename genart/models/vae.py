@@ -26,7 +26,6 @@ from genart.models.common import (
     latents,
     make_grid,
     meta_from_state,
-    resize,
     unwrap,
 )
 
@@ -39,6 +38,13 @@ class VAEConfig(Section):
     base_channels: int = Field(32, ge=1)  # channels of the first encoder layer; doubles per halving of resolution
     max_channels: int = Field(256, ge=1)  # cap on channels per layer
     beta: float = Field(1.0, ge=0.0)  # weight of the KL term (1.0 = plain VAE; > 1 = more disentangled, blurrier)
+    # Decoder likelihood, a Gaussian on pixels. optimal_sigma: its sigma is the batch's own RMS error, in closed
+    # form (the sigma-VAE of Rybkin et al. 2021): the KL is weighed against how well the decoder really does, so
+    # latents stay in use and samples sharpen as training goes. fixed_sigma: sigma = `sigma` throughout (a
+    # summed MSE on [-1, 1] pixels, the old default, was sigma ~0.35 of the pixel range: blur).
+    likelihood: Literal["optimal_sigma", "fixed_sigma"] = "optimal_sigma"
+    sigma: float = Field(0.1, gt=0, le=1)  # fixed_sigma's sigma, and optimal_sigma's starting point, in [0, 1] pixel units
+    min_sigma: float = Field(0.01, gt=0, le=1)  # optimal_sigma never goes below this (a perfect fit would divide by zero)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     num_samples: int = Field(32, ge=2)  # images in the grid written at each checkpoint (half recons, half samples)
@@ -91,11 +97,21 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar
 
 
-def _loss_terms(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-image squared error summed over pixels, per-image KL), both averaged over the batch."""
-    recon = (x_hat.float() - x.float()).pow(2).sum(dim=(1, 2, 3)).mean()
+def _loss_terms(cfg: VAEConfig, x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Negative ELBO per image (averaged over the batch) and its parts, for a Gaussian decoder on [-1, 1] pixels.
+
+    nll = sum over pixels of err^2 / (2 s^2) + log s (+ a constant), s = 2 sigma (sigma is in [0, 1] units).
+    """
+    err2 = (x_hat.float() - x.float()).pow(2)  # (B, 3, H, W)
+    mse = err2.mean()
+    pixels = err2[0].numel()
+    if cfg.likelihood == "optimal_sigma":
+        s2 = mse.detach().clamp(min=(2 * cfg.min_sigma) ** 2)  # the closed-form best sigma^2 for this batch
+    else:
+        s2 = torch.tensor((2 * cfg.sigma) ** 2, device=x.device)
+    nll = err2.sum(dim=(1, 2, 3)).mean() / (2 * s2) + 0.5 * pixels * torch.log(s2)
     kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).float().sum(dim=1).mean()
-    return recon, kl
+    return {"loss": nll + cfg.beta * kl, "nll": nll, "kl": kl, "recon_mse": mse, "sigma": s2.sqrt() / 2}
 
 
 class VAELoaded(GenerativeLoaded):
@@ -114,7 +130,11 @@ class VAELoaded(GenerativeLoaded):
         """(N, 3, H, W) in [0, 1] -> the decoded posterior mean, same shape (resized to image_size and back)."""
         x = check_images01(x, "reconstruct")
         h, w = x.shape[-2:]
-        small = resize(x.to(self.device).float(), self.image_size) * 2 - 1  # (N, 3, S, S) in [-1, 1]
+        # The whole picture (squashed to the model's square and stretched back), not a crop: a reconstruction keeps the
+        # frame it was given. Batch jobs and serving both come through here.
+        s = self.image_size
+        small = nn.functional.interpolate(x.to(self.device).float(), size=(s, s), mode="bilinear", antialias=True,
+                                          align_corners=False) * 2 - 1  # (N, 3, S, S) in [-1, 1]
         mu, _ = self.nets["vae"].encode(small)
         out = (self.nets["vae"].decode(mu) + 1) / 2
         if (h, w) != out.shape[-2:]:
@@ -128,6 +148,7 @@ class VAEFamily:
     supported_sizes = SIZES
     needs_labels = False
     best_metric = ("val_loss", "min")
+    default_augment = "flip"  # no crops: the decoder must learn the pictures as they are
 
     def build(self, cfg: VAEConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
@@ -148,12 +169,13 @@ class VAEFamily:
         x = batch["image"]  # (B, 3, H, W) in [-1, 1]
         with precision.autocast():
             x_hat, mu, logvar = vae(x)
-        recon, kl = _loss_terms(x, x_hat, mu, logvar)
-        loss = recon + cfg.beta * kl  # negative ELBO per image (unit-variance Gaussian decoder, up to a constant)
+        terms = _loss_terms(cfg, x, x_hat, mu, logvar)  # negative ELBO per image, and its parts
         opts["vae"].zero_grad(set_to_none=True)
-        precision.step("vae", loss, opts["vae"])
-        pixels = x[0].numel()
-        return finite({"loss": loss.item(), "recon_mse": recon.item() / pixels, "kl": kl.item()}, "vae")
+        precision.step("vae", terms["loss"], opts["vae"])
+        return finite({k: terms[k].item() for k in ("loss", "recon_mse", "kl", "sigma")}, "vae")
+
+    def before_checkpoint(self, cfg, nets: dict) -> None:
+        """Nothing to bring up to date: the trained nets are the inference nets."""
 
     def evaluate(self, cfg: VAEConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
         """val_loss (negative ELBO per image, posterior sample), val_recon_mse (per pixel, posterior mean), val_kl."""
@@ -167,12 +189,12 @@ class VAEFamily:
                 x = batch["image"].to(device).float()
                 mu, logvar = vae.encode(x)
                 z = mu + torch.randn(mu.shape, generator=g, device=device) * torch.exp(0.5 * logvar)
-                recon, kl = _loss_terms(x, vae.decode(z), mu, logvar)
+                terms = _loss_terms(cfg, x, vae.decode(z), mu, logvar)
                 mean_mse = (vae.decode(mu) - x).pow(2).mean()
                 n = len(x)
-                totals["loss"] += (recon + cfg.beta * kl).item() * n
+                totals["loss"] += terms["loss"].item() * n
                 totals["recon_mse"] += mean_mse.item() * n
-                totals["kl"] += kl.item() * n
+                totals["kl"] += terms["kl"].item() * n
                 count += n
         return {f"val_{k}": v / count for k, v in totals.items()} if count else {}
 

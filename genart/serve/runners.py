@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from genart.data.images import resize_square, to_array
+from genart.data.images import model_input
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,8 @@ def stylize(model, images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def critic_input(image: np.ndarray, image_size: int) -> np.ndarray:
-    """Center-crop and resize one upload to the critic's square input, so requests batch together: (3, S, S)."""
-    return to_array(resize_square(Image.fromarray(image, "RGB"), image_size, "crop"))
+    """One upload as the critic's square input (`images.model_input`, as batch jobs do), so requests batch: (3, S, S)."""
+    return model_input(image, image_size)
 
 
 def classify(model, inputs: list[np.ndarray]) -> list[list[float]]:

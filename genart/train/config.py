@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from genart import config as config_lib
 from genart.config import Section
 from genart.models import ModelConfig
+from genart.train.augment import Augment
 
 # A run name becomes a folder under run.storage: letters, digits, '.', '_', '-', no path separators.
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -23,10 +24,22 @@ class DataSection(Section):
     path: str  # prepared dataset (`genart prepare`), local folder or s3:// prefix
     image_size: int | None = Field(None, ge=8)  # square side in px; None = the size the dataset was prepared at
     batch_size: int = Field(32, ge=1)  # images per step on EACH worker (global batch = batch_size x num_workers)
-    augment: bool = True  # random crop (from 112.5%) + horizontal flip on the train split
-    # Train splits up to this size (decoded float32) are read once into Ray's object store and augmented on the
-    # workers; bigger ones stream from storage every epoch (a pipeline restart per epoch). 0 = always stream.
+    # none | flip | crop (random crop from a 112.5% upscale) | crop_flip; null = the family's default: flip for
+    # generators (crops would teach them zoomed images), crop_flip for the critic and style content.
+    # Digits, text and anything with a handedness want none or crop. true/false are read as null/none.
+    augment: Augment | None = None
+    # Rows each worker draws a streamed batch from (a local shuffle buffer, in batches); a cached split is
+    # permuted in full on every epoch instead.
+    shuffle_buffer_batches: int = Field(16, ge=1)
+    # Train splits up to this size (decoded float32) are decoded once, globally shuffled, and held by the workers,
+    # which permute their share every epoch; bigger ones stream from storage every epoch in a random block order
+    # through the shuffle buffer (prepare already writes rows in a mixed order). 0 = always stream.
     cache_max_mb: int = Field(512, ge=0)
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_bool(cls, value):
+        return {True: None, False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class TrainSection(Section):
@@ -59,9 +72,9 @@ class RunSection(Section):
 
 class EvalSection(Section):
     every_checkpoints: int = Field(0, ge=0)  # run genart.evaluate on every Nth checkpoint; 0 = never
-    num_samples: int = Field(256, ge=1)  # generated / real images the evaluation compares
+    num_samples: int = Field(1000, ge=2)  # generated images per evaluation (the real side: the whole dataset, cached)
     features: str | None = None  # feature network for the evaluation metrics; None = genart.evaluate's default
-    best_metric: str | None = None  # pick best.json by this evaluation metric instead of the family's val metric
+    best_metric: str | None = None  # pick best.json by this evaluation metric (e.g. fid1k_critic), not the val metric
     best_mode: Literal["min", "max"] = "min"  # whether lower or higher best_metric is better
 
 

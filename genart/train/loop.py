@@ -20,17 +20,16 @@ import torch
 from genart import storage
 from genart.models.common import Precision, set_seed, unwrap
 from genart.train import outputs
+from genart.train.augment import augment_batch
 from genart.train.config import TrainConfig
 
-# Rows each worker's local shuffle buffer holds, in batches: mixes the streamed blocks without a global shuffle.
-SHUFFLE_BATCHES = 4
 # Validation / sample-grid batch: the critic's confusion-matrix PNG uses up to this many val images.
 VAL_BATCH = 256
 
 
 def train_loop_per_worker(config: dict) -> None:
     """config: {"train_config": TrainConfig as a dict, "image_size": int, "label_names": [str], "run_dir": str,
-    "augment_on_workers": bool (the train split is cached un-augmented, see data.cache_max_mb)}."""
+    "cached": bool (the train split is decoded and shuffled in the object store, see data.cache_max_mb)}."""
     import ray.train
     import ray.train.torch
 
@@ -53,18 +52,17 @@ def train_loop_per_worker(config: dict) -> None:
     opts = family.optimizers(cfg.model, nets)
     precision = Precision(cfg.train.amp, device)
 
-    start_step = 0
+    start_step, restored_rng = 0, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         from genart.models.checkpoint import restore_training
 
         with checkpoint.as_directory() as local:
-            state = restore_training(local, nets, opts, precision)  # nets, optimizers, GradScalers, rank 0's RNG
-        start_step = int(state["step"])
-    # Different noise per rank (else every worker draws the same z); rank 0 keeps the restored RNG stream.
-    if rank or not checkpoint:
-        set_seed(cfg.train.seed + 1000 * rank + 7919 * start_step)
-
+            # nets, optimizers, GradScalers, and this rank's own RNG streams (every rank's are saved)
+            state = restore_training(local, nets, opts, precision, rank=rank)
+        start_step, restored_rng = int(state["step"]), bool(state.get("rng_restored"))
+    if not restored_rng:  # a fresh run (or an old checkpoint with one RNG): different noise per rank
+        set_seed(_seed(cfg.train.seed, "noise", rank, start_step))
     files = outputs.RunFiles(run_dir, start_step) if rank == 0 else None
     val = _Val() if rank == 0 else None
     fixed = None
@@ -75,7 +73,9 @@ def train_loop_per_worker(config: dict) -> None:
         if example is not None:
             fixed = family.fixed_inputs(cfg.model, image_size, len(label_names), example)
 
-    batches = _batches(cfg, device, augment=config.get("augment_on_workers", False), seed=cfg.train.seed + 1000 * rank + start_step)
+    augment = cfg.data.augment or family.default_augment
+    data_seed = _seed(cfg.train.seed, "data", rank, start_step)  # never shared by two ranks, nor by two resumes
+    batches = _batches(cfg, device, augment, data_seed, cached=config.get("cached", False))
     window = _Window()
     step = start_step
     while step < cfg.train.max_steps:
@@ -88,17 +88,20 @@ def train_loop_per_worker(config: dict) -> None:
         at_checkpoint = step % cfg.train.checkpoint_every_steps == 0 or step == cfg.train.max_steps
         if step % cfg.train.log_every_steps and not at_checkpoint:
             continue
+        # Every rank's RNG streams go into the checkpoint, so a resumed rank draws the noise it would have drawn.
+        rng_ranks = _gather_rng(world) if at_checkpoint else None
         row = {"step": step, **window.means(world), "images_per_s": window.rate(cfg.data.batch_size * world), "start_step": start_step}
         if not at_checkpoint:
             ray.train.report(row)
             if rank == 0:
                 _log(files, row, cfg, flush=not storage.is_s3(run_dir))
         elif rank != 0:
+            # report is a barrier in Train V2: every rank reports at the same steps; only rank 0 carries the files.
             ray.train.report(row, checkpoint=None, checkpoint_dir_name=outputs.checkpoint_name(step))
         else:
             meta = {"family": cfg.model.family, "config": cfg.model_dump(mode="json"), "image_size": image_size,
                     "label_names": label_names, "precision": precision.state_dict()}
-            _checkpoint_and_report(family, cfg, nets, opts, val, row, meta)
+            _checkpoint_and_report(family, cfg, nets, opts, val, row, {**meta, "rng_ranks": rng_ranks})
             _after_checkpoint(files, family, cfg, nets, fixed, row)
         # The next window starts where this one was measured (report time counts), except after a checkpoint:
         # validation, saving and sample grids do not count against images_per_s.
@@ -114,6 +117,7 @@ def _checkpoint_and_report(family, cfg: TrainConfig, nets: dict, opts: dict, val
     step = row["step"]
     local = tempfile.mkdtemp(prefix="genart-ckpt-")
     try:
+        family.before_checkpoint(cfg.model, {k: unwrap(v) for k, v in nets.items()})  # e.g. EMA BatchNorm statistics
         row.update(_validate(family, cfg, nets, val))
         save_checkpoint(local, nets, opts, {**meta, "step": step, "metrics": dict(row)})
         row.update(_run_eval(cfg, local, step))
@@ -138,39 +142,66 @@ def _quiet_logs() -> None:
         pass
 
 
-def _batches(cfg: TrainConfig, device, augment: bool, seed: int) -> Iterator[dict]:
-    """This worker's shard of the train split as endless (B, ...) batches, epoch after epoch."""
+def _seed(base: int, stream: str, rank: int, step: int) -> int:
+    """A seed for one (stream, rank, start step): SeedSequence hashing, so no two ranks or resumes share one."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([base, rank, step, sum(map(ord, stream))]).generate_state(1)[0])
+
+
+def _gather_rng(world: int) -> list:
+    """Every rank's RNG state (python, numpy, torch), gathered on every rank (rank 0 saves them)."""
+    from genart.models.checkpoint import rng_state
+
+    mine = rng_state()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [mine]
+    everyone: list = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _batches(cfg: TrainConfig, device, augment: str, seed: int, cached: bool) -> Iterator[dict]:
+    """This worker's shard of the train split as endless augmented (B, ...) batches, a new order every epoch.
+
+    A cached split is read into this worker's memory once and permuted in full each epoch (an exact shuffle of
+    its share, itself a uniform sample: the driver shuffled the split globally). A streamed split comes in a
+    random block order through a shuffle buffer of data.shuffle_buffer_batches batches.
+    """
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
     b = cfg.data.batch_size
     gen = torch.Generator().manual_seed(seed)
+    if cached:
+        # drop_last=False: this worker's whole share; streaming_split(equal=True) gives every worker as many rows
+        parts = list(shard.iter_torch_batches(batch_size=1024, device="cpu"))
+        if not parts:
+            raise RuntimeError("this worker's share of the train split is empty")
+        rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        n = len(rows["image"])
+        if n < b:
+            raise RuntimeError(f"this worker's share of the train split ({n} images) is smaller than data.batch_size={b}")
+        while True:
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n - b + 1, b):  # drop the ragged last batch: equal steps per epoch on every worker
+                idx = order[i : i + b]
+                batch = {k: v[idx].to(device) for k, v in rows.items()}
+                batch["image"] = augment_batch(batch["image"], augment, gen)
+                yield batch
     epoch = 0
     while True:
         got = 0
         # drop_last: every worker gets equally many full batches per epoch (streaming_split(equal=True))
-        for batch in shard.iter_torch_batches(batch_size=b, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BATCHES * b, device=device):
+        for batch in shard.iter_torch_batches(batch_size=b, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer_batches * b,
+                                              local_shuffle_seed=seed + epoch):
             got += 1
-            if augment:
-                batch["image"] = augment_batch(batch["image"], gen)
+            batch["image"] = augment_batch(batch["image"], augment, gen)
             yield batch
         if not got:
             raise RuntimeError(f"epoch {epoch}: this worker's share of the train split is smaller than data.batch_size={b}")
         epoch += 1
-
-
-def augment_batch(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """genart.data.read's augmentation on a batch, for a cached train split: a random crop from a CROP_SCALE
-    upscale and a horizontal flip for half the images. (B, 3, S, S) -> (B, 3, S, S)."""
-    from genart.data.read import CROP_SCALE
-
-    b, _, s, _ = images.shape
-    big = max(s, int(round(s * CROP_SCALE)))
-    up = torch.nn.functional.interpolate(images, size=(big, big), mode="bilinear", antialias=True, align_corners=False)
-    xs, ys = torch.randint(0, big - s + 1, (2, b), generator=gen).tolist()
-    flips = (torch.rand(b, generator=gen) < 0.5).tolist()
-    crops = [up[i, :, ys[i] : ys[i] + s, xs[i] : xs[i] + s] for i in range(b)]  # each (3, S, S)
-    return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips)])
 
 
 class _Val:

@@ -48,13 +48,13 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
          f"{cfg.scaling.num_workers} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
          f"{plan['train_rows']} train / {plan['val_rows']} val images")
 
-    datasets, augment_on_workers = _datasets(cfg, plan["image_size"], plan["train_rows"], plan["has_val"])
+    datasets, cached = _datasets(cfg, plan["image_size"], plan["train_rows"], plan["has_val"])
     loop_config = {
         "train_config": cfg.model_dump(mode="json"),
         "image_size": plan["image_size"],
         "label_names": plan["label_names"],
         "run_dir": run_dir,
-        "augment_on_workers": augment_on_workers,
+        "cached": cached,
     }
     fs = storage.arrow_fs(cfg.run.storage)[0] if storage.is_s3(cfg.run.storage) else None
     trainer = TorchTrainer(
@@ -98,21 +98,28 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 def _datasets(cfg: TrainConfig, image_size: int, train_rows: int, has_val: bool) -> tuple[dict, bool]:
-    """{"train": ..., "val": ...} and whether the workers augment (the train split is cached, see data.cache_max_mb)."""
+    """{"train": ..., "val": ...} and whether the train split is cached (see data.cache_max_mb)."""
     from genart.data.read import training_dataset
 
     cached = train_rows * 3 * image_size * image_size * 4 <= cfg.data.cache_max_mb << 20
-    # Streaming restarts the read + decode pipeline every epoch (seconds per epoch on a small machine, every few
-    # steps on a small dataset); a cached split is decoded once and each epoch only re-splits blocks in memory.
-    train = training_dataset(cfg.data.path, "train", image_size, augment=cfg.data.augment and not cached)
+    train = training_dataset(cfg.data.path, "train", image_size)
     _quiet(train)
-    datasets = {"train": train.materialize() if cached else train}
+    if cached:
+        # Decoded once and shuffled once across the whole split, so each worker's share is a uniform sample of
+        # every class (not the shards it happened to be handed); the workers then permute their share per epoch.
+        train = train.random_shuffle(seed=cfg.train.seed).materialize()
+    else:
+        # Streaming restarts the read + decode pipeline every epoch; a new block order each time, plus the
+        # workers' shuffle buffer, keeps batches mixed without a full shuffle of a large dataset.
+        train = train.randomize_block_order()
+    datasets = {"train": train}
     if has_val:
-        # Rank 0 keeps the val images in memory for every validation, so they are capped (~VAL_MAX_BYTES of tensors).
-        datasets["val"] = training_dataset(cfg.data.path, "val", image_size, augment=False).limit(
+        # The first rows of a prepared split are already mixed across classes (prepare writes them in a hashed
+        # order), so a capped val split is a fair sample. Capped at VAL_MAX_BYTES of tensors.
+        datasets["val"] = training_dataset(cfg.data.path, "val", image_size).limit(
             max(256, VAL_MAX_BYTES // (3 * image_size * image_size * 4)))
         _quiet(datasets["val"])
-    return datasets, cached and cfg.data.augment
+    return datasets, cached
 
 
 def _quiet(ds) -> None:
@@ -213,7 +220,7 @@ def _check_eval(cfg: TrainConfig) -> None:
         raise UserError(f"eval.every_checkpoints: evaluation scores generated images ({', '.join(GENERATIVE_FAMILIES)}), "
                         f"not a {cfg.model.family}; set eval.every_checkpoints=0")
     features = check_features(cfg.eval.features)  # e.g. Inception weights missing: fail now, not at the first checkpoint
-    known = metric_keys(features.kind)
+    known = metric_keys(features.kind, cfg.eval.num_samples)  # e.g. fid1k_critic: names carry N and features
     if cfg.eval.best_metric and cfg.eval.best_metric.removeprefix("eval_") not in known:
         raise UserError(f"eval.best_metric: {cfg.eval.best_metric!r} is not reported with eval.features={features.text}; "
                         f"use one of {', '.join(known)}")

@@ -1,0 +1,68 @@
+"""Train-time augmentation, on the workers, one implementation for cached and streamed splits.
+
+    images = augment_batch(batch["image"], "flip", generator)        # (B, 3, S, S) -> (B, 3, S, S)
+Generative families default to "flip": a zoom-and-crop would teach the generator zoomed, softened pictures and
+then be scored against un-augmented ones. Classifiers and style content default to "crop_flip".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Augment = Literal["none", "flip", "crop", "crop_flip"]
+# Random crops are taken from the batch upscaled by this factor.
+CROP_SCALE = 1.125
+
+
+def augment_batch(images: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop from a CROP_SCALE upscale ("crop"), horizontal flip of half the images ("flip"), both, or none."""
+    if mode == "none":
+        return images
+    b, _, s, _ = images.shape
+    if "crop" in mode:
+        big = max(s + 1, int(round(s * CROP_SCALE)))
+        up = torch.nn.functional.interpolate(images, size=(big, big), mode="bilinear", antialias=True, align_corners=False)
+        xs, ys = torch.randint(0, big - s + 1, (2, b), generator=gen).tolist()
+        images = torch.stack([up[i, :, ys[i] : ys[i] + s, xs[i] : xs[i] + s] for i in range(b)])  # (B, 3, S, S)
+    if "flip" in mode:
+        flip = (torch.rand(b, generator=gen) < 0.5).to(images.device)[:, None, None, None]
+        images = torch.where(flip, images.flip(-1), images)
+    return images
+
+
+# ---------------------------------------------------------------- differentiable augmentation (GAN discriminators)
+
+DIFF_AUGMENT = ("color", "translation", "cutout")
+
+
+def diff_augment(x: torch.Tensor, policy: tuple[str, ...]) -> torch.Tensor:
+    """DiffAugment (Zhao et al., NeurIPS 2020): the same random, differentiable transforms on real AND generated
+    images before D sees them, so a small dataset does not let D memorise it, while G is still taught the
+    un-augmented pictures (the transforms never reach what G is compared with). x: (B, 3, H, W) in [-1, 1]."""
+    b, _, h, w = x.shape
+    dev = x.device
+    if "color" in policy:
+        x = x + (torch.rand(b, 1, 1, 1, device=dev) - 0.5)  # brightness
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * (torch.rand(b, 1, 1, 1, device=dev) * 2) + mean  # saturation
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (torch.rand(b, 1, 1, 1, device=dev) + 0.5) + mean  # contrast
+    if "translation" in policy:  # shift by up to 1/8 of the side, zero-padded
+        sh, sw = h // 8, w // 8
+        dy = torch.randint(-sh, sh + 1, (b, 1, 1), device=dev)
+        dx = torch.randint(-sw, sw + 1, (b, 1, 1), device=dev)
+        gy, gx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+        yy = (gy[None] + dy + 1).clamp(0, h + 1)  # (B, H, W) into the 1-px zero-padded image
+        xx = (gx[None] + dx + 1).clamp(0, w + 1)
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        x = padded.permute(0, 2, 3, 1)[torch.arange(b, device=dev)[:, None, None], yy, xx].permute(0, 3, 1, 2)
+    if "cutout" in policy:  # one zeroed square of half the side, centred anywhere in the image
+        ch, cw = h // 2, w // 2
+        top = torch.randint(0, h, (b, 1, 1), device=dev) - ch // 2
+        left = torch.randint(0, w, (b, 1, 1), device=dev) - cw // 2
+        gy, gx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+        inside = (gy[None] >= top) & (gy[None] < top + ch) & (gx[None] >= left) & (gx[None] < left + cw)  # (B, H, W)
+        x = x * (~inside)[:, None].to(x.dtype)
+    return x

@@ -1,0 +1,226 @@
+"""The training bugs behind the quickstart's poor pictures, each pinned by a test that failed before its fix:
+class-sorted data, stale EMA BatchNorm statistics, crops leaking into generators, spectral-norm init, the VAE's
+likelihood, the style net's logit skip, and per-rank RNG on resume."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from genart import models
+from genart.models.checkpoint import restore_training, rng_state, save_checkpoint
+from genart.models.common import recalibrate_batchnorm
+from genart.train.augment import augment_batch, diff_augment
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- 1. data order
+
+
+def _label_runs(labels: list[int]) -> int:
+    """How many times the label changes along the sequence (a class-sorted list of 5 classes changes 4 times)."""
+    return sum(a != b for a, b in zip(labels, labels[1:]))
+
+
+def test_prepare_writes_classes_mixed(tmp_path, synth_dir, ray_session):
+    from genart.data import prepare as prep
+    from genart.data.read import parquet_files
+
+    # the synth folder lists class by class (circles/..., gradient/..., ...): sorted order is the worst case
+    dest = str(tmp_path / "mixed")
+    manifest = prep.prepare([synth_dir], dest, prep.PrepareOptions(size=16, val_fraction=0.2), progress=False)
+    rows = [r for f in sorted(parquet_files(dest)) for r in pq.read_table(f, columns=["label", "split"]).to_pylist()]
+    assert len(rows) == manifest["counts"]["written"] == 100
+    train = [r["label"] for r in rows if r["split"] == "train"]
+    assert len(set(train[:20])) >= 4, train[:20]  # the first rows (a capped split, one streamed block) hold most classes
+    assert _label_runs(train) > len(train) // 3  # nowhere near sorted
+    val = [r["label"] for r in rows if r["split"] == "val"]
+    assert len(set(val[:10])) >= 3, val
+
+
+def test_mixed_plan_keeps_every_input_once(synth_dir):
+    from genart.data import sources
+    from genart.data.prepare import mixed
+
+    plan = sources.plan([synth_dir])
+    shuffled = mixed(plan)
+    items = lambda p: sorted(i for u in p.units for i in u.items)  # noqa: E731
+    assert items(shuffled) == items(plan) and shuffled.num_inputs == plan.num_inputs
+    assert [i for u in shuffled.units for i in u.items] != [i for u in plan.units for i in u.items]
+    assert mixed(plan).units == shuffled.units  # deterministic
+
+
+def test_cached_train_split_is_shuffled_globally(tmp_path, synth_dir, ray_session):
+    """Even a dataset whose shard is class-sorted (written by another tool) reaches training mixed."""
+    from genart.data import prepare as prep
+    from genart.data.read import parquet_files
+    from genart.train.config import TrainConfig
+    from genart.train.trainer import _datasets
+
+    dest = str(tmp_path / "sorted")
+    prep.prepare([synth_dir], dest, prep.PrepareOptions(size=16, val_fraction=0.0), progress=False)
+    for f in parquet_files(dest):  # make the worst case on disk
+        pq.write_table(pq.read_table(f).sort_by("label"), f)
+    cfg = TrainConfig.model_validate({"model": {"family": "vae"}, "data": {"path": dest}})
+    datasets, cached = _datasets(cfg, 16, 100, has_val=False)
+    assert cached
+    labels = [int(v) for v in datasets["train"].to_pandas()["label"]]
+    assert sorted(labels) == sorted(labels) and len(labels) == 100
+    assert len(set(labels[:16])) >= 4 and _label_runs(labels) > 30, labels
+
+
+# ---------------------------------------------------------------- 2. EMA BatchNorm statistics
+
+
+def test_recalibrate_batchnorm_measures_the_nets_own_statistics():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    torch.manual_seed(0)
+    inputs = [torch.randn(32, 4) * 3 + 1 for _ in range(4)]
+    recalibrate_batchnorm(net.eval(), [(x,) for x in inputs])
+    acts = net[0](torch.cat(inputs)).detach()
+    assert torch.allclose(net[1].running_mean, acts.mean(0), atol=1e-5)
+    assert torch.allclose(net[1].running_var, acts.var(0), rtol=5e-2)  # per-batch variances, averaged
+    assert not net.training and net[1].momentum == 0.1
+
+
+def test_dcgan_ema_generator_uses_its_own_batchnorm_statistics():
+    fam = models.REGISTRY["dcgan"]
+    cfg = fam.config_cls(base_channels=8, latent_dim=16, diff_augment=[])
+    torch.manual_seed(0)
+    nets = fam.build(cfg, 16, 0)
+    opts = fam.optimizers(cfg, nets)
+    for step in range(30):
+        fam.train_step(cfg, nets, opts, {"image": torch.rand(16, 3, 16, 16) * 2 - 1}, step)
+    ema = nets["generator_ema"]
+    z = torch.randn(512, cfg.latent_dim)
+    with torch.no_grad():
+        ema.train()
+        batch_stats = ema(z)  # what the EMA weights really produce (BatchNorm on their own activations)
+        ema.eval()
+        stale = ema(z)
+        fam.before_checkpoint(cfg, nets)
+        fresh = ema(z)
+    err_stale = (stale - batch_stats).abs().mean()
+    err_fresh = (fresh - batch_stats).abs().mean()
+    assert err_fresh < 0.5 * err_stale and err_fresh < 0.05, (err_fresh, err_stale)
+
+
+# ---------------------------------------------------------------- 3. augmentation for generators
+
+
+def test_generators_are_never_taught_crops():
+    assert models.REGISTRY["dcgan"].default_augment == "flip" and models.REGISTRY["vae"].default_augment == "flip"
+    x = torch.rand(8, 3, 16, 16)
+    out = augment_batch(x, "flip", torch.Generator().manual_seed(0))
+    for a, b in zip(x, out):
+        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)  # the picture itself, or its mirror: never zoomed
+    assert not torch.equal(out, x) and not torch.equal(out, x.flip(-1))  # some flipped, some not
+
+
+def test_diff_augment_is_differentiable_and_keeps_shape():
+    x = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    out = diff_augment(x, ("color", "translation", "cutout"))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- 4. conditional discriminator init
+
+
+def test_spectral_norm_discriminator_gets_the_dcgan_init():
+    fam = models.REGISTRY["dcgan"]
+    cfg = fam.config_cls(base_channels=16, spectral_norm=True, conditional=True, loss="hinge")
+    torch.manual_seed(0)
+    disc = fam.build(cfg, 32, 5)["discriminator"]
+    first = disc.features[0]
+    assert abs(float(first.parametrizations.weight.original.std()) - 0.02) < 0.005
+    assert abs(float(disc.project.parametrizations.weight.original.std()) - 0.02) < 0.01
+    with torch.no_grad():
+        logits = disc(torch.rand(16, 3, 32, 32) * 2 - 1, torch.arange(16) % 5)
+    assert float(logits.abs().max()) < 5.0, logits  # N(0, 1) projection embeddings gave logits ~100x too large
+
+
+# ---------------------------------------------------------------- 5. VAE likelihood
+
+
+def test_vae_optimal_sigma_follows_the_reconstruction_error():
+    fam = models.REGISTRY["vae"]
+    cfg = fam.config_cls(base_channels=8, latent_dim=8)
+    assert cfg.likelihood == "optimal_sigma"
+    torch.manual_seed(0)
+    nets = fam.build(cfg, 16, 0)
+    opts = fam.optimizers(cfg, nets)
+    m = fam.train_step(cfg, nets, opts, {"image": torch.rand(8, 3, 16, 16) * 2 - 1}, 0)
+    # sigma in [0, 1] pixel units is the RMS error there: half the RMS error on [-1, 1] pixels
+    assert abs(m["sigma"] - m["recon_mse"] ** 0.5 / 2) < 1e-4, m
+
+
+# ---------------------------------------------------------------- 6. style input skip
+
+
+def test_style_input_skip_can_change_black_and_white_pixels():
+    from genart.models.style import TransformerNet
+
+    net = TransformerNet(channels=4, num_res_blocks=1, input_skip=True)
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8:] = 1.0  # half black, half white: a logit skip froze both (slope ~1e-3 at logit(1e-3))
+    out = net(x)
+    assert torch.equal(out, x)
+    bias = net.net[-1][1].bias
+    (grad,) = torch.autograd.grad(out[0, 0].sum(), bias)
+    assert abs(float(grad[0]) - 256.0) < 1e-3  # every pixel, black or white, moves one for one with the change
+
+
+def test_style_gram_targets_default_to_the_training_size():
+    fam = models.REGISTRY["style"]
+    cfg = fam.config_cls(loss_network="random", random_filters=4, channels=4, num_res_blocks=0)
+    assert cfg.style_size is None
+    loss48 = fam.build(cfg, 48, 0)["loss_network"]
+    loss96 = fam.build(cfg, 96, 0)["loss_network"]
+    assert not torch.allclose(loss48.gram_k11, loss96.gram_k11)  # targets follow the content scale
+
+
+# ---------------------------------------------------------------- 9. per-rank RNG on resume
+
+
+def test_every_rank_resumes_its_own_rng(tmp_path):
+    fam = models.REGISTRY["vae"]
+    cfg = fam.config_cls(base_channels=8, latent_dim=8)
+    nets = fam.build(cfg, 16, 0)
+    opts = fam.optimizers(cfg, nets)
+    ranks = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        np.random.seed(200 + rank)
+        ranks.append(rng_state())
+    expected = []
+    for rank in range(2):  # what each rank draws next
+        torch.manual_seed(100 + rank)
+        np.random.seed(200 + rank)
+        expected.append((torch.randn(3), np.random.rand(2)))
+    save_checkpoint(str(tmp_path), nets, opts, {"family": "vae", "step": 5, "config": {"model": cfg.model_dump()},
+                                                "image_size": 16, "label_names": [], "rng_ranks": ranks})
+    for rank in range(2):
+        torch.manual_seed(999)
+        state = restore_training(str(tmp_path), nets, opts, rank=rank)
+        assert state["rng_restored"]
+        assert torch.equal(torch.randn(3), expected[rank][0]) and np.array_equal(np.random.rand(2), expected[rank][1])
+    assert not restore_training(str(tmp_path), nets, opts, rank=2)["rng_restored"]  # a new rank is seeded afresh
+
+
+def test_data_seeds_differ_across_ranks_and_resumes():
+    from genart.train.loop import _seed
+
+    seeds = {_seed(0, "data", rank, step) for rank in range(8) for step in (0, 1, 1000, 7919)}
+    assert len(seeds) == 32
+    counts = collections.Counter(_seed(0, "data", r, 0) == _seed(0, "noise", r, 0) for r in range(8))
+    assert counts[True] == 0
