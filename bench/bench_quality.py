@@ -1,6 +1,6 @@
 """Sample quality of genart's DCGAN and VAE beside the pytorch/examples reference algorithms, and style-transfer quality.
 
-    .venv/bin/python bench/bench_quality.py                      # the quickstart budget: dcgan 400, vae 250, style 100 steps, 1000 images
+    .venv/bin/python bench/bench_quality.py                      # the quickstart budget: dcgan 1500, vae 250, style 100 steps, 1000 images
     .venv/bin/python bench/bench_quality.py --steps-dcgan 1500 --steps-vae 1500 --steps-style 1500 --out results/bench_quality_1500
     .venv/bin/python bench/bench_quality.py --steps-dcgan 20 --steps-vae 20 --steps-style 10 --num-samples 200 --images 300  # smoke, ~2.5 min
 (--only dcgan,vae skips the style network; --only style runs it alone.)
@@ -457,7 +457,7 @@ def bench_style(args, paintings: str, runs: str) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps-dcgan", type=int, default=400, help="training steps of both DCGANs (quickstart: 400)")
+    parser.add_argument("--steps-dcgan", type=int, default=1500, help="training steps of both DCGANs (quickstart: 1500)")
     parser.add_argument("--steps-vae", type=int, default=250, help="training steps of both VAEs (quickstart: 250)")
     parser.add_argument("--steps-style", type=int, default=100, help="training steps of the style network (quickstart: 100)")
     parser.add_argument("--num-samples", type=int, default=1000, help="samples per generator for the metrics")
