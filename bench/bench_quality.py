@@ -427,7 +427,7 @@ def bench_style(args, paintings: str, runs: str) -> dict:
     log(f"style: genart, {args.steps_style} steps on the shipped paintings at {CONTENT_SIZE} px, style {args.style_image}")
     model, summary, times = train_genart("style", paintings, runs, args.steps_style, [
         f"data.image_size={CONTENT_SIZE}", f"model.style_image={args.style_image}", f"scaling.cpus_per_worker={args.threads}"])
-    style01 = load_style_image(args.style_image, model_section(model.meta["config"])["style_size"])[0]  # (1, 3, h, w), as training saw it
+    style01 = load_style_image(args.style_image, model_section(model.meta["config"])["style_size"] or model.image_size)[0]  # (1, 3, h, w), as training saw it
     contents, outputs, names = [], [], []
     for name, img in archive_images():
         x = to_tensor01([img])  # (1, 3, H, W)
