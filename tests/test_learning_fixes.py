@@ -67,13 +67,16 @@ def test_cached_train_split_is_shuffled_globally(tmp_path, synth_dir, ray_sessio
 
     dest = str(tmp_path / "sorted")
     prep.prepare([synth_dir], dest, prep.PrepareOptions(size=16, val_fraction=0.0), progress=False)
+    on_disk = []
     for f in parquet_files(dest):  # make the worst case on disk
-        pq.write_table(pq.read_table(f).sort_by("label"), f)
+        table = pq.read_table(f).sort_by("label")
+        pq.write_table(table, f)
+        on_disk.extend(table.column("label").to_pylist())
     cfg = TrainConfig.model_validate({"model": {"family": "vae"}, "data": {"path": dest}})
     datasets, cached = _datasets(cfg, 16, 100, has_val=False)
     assert cached
     labels = [int(v) for v in datasets["train"].to_pandas()["label"]]
-    assert sorted(labels) == sorted(labels) and len(labels) == 100
+    assert sorted(labels) == sorted(on_disk) and len(labels) == 100  # every row once, none lost or repeated
     assert len(set(labels[:16])) >= 4 and _label_runs(labels) > 30, labels
 
 

@@ -199,7 +199,7 @@ class StyleFamily:
 
     def _terms(self, cfg: StyleConfig, loss_network: nn.Module, out: torch.Tensor, content: torch.Tensor) -> dict[str, torch.Tensor]:
         """content / style / tv (loss network, on the clipped output, as users see it) + range, and their weighted sum."""
-        terms = loss_network(out.float().clamp(0, 1) if not cfg.input_skip else _soft_clip(out.float()), content)
+        terms = loss_network(_soft_clip(out.float()), content)  # a no-op on the sigmoid net's in-range output
         terms["range"] = (out.float() - out.float().clamp(0, 1)).pow(2).mean()
         terms["loss"] = (cfg.content_weight * terms["content"] + cfg.style_weight * terms["style"]
                          + cfg.tv_weight * terms["tv"] + cfg.range_weight * terms["range"])
