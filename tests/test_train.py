@@ -127,6 +127,8 @@ def test_data_and_cluster_errors_before_any_worker(dataset, tmp_path):
         (make_cfg("vae", dataset, runs, "f", scaling={"use_gpu": True}), "scaling.use_gpu"),
         (make_cfg("critic", dataset, runs, "g", eval={"every_checkpoints": 1}), "eval.every_checkpoints"),
         (make_cfg("vae", dataset, runs, "g2", eval={"best_metric": "fid1k_critic"}), "eval.best_metric"),
+        (make_cfg("dcgan", dataset, runs, "g3", data={"crop_size": 16}), "data.crop_size"),  # G makes whole images
+        (make_cfg("style", dataset, runs, "g4", data={"crop_size": 64}), "data.crop_size"),  # larger than 32 px
     ]
     # an "empty" dataset: every input rejected, so the manifest has no images
     bad = tmp_path / "bad"

@@ -35,9 +35,9 @@ from genart.models.loss_networks import StyleLoss, build_loss_network
 class StyleConfig(Section):
     family: Literal["style"] = "style"  # model family tag
     style_image: str = "starry_night.jpg"  # a shipped style (genart/assets/styles/<name>) or a path / s3:// uri
-    # The style image's shorter side (px) when its Gram targets are taken; null = the training content size, so
-    # brush strokes in the targets have the pixel scale the net learns at (it keeps that scale at any input size:
-    # train at about the size you will stylize at for strokes that look the same).
+    # The style image's shorter side (px) when its Gram targets are taken; null = data.image_size, the content's
+    # own scale (also with data.crop_size windows), so brush strokes in the targets have the pixel scale the net
+    # learns at (it keeps that scale at any input size: train at about the size you will stylize at).
     style_size: int | None = Field(None, ge=16, le=2048)
     loss_network: str = "vgg16"  # vgg16 | vgg19 (ImageNet weights) | random (seeded random-multiscale) | critic:<uri>
     loss_network_weights: str | None = None  # VGG weights file (.pth weights-only or .safetensors), local or s3://; default: torch hub cache
@@ -52,6 +52,10 @@ class StyleConfig(Section):
     # so the net does not paint dark blobs to match a dark style. False = the classic Gram (Gatys, Johnson).
     center_gram: bool = True
     range_weight: float = Field(10.0, ge=0)  # input_skip: weight of the squared excess outside [0, 1] (no clipped blobs)
+    # Weight of the tone term: the squared change of the picture's light and dark masses (luma averaged over
+    # tone_block x tone_block px). A hole is a low-frequency change of tone; strokes, texture and hue are not.
+    tone_weight: float = Field(100.0, ge=0)
+    tone_block: int = Field(4, ge=2)
     channels: int = Field(32, ge=1)  # width of the transformer's first layer (32 in the paper; 4-8 for tests)
     # Output = input + a learned change (in pixels, the change's last layer starting at zero): training starts from
     # the content image instead of a grey blur, so short CPU runs already keep the content. The change is not
@@ -131,6 +135,12 @@ def _soft_clip(x: torch.Tensor) -> torch.Tensor:
     return x + (x.clamp(0, 1) - x).detach()
 
 
+def _tone(x01: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 1, H/block, W/block): Rec. 601 luma averaged over block x block squares."""
+    luma = (x01 * x01.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(dim=1, keepdim=True)
+    return nn.functional.avg_pool2d(luma, block, ceil_mode=True)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = 4, minimum: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad (N, C, H, W) on the bottom/right to a multiple of `multiple` (and at least `minimum`); returns (padded, (H, W))."""
     h, w = x.shape[-2:]
@@ -201,8 +211,9 @@ class StyleFamily:
         """content / style / tv (loss network, on the clipped output, as users see it) + range, and their weighted sum."""
         terms = loss_network(_soft_clip(out.float()), content)  # a no-op on the sigmoid net's in-range output
         terms["range"] = (out.float() - out.float().clamp(0, 1)).pow(2).mean()
+        terms["tone"] = (_tone(_soft_clip(out.float()), cfg.tone_block) - _tone(content.float(), cfg.tone_block)).pow(2).mean()
         terms["loss"] = (cfg.content_weight * terms["content"] + cfg.style_weight * terms["style"]
-                         + cfg.tv_weight * terms["tv"] + cfg.range_weight * terms["range"])
+                         + cfg.tv_weight * terms["tv"] + cfg.range_weight * terms["range"] + cfg.tone_weight * terms["tone"])
         return terms
 
     def train_step(

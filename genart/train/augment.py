@@ -16,12 +16,18 @@ Augment = Literal["none", "flip", "crop", "crop_flip"]
 CROP_SCALE = 1.125
 
 
-def augment_batch(images: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Random crop from a CROP_SCALE upscale ("crop"), horizontal flip of half the images ("flip"), both, or none."""
-    if mode == "none":
-        return images
+def augment_batch(images: torch.Tensor, mode: str, gen: torch.Generator, crop_size: int | None = None) -> torch.Tensor:
+    """Random crop from a CROP_SCALE upscale ("crop"), horizontal flip of half the images ("flip"), both, or none.
+
+    crop_size: random crop_size x crop_size windows at the images' own scale instead (no zoom), before any
+    flip: a style net trained on small windows of large images learns at the pixel scale it will stylize at.
+    """
     b, _, s, _ = images.shape
-    if "crop" in mode:
+    if crop_size is not None and crop_size < s:
+        ys, xs = torch.randint(0, s - crop_size + 1, (2, b), generator=gen).tolist()
+        images = torch.stack([images[i, :, ys[i] : ys[i] + crop_size, xs[i] : xs[i] + crop_size] for i in range(b)])
+        s = crop_size
+    elif "crop" in mode:
         big = max(s + 1, int(round(s * CROP_SCALE)))
         up = torch.nn.functional.interpolate(images, size=(big, big), mode="bilinear", antialias=True, align_corners=False)
         xs, ys = torch.randint(0, big - s + 1, (2, b), generator=gen).tolist()

@@ -28,6 +28,9 @@ class DataSection(Section):
     # generators (crops would teach them zoomed images), crop_flip for the critic and style content.
     # Digits, text and anything with a handedness want none or crop. true/false are read as null/none.
     augment: Augment | None = None
+    # Train on random crop_size x crop_size windows of the image_size images, at their own scale (no zoom; before
+    # `augment`'s flip, instead of its zoom crop). null = whole images. Validation and sample grids use whole images.
+    crop_size: int | None = Field(None, ge=8)
     # Rows each worker draws a streamed batch from (a local shuffle buffer, in batches); a cached split is
     # permuted in full on every epoch instead.
     shuffle_buffer_batches: int = Field(16, ge=1)

@@ -187,7 +187,7 @@ def _batches(cfg: TrainConfig, device, augment: str, seed: int, cached: bool) ->
             for i in range(0, n - b + 1, b):  # drop the ragged last batch: equal steps per epoch on every worker
                 idx = order[i : i + b]
                 batch = {k: v[idx].to(device) for k, v in rows.items()}
-                batch["image"] = augment_batch(batch["image"], augment, gen)
+                batch["image"] = augment_batch(batch["image"], augment, gen, cfg.data.crop_size)
                 yield batch
     epoch = 0
     while True:
@@ -197,7 +197,7 @@ def _batches(cfg: TrainConfig, device, augment: str, seed: int, cached: bool) ->
                                               local_shuffle_buffer_size=cfg.data.shuffle_buffer_batches * b,
                                               local_shuffle_seed=seed + epoch):
             got += 1
-            batch["image"] = augment_batch(batch["image"], augment, gen)
+            batch["image"] = augment_batch(batch["image"], augment, gen, cfg.data.crop_size)
             yield batch
         if not got:
             raise RuntimeError(f"epoch {epoch}: this worker's share of the train split is smaller than data.batch_size={b}")

@@ -159,6 +159,11 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
         sizes = ", ".join(str(s) for s in family.supported_sizes)
         raise UserError(f"data.image_size: {cfg.model.family} supports {sizes} px, not {image_size}")
     family.build(cfg.model, int(image_size), len(label_names))  # the family's own checks (sizes, labels), as UserErrors
+    crop = cfg.data.crop_size
+    if crop is not None and (crop > image_size or family.supported_sizes is not None):
+        # a fixed-size generator/decoder must see whole images of its own size; only size-free nets train on windows
+        why = f"larger than data.image_size={image_size}" if crop > image_size else f"{cfg.model.family} trains on whole images"
+        raise UserError(f"data.crop_size={crop}: {why}")
 
     notes = []
     if cfg.train.amp and not cfg.scaling.use_gpu:
