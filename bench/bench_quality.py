@@ -459,7 +459,7 @@ def bench_style(args, paintings: str, runs: str) -> dict:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-dcgan", type=int, default=1500, help="training steps of both DCGANs (quickstart: 1500)")
-    parser.add_argument("--steps-vae", type=int, default=250, help="training steps of both VAEs (quickstart: 250)")
+    parser.add_argument("--steps-vae", type=int, default=600, help="training steps of both VAEs (quickstart: 600)")
     parser.add_argument("--steps-style", type=int, default=100, help="training steps of the style network (quickstart: 100)")
     parser.add_argument("--num-samples", type=int, default=1000, help="samples per generator for the metrics")
     parser.add_argument("--images", type=int, default=1000, help="synthetic images made (quickstart: 1000), 10%% val")

@@ -179,6 +179,25 @@ def test_vae_optimal_sigma_follows_the_reconstruction_error():
 # ---------------------------------------------------------------- 6. style input skip
 
 
+def test_vae_decoder_sees_the_size_of_z():
+    """A normalised decoder divides |z| away (decode(0.1 z) == decode(z) without biases): every prior sample came out
+    at full contrast. The default decoder keeps it, so the prior's middle decodes to middling pictures."""
+    from genart.models.vae import VAE, VAEConfig
+
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    gap = {}
+    for norm in ("group", "none"):
+        torch.manual_seed(0)
+        vae = VAE(VAEConfig(latent_dim=8, base_channels=8, max_channels=16, decoder_norm=norm), 16).eval()
+        for name, p in vae.named_parameters():
+            if name.endswith("bias") and not name.startswith("encoder"):
+                torch.nn.init.zeros_(p)  # biases aside, only the decoder's normalisation decides
+        with torch.no_grad():
+            gap[norm] = (vae.decode(0.1 * z) - vae.decode(z)).abs().max().item()
+    assert VAEConfig().decoder_norm == "none"
+    assert gap["group"] < 0.1 * gap["none"], gap
+
+
 def test_style_input_skip_can_change_black_and_white_pixels():
     from genart.models.style import TransformerNet
 

@@ -45,6 +45,10 @@ class VAEConfig(Section):
     likelihood: Literal["optimal_sigma", "fixed_sigma"] = "optimal_sigma"
     sigma: float = Field(0.1, gt=0, le=1)  # fixed_sigma's sigma, and optimal_sigma's starting point, in [0, 1] pixel units
     min_sigma: float = Field(0.01, gt=0, le=1)  # optimal_sigma never goes below this (a perfect fit would divide by zero)
+    # Normalisation in the decoder. none: its output follows the size of z, so the prior's middle decodes to
+    # middling pictures. group: GroupNorm after each up-convolution (the old default) divides that size away: every
+    # z, even 0, decodes at full contrast, so prior samples came out over-saturated (bench_quality: see README).
+    decoder_norm: Literal["none", "group"] = "none"
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     num_samples: int = Field(32, ge=2)  # images in the grid written at each checkpoint (half recons, half samples)
@@ -78,7 +82,8 @@ class VAE(nn.Module):
         dec: list[nn.Module] = []
         for level in range(self.levels - 2, -1, -1):  # (B, cin, s, s) -> (B, cout, 2s, 2s)
             cout = _channels(cfg, level)
-            dec += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), _norm(cout), nn.ReLU(True)]
+            norm = [_norm(cout)] if cfg.decoder_norm == "group" else []
+            dec += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), *norm, nn.ReLU(True)]
             cin = cout
         dec += [nn.ConvTranspose2d(cin, 3, 4, 2, 1), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
