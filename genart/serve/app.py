@@ -15,12 +15,13 @@ import os
 from ray.serve import Application
 
 from genart.errors import UserError
+from genart.models import REGISTRY, generative_families
 from genart.serve.config import ServeArgs, parse_args
 from genart.serve.deployments import CriticModel, GenerativeModel, StyleModels
 from genart.serve.ingress import Ingress
 
 logger = logging.getLogger(__name__)
-FAMILIES = ("dcgan", "vae", "critic", "style")
+FAMILIES = tuple(REGISTRY)
 
 
 def model_card(name: str, uri: str) -> dict:
@@ -86,7 +87,7 @@ def build(args: dict) -> Application:
     )
     generators, critics, styles = {}, {}, {}
     for name, card in cards.items():
-        if card["family"] in ("dcgan", "vae"):
+        if card["family"] in generative_families():
             deployment = GenerativeModel.options(name=f"generator-{name}", **model_options)
             generators[name] = deployment.bind(card["checkpoint"], settings)
         elif card["family"] == "critic":

@@ -62,10 +62,13 @@ class _Batcher:
 
 @serve.deployment
 class GenerativeModel:
-    """A dcgan or vae checkpoint: generate (batched by image count), interpolate, reconstruct (vae)."""
+    """A generative checkpoint (dcgan, vae, autoregressive): generate (batched by image count), interpolate,
+    reconstruct (vae), complete (autoregressive)."""
 
     def __init__(self, checkpoint: str, settings: ServeArgs):
-        self.model = _load(checkpoint, ("dcgan", "vae"), settings)
+        from genart.models import generative_families
+
+        self.model = _load(checkpoint, generative_families(), settings)
         self.batching = settings.batching
         self._batched = _Batcher(self._generate_batch, settings, settings.max_batch_images)
 

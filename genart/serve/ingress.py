@@ -25,12 +25,13 @@ from starlette.exceptions import HTTPException
 from genart import storage
 from genart.data.images import Reject, cap_side, decode_image, encode_png
 from genart.errors import UserError
+from genart.models import generative_families
 from genart.serve.config import MAX_N, NAME_RE, ServeArgs
 from genart.serve.limits import BearerAuth, BodyLimit, Deadline
 from genart.serve.runners import GenerateJob
 
 STATIC = Path(__file__).parent / "static"
-GENERATIVE = ("dcgan", "vae")
+GENERATIVE = generative_families()
 STYLE_LIST_TTL_S = 30.0
 
 
