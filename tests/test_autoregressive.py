@@ -187,3 +187,61 @@ def test_fit_resumes_generates_and_loads(dataset16, tmp_path):
     out = str(tmp_path / "generated")
     generate(run_dir, 6, out, seed=4, run=RunOptions(batch_size=3, concurrency=1, progress=False))
     assert sorted(p.name for p in (tmp_path / "generated").glob("*.png")) == [f"seed4-{i:06d}.png" for i in range(6)]
+
+
+def test_served_generate_complete_and_interpolate(ray_session, tmp_path):
+    """Real HTTP against Serve: /v1/generate (the same pixels as .sample), /v1/complete, /v1/interpolate, errors."""
+    import io
+    import socket
+
+    import numpy as np
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from genart.serve.app import build
+    from genart.serve.run import start_http
+    from genart.serve.tiny import make_checkpoint
+
+    genres = ["a", "b", "c"]
+    ckpt = make_checkpoint(str(tmp_path / "ar"), "autoregressive", {"embed_dim": 16, "num_layers": 1, "num_heads": 2,
+                                                                       "colors": 8, "conditional": True}, 8, genres, seed=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host, port = start_http("127.0.0.1", port)
+    serve.run(build({"models": {"pixels": ckpt}, "api_key_env": "GENART_TEST_AR_NO_KEY",
+                     "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2}}),
+              name="t-ar", route_prefix="/t-ar")
+    base = f"http://{host}:{port}/t-ar"
+    try:
+        cards = requests.get(base + "/v1/models", timeout=30).json()["models"]
+        assert [(c["name"], c["family"], c["conditional"]) for c in cards] == [("pixels", "autoregressive", True)]
+        got = requests.post(base + "/v1/generate", json={"n": 2, "seed": 5, "label": "b", "format": "json"}, timeout=60)
+        assert got.status_code == 200, got.text
+        import base64
+
+        frames = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in got.json()["images"]]
+        model = models.load(ckpt)
+        expected = (model.sample([5, 6], labels=[1, 1]) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(np.stack(frames), expected)
+
+        picture = np.zeros((20, 20, 3), np.uint8)
+        picture[:, :, 0] = 255  # a red square
+        buf = io.BytesIO()
+        Image.fromarray(picture).save(buf, "PNG")
+        done = requests.post(base + "/v1/complete", files={"image": ("x.png", buf.getvalue(), "image/png")},
+                             data={"seed": "1", "label": "2"}, timeout=60)
+        assert done.status_code == 200, done.text
+        out = np.asarray(Image.open(io.BytesIO(done.content)))
+        red = (model.palette[to_tokens(torch.tensor([[[1.0]], [[0.0]], [[0.0]]])[None], model.palette)[0]] * 255 + 0.5).to(torch.uint8)
+        assert out.shape == (8, 8, 3) and (out[:4] == red.numpy()).all()  # top half: the upload's nearest palette colour
+        bad = requests.post(base + "/v1/complete", files={"image": ("x.png", buf.getvalue(), "image/png")},
+                            data={"rows": "9"}, timeout=60)
+        assert bad.status_code == 422 and "rows 9" in bad.json()["detail"]
+        junk = requests.post(base + "/v1/complete", files={"image": ("x.png", b"not a png", "image/png")}, timeout=60)
+        assert junk.status_code == 400
+        walk = requests.post(base + "/v1/interpolate", json={"seed_a": 1, "seed_b": 2, "steps": 3}, timeout=60)
+        assert walk.status_code == 200 and Image.open(io.BytesIO(walk.content)).size[1] >= 8
+    finally:
+        serve.delete("t-ar")

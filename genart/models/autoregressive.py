@@ -105,7 +105,8 @@ class TokenModel(nn.Module):
         super().__init__()
         d = cfg.embed_dim
         self.size, self.backbone = image_size, cfg.backbone
-        self.register_buffer("palette", torch.zeros(cfg.colors, 3))  # (K, 3) in [0, 1], saved with the weights
+        # (K, 3) in [0, 1], saved with the weights; the lattice until training fills in its palette or a checkpoint loads
+        self.register_buffer("palette", grid_palette(cfg.colors))
         self.token = nn.Embedding(cfg.colors, d)
         self.start = nn.Embedding(num_labels if cfg.conditional else 1, d)  # the class token, or one start token
         self.row, self.col = nn.Parameter(torch.zeros(image_size, d)), nn.Parameter(torch.zeros(image_size, d))
@@ -278,9 +279,8 @@ class AutoregressiveFamily:
         if cfg.backbone == "transformer" and cfg.embed_dim % cfg.num_heads:
             raise UserError(f"model.embed_dim {cfg.embed_dim} must be divisible by model.num_heads {cfg.num_heads}")
         net = TokenModel(cfg, image_size, num_labels)
-        if not inference:  # inference reads the palette from the checkpoint's weights
-            path = cfg.palette or GRID
-            net.palette.copy_(grid_palette(cfg.colors) if path == GRID else read_palette(path, cfg.colors))
+        if not inference and cfg.palette not in (None, GRID):  # inference reads the palette from the checkpoint's weights
+            net.palette.copy_(read_palette(cfg.palette, cfg.colors))
         return {"model": net}
 
     def trainable(self) -> tuple[str, ...]:

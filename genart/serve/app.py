@@ -59,7 +59,7 @@ def model_card(name: str, uri: str) -> dict:
         "step": state.get("step"),
         "image_size": state.get("image_size"),
         "labels": list(state.get("label_names") or []),
-        "conditional": bool(family == "dcgan" and config.get("conditional")),
+        "conditional": bool(config.get("conditional")),  # only generators have the key
     }
 
 

@@ -90,6 +90,9 @@ class GenerativeModel:
     async def reconstruct(self, image: np.ndarray) -> np.ndarray:
         return await asyncio.to_thread(runners.reconstruct, self.model, image)
 
+    async def complete(self, image: np.ndarray, seed: int, label: int | None, rows: int | None) -> np.ndarray:
+        return await asyncio.to_thread(runners.complete, self.model, image, seed, label, rows)
+
 
 @serve.deployment
 class CriticModel:
