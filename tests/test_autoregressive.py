@@ -245,3 +245,17 @@ def test_served_generate_complete_and_interpolate(ray_session, tmp_path):
         assert walk.status_code == 200 and Image.open(io.BytesIO(walk.content)).size[1] >= 8
     finally:
         serve.delete("t-ar")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_shipped_configs_are_valid_and_resolve_the_palette(backbone):
+    import os
+
+    from genart.train.config import load_config
+    from genart.train.trainer import resolve
+
+    path = os.path.join(os.path.dirname(__file__), "..", "workflows", "configs", f"autoregressive_{backbone}.yaml")
+    cfg = load_config(path, ["data.path=/data/synth16"])
+    assert cfg.model.family == "autoregressive" and cfg.model.backbone == backbone and cfg.data.image_size == 16
+    assert resolve(cfg).model.palette == "/data/synth16/palette-16.json"
+    assert resolve(load_config(path, ["data.path=/d", "model.palette=grid"])).model.palette == "grid"

@@ -184,6 +184,8 @@ class Generator(ModelActor):
     """Indices ("id") -> generated images. Forward passes cover fixed index chunks [16k, 16k+16), whatever the
     batch: image i always comes out of the same computation, so the bytes depend only on (seed, index)."""
 
+    family = ()  # any generative family: checked in setup against the registry
+
     def setup(self) -> None:
         from genart.models import generative_families
 
