@@ -246,7 +246,7 @@ def serve(models, config_file, host, port, overrides, address):
 
 
 @main.command()
-@click.option("--model", required=True, help="dcgan or vae run folder (best checkpoint) or checkpoint folder, local or s3://.")
+@click.option("--model", required=True, help="Generative (dcgan, vae, autoregressive) run folder (best checkpoint) or checkpoint folder, local or s3://.")
 @click.option("--data", required=True, help="Prepared dataset (`genart prepare`) to compare with, local or s3://.")
 @click.option("--num", type=int, default=1000, show_default=True, help="Images to generate (seeds 0..NUM-1).")
 @click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
