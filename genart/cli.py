@@ -92,6 +92,25 @@ def datasets_synth(out, num, size, seed):
     click.echo(f"wrote {sum(counts.values())} images in {len(counts)} genres to {out}: " + ", ".join(f"{g} {n}" for g, n in counts.items()))
 
 
+@main.command()
+@click.option("--data", required=True, help="Prepared dataset (`genart prepare`), local folder or s3:// prefix.")
+@click.option("--colors", type=int, default=16, show_default=True, help="Palette size K (2-512).")
+@click.option("--out", default=None, help="Palette file to write (default: DATASET/palette-K.json, where training looks).")
+@click.option("--sample-pixels", type=int, default=200_000, show_default=True, help="Pixels sampled from the train split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Pixel sample and k-means seed.")
+@address_option
+def palette(data, colors, out, sample_pixels, seed, address):
+    """Fit a K-colour palette (k-means on a sample of the dataset's pixels, a Ray Data job) for the
+    autoregressive family, which turns images into grids of palette tokens."""
+    from genart import runtime
+    from genart.data.palette import fit_palette
+
+    runtime.init(address)
+    summary = fit_palette(data, colors, out=out, sample_pixels=sample_pixels, seed=seed)
+    click.echo(f"palette: {summary['palette']} ({colors} colours from {summary['pixels_sampled']} pixels, "
+               f"RMS error {summary['rmse_255']} of 255)")
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -227,7 +246,7 @@ def serve(models, config_file, host, port, overrides, address):
 
 
 @main.command()
-@click.option("--model", required=True, help="dcgan or vae run folder (best checkpoint) or checkpoint folder, local or s3://.")
+@click.option("--model", required=True, help="Generative (dcgan, vae, autoregressive) run folder (best checkpoint) or checkpoint folder, local or s3://.")
 @click.option("--data", required=True, help="Prepared dataset (`genart prepare`) to compare with, local or s3://.")
 @click.option("--num", type=int, default=1000, show_default=True, help="Images to generate (seeds 0..NUM-1).")
 @click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",

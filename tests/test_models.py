@@ -37,6 +37,7 @@ def one_thread():
 TINY = {
     "dcgan": ({"latent_dim": 8, "base_channels": 4, "max_channels": 16, "num_samples": 4, "eval_samples": 8}, 16, 0),
     "vae": ({"latent_dim": 8, "base_channels": 4, "max_channels": 16, "num_samples": 4}, 16, 0),
+    "autoregressive": ({"embed_dim": 16, "num_layers": 1, "num_heads": 2, "colors": 8, "num_samples": 4}, 8, 0),
     "critic": ({"base_channels": 4, "num_stages": 2, "embed_dim": 8}, 16, 3),
     "style": (
         {"style_image": "wave.jpg", "style_size": 32, "loss_network": "random", "random_filters": 4,
@@ -47,6 +48,7 @@ TINY = {
 }
 VARIANTS = {  # extra configurations of registered families worth a full round trip
     "dcgan-conditional-hinge-sn": ("dcgan", {"conditional": True, "loss": "hinge", "spectral_norm": True}, 3),
+    "autoregressive-lstm-conditional": ("autoregressive", {"backbone": "lstm", "conditional": True}, 3),
 }
 
 
@@ -83,7 +85,7 @@ def probe(model) -> dict[str, torch.Tensor]:
     """Run every inference method of a Loaded, check shapes, return the outputs."""
     x = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(0))
     out = {}
-    if model.family in ("dcgan", "vae"):
+    if models.REGISTRY[model.family].generative:
         out["sample"] = model.sample([0, 1, 2])
         assert out["sample"].shape == (3, 3, model.image_size, model.image_size)
         out["interpolate"] = model.interpolate(0, 1, 4)
@@ -144,7 +146,7 @@ def test_missing_family_in_tiny_table_is_only_a_speed_hint():
         assert set(fam.trainable()) <= set(fam.build(*tiny(name)[1:]))
 
 
-@pytest.mark.parametrize("name", ["dcgan", "vae"])
+@pytest.mark.parametrize("name", models.generative_families())
 def test_sample_is_deterministic_by_seed(name):
     set_seed(1)
     fam, cfg, size, labels = tiny(name)
@@ -154,7 +156,7 @@ def test_sample_is_deterministic_by_seed(name):
     assert torch.equal(a, b)
     assert torch.allclose(model.sample([7])[0], a[2], atol=1e-6)  # independent of the rest of the batch
     assert not torch.equal(a[0], a[1])
-    assert torch.equal(latents([5], cfg.latent_dim)[0], torch.from_numpy(latent(5, cfg.latent_dim)))
+    assert torch.equal(latents([5], 8)[0], torch.from_numpy(latent(5, 8)))
     mean = model.sample([5, 6], truncation=0.0)
     assert torch.equal(mean[0], mean[1])  # truncation 0 = the mean image for every seed
     with pytest.raises(UserError):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from genart.errors import UserError
+from genart.models import generative_families
 from genart.evaluate import metrics as M
 from genart.evaluate import registry
 from genart.evaluate.features import Extractor, build_extractor, parse_features
 from genart.evaluate.reference import Reference, get_local
 
-GENERATIVE_FAMILIES = ("dcgan", "vae")
+GENERATIVE_FAMILIES = generative_families()
 DEFAULT_SPLIT = "all"  # compare with the whole dataset, as StyleGAN's FID-vs-dataset does
 GENERATE_BATCH = 32
 
@@ -44,7 +45,7 @@ def extractor_for(spec: str | None, inception_weights: str | None = None) -> Ext
 
 
 def load_generator(uri: str, device=None):
-    """A dcgan / vae checkpoint for sampling; other families are a UserError."""
+    """A generative checkpoint (dcgan, vae, autoregressive) for sampling; other families are a UserError."""
     from genart import models
 
     model = models.load(uri)

@@ -219,7 +219,9 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     if fmt not in ("png", "parquet"):
         raise UserError(f"--format {fmt}: must be png or parquet")
     started = time.time()
-    ckpt, loaded = _load(model, ("dcgan", "vae"))
+    from genart.models import generative_families
+
+    ckpt, loaded = _load(model, generative_families())
     info = _model_info(ckpt, loaded)
     conditional, names = bool(getattr(loaded, "conditional", False)), loaded.label_names
     del loaded

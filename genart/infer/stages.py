@@ -184,11 +184,13 @@ class Generator(ModelActor):
     """Indices ("id") -> generated images. Forward passes cover fixed index chunks [16k, 16k+16), whatever the
     batch: image i always comes out of the same computation, so the bytes depend only on (seed, index)."""
 
-    family = ("dcgan", "vae")
+    family = ()  # any generative family: checked in setup against the registry
 
     def setup(self) -> None:
-        if self.model.family not in self.family:
-            raise ValueError(f"generate needs a dcgan or vae checkpoint, not {self.model.family}")
+        from genart.models import generative_families
+
+        if self.model.family not in generative_families():
+            raise ValueError(f"generate needs a {' or '.join(generative_families())} checkpoint, not {self.model.family}")
 
     def labels_for(self, seeds: list[int]) -> list[int] | None:
         label = self.options.get("label")

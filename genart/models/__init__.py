@@ -1,4 +1,4 @@
-"""Model families (dcgan, vae, critic, style), their registry, and `load` for inference from any checkpoint.
+"""Model families (dcgan, vae, autoregressive, critic, style), their registry, and `load` for inference from any checkpoint.
 
     model = genart.models.load("runs/dcgan-demo")                 # best checkpoint of a run (local or s3://)
     images = model.sample([0, 1, 2])                              # (3, 3, H, W) in [0, 1]
@@ -18,9 +18,10 @@ from pydantic import Field
 from genart import storage
 from genart.config import validate
 from genart.errors import UserError
-from genart.models import critic, dcgan, style, vae
+from genart.models import autoregressive, critic, dcgan, style, vae
 from genart.models.checkpoint import STATE, WEIGHTS, checkpoint_hash, load_nets, read_state, read_weights
 from genart.models.common import Family, Loaded
+from genart.models.autoregressive import AutoregressiveConfig
 from genart.models.critic import CriticConfig
 from genart.models.dcgan import DCGANConfig
 from genart.models.style import StyleConfig
@@ -29,15 +30,21 @@ from genart.models.vae import VAEConfig
 REGISTRY: dict[str, Family] = {
     "dcgan": dcgan.FAMILY,
     "vae": vae.FAMILY,
+    "autoregressive": autoregressive.FAMILY,
     "critic": critic.FAMILY,
     "style": style.FAMILY,
 }
 
 # The training config's `model:` section: the `family` key picks the class.
-ModelConfig = Annotated[Union[DCGANConfig, VAEConfig, CriticConfig, StyleConfig], Field(discriminator="family")]
+ModelConfig = Annotated[Union[DCGANConfig, VAEConfig, AutoregressiveConfig, CriticConfig, StyleConfig], Field(discriminator="family")]
 
 _STEP = re.compile(r"^step-(\d+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a checkpoint folder name, never a path
+
+
+def generative_families() -> tuple[str, ...]:
+    """The registered families that generate images from seeds (`.sample`): what generate, evaluate and serving take."""
+    return tuple(name for name, fam in REGISTRY.items() if fam.generative)
 
 
 def get_family(name: str) -> Family:
@@ -136,4 +143,4 @@ def load(uri: str, which: str = "best", family: str | None = None) -> Loaded:
     return fam.inference(cfg, nets, state)
 
 
-__all__ = ["REGISTRY", "ModelConfig", "Loaded", "Family", "load", "find_checkpoint", "get_family", "model_section"]
+__all__ = ["REGISTRY", "ModelConfig", "Loaded", "Family", "load", "find_checkpoint", "get_family", "generative_families", "model_section"]

@@ -338,6 +338,7 @@ class Family(Protocol):
     config_cls: type[Section]
     supported_sizes: tuple[int, ...] | None  # None = any size
     needs_labels: bool  # always needs labelled data (critic); a conditional dcgan checks num_labels in build()
+    generative: bool  # images from seeds: its Loaded has .sample(seeds, labels, truncation) and .interpolate
     best_metric: tuple[str, str]  # (metric from evaluate(), "min" | "max") that picks best.json
     default_augment: str  # data.augment when the config leaves it null (genart.train.augment)
 

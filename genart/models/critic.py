@@ -131,6 +131,7 @@ class CriticFamily:
     config_cls = CriticConfig
     supported_sizes = None  # any size >= 2**num_stages (checked in build)
     needs_labels = True
+    generative = False
     best_metric = ("val_accuracy", "max")
     default_augment = "crop_flip"
 

@@ -177,6 +177,7 @@ class DCGANFamily:
     config_cls = DCGANConfig
     supported_sizes = SIZES
     needs_labels = False  # only when model.conditional=true, checked in build()
+    generative = True
     best_metric = ("val_swd", "min")
     default_augment = "flip"  # no crops: the generator must learn the pictures as they are
     # fixed latents whose batches re-measure the EMA generator's BatchNorm statistics before every checkpoint

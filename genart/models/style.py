@@ -189,6 +189,7 @@ class StyleFamily:
     config_cls = StyleConfig
     supported_sizes = None  # the transformer is fully convolutional
     needs_labels = False
+    generative = False
     best_metric = ("val_loss", "min")
     default_augment = "crop_flip"  # content crops
 

@@ -152,6 +152,7 @@ class VAEFamily:
     config_cls = VAEConfig
     supported_sizes = SIZES
     needs_labels = False
+    generative = True
     best_metric = ("val_loss", "min")
     default_augment = "flip"  # no crops: the decoder must learn the pictures as they are
 

@@ -15,12 +15,13 @@ import os
 from ray.serve import Application
 
 from genart.errors import UserError
+from genart.models import REGISTRY, generative_families
 from genart.serve.config import ServeArgs, parse_args
 from genart.serve.deployments import CriticModel, GenerativeModel, StyleModels
 from genart.serve.ingress import Ingress
 
 logger = logging.getLogger(__name__)
-FAMILIES = ("dcgan", "vae", "critic", "style")
+FAMILIES = tuple(REGISTRY)
 
 
 def model_card(name: str, uri: str) -> dict:
@@ -58,7 +59,7 @@ def model_card(name: str, uri: str) -> dict:
         "step": state.get("step"),
         "image_size": state.get("image_size"),
         "labels": list(state.get("label_names") or []),
-        "conditional": bool(family == "dcgan" and config.get("conditional")),
+        "conditional": bool(config.get("conditional")),  # only generators have the key
     }
 
 
@@ -86,7 +87,7 @@ def build(args: dict) -> Application:
     )
     generators, critics, styles = {}, {}, {}
     for name, card in cards.items():
-        if card["family"] in ("dcgan", "vae"):
+        if card["family"] in generative_families():
             deployment = GenerativeModel.options(name=f"generator-{name}", **model_options)
             generators[name] = deployment.bind(card["checkpoint"], settings)
         elif card["family"] == "critic":

@@ -62,10 +62,13 @@ class _Batcher:
 
 @serve.deployment
 class GenerativeModel:
-    """A dcgan or vae checkpoint: generate (batched by image count), interpolate, reconstruct (vae)."""
+    """A generative checkpoint (dcgan, vae, autoregressive): generate (batched by image count), interpolate,
+    reconstruct (vae), complete (autoregressive)."""
 
     def __init__(self, checkpoint: str, settings: ServeArgs):
-        self.model = _load(checkpoint, ("dcgan", "vae"), settings)
+        from genart.models import generative_families
+
+        self.model = _load(checkpoint, generative_families(), settings)
         self.batching = settings.batching
         self._batched = _Batcher(self._generate_batch, settings, settings.max_batch_images)
 
@@ -86,6 +89,9 @@ class GenerativeModel:
 
     async def reconstruct(self, image: np.ndarray) -> np.ndarray:
         return await asyncio.to_thread(runners.reconstruct, self.model, image)
+
+    async def complete(self, image: np.ndarray, seed: int, label: int | None, rows: int | None) -> np.ndarray:
+        return await asyncio.to_thread(runners.complete, self.model, image, seed, label, rows)
 
 
 @serve.deployment

@@ -25,12 +25,13 @@ from starlette.exceptions import HTTPException
 from genart import storage
 from genart.data.images import Reject, cap_side, decode_image, encode_png
 from genart.errors import UserError
+from genart.models import generative_families
 from genart.serve.config import MAX_N, NAME_RE, ServeArgs
 from genart.serve.limits import BearerAuth, BodyLimit, Deadline
 from genart.serve.runners import GenerateJob
 
 STATIC = Path(__file__).parent / "static"
-GENERATIVE = ("dcgan", "vae")
+GENERATIVE = generative_families()
 STYLE_LIST_TTL_S = 30.0
 
 
@@ -293,6 +294,23 @@ class Ingress:
             name = (await self._resolve(model, ("vae",), "/v1/reconstruct"))["name"]
             arr = await self._read_image(image, max_side)
             out = await self._await(self.handles[name].reconstruct.remote(arr), name)
+            return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+
+        @app.post("/v1/complete", summary="An autoregressive model's completion of the uploaded image: its top rows "
+                  "kept (default: half), the rest sampled (PNG at the model's size)", responses={200: {"content": {"image/png": {}}}})
+        async def complete(image: UploadFile = File(...), model: str | None = Form(None), seed: int = Form(0),
+                           label: int | str | None = Form(None), rows: int | None = Form(None), max_side: int = Form(512)):
+            card = await self._resolve(model, ("autoregressive",), "/v1/complete")
+            name = card["name"]
+            if not 0 <= seed <= 2**32 - 1:
+                raise ApiError(422, "invalid request", f"seed {seed} must be within 0..2**32-1")
+            if rows is not None and not 0 <= rows <= card["image_size"]:
+                raise ApiError(422, "invalid request", f"rows {rows} must be within 0..{card['image_size']} (the model's size)")
+            if isinstance(label, str) and label.isdigit():
+                label = int(label)  # form fields arrive as text: "2" is the class index, "circles" its name
+            label = self._label(card, label)
+            arr = await self._read_image(image, max_side)
+            out = await self._await(self.handles[name].complete.remote(arr, seed, label, rows), name)
             return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
 
         @app.post("/v1/stylize", summary="The uploaded image in a style (PNG, same aspect ratio)",

@@ -67,6 +67,12 @@ def reconstruct(model, image: np.ndarray) -> np.ndarray:
     return to_uint8(model.reconstruct(to_batch01([image], model.device)))[0]
 
 
+def complete(model, image: np.ndarray, seed: int, label: int | None, rows: int | None) -> np.ndarray:
+    """An autoregressive model's completion of one (H, W, 3) image: its top rows kept, the rest sampled; (S, S, 3)."""
+    labels = None if label is None else [label]
+    return to_uint8(model.complete(to_batch01([image], model.device), seeds=[seed], labels=labels, rows=rows))[0]
+
+
 def stylize(model, images: list[np.ndarray]) -> list[np.ndarray]:
     """Stylize images of any sizes; same-size images share a forward pass (results equal one-by-one calls)."""
     out: list[np.ndarray | None] = [None] * len(images)

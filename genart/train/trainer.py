@@ -94,6 +94,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.run.storage = os.path.abspath(os.path.expanduser(cfg.run.storage))
     if not storage.is_s3(cfg.data.path):
         cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
+    if hasattr(cfg.model, "resolve_paths"):  # a family's files that default to the dataset's (e.g. a palette)
+        cfg.model = cfg.model.resolve_paths(cfg.data.path)
     return cfg
 
 

@@ -61,9 +61,9 @@ async function loadModels() {
   const body = await (await api("v1/models")).json();
   models = body.models;
   const of = (...families) => models.filter((m) => families.includes(m.family)).map((m) => m.name);
-  fillSelect($("gen-model"), of("dcgan", "vae"));
+  fillSelect($("gen-model"), of("dcgan", "vae", "autoregressive"));
   fillSelect($("style-model"), of("style"));
-  $("generate").disabled = $("interpolate").disabled = !of("dcgan", "vae").length;
+  $("generate").disabled = $("interpolate").disabled = !of("dcgan", "vae", "autoregressive").length;
   $("stylize").disabled = !of("style").length;
   $("classify").disabled = !of("critic").length;
   updateLabels();
