@@ -1,0 +1,156 @@
+"""Art search for real: `genart index` on Ray Data over a few hundred images, similar / recommend, incremental reruns,
+an S3 round trip on the loopback S3 server, and the memorisation audit."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from genart import storage
+from genart.cli import main
+from genart.data.synth import make_synth
+from genart.models import REGISTRY
+from genart.models.checkpoint import save_checkpoint
+from genart.search.index import build_index
+from genart.search.query import SearchIndex
+
+GENRES = ("stripes", "grid", "noise", "gradient")  # synth's genres but circles (see `critic`)
+
+
+def _checkpoint(folder, family: str, image_size: int, labels=(), **cfg_kw) -> str:
+    fam = REGISTRY[family]
+    cfg = fam.config_cls(**cfg_kw)
+    torch.manual_seed(0)
+    nets = fam.build(cfg, image_size, len(labels), inference=True)
+    save_checkpoint(str(folder), nets, {}, {"family": family, "step": 1, "config": cfg.model_dump(),
+                                            "image_size": image_size, "label_names": list(labels)})
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def critic(tmp_path_factory):
+    # An untrained critic of the default width is still a real, deterministic feature map. Its pooled random features
+    # tell most pictures apart, but not all: synth's "circles" (overlapping discs of similar colours) collide in
+    # them (measured: a third of their 2x copies not first), a limit of untrained features, so they are left out.
+    root = tmp_path_factory.mktemp("critic")
+    return _checkpoint(root / "critic", "critic", 32, ("a", "b"), base_channels=32, num_stages=3, embed_dim=128)
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """~300 images in genre folders, plus three bad files."""
+    root = tmp_path_factory.mktemp("art")
+    make_synth(str(root), num=300, size=32, seed=3, genres=GENRES)
+    (root / "noise" / "empty.png").write_bytes(b"")
+    (root / "noise" / "notes.png").write_text("not an image")
+    good = (root / "grid").glob("*.png").__next__().read_bytes()
+    (root / "grid" / "truncated.png").write_bytes(good[: len(good) // 2])
+    return str(root)
+
+
+def _near_copy(path: str) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").resize((64, 64), Image.Resampling.NEAREST).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _run(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _json(text: str) -> dict:
+    return json.loads(text[text.index("{"):])
+
+
+def test_index_similar_recommend_and_incremental(tmp_path, art, critic, ray_session):
+    src = str(tmp_path / "art")
+    shutil.copytree(art, src)
+    held_back = sorted((tmp_path / "art" / "stripes").glob("*.png"))[:7]
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    for path in held_back:  # added after the first build
+        shutil.move(str(path), spare / path.name)
+    out = str(tmp_path / "idx")
+    text = _run(["index", "--input", src, "--output", out, "--features", f"critic:{critic}", "--batch-size", "32"])
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    counts = manifest["counts"]
+    assert counts["errors"] == 3 and counts["embedded"] == counts["inputs"] - 3 >= 290, text
+    errors = [json.loads(line) for line in (tmp_path / "idx" / "errors.jsonl").read_text().splitlines()]
+    assert sorted(os.path.basename(e["source"]) for e in errors) == ["empty.png", "notes.png", "truncated.png"]
+    meta = pq.read_table(tmp_path / "idx" / "metadata.parquet").to_pylist()
+    assert len(meta) == manifest["size"] == counts["embedded"] - counts["duplicates"]
+    assert set(meta[0]) == {"id", "source", "label", "width", "height"}
+    assert {m["label"] for m in meta} == set(GENRES)
+
+    # similar: a 2x-resized, JPEG re-encoded copy of an indexed image finds that image (first for >= 90 % of them)
+    idx = SearchIndex.open(out)
+    ranks = []
+    for target in meta[::5]:
+        found = [h["id"] for h in idx.similar(_near_copy(target["source"]), 5)]
+        ranks.append(found.index(target["id"]) if target["id"] in found else None)
+    assert None not in ranks and sum(r == 0 for r in ranks) >= 0.95 * len(ranks), ranks
+    target = meta[3]
+    query = tmp_path / "query.jpg"
+    query.write_bytes(_near_copy(target["source"]))
+    sheet = tmp_path / "similar.png"
+    result = _json(_run(["similar", "--index", out, "--image", str(query), "-k", "5", "--sheet", str(sheet)]))
+    assert result["results"][0]["id"] == target["id"] and result["results"][0]["score"] > 0.99, result["results"][:2]
+    assert len(result["results"]) == 5 and Image.open(sheet).size[0] > 6 * 96
+    bad = CliRunner().invoke(main, ["similar", "--index", out, "--image", str(src) + "/noise/notes.png"])
+    assert bad.exit_code == 2 and "notes.png" in bad.output
+
+    # recommend: liked ids never come back; diversity 0 is plain nearest-to-the-mean order
+    liked = [meta[0]["id"], meta[1]["id"]]
+    result = _json(_run(["recommend", "--index", out, "--liked", ",".join(liked), "-k", "10",
+                         "--sheet", str(tmp_path / "rec.png")]))
+    ids = [r["id"] for r in result["results"]]
+    assert len(ids) == 10 == len(set(ids)) and not set(ids) & set(liked)
+    plain = [h["id"] for h in idx.recommend(liked, 10, diversity=0.0)]
+    varied = idx.recommend(liked, 10, diversity=0.9)
+    assert not set(plain) & set(liked)
+    pair_sim = lambda hits: np.mean([idx.vectors[idx.row_of[a]] @ idx.vectors[idx.row_of[b]]  # noqa: E731
+                                     for a in hits for b in hits if a != b])
+    assert pair_sim([h["id"] for h in varied]) < pair_sim(plain)  # MMR trades closeness for variety
+
+    # incremental: add the held-back images; only those are embedded
+    for path in held_back:
+        shutil.move(str(spare / path.name), path)
+    _run(["index", "--input", src, "--output", out, "--features", f"critic:{critic}"])
+    again = json.loads((tmp_path / "idx" / "index.json").read_text())["counts"]
+    assert again["embedded_this_run"] == 7 and again["already_embedded"] == counts["embedded"]
+    assert again["errors"] == 3  # the bad files are retried and reported again, never dropped
+    assert SearchIndex.open(out).size == len(meta) + 7
+
+    # a different feature model is refused on the same index
+    other = _checkpoint(tmp_path / "critic2", "critic", 32, ("a", "b"), base_channels=4, num_stages=2, embed_dim=32)
+    result = CliRunner().invoke(main, ["index", "--input", src, "--output", out, "--features", f"critic:{other}"])
+    assert result.exit_code == 2 and "another input or feature model" in result.output
+
+
+def test_index_s3_round_trip(tmp_path, critic, s3_bucket, ray_session):
+    folder = tmp_path / "imgs"
+    make_synth(str(folder), num=40, size=32, seed=5, genres=GENRES)
+    fs, _ = storage.fsspec_fs(f"s3://{s3_bucket}")
+    fs.put(str(folder) + "/", f"{s3_bucket}/raw/", recursive=True)
+    out = f"s3://{s3_bucket}/index"
+    manifest = build_index(f"s3://{s3_bucket}/raw", out, features=f"critic:{critic}")
+    assert manifest["counts"]["embedded"] == 40 and manifest["counts"]["errors"] == 0
+    idx = SearchIndex.open(out)
+    target = idx.metadata[7]
+    assert target["source"].startswith(f"s3://{s3_bucket}/raw/")
+    hits = idx.similar(storage.read_bytes(target["source"]), 3)
+    assert hits[0]["id"] == target["id"] and hits[0]["score"] > 0.999
+    assert idx.thumbnail(target["id"])[:2] == b"\xff\xd8"  # JPEG thumbnails for sheets and serving
+    again = build_index(f"s3://{s3_bucket}/raw", out, features=f"critic:{critic}")
+    assert again["counts"]["embedded_this_run"] == 0 and again["counts"]["already_embedded"] == 40
