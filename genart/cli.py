@@ -285,6 +285,29 @@ def recommend(index_uri, liked, k, diversity, sheet):
     _search_out(idx, hits, sheet, ids, "liked | recommended", {"liked": ids, "diversity": diversity})
 
 
+@main.command()
+@click.option("--model", required=True, help="dcgan or vae run folder (best checkpoint) or checkpoint folder, local or s3://.")
+@click.option("--data", required=True, help="The prepared dataset it was trained on (`genart prepare`, with a val split).")
+@click.option("--num", type=int, default=256, show_default=True, help="Samples to draw (seeds 0..NUM-1).")
+@click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
+              help="Embedding space: InceptionV3 pool features, or a trained critic's embedding.")
+@click.option("--inception-weights", default=None, metavar="PATH", help="torchvision inception_v3 state_dict file.")
+@click.option("--quantile", type=float, default=0.99, show_default=True,
+              help="A sample is a copy when closer to a training image than this share of val images are.")
+@click.option("--output", "out", default="audit", show_default=True, help="Folder for summary.json, histogram.png, pairs.png.")
+def audit(model, data, num, features, inception_weights, quantile, out):
+    """Memorisation audit: each sample's nearest training image in embedding and pixel space, against the
+    train-to-val baseline of the dataset itself (Somepalli et al. 2023). Prints the JSON summary."""
+    import json
+
+    from genart.search import audit as memorisation
+
+    report = memorisation.audit(model, data, num=num, features=features, inception_weights=inception_weights,
+                                quantile=quantile, out=out)
+    click.echo(json.dumps(report, indent=2))
+    click.echo(memorisation.summary(report))
+
+
 # ---------------------------------------------------------------- serving
 
 
