@@ -154,3 +154,72 @@ def test_index_s3_round_trip(tmp_path, critic, s3_bucket, ray_session):
     assert idx.thumbnail(target["id"])[:2] == b"\xff\xd8"  # JPEG thumbnails for sheets and serving
     again = build_index(f"s3://{s3_bucket}/raw", out, features=f"critic:{critic}")
     assert again["counts"]["embedded_this_run"] == 0 and again["counts"]["already_embedded"] == 40
+
+
+def _memorised_generator(folder, train_images: np.ndarray, steps: int = 150) -> str:
+    """A DCGAN generator fitted in a plain loop so that every latent lands on one of `train_images`: for each z the
+    loss is the distance to the closest of them (a generator that has memorised a tiny set, mode by mode)."""
+    fam = REGISTRY["dcgan"]
+    cfg = fam.config_cls(latent_dim=16, base_channels=8)
+    torch.manual_seed(0)
+    nets = fam.build(cfg, 16, 0, inference=True)
+    gen = nets["generator_ema"].train().requires_grad_(True)
+    targets = torch.from_numpy(train_images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1)  # (8, 3, 16, 16)
+    opt = torch.optim.Adam(gen.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            out = gen(torch.randn(16, cfg.latent_dim))  # (16, 3, 16, 16)
+            loss = ((out[:, None] - targets[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values.mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(str(folder), {"generator_ema": gen.eval().requires_grad_(False)}, {},
+                    {"family": "dcgan", "step": steps, "config": cfg.model_dump(), "image_size": 16, "label_names": []})
+    return str(folder)
+
+
+def _fresh_generator(folder) -> str:
+    fam = REGISTRY["dcgan"]
+    cfg = fam.config_cls(latent_dim=16, base_channels=8)
+    torch.manual_seed(1)
+    save_checkpoint(str(folder), fam.build(cfg, 16, 0, inference=True), {},
+                    {"family": "dcgan", "step": 0, "config": cfg.model_dump(), "image_size": 16, "label_names": []})
+    return str(folder)
+
+
+def test_audit_flags_a_memorising_generator_not_a_fresh_one(tmp_path, critic, ray_session):
+    from genart.data.prepare import PrepareOptions, prepare
+    from genart.evaluate.preprocess import real_pixels
+    from genart.search.audit import audit
+
+    raw = tmp_path / "raw"
+    make_synth(str(raw), num=160, size=16, seed=11, genres=GENRES)
+    data = str(tmp_path / "data")
+    prepare([str(raw)], data, PrepareOptions(size=16, val_fraction=0.25), progress=False)
+    train = [r for r in _rows(data) if r["split"] == "train"][:8]
+    memorised = _memorised_generator(tmp_path / "memorised", np.stack([real_pixels(r["image"], 16) for r in train]))
+    fresh = _fresh_generator(tmp_path / "fresh")
+
+    copied = audit(memorised, data, num=64, features=f"critic:{critic}", out=str(tmp_path / "audit-m"))
+    clean = audit(fresh, data, num=64, features=f"critic:{critic}", out=str(tmp_path / "audit-f"))
+    assert copied["copy_share"] >= 0.9, copied["spaces"]
+    assert clean["copy_share"] <= 0.1, clean["spaces"]
+    assert copied["closest"][0]["train_id"] in {r["id"] for r in train}
+    assert copied["val_images"] >= 20 and copied["train_images"] >= 90
+    for name in ("summary.json", "histogram.png", "pairs.png"):
+        assert (tmp_path / "audit-m" / name).stat().st_size > 0
+    assert Image.open(tmp_path / "audit-m" / "histogram.png").size[0] >= 800
+
+    text = _run(["audit", "--model", fresh, "--data", data, "--num", "16", "--features", f"critic:{critic}",
+                 "--output", str(tmp_path / "audit-cli")])
+    assert "samples are closer to a training image" in text
+
+
+def _rows(data: str) -> list[dict]:
+    from genart.data.read import parquet_files
+
+    return [row for shard in parquet_files(data) for row in pq.read_table(shard, columns=["id", "image", "split"]).to_pylist()]

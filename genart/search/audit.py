@@ -2,8 +2,9 @@
 
     genart audit --model runs/dcgan --data data/synth --num 500 --features critic:runs/critic --output audit/dcgan
 
-Each sample's nearest training image is found in embedding space (cosine similarity of the features) and in pixel
-space (RMS distance at the generator's resolution). What is "too close" is calibrated on the dataset's own val
+Each sample's nearest training image is found in embedding space (features centred on the training mean, unit
+length) and in pixel space (the generator's resolution). Distances are relative, the nearest one over the mean of
+the next RELATIVE_K (Carlini et al. 2023): a flat picture near many training images scores ~1, a copy ~0. What is "too close" is calibrated on the dataset's own val
 split, which the generator never saw: the val images' nearest-training-image similarities are the baseline
 (Somepalli et al., CVPR 2023, "Diffusion Art or Digital Forgery?"). A sample closer to a training image than the
 `quantile` of that baseline, in either space, counts as a copy; `copy_share` is their share of the samples.
@@ -28,6 +29,7 @@ from genart.search.index import normalize
 SAMPLE_BATCH = 64
 MAX_REAL = 20_000  # training images compared per split (a stable random subset: the smallest ids, ids are hashes)
 PAIRS_SHOWN = 16
+RELATIVE_K = 10  # neighbours behind the nearest that the pixel distance is measured against
 
 
 def _real(data: str, split: str, resolution: int, limit: int) -> tuple[list[str], np.ndarray]:
@@ -45,24 +47,32 @@ def _real(data: str, split: str, resolution: int, limit: int) -> tuple[list[str]
 
 
 def _features(extractor, pixels: np.ndarray) -> np.ndarray:
-    return normalize(np.concatenate([extractor(pixels[i:i + SAMPLE_BATCH]) for i in range(0, len(pixels), SAMPLE_BATCH)]))
+    return np.concatenate([extractor(pixels[i:i + SAMPLE_BATCH]) for i in range(0, len(pixels), SAMPLE_BATCH)])
+
+
+def _centered(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    # ReLU features are non-negative, so their raw directions crowd together; centred on the training mean they spread out.
+    return normalize(x - mean)
 
 
 def _flat(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels.reshape(len(pixels), -1), dtype=np.float32) / 255.0  # (N, R*R*3) in [0, 1]
 
 
-def _nearest(query: np.ndarray, base: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(value, row) of each query row's nearest base row, exactly: cosine similarity, or RMS pixel distance."""
+def _nearest(query: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(relative distance, row, RMS distance) of each query row's nearest base row, found exactly.
+
+    relative = the RMS distance to the nearest over the mean RMS distance to the next RELATIVE_K (Carlini et al. 2023).
+    """
     import faiss
 
-    nn = faiss.IndexFlatIP(base.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(base.shape[1])
+    nn = faiss.IndexFlatL2(base.shape[1])
     nn.add(base)
-    values, rows = nn.search(query, 1)
-    values = values[:, 0]
-    if metric != "cosine":
-        values = np.sqrt(np.maximum(values, 0) / base.shape[1])  # squared L2 sum -> RMS per value
-    return values, rows[:, 0]
+    k = min(len(base), RELATIVE_K + 1)
+    values, rows = nn.search(query, k)
+    rms = np.sqrt(np.maximum(values, 0) / base.shape[1])  # squared L2 sums -> RMS per value, (N, k)
+    relative = rms[:, 0] / np.maximum(rms[:, 1:].mean(axis=1), 1e-6) if k > 1 else rms[:, 0]
+    return relative, rows[:, 0], rms[:, 0]
 
 
 def audit(model: str, data: str, num: int = 256, features: str | None = "inception", inception_weights: str | None = None,
@@ -87,33 +97,36 @@ def audit(model: str, data: str, num: int = 256, features: str | None = "incepti
     _, val = _real(data, "val", size, max_real)
     extractor = build_extractor(features, inception_weights)
     train_f = _features(extractor, train)
+    mean = train_f.mean(axis=0)
     spaces = {
-        "embedding": ("cosine", _features(extractor, samples), _features(extractor, val), train_f),
-        "pixel": ("rms", _flat(samples), _flat(val), _flat(train)),
+        "embedding": (_centered(_features(extractor, samples), mean), _centered(_features(extractor, val), mean),
+                      _centered(train_f, mean)),
+        "pixel": (_flat(samples), _flat(val), _flat(train)),
     }
     report = {"model": gen.meta.get("checkpoint"), "model_hash": gen.checkpoint_hash, "data": data, "num": num,
               "features": extractor.describe(), "quantile": quantile, "train_images": len(train),
               "val_images": len(val), "resolution": size, "spaces": {}}
     copied = np.zeros(num, bool)
     nearest = {}
-    for name, (metric, sample_x, val_x, train_x) in spaces.items():
-        sample_v, sample_row = _nearest(sample_x, train_x, metric)
-        val_v, _ = _nearest(val_x, train_x, metric)
-        closer = metric == "cosine"  # higher similarity / lower distance = closer
-        threshold = float(np.quantile(val_v, quantile if closer else 1 - quantile))
-        flags = sample_v > threshold if closer else sample_v < threshold
+    for name, (sample_x, val_x, train_x) in spaces.items():
+        sample_v, sample_row, sample_raw = _nearest(sample_x, train_x)
+        val_v, _, _ = _nearest(val_x, train_x)
+        threshold = float(np.quantile(val_v, 1 - quantile))  # lower = closer
+        flags = sample_v < threshold
         copied |= flags
-        nearest[name] = (sample_v, sample_row, val_v, threshold)
+        nearest[name] = (sample_v, sample_row, val_v, threshold, sample_raw)
         report["spaces"][name] = {
-            "metric": "cosine similarity" if closer else "RMS pixel distance in [0, 1]",
+            "metric": f"{'feature (centred, unit length)' if name == 'embedding' else 'RMS pixel'} distance to the "
+                      f"nearest training image / mean distance to the next {RELATIVE_K}",
             "threshold": round(threshold, 6), "copy_share": round(float(flags.mean()), 4),
             "samples_median": round(float(np.median(sample_v)), 6), "val_median": round(float(np.median(val_v)), 6),
         }
     report["copy_share"] = round(float(copied.mean()), 4)
     order = np.argsort(nearest["pixel"][0])[:PAIRS_SHOWN]  # the closest pairs in pixels: what a viewer calls a copy
     report["closest"] = [{"seed": int(i), "train_id": train_ids[int(nearest["pixel"][1][i])],
-                          "pixel_rms": round(float(nearest["pixel"][0][i]), 6),
-                          "embedding_cosine": round(float(nearest["embedding"][0][i]), 6), "copy": bool(copied[i])}
+                          "pixel_relative": round(float(nearest["pixel"][0][i]), 6),
+                          "pixel_rms": round(float(nearest["pixel"][4][i]), 6),
+                          "embedding_relative": round(float(nearest["embedding"][0][i]), 6), "copy": bool(copied[i])}
                          for i in order]
     if out:
         storage.write_bytes(storage.join(out, "histogram.png"), _histogram(nearest, quantile))
@@ -130,12 +143,12 @@ def _histogram(nearest: dict, quantile: float) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, (name, (sample_v, _, val_v, threshold)) in zip(axes, nearest.items()):
+    for ax, (name, (sample_v, _, val_v, threshold, _)) in zip(axes, nearest.items()):
         bins = np.histogram_bin_edges(np.concatenate([sample_v, val_v]), bins=30)
         ax.hist(val_v, bins=bins, alpha=0.6, density=True, label="val -> train (baseline)")
         ax.hist(sample_v, bins=bins, alpha=0.6, density=True, label="samples -> train")
         ax.axvline(threshold, color="red", linestyle="--", label=f"threshold (q={quantile})")
-        ax.set_xlabel("nearest training image: " + ("cosine similarity" if name == "embedding" else "RMS pixel distance"))
+        ax.set_xlabel("nearest training image: " + ("relative feature distance" if name == "embedding" else "relative pixel distance"))
         ax.set_title(f"{name} space")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -149,7 +162,7 @@ def _pairs(samples: np.ndarray, train: np.ndarray, pixel: tuple, order: np.ndarr
     """Columns of (sample above, its nearest training image below), closest first."""
     from PIL import Image, ImageDraw
 
-    values, rows = pixel[0], pixel[1]
+    values, rows = pixel[4], pixel[1]  # RMS distances: what the eye compares
     sheet = Image.new("RGB", (len(order) * (side + 6) + 6, 2 * side + 34), "white")
     draw = ImageDraw.Draw(sheet)
     for col, i in enumerate(order):
