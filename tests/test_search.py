@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -208,6 +209,7 @@ def test_audit_flags_a_memorising_generator_not_a_fresh_one(tmp_path, critic, ra
     clean = audit(fresh, data, num=64, features=f"critic:{critic}", out=str(tmp_path / "audit-f"))
     assert copied["copy_share"] >= 0.9, copied["spaces"]
     assert clean["copy_share"] <= 0.1, clean["spaces"]
+    print("audit copy shares: memorised", copied["spaces"], "fresh", clean["spaces"])
     assert copied["closest"][0]["train_id"] in {r["id"] for r in train}
     assert copied["val_images"] >= 20 and copied["train_images"] >= 90
     for name in ("summary.json", "histogram.png", "pairs.png"):
@@ -217,6 +219,24 @@ def test_audit_flags_a_memorising_generator_not_a_fresh_one(tmp_path, critic, ra
     text = _run(["audit", "--model", fresh, "--data", data, "--num", "16", "--features", f"critic:{critic}",
                  "--output", str(tmp_path / "audit-cli")])
     assert "samples are closer to a training image" in text
+
+    # train_then_deploy's gate: the memorising generator is refused, the fresh one allowed
+    ttd = _load_workflow("train_then_deploy")
+    cfg = ttd.TrainThenDeployConfig(data=data, audit={"num_samples": 32, "features": f"critic:{critic}",
+                                                      "max_copy_share": 0.2})
+    assert not ttd.audit_gate(cfg, memorised, str(tmp_path / "gate-m"))["allowed"]
+    assert ttd.audit_gate(cfg, fresh, str(tmp_path / "gate-f"))["allowed"]
+
+
+def _load_workflow(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "workflows", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"workflow_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the configs' annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def _rows(data: str) -> list[dict]:
