@@ -218,6 +218,115 @@ def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker,
     click.echo(output.summary(manifest))
 
 
+# ---------------------------------------------------------------- search
+
+
+@main.command("index")
+@click.option("--input", "src", required=True, help="Prepared dataset, folder, .zip/.tar archive, Parquet or s3:// prefix of images.")
+@click.option("--output", "out", required=True, help="Index folder or s3:// prefix (vectors, faiss.index, metadata.parquet).")
+@click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
+              help="Feature network: InceptionV3 pool features, or a trained critic's embedding.")
+@click.option("--inception-weights", default=None, metavar="PATH",
+              help="torchvision inception_v3 state_dict (.pth or .safetensors); default: torchvision's download cache.")
+@click.option("--nn", "nn_kind", type=click.Choice(["auto", "flat", "hnsw"]), default="auto", show_default=True,
+              help="faiss index: exact (flat), HNSW, or auto (exact up to 50,000 vectors).")
+@click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per model call.")
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Embedding actors (each loads the model once).")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per embedding actor.")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="CPUs (torch threads) per embedding actor.")
+@click.option("--overwrite", is_flag=True, help="Rebuild from scratch (default: embed only images the index lacks).")
+@address_option
+def index_cmd(src, out, features, inception_weights, nn_kind, max_pixels, batch_size, concurrency, gpus_per_worker,
+              cpus_per_worker, overwrite, address):
+    """Embed every image under --input into a nearest-neighbour index; a rerun embeds only new images.
+
+    Bad inputs go to errors.jsonl beside the index and never stop the job."""
+    from genart import runtime
+    from genart.data import images
+    from genart.infer import RunOptions
+    from genart.search import index as search_index
+
+    runtime.init(address)
+    run = RunOptions(batch_size=batch_size, concurrency=concurrency, gpus_per_worker=gpus_per_worker,
+                     cpus_per_worker=cpus_per_worker, overwrite=overwrite)
+    manifest = search_index.build_index(src, out, features=features, inception_weights=inception_weights, nn=nn_kind,
+                                        max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
+    click.echo(search_index.summary(manifest))
+
+
+def _search_out(idx, hits: list, sheet_path: str, query: list, title: str, extra: dict) -> None:
+    import json
+
+    from genart import storage
+    from genart.search.query import contact_sheet
+
+    storage.write_bytes(sheet_path, contact_sheet(idx, query, hits, title))
+    click.echo(json.dumps({**extra, "index": idx.uri, "results": hits, "contact_sheet": sheet_path}, indent=2))
+
+
+@main.command()
+@click.option("--index", "index_uri", required=True, help="Index folder from `genart index` (local or s3://).")
+@click.option("--image", "image_path", required=True, help="Query image file (local or s3://).")
+@click.option("-k", "k", type=int, default=12, show_default=True, help="Number of results.")
+@click.option("--sheet", default="similar.png", show_default=True, help="Where to write the contact-sheet PNG.")
+def similar(index_uri, image_path, k, sheet):
+    """The -k indexed images closest to --image (cosine similarity of the index's features), as JSON."""
+    from genart import storage
+    from genart.data.images import Reject
+    from genart.search.query import SearchIndex
+
+    idx = SearchIndex.open(index_uri)
+    if not storage.exists(image_path):
+        raise UserError(f"--image {image_path}: not found")
+    data = storage.read_bytes(image_path)
+    try:
+        hits = idx.similar(data, k)
+    except Reject as rej:
+        raise UserError(f"--image {image_path}: {rej.reason}") from None
+    _search_out(idx, hits, sheet, [data], f"similar to {image_path}", {"query": image_path})
+
+
+@main.command()
+@click.option("--index", "index_uri", required=True, help="Index folder from `genart index` (local or s3://).")
+@click.option("--liked", required=True, metavar="ID,ID,...", help="Comma-separated ids (from metadata.parquet or `similar`).")
+@click.option("-k", "k", type=int, default=12, show_default=True, help="Number of recommendations.")
+@click.option("--diversity", type=float, default=0.3, show_default=True,
+              help="Maximal marginal relevance weight: 0 = closest only, 1 = as varied as possible.")
+@click.option("--sheet", default="recommend.png", show_default=True, help="Where to write the contact-sheet PNG.")
+def recommend(index_uri, liked, k, diversity, sheet):
+    """Images like the --liked ones (never those), re-ranked for variety by maximal marginal relevance, as JSON."""
+    from genart.search.query import SearchIndex
+
+    ids = [i.strip() for i in liked.split(",") if i.strip()]
+    idx = SearchIndex.open(index_uri)
+    hits = idx.recommend(ids, k, diversity)
+    _search_out(idx, hits, sheet, ids, "liked | recommended", {"liked": ids, "diversity": diversity})
+
+
+@main.command()
+@click.option("--model", required=True, help="dcgan or vae run folder (best checkpoint) or checkpoint folder, local or s3://.")
+@click.option("--data", required=True, help="The prepared dataset it was trained on (`genart prepare`, with a val split).")
+@click.option("--num", type=int, default=256, show_default=True, help="Samples to draw (seeds 0..NUM-1).")
+@click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
+              help="Embedding space: InceptionV3 pool features, or a trained critic's embedding.")
+@click.option("--inception-weights", default=None, metavar="PATH", help="torchvision inception_v3 state_dict file.")
+@click.option("--quantile", type=float, default=0.99, show_default=True,
+              help="A sample is a copy when closer to a training image than this share of val images are.")
+@click.option("--output", "out", default="audit", show_default=True, help="Folder for summary.json, histogram.png, pairs.png.")
+def audit(model, data, num, features, inception_weights, quantile, out):
+    """Memorisation audit: each sample's nearest training image in embedding and pixel space, against the
+    train-to-val baseline of the dataset itself (Somepalli et al. 2023). Prints the JSON summary."""
+    import json
+
+    from genart.search import audit as memorisation
+
+    report = memorisation.audit(model, data, num=num, features=features, inception_weights=inception_weights,
+                                quantile=quantile, out=out)
+    click.echo(json.dumps(report, indent=2))
+    click.echo(memorisation.summary(report))
+
+
 # ---------------------------------------------------------------- serving
 
 

@@ -87,6 +87,16 @@ class Deploy(config.Section):
     only_if_better: bool = True  # keep the served checkpoint unless the winner scores better on the same metric
 
 
+class Audit(config.Section):
+    # `genart audit` of the winner before it is deployed: share of samples closer to a training image than the
+    # dataset's own val images are (Somepalli et al. 2023). Over max_copy_share, the workflow refuses to deploy.
+    enabled: bool = True
+    max_copy_share: float = Field(0.05, ge=0.0, le=1.0)  # highest share of copied samples a deployable model may have
+    num_samples: int = Field(256, ge=1)  # samples audited (seeds 0..N-1)
+    features: str | None = None  # embedding space; None = selection.features
+    quantile: float = Field(0.99, ge=0.5, lt=1.0)  # a sample is a copy when closer than this share of val images
+
+
 class TrainThenDeployConfig(config.Section):
     data: str = "results/quickstart/data/synth"  # prepared dataset: trained on and evaluated against
     train_config: str = "configs/dcgan.yaml"  # base training config (relative to workflows/)
@@ -96,6 +106,7 @@ class TrainThenDeployConfig(config.Section):
     candidates: list[Candidate] = Field(default_factory=lambda: [Candidate(name="dcgan-a")], min_length=1)
     selection: Selection = Selection()
     deploy: Deploy = Deploy()
+    audit: Audit = Audit()
 
 
 # ---------------------------------------------------------------- train + evaluate
@@ -170,6 +181,19 @@ def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: di
 
 
 # ---------------------------------------------------------------- deploy
+
+
+def audit_gate(cfg: TrainThenDeployConfig, checkpoint: str, out: str) -> dict:
+    """Audit `checkpoint` for memorised training images; {"copy_share", "allowed", ...} (report in <out>/audit)."""
+    from genart.search import audit as memorisation
+
+    a = cfg.audit
+    report = memorisation.audit(checkpoint, cfg.data, num=a.num_samples, features=a.features or cfg.selection.features,
+                                quantile=a.quantile, out=storage.join(out, "audit"))
+    click.echo(memorisation.summary(report))
+    return {"checkpoint": checkpoint, "copy_share": report["copy_share"], "max_copy_share": a.max_copy_share,
+            "allowed": report["copy_share"] <= a.max_copy_share, "report": storage.join(out, "audit", "summary.json")}
+
 
 
 def _base_url(d: Deploy) -> str:
@@ -273,6 +297,15 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
     selection = {"metric": cfg.selection.metric, "features": cfg.selection.features, "scored_with": settings,
                  "winner": best, "serving_before": serving, "decision": decision, "rows": rows,
                  "deployed": previous.get("deployed") if decision == "keep" else None}
+    if decision != "keep" and cfg.audit.enabled:
+        with flow.step(f"audit {best['checkpoint']} for copied training images"):
+            selection["audit"] = audit_gate(cfg, best["checkpoint"], out)
+        if not selection["audit"]["allowed"]:
+            selection["decision"] = "refused"
+            storage.write_text(selection_path, json.dumps(selection, indent=2, default=str) + "\n")
+            raise UserError(f"refusing to deploy {best['checkpoint']}: {selection['audit']['copy_share']:.1%} of its "
+                            f"samples copy training images (audit.max_copy_share {cfg.audit.max_copy_share:.1%}); "
+                            f"see {selection['audit']['report']}")
     if decision == "keep":
         click.echo(f"the served checkpoint {best['checkpoint']} still scores best; nothing to deploy")
     else:

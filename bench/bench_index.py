@@ -1,0 +1,119 @@
+"""Index build throughput and query speed/recall of `genart index`; prints JSON.
+
+    .venv/bin/python bench/bench_index.py --num-images 2000 --vectors 100000
+
+(a) `genart.search.index.build_index` over a folder of synthetic images (read + decode tasks -> embedding actor ->
+shard-writing tasks -> merge + faiss build), (b) a bare loop: the same images already decoded in memory, the same
+extractor and batch size, one process with the same threads. Target a/b >= 0.9 (images/s). Then, on random unit
+vectors of the critic's dimension (clustered, like real features): query p50 latency of the HNSW index at
+--vectors, and its recall@10 against exact search (target >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def make_critic(folder: str, size: int) -> str:
+    from genart.models import REGISTRY
+    from genart.models.checkpoint import save_checkpoint
+
+    fam = REGISTRY["critic"]
+    cfg = fam.config_cls()  # the default width: what `genart train workflows/configs/critic.yaml` builds
+    torch.manual_seed(0)
+    nets = fam.build(cfg, size, 2, inference=True)
+    save_checkpoint(folder, nets, {}, {"family": "critic", "step": 0, "config": cfg.model_dump(), "image_size": size,
+                                       "label_names": ["a", "b"]})
+    return folder
+
+
+def build_throughput(num_images: int, size: int, batch_size: int) -> dict:
+    from PIL import Image
+
+    from genart import runtime
+    from genart.data.synth import make_synth
+    from genart.evaluate.features import build_extractor
+    from genart.infer import RunOptions
+    from genart.search.index import build_index, normalize, square_pixels
+
+    tmp = tempfile.mkdtemp(prefix="bench-index-")
+    critic = make_critic(f"{tmp}/critic", size)
+    make_synth(f"{tmp}/images", num=num_images, size=size * 2, seed=0)
+    runtime.init()
+    started = time.time()
+    manifest = build_index(f"{tmp}/images", f"{tmp}/index", features=f"critic:{critic}",
+                           run=RunOptions(batch_size=batch_size, progress=False))
+    pipeline_s = time.time() - started
+
+    torch.set_num_threads(1)  # what one embedding actor (cpus_per_worker=1) gets
+    extractor = build_extractor(f"critic:{critic}", device="cpu")
+    decoded = [Image.open(p).convert("RGB") for p in sorted(glob.glob(f"{tmp}/images/*/*.png"))]
+    started = time.time()
+    for i in range(0, len(decoded), batch_size):
+        pixels = np.stack([square_pixels(img, extractor.input_size) for img in decoded[i:i + batch_size]])
+        normalize(extractor(pixels))
+    bare_s = time.time() - started
+    return {"images": manifest["counts"]["embedded"], "pipeline_images_per_s": round(num_images / pipeline_s, 1),
+            "bare_loop_images_per_s": round(num_images / bare_s, 1), "ratio": round(bare_s / pipeline_s, 3),
+            "target_ratio": 0.9}
+
+
+def query_speed(num_vectors: int, dim: int, queries: int) -> dict:
+    import faiss
+
+    from genart.search.index import build_nn, normalize
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(256, dim)).astype(np.float32)
+    vectors = normalize(centres[rng.integers(0, 256, num_vectors)] + 0.5 * rng.normal(size=(num_vectors, dim)).astype(np.float32))
+    qs = normalize(vectors[rng.integers(0, num_vectors, queries)] + 0.3 * rng.normal(size=(queries, dim)).astype(np.float32))
+    started = time.time()
+    hnsw = build_nn(vectors, "hnsw")
+    build_s = time.time() - started
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(vectors)
+    _, truth = exact.search(qs, 10)
+    latencies, found = [], []
+    for q in qs:
+        t = time.perf_counter()
+        _, rows = hnsw.search(q[None], 10)
+        latencies.append(time.perf_counter() - t)
+        found.append(rows[0])
+    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+    exact_lat = []
+    for q in qs[:100]:
+        t = time.perf_counter()
+        exact.search(q[None], 10)
+        exact_lat.append(time.perf_counter() - t)
+    return {"vectors": num_vectors, "dim": dim, "hnsw_build_s": round(build_s, 2),
+            "query_p50_ms": round(1000 * statistics.median(latencies), 3),
+            "exact_query_p50_ms": round(1000 * statistics.median(exact_lat), 3),
+            "recall_at_10": round(recall, 4), "target_recall_at_10": 0.95}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=32, help="critic input size (images are made at 2x)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--vectors", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=128, help="the default critic's embed_dim")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--skip-build", action="store_true", help="only the query benchmark (no Ray)")
+    args = parser.parse_args()
+    result = {"query": query_speed(args.vectors, args.dim, args.queries)}
+    if not args.skip_build:
+        result["build"] = build_throughput(args.num_images, args.size, args.batch_size)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
