@@ -42,7 +42,6 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     for note in plan["notes"]:
         echo(f"note: {note}")
     storage.write_text(storage.join(run_dir, "config.yaml"), config_lib.to_yaml(cfg))
-    _reconcile_ray_snapshot(run_dir)
     where = "resuming" if plan["start_step"] else "starting"
     echo(f"{where} {cfg.model.family} run {run_dir} at step {plan['start_step']} of {cfg.train.max_steps}: "
          f"{cfg.scaling.num_workers} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
@@ -70,8 +69,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
             storage_path=storage.arrow_fs(cfg.run.storage)[1],
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            # genart prunes checkpoints itself (keep_last + best, see outputs.RunFiles.prune); Ray keeps its list.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            checkpoint_config=checkpoint_config(cfg),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints the progress lines
         ),
         datasets=datasets,
@@ -84,6 +82,19 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     except ray.train.TrainingFailedError as exc:
         raise RuntimeError(f"training failed after {cfg.run.max_failures} recoveries; see the worker error above") from exc
     return summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
+
+
+def checkpoint_config(cfg: TrainConfig):
+    """Ray Train keeps (and deletes) the checkpoints: the train.keep_last best by the run's best metric, plus always
+    the latest (a resume starts there). Without the metric (no val split, or a checkpoint eval skipped) a checkpoint
+    ranks last, so those runs keep their most recent ones. best.json names Ray's first."""
+    import ray.train
+
+    from genart.train.loop import best_metric
+
+    metric, mode = best_metric(cfg)
+    return ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last, checkpoint_score_attribute=metric,
+                                      checkpoint_score_order=mode)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -244,36 +255,6 @@ def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: in
     if list(state.get("label_names") or []) != list(label_names):
         raise UserError(f"data.path: {where} was trained on labels {state.get('label_names')}, this dataset has "
                         f"{label_names}; use the same labels or a new run.name")
-
-
-def _reconcile_ray_snapshot(run_dir: str) -> None:
-    """Drop checkpoints genart pruned from Ray's own list, so Ray can restore the run.
-
-    Ray Train keeps every reported checkpoint in checkpoint_manager_snapshot.json and refuses to resume when
-    one of them is missing; genart deletes old ones itself (keep_last + best), which Ray cannot express.
-    """
-    path = storage.join(run_dir, "checkpoint_manager_snapshot.json")
-    if not storage.exists(path):
-        return
-    state = json.loads(storage.read_text(path))
-    present = {name for _, name in outputs.list_checkpoints(run_dir)}
-    results, indices = state.get("checkpoint_results", []), state.get("checkpoint_report_indices", [])
-    kept = [(r, i) for r, i in zip(results, indices) if r.get("checkpoint_dir_name") in present]
-    if len(kept) == len(results):
-        return
-    state["checkpoint_results"] = [r for r, _ in kept]
-    state["checkpoint_report_indices"] = [i for _, i in kept]
-    latest = state.get("latest_checkpoint_result")
-    if latest and latest.get("checkpoint_dir_name") not in present:
-        state["latest_checkpoint_result"] = kept[-1][0] if kept else None
-    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names"):
-        state[key] = [n for n in state.get(key, []) if n in present]
-    pending = state.get("pending_training_results", [])
-    specs = state.get("pending_validation_specs", [])
-    keep_pending = [(r, s) for r, s in zip(pending, specs) if r.get("checkpoint_dir_name") in present]
-    state["pending_training_results"] = [r for r, _ in keep_pending]
-    state["pending_validation_specs"] = [s for _, s in keep_pending]
-    storage.write_text(path, json.dumps(state))
 
 
 # ---------------------------------------------------------------- summary
