@@ -45,7 +45,7 @@ class DataSection(Section):
 class TrainSection(Section):
     max_steps: int = Field(1000, ge=1)  # total optimizer steps; re-running with a larger value continues the run
     checkpoint_every_steps: int = Field(250, ge=1)  # checkpoint + sample grid + validation every N steps (and at the end)
-    keep_last: int = Field(3, ge=1)  # checkpoints kept besides the best one (older ones are deleted)
+    keep_last: int = Field(3, ge=1)  # Ray keeps the keep_last best checkpoints (by best metric; else newest) + the latest
     log_every_steps: int = Field(25, ge=1)  # progress line + metrics.jsonl row every N steps
     seed: int = Field(0, ge=0)  # initial weights and noise; data order is not fixed by it
     amp: bool = False  # float16 mixed precision on GPUs; ignored (with a note) on CPUs
