@@ -44,7 +44,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     storage.write_text(storage.join(run_dir, "config.yaml"), config_lib.to_yaml(cfg))
     where = "resuming" if plan["start_step"] else "starting"
     echo(f"{where} {cfg.model.family} run {run_dir} at step {plan['start_step']} of {cfg.train.max_steps}: "
-         f"{cfg.scaling.num_workers} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
+         f"{cfg.scaling.workers_text} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
          f"{plan['train_rows']} train / {plan['val_rows']} val images")
 
     datasets, cached = _datasets(cfg, plan["image_size"], plan["train_rows"], plan["has_val"])
@@ -60,7 +60,8 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            # an int, or (min, max): Train V2's elastic worker group (restarts at the size the cluster has now)
+            num_workers=cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else tuple(cfg.scaling.num_workers),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
@@ -153,10 +154,10 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
     train_rows, val_rows = int(splits.get("train", 0)), int(splits.get("val", 0))
     if train_rows == 0:
         raise UserError(f"data.path: {cfg.data.path} has no training images ({splits}); prepare a dataset with images in it")
-    global_batch = cfg.data.batch_size * cfg.scaling.num_workers
+    global_batch = cfg.data.batch_size * cfg.scaling.max_workers
     if train_rows < global_batch:
         raise UserError(
-            f"data.batch_size: {cfg.data.batch_size} x {cfg.scaling.num_workers} workers needs at least {global_batch} train images, "
+            f"data.batch_size: {cfg.data.batch_size} x {cfg.scaling.max_workers} workers needs at least {global_batch} train images, "
             f"{cfg.data.path} has {train_rows}; lower data.batch_size or scaling.num_workers"
         )
     image_size = cfg.data.image_size or manifest.get("image_size")
@@ -176,7 +177,8 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
         notes.append("train.amp is ignored on CPUs (mixed precision needs scaling.use_gpu=true)")
     if cfg.scaling.use_gpu:
         _check_gpus(cfg, address)
-    runtime.check_training_fits(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+    # elastic runs must fit MIN workers; more join when the cluster has room
+    runtime.check_training_fits(cfg.scaling.min_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
     if cfg.eval.every_checkpoints > 0:
         _check_eval(cfg)
     elif cfg.eval.best_metric:
@@ -205,10 +207,10 @@ def _check_gpus(cfg: TrainConfig, address: str | None) -> None:
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    if gpus >= cfg.scaling.num_workers:
+    if gpus >= cfg.scaling.min_workers:
         return
     if not address:  # the embedded local Ray cannot grow: waiting for GPUs would hang forever
-        raise UserError(f"scaling.use_gpu: this machine has {gpus:g} GPUs for {cfg.scaling.num_workers} workers; "
+        raise UserError(f"scaling.use_gpu: this machine has {gpus:g} GPUs for {cfg.scaling.min_workers} workers; "
                         f"set scaling.use_gpu=false or run on a GPU cluster with --address")
 
 
