@@ -24,7 +24,7 @@ from genart.config import validate
 from genart.errors import UserError
 from genart.train import outputs
 from genart.train.config import TrainConfig, load_config
-from genart.train.trainer import checkpoint_config, format_summary, train
+from genart.train.trainer import checkpoint_config, format_summary, scaling_config, train
 
 TINY_MODELS = {
     "dcgan": {"family": "dcgan", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "num_samples": 16, "eval_samples": 16},
@@ -182,6 +182,16 @@ def test_best_json_follows_rays_checkpoint_ranking(tmp_path):
     assert str(ray_config.checkpoint_score_order) in ("max", "CheckpointScoreOrder.MAX")
     vae = make_cfg("vae", str(tmp_path), str(tmp_path), "v", eval={"every_checkpoints": 1, "best_metric": "fid32_critic"})
     assert checkpoint_config(vae).checkpoint_score_attribute == "eval_fid32_critic"
+
+
+def test_elastic_num_workers_maps_to_train_v2(tmp_path):
+    cfg = make_cfg("critic", str(tmp_path), str(tmp_path), "c", scaling={"num_workers": [1, 3]})
+    ray_scaling = scaling_config(cfg)
+    assert ray_scaling.num_workers == (1, 3) and ray_scaling.elasticity_enabled
+    assert (cfg.scaling.min_workers, cfg.scaling.max_workers, cfg.scaling.workers_text) == (1, 3, "1-3")
+    assert scaling_config(make_cfg("critic", str(tmp_path), str(tmp_path), "c")).num_workers == 2
+    with pytest.raises(UserError, match="scaling.num_workers"):
+        load_config(None, ["model.family=critic", "data.path=x", "scaling.num_workers=[3, 1]"])
 
 
 # ---------------------------------------------------------------- real fits

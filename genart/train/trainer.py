@@ -59,12 +59,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            # an int, or (min, max): Train V2's elastic worker group (restarts at the size the cluster has now)
-            num_workers=cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else tuple(cfg.scaling.num_workers),
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=storage.arrow_fs(cfg.run.storage)[1],
@@ -83,6 +78,16 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     except ray.train.TrainingFailedError as exc:
         raise RuntimeError(f"training failed after {cfg.run.max_failures} recoveries; see the worker error above") from exc
     return summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
+
+
+def scaling_config(cfg: TrainConfig):
+    """num_workers an int, or (min, max): Train V2's elastic worker group, which (re)starts at the size the cluster
+    can place now and grows toward max (data.batch_size stays per worker; see README, Running on a cluster)."""
+    import ray.train
+
+    workers = cfg.scaling.num_workers
+    return ray.train.ScalingConfig(num_workers=workers if isinstance(workers, int) else tuple(workers),
+                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})
 
 
 def checkpoint_config(cfg: TrainConfig):
