@@ -42,7 +42,6 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, runtime_env=runtime_env)
     if address:
-        _token_auth_if_token()
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:
@@ -51,15 +50,6 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
         # address="local": never attach by accident to some other cluster found in /tmp/ray.
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
     stop_on_sigterm()
-
-
-def _token_auth_if_token() -> None:
-    """Ray's client sends the cluster's token only with RAY_AUTH_MODE=token set; genart finds it where `genart
-    submit` does (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and turns that on when there is one."""
-    from genart.jobs import find_token
-
-    if not os.environ.get("RAY_AUTH_MODE") and find_token()[0]:
-        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 class Terminated(KeyboardInterrupt):
