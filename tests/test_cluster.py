@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
+import ray_procs  # noqa: E402
 from cluster import LocalCluster  # noqa: E402
 
 GENART = str(Path(sys.executable).parent / "genart")
@@ -84,6 +85,9 @@ def test_stylize_survives_losing_a_worker_node(cluster, style_model, inputs, tmp
         assert time.monotonic() - started < 300, "the job never started writing"
         time.sleep(0.2)
     written_before = len(list(out.glob("*.png")))
+    idle = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    busy = [p for p in ray_procs.describe(cluster.processes("node_b")) if "ray::" in p and not any(i in p for i in idle)]
+    assert busy, "node_b ran none of the job's work"
     cluster.kill("node_b")
     assert run.poll() is None and written_before < NUM_IMAGES, "the job finished before the node was lost"
     code = run.wait(timeout=400)
