@@ -14,11 +14,18 @@ class _Group(click.Group):
     """Turns a UserError into one line on stderr and exit code 2; other exceptions keep their traceback."""
 
     def invoke(self, ctx: click.Context):
+        from genart import runtime
+
         try:
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"genart: error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (runtime.Terminated): stop Ray before exiting
+            runtime.shutdown()
+            signal_name = "SIGTERM" if isinstance(exc, runtime.Terminated) else "Ctrl-C"
+            click.echo(f"genart: stopped by {signal_name}; run the same command again to resume", err=True)
+            sys.exit(143 if isinstance(exc, runtime.Terminated) else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 from genart.errors import UserError
 
@@ -44,9 +46,35 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:
             raise UserError(f"cannot connect to Ray at {address}: {exc}".splitlines()[0]) from None
-        return
-    # address="local": never attach by accident to some other cluster found in /tmp/ray.
-    ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
+    else:
+        # address="local": never attach by accident to some other cluster found in /tmp/ray.
+        ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
+    stop_on_sigterm()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, systemd, `docker stop`) raised as Ctrl-C is, so every command's cleanup path runs."""
+
+
+def stop_on_sigterm() -> None:
+    """Replace the SIGTERM handlers ray.init installs (Python's kills the embedded node mid-call and exits 1; the core
+    worker's C++ one aborts with SIGABRT and leaves DashboardAgent/RuntimeEnvAgent behind) with one that raises
+    Terminated in the main thread. A SIGTERM while ray.init itself runs (a few seconds) still meets Ray's."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+def shutdown() -> None:
+    """Disconnect; an embedded local Ray stops every process it started (raylet, GCS, agents, workers)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # Ray Data's console lines that say nothing to a genart user (genart prints its own progress and summaries).

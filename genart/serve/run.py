@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -57,15 +58,36 @@ def start_http(host: str, port: int, request_timeout_s: float | None = None, acc
 
 
 def serve_forever(settings: ServeArgs, host: str, port: int, address: str | None = None) -> None:
-    """Deploy the app, print its URL, block until Ctrl-C, then remove the app."""
+    """Deploy the app, print its URL, block until Ctrl-C or SIGTERM, then remove the app (and stop the embedded Ray)."""
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from genart import runtime
-    from genart.serve.app import build, model_card
+    from genart.serve.app import model_card
 
     for name, uri in settings.models.items():  # a bad checkpoint fails here, before Ray starts
         model_card(name, uri)
     runtime.init(address)
+    try:
+        _deploy_and_wait(settings, host, port)
+        print("stopping: draining requests and removing the app", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (runtime.Terminated) while the app was still deploying
+        print("stopping: removing the app", flush=True)
+    finally:
+        # serve.delete waits until the app's replicas finished their requests and are gone; then the embedded
+        # Ray (raylet, GCS, agents, workers) stops with this driver, so SIGTERM ends with exit code 0.
+        with contextlib.suppress(RayServeException):  # stopped before Serve had started
+            serve.delete(APP_NAME)
+        if not address and not os.environ.get("RAY_ADDRESS"):
+            serve.shutdown()
+        runtime.shutdown()
+
+
+def _deploy_and_wait(settings: ServeArgs, host: str, port: int) -> None:
+    from ray import serve
+
+    from genart.serve.app import build
+
     # Serve's own proxy timeout is a backstop a little past the app's (which answers 504 with a JSON reason).
     real_host, real_port = start_http(host, port, settings.request_timeout_s + 5, settings.access_log)
     if (real_host, real_port) != (host, port):
@@ -75,18 +97,14 @@ def serve_forever(settings: ServeArgs, host: str, port: int, address: str | None
     shown = "127.0.0.1" if real_host in ("0.0.0.0", "::") else real_host
     print(f"genart is serving {len(settings.models)} model(s) at http://{shown}:{real_port}/  (API docs: /docs)")
     print(f"API key: {'required (from $' + key_env + ')' if os.environ.get(key_env) else 'not required (set $' + key_env + ' to require one)'}")
-    print("Ctrl-C to stop.")
-    try:
-        wait_for_ctrl_c()
-        print("stopping…")
-    finally:
-        serve.delete(APP_NAME)
+    print("Ctrl-C to stop.", flush=True)
+    wait_for_ctrl_c()
 
 
 def wait_for_ctrl_c() -> None:
-    """Block this driver (which keeps the embedded Ray, and so the app, alive) until Ctrl-C."""
+    """Block this driver (which keeps the embedded Ray, and so the app, alive) until Ctrl-C or SIGTERM."""
     try:
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # runtime.Terminated (SIGTERM) is one too
         pass

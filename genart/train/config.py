@@ -48,16 +48,38 @@ class DataSection(Section):
 class TrainSection(Section):
     max_steps: int = Field(1000, ge=1)  # total optimizer steps; re-running with a larger value continues the run
     checkpoint_every_steps: int = Field(250, ge=1)  # checkpoint + sample grid + validation every N steps (and at the end)
-    keep_last: int = Field(3, ge=1)  # checkpoints kept besides the best one (older ones are deleted)
+    keep_last: int = Field(3, ge=1)  # Ray keeps the keep_last best checkpoints (by best metric; else newest) + the latest
     log_every_steps: int = Field(25, ge=1)  # progress line + metrics.jsonl row every N steps
     seed: int = Field(0, ge=0)  # initial weights and noise; data order is not fixed by it
     amp: bool = False  # float16 mixed precision on GPUs; ignored (with a note) on CPUs
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(1, ge=1)  # data-parallel training workers (DDP), one process each
+    # Data-parallel training workers (DDP), one process each; [MIN, MAX] = elastic (Ray Train V2): start with what
+    # the cluster can place (at least MIN), go on with fewer after a lost node, grow back to MAX (see README)
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = Field(1.0, gt=0)  # logical CPUs reserved per worker (Ray Data needs some left over)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("use a number >= 1, or [MIN, MAX] with 1 <= MIN <= MAX")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def workers_text(self) -> str:
+        return f"{self.min_workers}-{self.max_workers}" if self.min_workers != self.max_workers else str(self.max_workers)
 
 
 class RunSection(Section):

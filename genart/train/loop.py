@@ -8,6 +8,7 @@ saves the checkpoint and writes the run files (genart.train.outputs); the others
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from genart.train.config import TrainConfig
 
 # Validation / sample-grid batch: the critic's confusion-matrix PNG uses up to this many val images.
 VAL_BATCH = 256
+# The tail of the path-named logger behind Ray Train's "Reporting training result ..." lines (see _quiet_logs).
+REPORT_LOGGER_SUFFIX = "/train/v2/_internal/execution/context.py"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -121,7 +124,11 @@ def _checkpoint_and_report(family, cfg: TrainConfig, nets: dict, opts: dict, val
         row.update(_validate(family, cfg, nets, val))
         save_checkpoint(local, nets, opts, {**meta, "step": step, "metrics": dict(row)})
         row.update(_run_eval(cfg, local, step))
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=outputs.checkpoint_name(step))
+        # Ray keeps checkpoints by this score (CheckpointConfig in trainer.py): one without it ranks last (NaN),
+        # here only; metrics.jsonl keeps the row as measured.
+        metric, _ = best_metric(cfg)
+        scored = {**row, metric: _finite_or_nan(row.get(metric))}
+        ray.train.report(scored, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=outputs.checkpoint_name(step))
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -134,12 +141,11 @@ def _quiet_logs() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Batches of a cached (materialized) split are read-only views of the object store; nothing writes into them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    try:  # Ray 2.60 names this logger by its file path, so RunConfig(logging_config=...) does not reach it
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
+    # Ray 2.60 logs every report at INFO through a logger named by its source file's path, which
+    # RunConfig(logging_config=...) does not reach; found by that name, without importing Ray's private module.
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.endswith(REPORT_LOGGER_SUFFIX):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _seed(base: int, stream: str, rank: int, step: int) -> int:
@@ -284,17 +290,25 @@ def _run_eval(cfg: TrainConfig, local_checkpoint: str, step: int) -> dict:
     return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in scores.items()}
 
 
+def best_metric(cfg: TrainConfig) -> tuple[str, str]:
+    """(metric, "min" | "max") that ranks checkpoints: eval.best_metric, else the family's validation metric."""
+    from genart import models
+
+    if cfg.eval.best_metric:
+        return "eval_" + cfg.eval.best_metric.removeprefix("eval_"), cfg.eval.best_mode
+    return models.REGISTRY[cfg.model.family].best_metric
+
+
+def _finite_or_nan(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
+
+
 def _after_checkpoint(files: outputs.RunFiles, family, cfg: TrainConfig, nets: dict, fixed: dict, row: dict) -> None:
-    """Rank 0, once the checkpoint is stored: sample grid, metrics, loss curve, best.json, pruning, progress line."""
+    """Rank 0, once the checkpoint is stored: sample grid, metrics, loss curve, best.json, progress line."""
     step = row["step"]
     plain = {k: unwrap(v) for k, v in nets.items()}
     files.save_samples(step, family.sample_images(cfg.model, plain, fixed))
-    if cfg.eval.best_metric:
-        metric, mode = "eval_" + cfg.eval.best_metric.removeprefix("eval_"), cfg.eval.best_mode
-    else:
-        metric, mode = family.best_metric
-    improved = files.update_best(step, row, metric, mode)
-    files.prune(cfg.train.keep_last)
+    improved = files.update_best(step, row, *best_metric(cfg))  # Ray deletes the checkpoints it does not keep
     _log(files, row, cfg, flush=True, note=f"checkpoint {outputs.checkpoint_name(step)}" + (" (best)" if improved else ""))
     files.plot_losses()
 

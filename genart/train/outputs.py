@@ -1,5 +1,5 @@
 """The files rank 0 keeps in a run folder (local or s3://) besides checkpoints: metrics.jsonl, loss.png,
-samples/step-XXXXXX.png, best.json; plus pruning old checkpoints. Every write replaces a whole object.
+samples/step-XXXXXX.png, best.json (Ray Train deletes old checkpoints). Every write replaces a whole object.
 
     <run>/config.yaml  metrics.jsonl  loss.png  best.json  samples/step-000100.png  step-000100/ ...
 """
@@ -105,7 +105,7 @@ class RunFiles:
         plt.close(fig)
         storage.write_bytes(storage.join(self.run_dir, "loss.png"), buf.getvalue())
 
-    # -------------------------------------------------------------- samples, best, pruning
+    # -------------------------------------------------------------- samples, best
 
     def save_samples(self, step: int, image) -> str:
         """Write the PIL sample grid to samples/step-XXXXXX.png; returns its URI."""
@@ -116,30 +116,20 @@ class RunFiles:
         return uri
 
     def update_best(self, step: int, metrics: dict, metric: str | None, mode: str) -> bool:
-        """Point best.json at this checkpoint if `metric` improved; True if it did."""
+        """Point best.json at this checkpoint if `metric` improved or tied; True if it did.
+
+        A tie goes to the newer checkpoint, as in Ray's CheckpointConfig ranking, so best.json always names the
+        checkpoint Ray ranks first (and so keeps)."""
         value = metrics.get(metric) if metric else None
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
         if self.best and self.best.get("metric") == metric:
             old = self.best["value"]
-            if (value >= old) if mode == "min" else (value <= old):
+            if (value > old) if mode == "min" else (value < old):
                 return False
         self.best = {"checkpoint": checkpoint_name(step), "metric": metric, "value": float(value), "mode": mode, "step": step}
         storage.write_text(storage.join(self.run_dir, "best.json"), json.dumps(self.best, indent=1) + "\n")
         return True
-
-    def prune(self, keep_last: int) -> list[str]:
-        """Delete checkpoints older than the last `keep_last`, except the best one; returns the deleted names."""
-        found = list_checkpoints(self.run_dir)
-        keep = {name for _, name in found[-keep_last:]}
-        if self.best:
-            keep.add(self.best["checkpoint"])
-        deleted = []
-        for _, name in found:
-            if name not in keep:
-                storage.remove(storage.join(self.run_dir, name))
-                deleted.append(name)
-        return deleted
 
 
 def _metric_keys(rows: list[dict]) -> list[str]:

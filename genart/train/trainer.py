@@ -42,10 +42,9 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     for note in plan["notes"]:
         echo(f"note: {note}")
     storage.write_text(storage.join(run_dir, "config.yaml"), config_lib.to_yaml(cfg))
-    _reconcile_ray_snapshot(run_dir)
     where = "resuming" if plan["start_step"] else "starting"
     echo(f"{where} {cfg.model.family} run {run_dir} at step {plan['start_step']} of {cfg.train.max_steps}: "
-         f"{cfg.scaling.num_workers} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
+         f"{cfg.scaling.workers_text} worker(s) x batch {cfg.data.batch_size}, {plan['image_size']} px, "
          f"{plan['train_rows']} train / {plan['val_rows']} val images")
 
     datasets, cached = _datasets(cfg, plan["image_size"], plan["train_rows"], plan["has_val"])
@@ -60,18 +59,13 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=storage.arrow_fs(cfg.run.storage)[1],
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            # genart prunes checkpoints itself (keep_last + best, see outputs.RunFiles.prune); Ray keeps its list.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            checkpoint_config=checkpoint_config(cfg),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints the progress lines
         ),
         datasets=datasets,
@@ -84,6 +78,29 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     except ray.train.TrainingFailedError as exc:
         raise RuntimeError(f"training failed after {cfg.run.max_failures} recoveries; see the worker error above") from exc
     return summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
+
+
+def scaling_config(cfg: TrainConfig):
+    """num_workers an int, or (min, max): Train V2's elastic worker group, which (re)starts at the size the cluster
+    can place now and grows toward max (data.batch_size stays per worker; see README, Running on a cluster)."""
+    import ray.train
+
+    workers = cfg.scaling.num_workers
+    return ray.train.ScalingConfig(num_workers=workers if isinstance(workers, int) else tuple(workers),
+                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})
+
+
+def checkpoint_config(cfg: TrainConfig):
+    """Ray Train keeps (and deletes) the checkpoints: the train.keep_last best by the run's best metric, plus always
+    the latest (a resume starts there). Without the metric (no val split, or a checkpoint eval skipped) a checkpoint
+    ranks last, so those runs keep their most recent ones. best.json names Ray's first."""
+    import ray.train
+
+    from genart.train.loop import best_metric
+
+    metric, mode = best_metric(cfg)
+    return ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last, checkpoint_score_attribute=metric,
+                                      checkpoint_score_order=mode)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -144,10 +161,10 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
     train_rows, val_rows = int(splits.get("train", 0)), int(splits.get("val", 0))
     if train_rows == 0:
         raise UserError(f"data.path: {cfg.data.path} has no training images ({splits}); prepare a dataset with images in it")
-    global_batch = cfg.data.batch_size * cfg.scaling.num_workers
+    global_batch = cfg.data.batch_size * cfg.scaling.max_workers
     if train_rows < global_batch:
         raise UserError(
-            f"data.batch_size: {cfg.data.batch_size} x {cfg.scaling.num_workers} workers needs at least {global_batch} train images, "
+            f"data.batch_size: {cfg.data.batch_size} x {cfg.scaling.max_workers} workers needs at least {global_batch} train images, "
             f"{cfg.data.path} has {train_rows}; lower data.batch_size or scaling.num_workers"
         )
     image_size = cfg.data.image_size or manifest.get("image_size")
@@ -172,7 +189,8 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
         notes.append("train.amp is ignored on CPUs (mixed precision needs scaling.use_gpu=true)")
     if cfg.scaling.use_gpu:
         _check_gpus(cfg, address)
-    runtime.check_training_fits(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+    # elastic runs must fit MIN workers; more join when the cluster has room
+    runtime.check_training_fits(cfg.scaling.min_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
     if cfg.eval.every_checkpoints > 0:
         _check_eval(cfg)
     elif cfg.eval.best_metric:
@@ -201,10 +219,10 @@ def _check_gpus(cfg: TrainConfig, address: str | None) -> None:
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    if gpus >= cfg.scaling.num_workers:
+    if gpus >= cfg.scaling.min_workers:
         return
     if not address:  # the embedded local Ray cannot grow: waiting for GPUs would hang forever
-        raise UserError(f"scaling.use_gpu: this machine has {gpus:g} GPUs for {cfg.scaling.num_workers} workers; "
+        raise UserError(f"scaling.use_gpu: this machine has {gpus:g} GPUs for {cfg.scaling.min_workers} workers; "
                         f"set scaling.use_gpu=false or run on a GPU cluster with --address")
 
 
@@ -251,36 +269,6 @@ def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: in
     if list(state.get("label_names") or []) != list(label_names):
         raise UserError(f"data.path: {where} was trained on labels {state.get('label_names')}, this dataset has "
                         f"{label_names}; use the same labels or a new run.name")
-
-
-def _reconcile_ray_snapshot(run_dir: str) -> None:
-    """Drop checkpoints genart pruned from Ray's own list, so Ray can restore the run.
-
-    Ray Train keeps every reported checkpoint in checkpoint_manager_snapshot.json and refuses to resume when
-    one of them is missing; genart deletes old ones itself (keep_last + best), which Ray cannot express.
-    """
-    path = storage.join(run_dir, "checkpoint_manager_snapshot.json")
-    if not storage.exists(path):
-        return
-    state = json.loads(storage.read_text(path))
-    present = {name for _, name in outputs.list_checkpoints(run_dir)}
-    results, indices = state.get("checkpoint_results", []), state.get("checkpoint_report_indices", [])
-    kept = [(r, i) for r, i in zip(results, indices) if r.get("checkpoint_dir_name") in present]
-    if len(kept) == len(results):
-        return
-    state["checkpoint_results"] = [r for r, _ in kept]
-    state["checkpoint_report_indices"] = [i for _, i in kept]
-    latest = state.get("latest_checkpoint_result")
-    if latest and latest.get("checkpoint_dir_name") not in present:
-        state["latest_checkpoint_result"] = kept[-1][0] if kept else None
-    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names"):
-        state[key] = [n for n in state.get(key, []) if n in present]
-    pending = state.get("pending_training_results", [])
-    specs = state.get("pending_validation_specs", [])
-    keep_pending = [(r, s) for r, s in zip(pending, specs) if r.get("checkpoint_dir_name") in present]
-    state["pending_training_results"] = [r for r, _ in keep_pending]
-    state["pending_validation_specs"] = [s for _, s in keep_pending]
-    storage.write_text(path, json.dumps(state))
 
 
 # ---------------------------------------------------------------- summary

@@ -1,0 +1,168 @@
+"""A real multi-node Ray cluster on this machine for tests: a head and worker nodes, each a `ray start --block`
+subprocess in its own process group, with token auth on (a private HOME holds the token) and a private temp dir,
+so it never meets the session's embedded Ray (tests/conftest.py) nor anyone else's.
+
+    with LocalCluster(tmp, workers={"node_a": 3, "node_b": 3}) as cluster:   # custom resource name -> CPUs
+        subprocess.run([GENART, "stylize", "--address", cluster.address, ...], env=cluster.env())
+        cluster.kill("node_b")                                                   # SIGKILL the node's processes
+Drivers connect from subprocesses (`--address`), so a test process that already holds the shared embedded Ray
+needs no second connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray_procs
+
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+START_TIMEOUT_S = 180
+NODE_START_ATTEMPTS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    """This process's environment without RAY_* settings (the session's own Ray sets some), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
+    return env
+
+
+class LocalCluster:
+    def __init__(self, root: Path, workers: dict[str, int], head_cpus: int = 0):
+        self.root = Path(root)
+        self.home = self.root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        # Short path: Ray's unix socket paths must stay under ~107 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="gclu-", dir="/tmp")
+        self.address = ""  # the GCS address, once the head is up
+        self.workers = dict(workers)
+        self.head_cpus = head_cpus
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.seen: set[int] = set()
+
+    # ------------------------------------------------------------ start / stop
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            subprocess.run([RAY, "get-auth-token", "--generate"], env=self._ray_env(), check=True,
+                           capture_output=True, timeout=60)
+            self._start("head", lambda: ["--head", f"--port={free_port()}", f"--num-cpus={self.head_cpus}",
+                                         "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
+                                         f"--ray-client-server-port={free_port()}"])
+            self.address = self._head_address()
+            for name in self.workers:
+                self.start_worker(name)
+            self._wait_for_nodes(len(self.nodes))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def start_worker(self, name: str) -> None:
+        resources = json.dumps({name: 1})
+        self._start(name, lambda: [f"--address={self.address}", f"--num-cpus={self.workers[name]}",
+                                   f"--resources={resources}", f"--dashboard-agent-listen-port={free_port()}",
+                                   f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                                   f"--runtime-env-agent-port={free_port()}"])
+
+    def _start(self, name: str, make_args) -> None:
+        """`ray start --block` until it says the node runs; retried with new ports, since on a loaded machine a raylet
+        can miss Ray's fixed 30 s registration window, and a free port can be taken before Ray binds it."""
+        # A joining node sends the token only in token mode; the head turns it on itself (the token exists).
+        env = self._ray_env() if name == "head" else {**self._ray_env(), "RAY_AUTH_MODE": "token"}
+        log_path = self.root / f"{name}.log"
+        for attempt in range(NODE_START_ATTEMPTS):
+            log = open(log_path, "w")
+            command = [RAY, "start", "--block", "--disable-usage-stats", *make_args()]
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.nodes[name] = proc
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while proc.poll() is None and "Ray runtime started" not in log_path.read_text():
+                assert time.monotonic() < deadline, f"ray start ({name}) hung:\n{log_path.read_text()[-3000:]}"
+                time.sleep(0.5)
+            if proc.poll() is None:
+                return
+            self.processes(name)
+            ray_procs.kill_all(ray_procs.still_alive(self.seen))
+        raise AssertionError(f"ray start ({name}) failed {NODE_START_ATTEMPTS} times:\n{log_path.read_text()[-3000:]}")
+
+    def _head_address(self) -> str:
+        """GCS address as the head advertises it (its node IP, which need not be 127.0.0.1), from its log."""
+        for line in (self.root / "head.log").read_text().splitlines():
+            if "ray start --address='" in line:
+                return line.split("--address='", 1)[1].split("'", 1)[0]
+        raise AssertionError("the Ray head did not say its address")
+
+    def _ray_env(self) -> dict:
+        # No 30 s drain on SIGTERM at teardown: nothing here needs a graceful Serve hand-over.
+        return clean_env(HOME=str(self.home), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+
+    def env(self, **extra: str) -> dict:
+        """Environment for a driver subprocess: the cluster's token, sent in token mode (as Ray's client wants)."""
+        return clean_env(HOME=str(self.home), RAY_AUTH_TOKEN_PATH=str(self.home / ".ray" / "auth_token"),
+                         RAY_AUTH_MODE="token", **extra)
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's live nodes and their resources, asked through a subprocess driver (public ray.nodes())."""
+        script = ("import json, ray; ray.init(address='%s', logging_level='ERROR'); "
+                  "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % self.address)
+        result = subprocess.run([sys.executable, "-c", script], env=self.env(),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def _wait_for_nodes(self, count: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            for name, proc in self.nodes.items():
+                assert proc.poll() is None, f"ray start ({name}) exited:\n{(self.root / f'{name}.log').read_text()[-3000:]}"
+            try:
+                if len(self.alive_nodes()) >= count:
+                    return
+            except AssertionError:
+                pass
+            assert time.monotonic() < deadline, f"the cluster never reached {count} nodes"
+            time.sleep(1)
+
+    def processes(self, name: str) -> set[int]:
+        proc = self.nodes[name]
+        found = {proc.pid} | ray_procs.descendants(proc.pid)
+        self.seen |= found
+        return found
+
+    def kill(self, name: str) -> None:
+        """Lose the node: SIGKILL its `ray start`, raylet, agents and workers at once (no drain, no goodbye)."""
+        pids = self.processes(name)
+        ray_procs.kill_all(pids)
+        self.nodes[name].wait(timeout=30)
+        del self.nodes[name]
+
+    def __exit__(self, *exc) -> None:
+        for name in list(self.nodes)[::-1]:
+            proc = self.nodes[name]
+            self.processes(name)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+        time.sleep(1)
+        ray_procs.kill_all(ray_procs.still_alive(self.seen) | ray_procs.mentioning(self.temp_dir))
+        subprocess.run(["rm", "-rf", self.temp_dir], check=False)
