@@ -3,6 +3,7 @@ a batch, --concurrency parsing and an autoscaling actor pool (training throughpu
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -95,3 +96,22 @@ def test_stylize_cli_with_an_autoscaling_pool(tmp_path, style_ckpt, ray_session)
                                     "--concurrency", "3-1"])
     assert bad.exit_code == 2 and "--concurrency 3-1" in bad.output
 
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_on_a_terminal_only():
+    from genart.infer import output
+
+    statuses = pa.table({"source": ["a", "b", "c"], "key": ["a", "b", "c"], "error": [None, "decode failed: x", None]},
+                        schema=stages.STATUS_SCHEMA)
+    for stream, shown in ((_Terminal(), True), (io.StringIO(), False)):
+        tally, progress = output.Tally(), output.Progress("stylize", 10, stream=stream, min_interval_s=0)
+        tally.add(statuses)
+        progress.update(tally, statuses.num_rows)
+        progress.close()
+        text = stream.getvalue()
+        assert (("stylize: 3/10" in text and "1 errors" in text and "ETA" in text) if shown else text == ""), text

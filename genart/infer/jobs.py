@@ -106,9 +106,13 @@ def _write_stage(ds, out: str, fmt: str, run: RunOptions):
     return ds.map_batches(stages.write_batch, batch_size=rows, batch_format="pyarrow", fn_kwargs={"out": out, "fmt": fmt})
 
 
-def _drain(ds, tally: output.Tally) -> None:
-    for status in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        tally.add(status)
+def _drain(ds, tally: output.Tally, progress: output.Progress) -> None:
+    try:
+        for status in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            tally.add(status)
+            progress.update(tally, status.num_rows)
+    finally:
+        progress.close()
 
 
 # Ray Data coalesces a task's output into blocks of up to 128 MiB by default: a whole read unit (64 images) or
@@ -127,7 +131,8 @@ def _pipeline_context(run: RunOptions):
     runtime.init()
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size, ctx.enable_progress_bars
-    ctx.target_max_block_size, ctx.enable_progress_bars = BLOCK_BYTES, run.progress
+    # genart's own line (output.Progress) counts images end to end; Ray's per-operator bars would fight it
+    ctx.target_max_block_size, ctx.enable_progress_bars = BLOCK_BYTES, False
     try:
         yield
     finally:
@@ -190,7 +195,7 @@ def _image_job(command: str, actor_cls, families: tuple[str, ...], model_uri: st
                                  fn_kwargs=dict(ext=ext, renames=renames, skip_ref=skip_ref, max_pixels=max_pixels,
                                                 max_side=max_side))
             ds = _model_stage(ds, actor_cls, ckpt, run, **(actor_options or {}))
-            _drain(_write_stage(ds, out, fmt, run), tally)
+            _drain(_write_stage(ds, out, fmt, run), tally, output.Progress(command, plan.num_inputs - already, run.progress))
     return _finish(command, out, fmt, tally, plan.num_inputs, already, started, model, options, src)
 
 
@@ -270,7 +275,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
                 ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref})
             ds = _model_stage(ds, stages.Generator, ckpt, run, seed=seed, num=num, ext=ext, label=label_index,
                               truncation=truncation)
-            _drain(_write_stage(ds, out, fmt, run), tally)
+            _drain(_write_stage(ds, out, fmt, run), tally, output.Progress("generate", num - len(done), run.progress))
     extra = {}
     if fmt != "parquet":
         failed = tally.failed_sources
