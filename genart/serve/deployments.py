@@ -58,7 +58,8 @@ class GenerativeModel:
         self.batching = settings.batching
 
     def reconfigure(self, user_config: dict) -> None:
-        """ServeArgs.batch_config(): here max_batch_size counts images (batch_size_fn), not requests."""
+        """ServeArgs.batch_config(): here max_batch_size counts images (batch_size_fn), not requests. (Serve
+        then warns once that it exceeds max_ongoing_requests; it compares images with requests.)"""
         self._generate_batch.set_max_batch_size(int(user_config["max_batch_images"]))
         self._generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
