@@ -167,8 +167,9 @@ def main() -> None:
         models = make_models(tmp)
         photo = _photo_png()
         common = {"models": models, "api_key_env": "GENART_BENCH_NO_KEY",
-                  "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 32},
-                  "max_queued_requests": 1000, "max_ongoing_requests": 64, "access_log": False}
+                  # one replica; target_ongoing_requests / max_ongoing_requests: genart's defaults (16 / 20)
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                  "max_queued_requests": 1000, "access_log": False}
         report = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
                   "models": {"generate": "dcgan 32px default config, n=1 per request",
                              "stylize": "style channels=16 res_blocks=3, 128x96 photo"}}

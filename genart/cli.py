@@ -148,9 +148,13 @@ def _run_options(f):
     """Flags shared by stylize / generate / score: how the job runs on Ray, and what to do with an existing --output."""
     for option in reversed([
         click.option("--batch-size", type=int, default=None, help="Rows per model call (default: 8; generate/score 64)."),
-        click.option("--concurrency", type=int, default=1, show_default=True, help="Model actors (each loads the model once)."),
+        click.option("--concurrency", default="1", show_default=True,
+                     help="Model actors (each loads the model once): N, or MIN-MAX for a pool that autoscales."),
         click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor."),
         click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="CPUs (torch threads) per model actor."),
+        click.option("--deterministic", is_flag=True,
+                     help="Outputs that never depend on batching (batch-invariant kernels, no cuDNN autotuning; slower)."),
+        click.option("--autocast/--no-autocast", default=None, help="bf16/fp16 autocast (default: on with GPUs, off on CPUs)."),
         click.option("--resume", is_flag=True, help="Finish an interrupted run at --output: only missing outputs are made."),
         click.option("--overwrite", is_flag=True, help="Replace the output of an earlier run at --output."),
         address_option,
@@ -159,13 +163,18 @@ def _run_options(f):
     return f
 
 
-def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address):
+def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
+               deterministic=False, autocast=None):
     from genart import runtime
     from genart.infer import RunOptions
+    from genart.infer.jobs import parse_concurrency
 
+    run = RunOptions(batch_size=batch_size or default_batch, concurrency=parse_concurrency(concurrency),
+                     gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, resume=resume,
+                     overwrite=overwrite, deterministic=deterministic, autocast=autocast)
+    run.check()
     runtime.init(address)
-    return RunOptions(batch_size=batch_size or default_batch, concurrency=concurrency, gpus_per_worker=gpus_per_worker,
-                      cpus_per_worker=cpus_per_worker, resume=resume, overwrite=overwrite)
+    return run
 
 
 @main.command()
@@ -179,12 +188,13 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
 @click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (default: Pillow's 89.5 MP).")
 @_run_options
 def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batch_size, concurrency, gpus_per_worker,
-            cpus_per_worker, resume, overwrite, address):
+            cpus_per_worker, deterministic, autocast, resume, overwrite, address):
     """Stylise every image under --input with a style model; bad inputs go to errors.jsonl, never stop the job."""
     from genart.data import images
     from genart.infer import jobs, output
 
-    run = _infer_run(batch_size, 8, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address)
+    run = _infer_run(batch_size, 8, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
+                     deterministic, autocast)
     manifest = jobs.stylize(model, src, out, fmt=fmt, max_side=max_side, tile=tile, tile_overlap=tile_overlap,
                             max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
     click.echo(output.summary(manifest))
@@ -200,11 +210,12 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
 @click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True)
 @_run_options
 def generate(model, num, out, seed, truncation, label, fmt, batch_size, concurrency, gpus_per_worker, cpus_per_worker,
-             resume, overwrite, address):
+             deterministic, autocast, resume, overwrite, address):
     """Generate --num images, deterministic by --seed whatever the batch size or number of actors."""
     from genart.infer import jobs, output
 
-    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address)
+    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
+                     deterministic, autocast)
     manifest = jobs.generate(model, num, out, seed=seed, truncation=truncation, label=label, fmt=fmt, run=run)
     click.echo(output.summary(manifest))
 
@@ -215,12 +226,14 @@ def generate(model, num, out, seed, truncation, label, fmt, batch_size, concurre
 @click.option("--output", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards.")
 @click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (default: Pillow's 89.5 MP).")
 @_run_options
-def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address):
+def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, deterministic, autocast,
+          resume, overwrite, address):
     """Per image: predicted label, class probabilities and embedding from a critic, as Parquet shards + manifest."""
     from genart.data import images
     from genart.infer import jobs, output
 
-    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address)
+    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
+                     deterministic, autocast)
     manifest = jobs.score(model, src, out, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
     click.echo(output.summary(manifest))
 

@@ -178,6 +178,25 @@ def test_args_schema_matches_the_cluster_serve_config():
         parse_args({"models": {"../evil": "/tmp/x"}})
 
 
+def test_autoscaling_follows_rays_guidance_and_batches_come_from_user_config():
+    """Model replicas: target = max_batch_size (batches fill before a peer is added), max in flight 25 % above it;
+    the ingress sizes its own target; batch parameters travel as user_config (applied in reconfigure)."""
+    from genart.serve.config import parse_args
+
+    settings = parse_args({"models": {"a": "x"}, "max_batch_size": 8, "batch_wait_timeout_s": 0.005})
+    assert settings.model_autoscaling()["target_ongoing_requests"] == 8 and settings.model_max_ongoing == 10
+    assert settings.ingress_autoscaling()["target_ongoing_requests"] == 0.8 * settings.ingress_max_ongoing_requests
+    assert settings.batch_config() == {"max_batch_size": 8, "max_batch_images": 256, "batch_wait_timeout_s": 0.005}
+    explicit = parse_args({"models": {"a": "x"}, "autoscaling": {"target_ongoing_requests": 4}, "max_ongoing_requests": 6})
+    assert explicit.model_target == 4 and explicit.model_max_ongoing == 6
+    with pytest.raises(UserError, match="max_ongoing_requests"):
+        parse_args({"models": {"a": "x"}, "autoscaling": {"target_ongoing_requests": 8}, "max_ongoing_requests": 4})
+    from genart.serve.deployments import CriticModel, GenerativeModel, StyleModels
+
+    for deployment in (GenerativeModel, CriticModel, StyleModels):
+        assert callable(getattr(deployment.func_or_class, "reconfigure", None)), deployment.name
+
+
 def test_cli_settings_from_model_flags_and_serve_config(tmp_path):
     from genart.serve.run import settings_from
 

@@ -26,18 +26,42 @@ class RunOptions:
     """How a job runs (not what it computes): these may change between a run and its --resume."""
 
     batch_size: int = 8  # rows per model call
-    concurrency: int = 1  # model actors
+    concurrency: int | tuple[int, int] = 1  # model actors: N, or (min, max) for a pool that autoscales between them
     gpus_per_worker: float = 0.0  # GPUs per model actor (0 = CPU)
     cpus_per_worker: float = 1.0  # CPUs per model actor (= its torch threads)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    deterministic: bool = False  # outputs independent of batching (slower kernels; see stages.ModelActor)
+    autocast: bool | None = None  # bf16/fp16 autocast; None = on with GPUs, off on CPUs
 
     def check(self) -> None:
-        if self.batch_size < 1 or self.concurrency < 1:
-            raise UserError("--batch-size and --concurrency must be >= 1")
+        low, high = self.pool_size
+        if self.batch_size < 1 or not 1 <= low <= high:
+            raise UserError("--batch-size must be >= 1 and --concurrency N or MIN-MAX with 1 <= MIN <= MAX")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise UserError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) model actors."""
+        c = self.concurrency
+        return (int(c[0]), int(c[1])) if isinstance(c, (tuple, list)) else (int(c), int(c))
+
+
+def parse_concurrency(text: str | int) -> int | tuple[int, int]:
+    """`--concurrency` "4" -> 4, "1-4" -> (1, 4); anything else is a one-line UserError."""
+    value = str(text).strip()
+    try:
+        if "-" in value:
+            low, high = (int(v) for v in value.split("-", 1))
+            if 1 <= low <= high:
+                return (low, high) if low < high else low
+        elif int(value) >= 1:
+            return int(value)
+    except ValueError:
+        pass
+    raise UserError(f"--concurrency {text}: give a number of model actors (e.g. 2) or MIN-MAX (e.g. 1-4)")
 
 
 def _load(uri: str, families: tuple[str, ...]):
@@ -59,14 +83,19 @@ def _model_stage(ds, actor_cls, ckpt: str, run: RunOptions, **options):
     import ray
 
     threads = max(1, int(run.cpus_per_worker))
+    low, high = run.pool_size
+    # compute=ActorPoolStrategy is Ray Data's current form (map_batches' `concurrency=` is deprecated since 2.51);
+    # min < max gives a pool that Ray Data grows while the model stage is the bottleneck and shrinks when idle.
+    pool = ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
     return ds.map_batches(
         actor_cls,
         batch_size=run.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=run.concurrency),
+        compute=pool,
         num_cpus=run.cpus_per_worker,
         num_gpus=run.gpus_per_worker or None,
-        fn_constructor_kwargs=dict(checkpoint=ckpt, threads=threads, use_gpu=run.gpus_per_worker > 0, **options),
+        fn_constructor_kwargs=dict(checkpoint=ckpt, threads=threads, use_gpu=run.gpus_per_worker > 0,
+                                   deterministic=run.deterministic, autocast=run.autocast, **options),
         # Also keeps Ray from fusing the decode tasks into the actors: decoding must overlap the model, not queue before it.
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
     )
@@ -77,9 +106,13 @@ def _write_stage(ds, out: str, fmt: str, run: RunOptions):
     return ds.map_batches(stages.write_batch, batch_size=rows, batch_format="pyarrow", fn_kwargs={"out": out, "fmt": fmt})
 
 
-def _drain(ds, tally: output.Tally) -> None:
-    for status in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        tally.add(status)
+def _drain(ds, tally: output.Tally, progress: output.Progress) -> None:
+    try:
+        for status in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            tally.add(status)
+            progress.update(tally, status.num_rows)
+    finally:
+        progress.close()
 
 
 # Ray Data coalesces a task's output into blocks of up to 128 MiB by default: a whole read unit (64 images) or
@@ -98,7 +131,8 @@ def _pipeline_context(run: RunOptions):
     runtime.init()
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size, ctx.enable_progress_bars
-    ctx.target_max_block_size, ctx.enable_progress_bars = BLOCK_BYTES, run.progress
+    # genart's own line (output.Progress) counts images end to end; Ray's per-operator bars would fight it
+    ctx.target_max_block_size, ctx.enable_progress_bars = BLOCK_BYTES, False
     try:
         yield
     finally:
@@ -161,7 +195,7 @@ def _image_job(command: str, actor_cls, families: tuple[str, ...], model_uri: st
                                  fn_kwargs=dict(ext=ext, renames=renames, skip_ref=skip_ref, max_pixels=max_pixels,
                                                 max_side=max_side))
             ds = _model_stage(ds, actor_cls, ckpt, run, **(actor_options or {}))
-            _drain(_write_stage(ds, out, fmt, run), tally)
+            _drain(_write_stage(ds, out, fmt, run), tally, output.Progress(command, plan.num_inputs - already, run.progress))
     return _finish(command, out, fmt, tally, plan.num_inputs, already, started, model, options, src)
 
 
@@ -243,7 +277,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
                 ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref})
             ds = _model_stage(ds, stages.Generator, ckpt, run, seed=seed, num=num, ext=ext, label=label_index,
                               truncation=truncation)
-            _drain(_write_stage(ds, out, fmt, run), tally)
+            _drain(_write_stage(ds, out, fmt, run), tally, output.Progress("generate", num - len(done), run.progress))
     extra = {}
     if fmt != "parquet":
         failed = tally.failed_sources
@@ -272,4 +306,4 @@ def _label_index(label: str | None, conditional: bool, names: list[str]) -> int 
     raise UserError(f"--label {label}: not a class of this model; use one of {', '.join(names)} (or its index)")
 
 
-__all__ = ["RunOptions", "stylize", "generate", "score"]
+__all__ = ["RunOptions", "parse_concurrency", "stylize", "generate", "score"]

@@ -165,6 +165,30 @@ class Tally:
         return "".join(sorted(self._errors.readlines()))
 
 
+class Progress:
+    """The live line of a batch job on a terminal: images done / total, images/s, ETA, errors so far (tqdm).
+    Silent when stderr is not a TTY (logs, CI, Ray job logs) or when the job asks for no progress."""
+
+    def __init__(self, command: str, total: int, enabled: bool = True, stream=None, min_interval_s: float = 0.5):
+        import sys
+
+        from tqdm import tqdm
+
+        stream = stream or sys.stderr
+        self.enabled = bool(enabled and total > 0 and getattr(stream, "isatty", lambda: False)())
+        self.bar = tqdm(total=total, desc=command, unit="img", file=stream, disable=not self.enabled,
+                        dynamic_ncols=True, smoothing=0.1, leave=False, mininterval=min_interval_s,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {rate_fmt} ETA {remaining}{postfix}")
+
+    def update(self, tally: Tally, done: int) -> None:
+        if self.enabled:
+            self.bar.set_postfix_str(f"{tally.errors} errors", refresh=False)
+            self.bar.update(done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def finish(out: str, fmt: str, tally: Tally, manifest: dict, extra_files: dict[str, str] | None = None) -> dict:
     """Write errors.jsonl (and any extra sidecars), remove stray temp files, then manifest.json last."""
     if fmt == "parquet":

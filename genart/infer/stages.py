@@ -88,38 +88,80 @@ def to_pixels(x) -> bytes:
 
 
 class ModelActor:
-    """Loads the model once per actor (on its GPU if it has one), with a fixed number of torch threads."""
+    """Loads the model once per actor (on its GPU if it has one), with a fixed number of torch threads.
+
+    Every forward pass runs inside `self.inference()`: inference_mode; on a GPU channels-last weights and, unless
+    `autocast=False`, bf16/fp16 autocast; fp32 on CPUs unless `autocast=True`. `deterministic` asks for outputs
+    that do not depend on what else is in a batch: cuDNN's deterministic kernels (no autotuning) on a GPU, and on
+    a CPU torch's native convolutions instead of oneDNN's, whose algorithm choice depends on the batch size
+    (seen: ~1e-7 apart, i.e. now and then one 8-bit level in a written image).
+    """
 
     family: str | tuple[str, ...] = ""
 
-    def __init__(self, checkpoint: str, threads: int = 1, use_gpu: bool = False, **options):
+    def __init__(self, checkpoint: str, threads: int = 1, use_gpu: bool = False, deterministic: bool = False,
+                 autocast: bool | None = None, **options):
         import torch
 
         from genart import models
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            # Same inputs -> same outputs on every run (resume, reruns): no autotuned, nondeterministic kernels.
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+        self.deterministic = deterministic
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.backends.cudnn.benchmark = not deterministic  # autotuned kernels: fastest, not bit-stable
+            torch.backends.cudnn.deterministic = deterministic
+        self.autocast_dtype = None
+        if on_gpu if autocast is None else autocast:
+            bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
+            self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16
         family = self.family if isinstance(self.family, str) else None
         self.model = models.load(checkpoint, family=family).to(self.device)
+        self.channels_last = on_gpu  # measured on CPU (bench/bench_stylize.py): no gain there
+        if self.channels_last:
+            for net in self.model.nets.values():
+                net.to(memory_format=torch.channels_last)
         self.options = options
         self.setup()
 
     def setup(self) -> None:
         pass
 
+    def inference(self):
+        """The context every forward pass runs in (see the class docstring)."""
+        import contextlib
+
+        import torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.deterministic and self.device.type == "cpu":
+            import warnings
+
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # flags() says it each time
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        return stack
+
+    def to_device(self, x):
+        """(N, C, H, W) CPU tensor -> on the actor's device, in the weights' memory format."""
+        import torch
+
+        x = x.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
 
 TILE_BATCH = 4  # tiles per forward pass: fixed, so the output never depends on run options like --batch-size
 
 
 class Stylizer(ModelActor):
-    """WORK rows -> WORK rows with stylised pixels, each image on its own (tiles of one image batched together).
+    """WORK rows -> WORK rows with stylised pixels: images of one size (after --max-side) stacked into one forward
+    pass; images larger than the tile go alone, their tiles TILE_BATCH per pass.
 
-    One image per forward pass keeps every output independent of what else is in the batch, so a resumed or
-    re-run job writes the same bytes; at >= 256 px a single image already fills the conv kernels (see bench/).
+    A batch that fails (e.g. out of memory) is retried one image at a time, so only the image that cannot be
+    stylised is reported. With `deterministic`, each output is bit-identical to stylising its image alone.
     """
 
     family = "style"
@@ -136,32 +178,60 @@ class Stylizer(ModelActor):
         if self.overlap is None:  # measured on first use: only jobs with images larger than a tile pay for it
             from genart.infer import tiling
 
-            radius = tiling.receptive_radius(self.model.stylize, self.layers, self.device, probe=192)
+            with self.inference():
+                radius = tiling.receptive_radius(self._forward, self.layers, self.device, probe=192)
             self.overlap = tiling.default_overlap(self.tile, radius)
         return self.overlap
 
-    def stylize(self, x):
-        """(3, H, W) in [0, 1] -> (3, H, W) in [0, 1], tiled when larger than the tile."""
+    def _forward(self, x):
+        """(N, 3, H, W) in [0, 1] -> (N, 3, H, W) float32 in [0, 1], on the CPU."""
+        return self.model.stylize(self.to_device(x)).float().cpu()
+
+    def stylize_many(self, xs: list):
+        """Same-size (3, H, W) tensors in [0, 1] -> (N, 3, H, W) in [0, 1]; one forward pass unless tiled."""
+        import torch
+
         from genart.infer import tiling
 
-        x = x.to(self.device)
-        if not self.tile or max(x.shape[1:]) <= self.tile:
-            return self.model.stylize(x[None])[0]
-        return tiling.tiled(self.model.stylize, x, self.tile, self._overlap(), self.tile_batch, self.layers)
+        with self.inference():
+            if not self.tile or max(xs[0].shape[1:]) <= self.tile:
+                return self._forward(torch.stack(xs))
+            return torch.stack([tiling.tiled(self._forward, x, self.tile, self._overlap(), self.tile_batch, self.layers)
+                                for x in xs])
+
+    def stylize(self, x):
+        """(3, H, W) in [0, 1] -> (3, H, W) in [0, 1], tiled when larger than the tile."""
+        return self.stylize_many([x])[0]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        by_size: dict[tuple[int, int], list[dict]] = {}
         for row in rows:
-            if row["error"]:
-                continue
+            if not row["error"]:
+                by_size.setdefault((row["height"], row["width"]), []).append(row)
+        for group in by_size.values():
             try:
-                out = self.stylize(to_tensor(row["pixels"], row["width"], row["height"]))
-                if tuple(out.shape) != (3, row["height"], row["width"]):
-                    raise RuntimeError(f"model returned shape {tuple(out.shape)}")
-                row["pixels"] = to_pixels(out)
+                self._stylize_rows(group)
+                continue
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one huge image: report it, go on
-                row.update(error=f"stylize failed: {_short(exc)}", pixels=None)
+                if len(group) == 1:
+                    group[0].update(error=f"stylize failed: {_short(exc)}", pixels=None)
+                    continue
+            for row in group:  # the batch failed: one by one, so only the culprit gets an error
+                try:
+                    self._stylize_rows([row])
+                except Exception as exc:  # noqa: BLE001
+                    row.update(error=f"stylize failed: {_short(exc)}", pixels=None)
         return pa.Table.from_pylist(rows, schema=batch.schema)
+
+    def _stylize_rows(self, group: list[dict]) -> None:
+        height, width = group[0]["height"], group[0]["width"]
+        out = self.stylize_many([to_tensor(r["pixels"], width, height) for r in group])
+        if tuple(out.shape[1:]) != (3, height, width):
+            raise RuntimeError(f"model returned shape {tuple(out.shape[1:])}")
+        pixels = [to_pixels(o) for o in out]  # all converted before any row is changed: a retry starts clean
+        for row, p in zip(group, pixels):
+            row["pixels"] = p
 
 
 GENERATE_CHUNK = 16  # images per forward pass in `generate`, aligned to index multiples (see Generator)
@@ -206,7 +276,8 @@ class Generator(ModelActor):
             indices = list(range(chunk * GENERATE_CHUNK, min(num, (chunk + 1) * GENERATE_CHUNK)))
             seeds = [latent_seed(seed, i) for i in indices]
             labels = self.labels_for(seeds)
-            out = self.model.sample(seeds, labels=labels, truncation=self.options["truncation"])
+            with self.inference():
+                out = self.model.sample(seeds, labels=labels, truncation=self.options["truncation"]).float().cpu()
             keep = set(wanted)
             for j, i in enumerate(indices):
                 if i not in keep:
@@ -254,13 +325,14 @@ class Scorer(ModelActor):
             try:
                 pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
                 # the same crop + resize as serving and training data: a batch score equals the served score
-                tensors.append(torch.from_numpy(model_input(pixels, self.model.image_size))[None].to(self.device))
+                tensors.append(torch.from_numpy(model_input(pixels, self.model.image_size))[None])
                 ready.append(out)
             except Exception as exc:  # noqa: BLE001
                 out["error"] = f"score failed: {_short(exc)}"
         if tensors:
-            x = torch.cat(tensors)
-            probs, emb = self.model.predict(x).cpu().numpy(), self.model.embed(x).cpu().numpy()
+            with self.inference():
+                x = self.to_device(torch.cat(tensors))
+                probs, emb = self.model.predict(x).float().cpu().numpy(), self.model.embed(x).float().cpu().numpy()
             names = self.model.label_names
             for out, p, e in zip(ready, probs, emb):
                 label = int(p.argmax())

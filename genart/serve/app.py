@@ -81,9 +81,10 @@ def build(args: dict) -> Application:
     model_options = dict(
         ray_actor_options=model_actor,
         logging_config=logging_config,
-        autoscaling_config=settings.autoscaling.model_dump(),
-        max_ongoing_requests=settings.max_ongoing_requests,
+        autoscaling_config=settings.model_autoscaling(),
+        max_ongoing_requests=settings.model_max_ongoing,
         max_queued_requests=settings.max_queued_requests,
+        user_config=settings.batch_config(),  # applied in each deployment's reconfigure()
     )
     generators, critics, styles = {}, {}, {}
     for name, card in cards.items():
@@ -101,7 +102,7 @@ def build(args: dict) -> Application:
         name="ingress",
         ray_actor_options=actor,
         logging_config=logging_config,
-        autoscaling_config=settings.autoscaling.model_dump(),
+        autoscaling_config=settings.ingress_autoscaling(),
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
         max_queued_requests=settings.ingress_max_ongoing_requests,
     )

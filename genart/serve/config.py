@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -23,7 +24,9 @@ class Autoscaling(Section):
 
     min_replicas: int = Field(1, ge=0)  # 1 keeps a warm replica (no cold start); 0 scales to zero when idle
     max_replicas: int = Field(2, ge=1)  # upper bound per deployment
-    target_ongoing_requests: float = Field(2.0, gt=0)  # add replicas when each has more than this in flight
+    # Add model replicas when each has more than this in flight. None = max_batch_size: a replica asks for a peer
+    # once its batches are full, not while they are still filling (the ingress gets 0.8 x its own maximum).
+    target_ongoing_requests: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _order(self) -> "Autoscaling":
@@ -49,7 +52,9 @@ class ServeArgs(Section):
     max_batch_size: int = Field(16, ge=1)  # requests per batch for /v1/stylize and /v1/classify
     max_batch_images: int = Field(256, ge=MAX_N)  # images per batch for /v1/generate (a request has up to 64)
     batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill
-    max_ongoing_requests: int = Field(32, ge=1)  # in flight per model replica (>= max_batch_size to fill batches)
+    # In flight per model replica. None = 1.25 x the autoscaling target (Ray's guidance: ~20-50 % above it, so
+    # requests wait in the router, where a new replica can take them, not inside a busy replica).
+    max_ongoing_requests: int | None = Field(None, ge=1)
     ingress_max_ongoing_requests: int = Field(256, ge=1)  # in flight per ingress (HTTP) replica
     max_styles_per_replica: int = Field(4, ge=1)  # style models kept loaded per replica (LRU eviction)
     num_cpus_per_replica: float = Field(0.25, ge=0)  # CPU reservation of each replica (small: fits a laptop Ray)
@@ -82,6 +87,36 @@ class ServeArgs(Section):
         if not self.models and not self.style_root:
             raise ValueError("models: give at least one model (name: checkpoint), or a style_root")
         return self
+
+    @model_validator(mode="after")
+    def _queues(self) -> "ServeArgs":
+        target = self.autoscaling.target_ongoing_requests
+        if self.max_ongoing_requests is not None and target is not None and self.max_ongoing_requests < target:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                             f"autoscaling.target_ongoing_requests ({target:g}); Ray suggests ~20-50 % above it")
+        return self
+
+    @property
+    def model_target(self) -> float:
+        """target_ongoing_requests of every model deployment."""
+        return self.autoscaling.target_ongoing_requests or float(self.max_batch_size)
+
+    @property
+    def model_max_ongoing(self) -> int:
+        return self.max_ongoing_requests or max(1, math.ceil(1.25 * self.model_target))
+
+    def model_autoscaling(self) -> dict:
+        return {**self.autoscaling.model_dump(), "target_ongoing_requests": self.model_target}
+
+    def ingress_autoscaling(self) -> dict:
+        target = max(1.0, 0.8 * self.ingress_max_ongoing_requests)
+        return {**self.autoscaling.model_dump(), "target_ongoing_requests": target}
+
+    def batch_config(self) -> dict:
+        """The model deployments' user_config: batch parameters, applied in their reconfigure() (and changeable
+        in a running app by editing user_config in the Serve config, without restarting replicas)."""
+        return {"max_batch_size": self.max_batch_size, "max_batch_images": self.max_batch_images,
+                "batch_wait_timeout_s": self.batch_wait_timeout_s}
 
     @property
     def threads(self) -> int:

@@ -3,7 +3,8 @@
 Generators and critics are few and hot, so each gets its own replicas, autoscaling and batch queue (never a
 cold load on the request path, batches never mix models). Styles are many and long-tailed: one deployment
 loads them on demand by name (`@serve.multiplexed`, LRU-evicted), so a new style is a new checkpoint, not a
-new deployment. Options (replicas, queues, CPUs) are set by `genart.serve.app.build` with `.options()`.
+new deployment. Options (replicas, queues, CPUs) are set by `genart.serve.app.build` with `.options()`; batch
+parameters arrive as user_config and are applied in `reconfigure`, as Ray's batching guide does.
 """
 
 from __future__ import annotations
@@ -41,23 +42,11 @@ def _images_in(jobs: list[GenerateJob]) -> int:
     return sum(job.size for job in jobs)
 
 
-class _Batcher:
-    """Calls a @serve.batch method, without the batch wait when the request is alone in the replica: nothing
-    would join its batch, so waiting would only add latency. Under load the configured wait fills batches."""
-
-    def __init__(self, batch_method, settings: ServeArgs, max_batch_size: int):
-        self.method = batch_method
-        self.wait_s = settings.batch_wait_timeout_s
-        self.inflight = 0
-        batch_method.set_max_batch_size(max_batch_size)
-
-    async def __call__(self, item):
-        self.inflight += 1
-        try:
-            self.method.set_batch_wait_timeout_s(self.wait_s if self.inflight > 1 else 0.0)
-            return await self.method(item)
-        finally:
-            self.inflight -= 1
+def _configure_batch(batch_method, user_config: dict) -> None:
+    """Apply ServeArgs.batch_config() to a @serve.batch method: once per replica start and per config update,
+    never per request (the method's queue is shared by every request in the replica)."""
+    batch_method.set_max_batch_size(int(user_config["max_batch_size"]))
+    batch_method.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
 
 @serve.deployment
@@ -70,15 +59,20 @@ class GenerativeModel:
 
         self.model = _load(checkpoint, generative_families(), settings)
         self.batching = settings.batching
-        self._batched = _Batcher(self._generate_batch, settings, settings.max_batch_images)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """ServeArgs.batch_config(): here max_batch_size counts images (batch_size_fn), not requests. (Serve
+        then warns once that it exceeds max_ongoing_requests; it compares images with requests.)"""
+        self._generate_batch.set_max_batch_size(int(user_config["max_batch_images"]))
+        self._generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def generate(self, job: GenerateJob) -> np.ndarray:
         """(n, H, W, 3) uint8 for one request."""
         if self.batching:
-            return await self._batched(job)
+            return await self._generate_batch(job)
         return (await asyncio.to_thread(runners.generate, self.model, [job]))[0]
 
-    # max_batch_size counts images (batch_size_fn), set from the args in __init__
+    # max_batch_size counts images (batch_size_fn); both values are replaced in reconfigure()
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
     async def _generate_batch(self, jobs: list[GenerateJob]) -> list[np.ndarray]:
         # in a thread: the replica keeps queueing the next batch while this one computes
@@ -101,13 +95,15 @@ class CriticModel:
     def __init__(self, checkpoint: str, settings: ServeArgs):
         self.model = _load(checkpoint, "critic", settings)
         self.batching = settings.batching
-        self._batched = _Batcher(self._classify_batch, settings, settings.max_batch_size)
+
+    def reconfigure(self, user_config: dict) -> None:
+        _configure_batch(self._classify_batch, user_config)
 
     async def classify(self, image: np.ndarray) -> list[float]:
         """(H, W, 3) uint8 -> K probabilities, in label_names order."""
         x = runners.critic_input(image, self.model.image_size)  # (3, S, S): same shape for every request
         if self.batching:
-            return await self._batched(x)
+            return await self._classify_batch(x)
         return (await asyncio.to_thread(runners.classify, self.model, [x]))[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -135,7 +131,9 @@ class StyleModels:
         # wired at init (not as a class decorator) so the LRU size comes from the args; Serve takes a plain
         # function here (it keeps its model cache as an attribute of the function it wraps)
         self._get_model = serve.multiplexed(max_num_models_per_replica=settings.max_styles_per_replica)(load_style)
-        self._batched = _Batcher(self._stylize_batch, settings, settings.max_batch_size)
+
+    def reconfigure(self, user_config: dict) -> None:
+        _configure_batch(self._stylize_batch, user_config)
 
     def uri_of(self, name: str) -> str:
         if name in self.styles:
@@ -147,7 +145,7 @@ class StyleModels:
     async def stylize(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> stylized (H, W, 3) uint8 with the style named by the multiplexed model id."""
         if self.batching:
-            return await self._batched(image)
+            return await self._stylize_batch(image)
         model = await self._get_model(serve.get_multiplexed_model_id())
         return (await asyncio.to_thread(runners.stylize, model, [image]))[0]
 

@@ -1,8 +1,9 @@
 """The one `train_loop_per_worker` every model family trains with (Ray Train V2 + DDP); the family supplies the nets
 and the step, this file supplies data, resume, metrics, checkpoints, samples and validation.
 
-Every worker calls `ray.train.report` at the same steps (V2 requires it: report is a barrier). Rank 0 alone
-saves the checkpoint and writes the run files (genart.train.outputs); the others report checkpoint=None.
+Every worker calls `ray.train.report` at the same steps, the checkpoint steps only (V2 requires it: report is a
+barrier, and costs seconds). Rank 0 alone saves the checkpoint and writes the run files (genart.train.outputs),
+log rows included; the others report checkpoint=None.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # Intra-op threads = this worker's CPUs, explicitly: Ray's OMP_NUM_THREADS default is skipped whenever the
+    # driver's environment already sets it, and it may land after torch has sized its pool.
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     # Same seed on every rank: nets that DDP does not broadcast (EMA copies, loss networks) start identical.
     set_seed(cfg.train.seed)
@@ -93,13 +97,17 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         # Every rank's RNG streams go into the checkpoint, so a resumed rank draws the noise it would have drawn.
         rng_ranks = _gather_rng(world) if at_checkpoint else None
+        # means() is a collective too: every rank reaches it at the same steps (steps count alike everywhere).
         row = {"step": step, **window.means(world), "images_per_s": window.rate(cfg.data.batch_size * world), "start_step": start_step}
         if not at_checkpoint:
-            ray.train.report(row)
+            # Log rows go to metrics.jsonl and the progress line only, not through ray.train.report: a report
+            # costs ~2 s here (a cross-rank barrier through Ray actors), which at every log step cost 40 % of
+            # the throughput (bench/bench_train.py).
             if rank == 0:
                 _log(files, row, cfg, flush=not storage.is_s3(run_dir))
         elif rank != 0:
-            # report is a barrier in Train V2: every rank reports at the same steps; only rank 0 carries the files.
+            # report is a barrier in Train V2: every rank must call it the same number of times, at the same steps.
+            # All ranks report exactly once per checkpoint step and nowhere else; only rank 0 carries the files.
             ray.train.report(row, checkpoint=None, checkpoint_dir_name=outputs.checkpoint_name(step))
         else:
             meta = {"family": cfg.model.family, "config": cfg.model_dump(mode="json"), "image_size": image_size,
