@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,12 @@ import time
 from pathlib import Path
 
 import ray_procs
+from helpers import free_port
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 START_TIMEOUT_S = 180
 NODE_START_ATTEMPTS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 # Quiet, deterministic, CPU-only defaults for every test process and the Ray workers it starts.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -16,18 +16,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1, with the standard AWS variables pointing at it (as users set for MinIO)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -18,17 +18,10 @@ from genart.data.palette import fit_palette, from_tokens, grid_palette, kmeans, 
 from genart.errors import UserError
 from genart.models.autoregressive import sample_tokens, uniforms
 from genart.models.common import set_seed
+from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 FAMILY = models.REGISTRY["autoregressive"]
 BACKBONES = ["transformer", "lstm"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_net(backbone: str, size: int = 8, labels: int = 3, **extra):

@@ -22,30 +22,19 @@ from genart import models, storage
 from genart.cli import main
 from genart.data import images
 from genart.infer import RunOptions, generate, naming, score, stylize, tiling
-from genart.models import REGISTRY
-from genart.models.checkpoint import save_checkpoint
+from helpers import tiny_checkpoint
 
 PHOTO = os.path.join(os.path.dirname(__file__), "..", "genart", "assets", "photos", "figures.jpg")
 SIZES = [(40, 30), (30, 52), (64, 64), (90, 20), (17, 33)]  # (width, height): several sizes and aspect ratios
-
-
-def _checkpoint(folder, family: str, image_size: int, labels=(), **cfg_kw) -> str:
-    fam = REGISTRY[family]
-    cfg = fam.config_cls(**cfg_kw)
-    torch.manual_seed(0)
-    nets = fam.build(cfg, image_size, len(labels), inference=True)
-    save_checkpoint(str(folder), nets, {}, {"family": family, "step": 1, "config": cfg.model_dump(),
-                                            "image_size": image_size, "label_names": list(labels)})
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     return {
-        "style": _checkpoint(root / "style", "style", 32, channels=4, num_res_blocks=1),
-        "dcgan": _checkpoint(root / "dcgan", "dcgan", 16, ("a", "b", "c"), base_channels=8, latent_dim=16, conditional=True),
-        "critic": _checkpoint(root / "critic", "critic", 16, ("cats", "dogs"), base_channels=4, num_stages=2),
+        "style": tiny_checkpoint(root / "style", "style", 32, channels=4, num_res_blocks=1),
+        "dcgan": tiny_checkpoint(root / "dcgan", "dcgan", 16, ("a", "b", "c"), base_channels=8, latent_dim=16, conditional=True),
+        "critic": tiny_checkpoint(root / "critic", "critic", 16, ("cats", "dogs"), base_channels=4, num_stages=2),
     }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,12 @@ import requests
 
 from genart import jobs
 from genart.errors import UserError
+from helpers import free_port
 
 BIN = Path(sys.executable).parent
 GENART = str(BIN / "genart")
 RAY = str(BIN / "ray")
 HEAD_START_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(**extra: str) -> dict:
@@ -74,11 +68,11 @@ def head(tmp_path_factory):
     assert token_file.read_text().strip()
     # Short private temp dir: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="genart-head-", dir="/tmp")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     command = [
-        RAY, "start", "--head", "--block", f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
+        RAY, "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
         "--disable-usage-stats",
     ]
     # No 30 s node drain on SIGTERM: nothing here needs a graceful Serve hand-over.
@@ -277,7 +271,7 @@ def test_unknown_job_id_is_one_clear_line(head):
 
 
 def test_unreachable_address_is_one_clear_line(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = genart("jobs", "list", "--address", url, env=_clean_env(HOME=str(tmp_path)))
     assert result.returncode == 2
     expected = f"genart: error: cannot reach Ray at {url}: is the head running? is --address right?"

@@ -8,18 +8,13 @@ import collections
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from genart import models
 from genart.models.checkpoint import restore_training, rng_state, save_checkpoint
 from genart.models.common import recalibrate_batchnorm
 from genart.train.augment import augment_batch, diff_augment
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    torch.set_num_threads(1)
+from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 # ---------------------------------------------------------------- 1. data order

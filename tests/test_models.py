@@ -21,15 +21,7 @@ from genart.config import Section
 from genart.errors import UserError
 from genart.models.checkpoint import checkpoint_hash, load_checkpoint, restore_training, save_checkpoint
 from genart.models.common import latent, latents, set_seed, truncate
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets on a busy 2-core machine: two OpenMP threads spin against other processes and run ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 # Tiny settings per family: (config overrides, image_size, num_labels). A family missing here is still tested,

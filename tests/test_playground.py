@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 KEY_ENV = "GENART_TEST_PLAYGROUND_KEY"
 SCREENSHOT_DIR = Path(os.environ.get("GENART_SCREENSHOT_DIR", "")) if os.environ.get("GENART_SCREENSHOT_DIR") else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def page_app(ray_session, tmp_path_factory):
     from genart.serve.tiny import make_tiny_checkpoints
 
     models = make_tiny_checkpoints(str(tmp_path_factory.mktemp("playground-models")), critic_steps=10)
-    host, port = start_http("127.0.0.1", _free_port())
+    host, port = start_http("127.0.0.1", free_port())
     name, key = "t-play", secrets.token_urlsafe(16)
     os.environ[KEY_ENV] = key
     try:

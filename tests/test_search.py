@@ -23,18 +23,9 @@ from genart.models import REGISTRY
 from genart.models.checkpoint import save_checkpoint
 from genart.search.index import build_index
 from genart.search.query import SearchIndex
+from helpers import tiny_checkpoint
 
 GENRES = ("stripes", "grid", "noise", "gradient")  # synth's genres but circles (see `critic`)
-
-
-def _checkpoint(folder, family: str, image_size: int, labels=(), **cfg_kw) -> str:
-    fam = REGISTRY[family]
-    cfg = fam.config_cls(**cfg_kw)
-    torch.manual_seed(0)
-    nets = fam.build(cfg, image_size, len(labels), inference=True)
-    save_checkpoint(str(folder), nets, {}, {"family": family, "step": 1, "config": cfg.model_dump(),
-                                            "image_size": image_size, "label_names": list(labels)})
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def critic(tmp_path_factory):
     # tell most pictures apart, but not all: synth's "circles" (overlapping discs of similar colours) collide in
     # them (measured: a third of their 2x copies not first), a limit of untrained features, so they are left out.
     root = tmp_path_factory.mktemp("critic")
-    return _checkpoint(root / "critic", "critic", 32, ("a", "b"), base_channels=32, num_stages=3, embed_dim=128)
+    return tiny_checkpoint(root / "critic", "critic", 32, ("a", "b"), base_channels=32, num_stages=3, embed_dim=128)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +125,7 @@ def test_index_similar_recommend_and_incremental(tmp_path, art, critic, ray_sess
     assert SearchIndex.open(out).size == len(meta) + 7
 
     # a different feature model is refused on the same index
-    other = _checkpoint(tmp_path / "critic2", "critic", 32, ("a", "b"), base_channels=4, num_stages=2, embed_dim=32)
+    other = tiny_checkpoint(tmp_path / "critic2", "critic", 32, ("a", "b"), base_channels=4, num_stages=2, embed_dim=32)
     result = CliRunner().invoke(main, ["index", "--input", src, "--output", out, "--features", f"critic:{other}"])
     assert result.exit_code == 2 and "another input or feature model" in result.output
 

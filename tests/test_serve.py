@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from genart.errors import UserError
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GENART = str(Path(sys.executable).parent / "genart")  # the installed console script
@@ -33,12 +34,6 @@ MAX_PIXELS = 200 * 200
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(width: int, height: int, color=(200, 40, 40)) -> bytes:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ray_procs  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 GENART = str(Path(sys.executable).parent / "genart")
 START_TIMEOUT_S = 240  # the box is shared and often loaded
 STOP_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ class Command:
 
 
 def test_serve_sigterm_drains_removes_the_app_and_exits_zero(style_model, tmp_path):
-    port = _free_port()
+    port = free_port()
     cmd = Command(["serve", "--model", f"starry={style_model}", "--port", str(port)], tmp_path / "serve.log")
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -16,7 +16,8 @@ from genart.cli import main
 from genart.errors import UserError
 from genart.infer import RunOptions, stages
 from genart.infer.jobs import parse_concurrency
-from test_infer import _checkpoint, _encode, _outputs, _picture, _write_tree
+from helpers import tiny_checkpoint
+from test_infer import _encode, _outputs, _picture, _write_tree
 
 # several sizes, each more than once, plus one image larger than the tile (48 px): it goes through tiling
 SIZES = [(40, 30), (40, 30), (30, 52), (64, 40), (30, 52), (40, 30), (17, 33), (64, 40)]
@@ -24,7 +25,7 @@ SIZES = [(40, 30), (40, 30), (30, 52), (64, 40), (30, 52), (40, 30), (17, 33), (
 
 @pytest.fixture(scope="module")
 def style_ckpt(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "style", "style", 32, channels=8, num_res_blocks=1)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "style", "style", 32, channels=8, num_res_blocks=1)
 
 
 def _rows(sizes) -> pa.Table:
@@ -95,7 +96,6 @@ def test_stylize_cli_with_an_autoscaling_pool(tmp_path, style_ckpt, ray_session)
     bad = CliRunner().invoke(main, ["stylize", "--model", style_ckpt, "--input", str(src), "--output", str(tmp_path / "x"),
                                     "--concurrency", "3-1"])
     assert bad.exit_code == 2 and "--concurrency 3-1" in bad.output
-
 
 
 class _Terminal(io.StringIO):

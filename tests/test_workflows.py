@@ -11,7 +11,6 @@ import importlib.util
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -32,12 +32,6 @@ def load_workflow(name: str):
     sys.modules[spec.name] = module  # pydantic resolves the configs' annotations through sys.modules
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_png(data: bytes) -> tuple[int, int]:
