@@ -267,7 +267,9 @@ def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path):
     torch.manual_seed(0)
     untrained = family.inference(cfg.model, family.build(cfg.model, 32, 5, inference=True), {"image_size": 32, "step": 0})
     untrained_error = float((untrained.reconstruct(x) - x).pow(2).mean())
-    assert trained_error < 0.7 * untrained_error, (trained_error, untrained_error)
+    # The untrained decoder's output follows |z| (no GroupNorm), so it draws a near-constant mid-grey picture: a
+    # stronger baseline than the full-contrast noise a normalised decoder made (trained 0.076 vs 0.103 measured)
+    assert trained_error < 0.85 * untrained_error, (trained_error, untrained_error)
     assert vae.sample([1, 2]).shape == (2, 3, 32, 32)
 
 
@@ -279,7 +281,7 @@ def test_dcgan_survives_a_killed_worker(dataset, tmp_path, ray_session):
     run_dir = storage.join(cfg.run.storage, cfg.run_name)
     killed: dict = {}
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, 40, killed, stop), daemon=True)
+    killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, 40, killed, stop, "step-000030"), daemon=True)
     killer.start()
     try:
         summary = train(cfg)
@@ -319,16 +321,20 @@ def _critic_checkpoint(folder: str) -> str:
     return folder
 
 
-def _kill_a_worker_after(run_dir: str, step: int, killed: dict, stop: threading.Event) -> None:
-    """SIGKILL one Ray Train worker of this session's cluster once metrics.jsonl reaches `step`."""
+def _kill_a_worker_after(run_dir: str, step: int, killed: dict, stop: threading.Event, registered: str) -> None:
+    """SIGKILL one Ray Train worker of this session's cluster once metrics.jsonl reaches `step` and Ray's controller
+    has registered checkpoint `registered`. (report() returns once the checkpoint is uploaded; the controller takes
+    it in when it next polls the workers, so a kill within that poll interval restarts from the one before.)"""
     import ray._private.state as ray_state  # the GCS actor table: works without the dashboard's state API
 
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
     while not stop.is_set():
         try:
             rows = outputs.read_metrics(run_dir)
+            known = os.path.exists(snapshot) and registered in open(snapshot).read()
         except (ValueError, OSError):
-            rows = []
-        if rows and rows[-1]["step"] >= step:
+            rows, known = [], False
+        if rows and rows[-1]["step"] >= step and known:
             pids = sorted(a["Pid"] for a in ray_state.actors().values()
                           if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE")
             if pids:

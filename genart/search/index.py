@@ -207,6 +207,14 @@ def _done_sources(out: str) -> set[str]:
     return done
 
 
+def _pool(run):
+    """--concurrency N or MIN-MAX -> Ray Data's (autoscaling) actor pool, as the other batch jobs do."""
+    import ray
+
+    low, high = run.pool_size
+    return ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+
+
 def build_index(src: str, out: str, features: str = "inception", inception_weights: str | None = None,
                 nn: str = "auto", max_pixels: int = images.DEFAULT_MAX_PIXELS, run=None) -> dict:
     """Embed every image under `src` (what is not embedded yet) and (re)build the index at `out`."""
@@ -240,13 +248,13 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
             threads = max(1, int(run.cpus_per_worker))
             ds = ds.map_batches(
                 Embedder, batch_size=run.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=run.concurrency),
+                compute=_pool(run),
                 num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
                 fn_constructor_kwargs=dict(features=spec.text, size=size, threads=threads,
                                            use_gpu=run.gpus_per_worker > 0),
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
             ds = ds.map_batches(write_batch, batch_size=256, batch_format="pyarrow", fn_kwargs={"out": out})
-            _drain(ds, tally)
+            _drain(ds, tally, output.Progress("index", len(planned) - len(done), run.progress))
     embedded = len(done) + tally.written
     if embedded + tally.errors != plan.num_inputs:
         raise RuntimeError(f"index lost track of inputs: {plan.num_inputs} planned, {embedded} embedded, {tally.errors} errors")
