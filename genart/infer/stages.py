@@ -31,6 +31,11 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+def decode_error(exc: BaseException) -> str:
+    """The one-line reason an input is rejected: a validation Reject's own reason, or what decoding raised."""
+    return exc.reason if isinstance(exc, images.Reject) else f"decode failed: {_short(exc)}"
+
+
 def _get_cached(ref):
     """ray.get once per worker process (the done-set of a resumed run can be large)."""
     import ray
@@ -62,10 +67,8 @@ def decode_batch(batch: pa.Table, ext: str | None, renames: dict, skip_ref, max_
             try:
                 img = images.cap_side(images.decode_image(rec["data"], max_pixels), max_side)
                 row.update(width=img.width, height=img.height, pixels=img.tobytes())
-            except images.Reject as rej:
-                row["error"] = rej.reason
             except Exception as exc:  # noqa: BLE001 - one odd image must never stop the job
-                row["error"] = f"decode failed: {_short(exc)}"
+                row["error"] = decode_error(exc)
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 

@@ -69,10 +69,8 @@ def decode_batch(batch: pa.Table, size: int, skip_ref, max_pixels: int) -> pa.Ta
                 img = images.decode_image(rec["data"], max_pixels)
                 row.update(id=images.pixel_sha256(img)[:16], width=img.width, height=img.height,
                            pixels=square_pixels(img, size).tobytes(), thumbnail=thumbnail(img))
-            except images.Reject as rej:
-                row["error"] = rej.reason
             except Exception as exc:  # noqa: BLE001 - one odd image must never stop the job
-                row["error"] = f"decode failed: {stages._short(exc)}"
+                row["error"] = stages.decode_error(exc)
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
