@@ -277,7 +277,8 @@ def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path):
 def test_dcgan_survives_a_killed_worker(dataset, tmp_path, ray_session):
     """Fit 4: a worker process is SIGKILLed mid-run; FailureConfig restarts the workers from the last checkpoint."""
     cfg = make_cfg("dcgan", dataset, str(tmp_path / "runs"), "dcgan", model={"lr_g": 1e-3, "lr_d": 1e-3},
-                   train={"max_steps": 120, "checkpoint_every_steps": 30, "log_every_steps": 5}, run={"max_failures": 2})
+                   train={"max_steps": 120, "checkpoint_every_steps": 30, "log_every_steps": 5, "keep_last": 10},
+                   run={"max_failures": 2})  # keep_last: retention has its own test; here every checkpoint must stay
     run_dir = storage.join(cfg.run.storage, cfg.run_name)
     killed: dict = {}
     stop = threading.Event()
