@@ -25,6 +25,7 @@ from genart.errors import UserError
 from genart.models.common import (
     GenerativeLoaded,
     Precision,
+    check_conditional,
     check_images01,
     check_size,
     device_of,
@@ -274,8 +275,7 @@ class AutoregressiveFamily:
 
     def build(self, cfg: AutoregressiveConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
-        if cfg.conditional and num_labels < 2:
-            raise UserError("model.conditional=true needs a labelled dataset with at least 2 classes (one folder per class)")
+        check_conditional(cfg.conditional, num_labels)
         if cfg.backbone == "transformer" and cfg.embed_dim % cfg.num_heads:
             raise UserError(f"model.embed_dim {cfg.embed_dim} must be divisible by model.num_heads {cfg.num_heads}")
         net = TokenModel(cfg, image_size, num_labels)

@@ -224,6 +224,13 @@ def finite(metrics: dict[str, float], where: str) -> dict[str, float]:
     return metrics
 
 
+def check_conditional(conditional: bool, num_labels: int) -> None:
+    """A class-conditional model needs at least 2 labels in its data: else one clear line saying what to do."""
+    if conditional and num_labels < 2:
+        raise UserError("model.conditional=true needs a labelled dataset with at least 2 classes (one folder per class); "
+                        "for unlabelled images use --set model.conditional=false")
+
+
 def labels_of(batch: dict[str, torch.Tensor], required: bool) -> torch.Tensor | None:
     """batch["label"] (B,) int64, or None if absent; a -1 (unlabelled) where labels are required is a UserError."""
     if not required:

@@ -24,6 +24,7 @@ from genart.train.augment import diff_augment
 from genart.models.common import (
     GenerativeLoaded,
     Precision,
+    check_conditional,
     check_size,
     device_of,
     eval_mode,
@@ -33,8 +34,8 @@ from genart.models.common import (
     latents,
     make_grid,
     meta_from_state,
-    unwrap,
     recalibrate_batchnorm,
+    unwrap,
     update_ema,
 )
 
@@ -50,6 +51,13 @@ class DCGANConfig(Section):
     spectral_norm: bool = False  # spectral norm on D's layers (and no BatchNorm in D): steadier, esp. with hinge
     conditional: bool = False  # class-conditional on the dataset's labels (label embedding in G, projection in D)
     label_embed_dim: int = Field(32, ge=1)  # size of G's label embedding, concatenated to z
+    # AC-GAN term (Odena et al. 2017), conditional only: D also names the genre of real images (cross-entropy), and G
+    # is trained so that D names its fakes' labels. The projection term alone lets G ignore labels for thousands of
+    # steps; this gradient makes each label draw its own genre early. 0 = off.
+    class_weight: float = Field(0.0, ge=0)
+    # Conditional only: every BatchNorm of G gets a scale and shift per genre (conditional BatchNorm, de Vries et al.
+    # 2017, as in SNGAN and BigGAN), so the label steers each layer, not only the input vector.
+    class_norm: bool = False
     # DiffAugment policy: the same differentiable transforms on real and generated images before D (Zhao et al.
     # 2020). Small datasets otherwise let D memorise the real images within a few hundred steps. [] = off.
     diff_augment: list[Literal["color", "translation", "cutout"]] = ["color", "translation", "cutout"]
@@ -78,9 +86,29 @@ def _init(module: nn.Module) -> None:
             nn.init.normal_(weight, 0.0, 0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+    for m in module.modules():  # after the loop above, which gave their embeddings N(0, 0.02)
+        if isinstance(m, ClassBatchNorm):
+            m.reset_parameters()
+
+
+class ClassBatchNorm(nn.Module):
+    """BatchNorm whose affine scale and shift are looked up by label: (B, C, H, W), (B,) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, num_labels: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.scale = nn.Embedding(num_labels, channels)
+        self.shift = nn.Embedding(num_labels, channels)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.scale.weight, 1.0, 0.02)  # the DCGAN init of a BatchNorm's gamma, per genre
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.scale(labels)[:, :, None, None] + self.shift(labels)[:, :, None, None]
 
 
 class Generator(nn.Module):
@@ -92,10 +120,11 @@ class Generator(nn.Module):
         self.embed = nn.Embedding(num_labels, cfg.label_embed_dim) if cfg.conditional else None
         in_dim = cfg.latent_dim + (cfg.label_embed_dim if cfg.conditional else 0)
         ch = _channels(cfg, levels - 1)
-        layers: list[nn.Module] = [nn.ConvTranspose2d(in_dim, ch, 4, 1, 0, bias=False), nn.BatchNorm2d(ch), nn.ReLU(True)]
+        norm = (lambda c: ClassBatchNorm(c, num_labels)) if cfg.conditional and cfg.class_norm else nn.BatchNorm2d
+        layers: list[nn.Module] = [nn.ConvTranspose2d(in_dim, ch, 4, 1, 0, bias=False), norm(ch), nn.ReLU(True)]
         for level in range(levels - 2, -1, -1):  # (B, ch, s, s) -> (B, ch', 2s, 2s)
             out = _channels(cfg, level)
-            layers += [nn.ConvTranspose2d(ch, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(ch, out, 4, 2, 1, bias=False), norm(out), nn.ReLU(True)]
             ch = out
         layers += [nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -104,7 +133,10 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
             z = torch.cat([z, self.embed(labels)], dim=1)  # (B, latent + embed)
-        return self.net(z[:, :, None, None])  # (B, 3, S, S)
+        h = z[:, :, None, None]
+        for layer in self.net:  # (B, in, 1, 1) -> (B, 3, S, S)
+            h = layer(h, labels) if isinstance(layer, ClassBatchNorm) else layer(h)
+        return h
 
 
 class Discriminator(nn.Module):
@@ -125,14 +157,19 @@ class Discriminator(nn.Module):
         ch = _channels(cfg, levels - 1)
         self.head = sn(nn.Conv2d(ch, 1, 4, 1, 0))  # (B, 1, 1, 1)
         self.project = sn(nn.Embedding(num_labels, ch)) if cfg.conditional else None  # Miyato & Koyama 2018
+        self.classify = nn.Linear(ch, num_labels) if cfg.conditional and cfg.class_weight > 0 else None  # AC-GAN
         _init(self)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> real/fake logits (B,), and genre logits (B, L) when the AC-GAN head is on, else None.
+
+        Both come out of forward (not a second method) so that DDP sees every parameter used in one call."""
         h = self.features(x)  # (B, C, 4, 4)
         out = self.head(h).flatten()  # (B,)
+        pooled = h.sum(dim=(2, 3))  # (B, C)
         if self.project is not None:
-            out = out + (self.project(labels) * h.sum(dim=(2, 3))).sum(dim=1)
-        return out
+            out = out + (self.project(labels) * pooled).sum(dim=1)
+        return out, None if self.classify is None else self.classify(pooled / h[0, 0].numel())
 
 
 def _losses(kind: str, real_logits: torch.Tensor | None, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -185,8 +222,9 @@ class DCGANFamily:
 
     def build(self, cfg: DCGANConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
-        if cfg.conditional and num_labels < 2:
-            raise UserError("model.conditional=true needs a labelled dataset with at least 2 classes (one folder per class)")
+        check_conditional(cfg.conditional, num_labels)
+        if cfg.class_weight > 0 and not cfg.conditional:
+            raise UserError("model.class_weight > 0 is the AC-GAN term of a class-conditional DCGAN: set model.conditional=true")
         num_labels = max(num_labels, 1)
         generator = Generator(cfg, image_size, num_labels)
         ema = copy.deepcopy(generator).eval().requires_grad_(False)
@@ -219,15 +257,20 @@ class DCGANFamily:
         policy = tuple(cfg.diff_augment)
         with precision.autocast():
             fake = gen(z, labels)  # (B, 3, H, W)
-            real_logits = disc(diff_augment(real, policy), labels)
-            fake_logits = disc(diff_augment(fake.detach(), policy), labels)
+            real_logits, real_classes = disc(diff_augment(real, policy), labels)
+            fake_logits, _ = disc(diff_augment(fake.detach(), policy), labels)
             loss_d = _losses(cfg.loss, real_logits, fake_logits)
+            if real_classes is not None:  # D learns the genres from real images only (fakes would teach it G's errors)
+                loss_d = loss_d + cfg.class_weight * F.cross_entropy(real_classes.float(), labels)
         opts["discriminator"].zero_grad(set_to_none=True)
         precision.step("discriminator", loss_d, opts["discriminator"])
 
         # generator: gradients flow through a frozen D
         with frozen(disc), precision.autocast():
-            loss_g = _losses(cfg.loss, None, disc(diff_augment(fake, policy), labels))
+            g_logits, g_classes = disc(diff_augment(fake, policy), labels)
+            loss_g = _losses(cfg.loss, None, g_logits)
+            if g_classes is not None:
+                loss_g = loss_g + cfg.class_weight * F.cross_entropy(g_classes.float(), labels)
         opts["generator"].zero_grad(set_to_none=True)
         precision.step("generator", loss_g, opts["generator"])
 

@@ -18,11 +18,13 @@ from genart.config import Section
 from genart.models.common import (
     GenerativeLoaded,
     Precision,
+    check_conditional,
     check_images01,
     check_size,
     device_of,
     eval_mode,
     finite,
+    labels_of,
     latents,
     make_grid,
     meta_from_state,
@@ -49,6 +51,10 @@ class VAEConfig(Section):
     # middling pictures. group: GroupNorm after each up-convolution (the old default) divides that size away: every
     # z, even 0, decodes at full contrast, so prior samples came out over-saturated (bench_quality: see README).
     decoder_norm: Literal["none", "group"] = "none"
+    # Class-conditional prior p(z | genre) = N(m_genre, I), one learned mean per label (encoder and decoder unchanged):
+    # samples are drawn around their genre's mean, so every genre is drawn, while reconstruction needs no label.
+    # Under a single N(0, I) prior the genres' codes overlap and prior samples fall between them (mostly "noise").
+    conditional: bool = False
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     num_samples: int = Field(32, ge=2)  # images in the grid written at each checkpoint (half recons, half samples)
@@ -64,9 +70,9 @@ def _norm(ch: int) -> nn.GroupNorm:
 
 
 class VAE(nn.Module):
-    """forward(x (B, 3, S, S) in [-1, 1]) -> (x_hat (B, 3, S, S) in [-1, 1], mu (B, D), logvar (B, D))."""
+    """forward(x (B, 3, S, S) in [-1, 1], labels) -> (x_hat (B, 3, S, S) in [-1, 1], mu, logvar, prior mean (B, D))."""
 
-    def __init__(self, cfg: VAEConfig, image_size: int):
+    def __init__(self, cfg: VAEConfig, image_size: int, num_labels: int = 1):
         super().__init__()
         self.levels = int(math.log2(image_size // 4))  # halvings down to 4x4
         enc: list[nn.Module] = []
@@ -87,6 +93,13 @@ class VAE(nn.Module):
             cin = cout
         dec += [nn.ConvTranspose2d(cin, 3, 4, 2, 1), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
+        self.prior = nn.Embedding(num_labels, cfg.latent_dim) if cfg.conditional else None  # m_genre, from 0
+        if self.prior is not None:
+            nn.init.zeros_(self.prior.weight)
+
+    def prior_mean(self, labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The prior's mean for each label (B, D): zeros for an unconditional VAE."""
+        return torch.zeros_like(like) if self.prior is None or labels is None else self.prior(labels).to(like.dtype)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)  # (B, D) each
@@ -96,17 +109,21 @@ class VAE(nn.Module):
         h = self.from_latent(z).view(-1, self.top, 4, 4)  # (B, C, 4, 4)
         return self.decoder(h)  # (B, 3, S, S)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation
-        return self.decode(z), mu, logvar
+        return self.decode(z), mu, logvar, self.prior_mean(labels, mu)  # the prior inside forward: DDP sees it used
 
 
-def _loss_terms(cfg: VAEConfig, x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+def _loss_terms(cfg: VAEConfig, x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                prior: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Negative ELBO per image (averaged over the batch) and its parts, for a Gaussian decoder on [-1, 1] pixels.
 
     nll = sum over pixels of err^2 / (2 s^2) + log s (+ a constant), s = 2 sigma (sigma is in [0, 1] units).
+    The KL is to N(prior, I) (prior = 0 unless conditional): the usual formula with mu - prior.
     """
+    if prior is not None:
+        mu = mu - prior
     err2 = (x_hat.float() - x.float()).pow(2)  # (B, 3, H, W)
     mse = err2.mean()
     pixels = err2[0].numel()
@@ -125,10 +142,11 @@ class VAELoaded(GenerativeLoaded):
     def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: VAEConfig):
         super().__init__({"vae": nets["vae"]}, meta, checkpoint_hash)
         self.latent_dim = cfg.latent_dim
-        self.conditional = False
+        self.conditional = cfg.conditional
 
     def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.nets["vae"].decode(z)
+        vae = self.nets["vae"]  # truncation has scaled z: the noise around the genre's mean
+        return vae.decode(z + vae.prior_mean(labels, z))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +176,8 @@ class VAEFamily:
 
     def build(self, cfg: VAEConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
-        return {"vae": VAE(cfg, image_size)}
+        check_conditional(cfg.conditional, num_labels)
+        return {"vae": VAE(cfg, image_size, max(num_labels, 1))}
 
     def trainable(self) -> tuple[str, ...]:
         return ("vae",)
@@ -173,9 +192,10 @@ class VAEFamily:
         vae = nets["vae"]
         vae.train()
         x = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        labels = labels_of(batch, required=cfg.conditional)  # (B,) or None
         with precision.autocast():
-            x_hat, mu, logvar = vae(x)
-        terms = _loss_terms(cfg, x, x_hat, mu, logvar)  # negative ELBO per image, and its parts
+            x_hat, mu, logvar, prior = vae(x, labels)
+        terms = _loss_terms(cfg, x, x_hat, mu, logvar, prior)  # negative ELBO per image, and its parts
         opts["vae"].zero_grad(set_to_none=True)
         precision.step("vae", terms["loss"], opts["vae"])
         return finite({k: terms[k].item() for k in ("loss", "recon_mse", "kl", "sigma")}, "vae")
@@ -193,9 +213,10 @@ class VAEFamily:
         with eval_mode(vae):
             for batch in batches:
                 x = batch["image"].to(device).float()
+                labels = batch["label"].to(device).long() if cfg.conditional else None
                 mu, logvar = vae.encode(x)
                 z = mu + torch.randn(mu.shape, generator=g, device=device) * torch.exp(0.5 * logvar)
-                terms = _loss_terms(cfg, x, vae.decode(z), mu, logvar)
+                terms = _loss_terms(cfg, x, vae.decode(z), mu, logvar, vae.prior_mean(labels, mu))
                 mean_mse = (vae.decode(mu) - x).pow(2).mean()
                 n = len(x)
                 totals["loss"] += terms["loss"].item() * n
@@ -206,7 +227,10 @@ class VAEFamily:
 
     def fixed_inputs(self, cfg: VAEConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
         half = cfg.num_samples // 2
-        return {"images": example_batch["image"][:half].detach().cpu().float(), "z": latents(range(half), cfg.latent_dim)}
+        fixed = {"images": example_batch["image"][:half].detach().cpu().float(), "z": latents(range(half), cfg.latent_dim)}
+        if cfg.conditional:  # genres in turn, as `.sample` does
+            fixed["labels"] = torch.arange(half) % max(num_labels, 1)
+        return fixed
 
     def sample_images(self, cfg: VAEConfig, nets: dict, fixed: dict) -> Image.Image:
         """Rows alternate real / reconstruction, then samples from the fixed latents."""
@@ -215,7 +239,9 @@ class VAEFamily:
         with eval_mode(vae):
             x = fixed["images"].to(device)  # (n, 3, S, S) in [-1, 1]
             recon = vae.decode(vae.encode(x)[0])
-            samples = vae.decode(fixed["z"].to(device))
+            z = fixed["z"].to(device)
+            labels = None if fixed.get("labels") is None else fixed["labels"].to(device)
+            samples = vae.decode(z + vae.prior_mean(labels, z))
         nrow = max(1, int(math.ceil(math.sqrt(len(x) + len(samples)))))
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2n, 3, S, S): real, recon, real, recon, ...
         return make_grid((torch.cat([pairs, samples]).float() + 1) / 2, nrow=nrow + nrow % 2)
