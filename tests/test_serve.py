@@ -471,7 +471,8 @@ def test_serve_config_file_deploys_like_serve_deploy(http, tiny_models):
     doc = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
     app_cfg = next(a for a in doc["applications"] if a["import_path"] == "genart.serve.app:build")
     app_cfg.update(name="t-config", route_prefix="/t-config")
-    app_cfg["args"].update(models={"dcgan": tiny_models["dcgan"], "starry": tiny_models["starry"]}, api_key_env=NO_KEY_ENV)
+    app_cfg["args"].update(models={"dcgan": tiny_models["dcgan"], "starry": tiny_models["starry"]}, index=None,
+                           api_key_env=NO_KEY_ENV)  # search is tested over a real index in test_serve_search.py
     doc["applications"] = [app_cfg]
     schema = ServeDeploySchema.model_validate(doc)
     _get_global_client().deploy_apps(schema)
