@@ -161,7 +161,7 @@ function hitTile(hit, listId) {
   img.alt = hit.label || hit.id;
   const score = document.createElement("span");
   score.className = "score";
-  score.textContent = hit.score.toFixed(3);
+  score.textContent = hit.score.toFixed(4);  // cosine similarity
   const label = document.createElement("span");
   label.className = "hit-label";
   label.textContent = hit.label || "";  // labels come from the archive: never as HTML
@@ -177,6 +177,7 @@ function showHits(listId, hits) {
   (hitUrls[listId] || []).forEach((u) => URL.revokeObjectURL(u));
   hitUrls[listId] = [];
   $(listId).replaceChildren(...hits.map((hit) => hitTile(hit, listId)));
+  $(listId + "-title").hidden = !hits.length;
 }
 
 function toggleLiked(id) {
