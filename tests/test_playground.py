@@ -125,7 +125,7 @@ def test_page_finds_similar_artworks_and_recommends_more(page_app, browser, sear
     page.set_input_files("#search-photo", str(query))
     page.select_option("#search-k", "6")
     page.click("#find-similar")
-    page.wait_for_function(f"document.querySelectorAll('#similar-results img').length === 6", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('#similar-results img').length === 6", timeout=60_000)
     page.wait_for_function("[...document.querySelectorAll('#similar-results img')].every(i => i.complete && "
                            "i.naturalWidth > 0)", timeout=60_000)
     assert _loaded_thumbnails(page, "#similar-results") == 6  # the index's 96 px thumbnails, fetched with the key
