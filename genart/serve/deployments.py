@@ -176,12 +176,12 @@ class SearchModel:
         _configure_batch(self._embed_batch, user_config)
 
     async def similar(self, pixels: np.ndarray, k: int) -> list[dict]:
-        """uint8 (S, S, 3) from SearchIndex.query_pixels -> the k nearest indexed images, closest first."""
+        """uint8 (S, S, 3) from genart.search.index.square_pixels -> the k nearest indexed images, closest first."""
         if self.batching:
             vector = await self._embed_batch(pixels)
         else:
             vector = (await asyncio.to_thread(self.index.embed_pixels, pixels[None]))[0]
-        return await asyncio.to_thread(self.index.search, vector, k)  # exact search over 50k vectors takes ~20 ms
+        return await asyncio.to_thread(self.index.search, vector, k)  # exact: ~40 ms at 100k vectors (bench_index.py)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
