@@ -356,11 +356,13 @@ def audit(model, data, num, features, inception_weights, quantile, out):
                    "from the checkpoint. Repeatable.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="YAML with the app args (the schema of cluster/serve.yaml's args), or a whole Serve config file.")
+@click.option("--index", "index_uri", default=None, metavar="IDX",
+              help="A `genart index` folder (local or s3://) to serve /v1/similar and /v1/recommend from.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on (0.0.0.0: every interface).")
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
 @set_option
 @address_option
-def serve(models, config_file, host, port, overrides, address):
+def serve(models, config_file, index_uri, host, port, overrides, address):
     """Serve models over HTTP (API + playground page at /) until Ctrl-C.
 
     Example: genart serve --model dcgan=runs/dcgan --model starry=runs/style-starry. An API key is required when
@@ -368,7 +370,7 @@ def serve(models, config_file, host, port, overrides, address):
     """
     from genart.serve.run import serve_forever, settings_from
 
-    serve_forever(settings_from(config_file, models, overrides), host=host, port=port, address=address)
+    serve_forever(settings_from(config_file, models, overrides, index_uri), host=host, port=port, address=address)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -77,6 +77,27 @@ def synth_dir(tmp_path_factory):
     return str(out)
 
 
+SEARCH_GENRES = ("stripes", "grid", "noise", "gradient")  # synth's genres but circles (they collide: test_search.py)
+
+
+@pytest.fixture(scope="session")
+def search_index(ray_session, tmp_path_factory) -> dict:
+    """A real `genart index` (the Ray Data job) over 40 tiny synth pictures, embedded by an untrained critic of the
+    default width (a deterministic feature map); shared by the serving and playground tests.
+    {"index": folder, "images": the indexed folder, "critic": checkpoint}"""
+    from genart.data.synth import make_synth
+    from genart.infer import RunOptions
+    from genart.search.index import build_index
+    from helpers import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("search")
+    critic = tiny_checkpoint(root / "critic", "critic", 32, ("a", "b"), base_channels=32, num_stages=3, embed_dim=128)
+    make_synth(str(root / "art"), num=40, size=32, seed=3, genres=SEARCH_GENRES)
+    out = str(root / "index")
+    build_index(str(root / "art"), out, features=f"critic:{critic}", run=RunOptions(batch_size=32, progress=False))
+    return {"index": out, "images": str(root / "art"), "critic": critic}
+
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

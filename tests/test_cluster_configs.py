@@ -24,7 +24,7 @@ MANIFESTS = {  # file -> (kind, CRD file, where the RayCluster spec sits inside 
     "rayservice.yaml": ("RayService", "ray.io_rayservices.yaml", "rayClusterConfig"),
 }
 # The args genart.serve.app:build reads (the contract with the serving code).
-SERVE_ARG_KEYS = {"models", "max_upload_mb", "max_pixels", "request_timeout_s", "max_queued_requests", "autoscaling",
+SERVE_ARG_KEYS = {"models", "index", "max_upload_mb", "max_pixels", "request_timeout_s", "max_queued_requests", "autoscaling",
                   "api_key_env"}
 
 

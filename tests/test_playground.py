@@ -1,4 +1,5 @@
-"""The playground page driven in headless Chromium against the real app: generate, stylize, classify, API key.
+"""The playground page driven in headless Chromium against the real app: generate, stylize, classify, find similar
+artworks and recommend, API key.
 
 Needs Debian's chromium at /usr/bin/chromium (`make browser` installs it); without it this test fails, never skips.
 """
@@ -17,8 +18,8 @@ SCREENSHOT_DIR = Path(os.environ.get("GENART_SCREENSHOT_DIR", "")) if os.environ
 
 
 @pytest.fixture(scope="module")
-def page_app(ray_session, tmp_path_factory):
-    """The app with a tiny model of every family and an API key the page has to ask for."""
+def page_app(ray_session, tmp_path_factory, search_index):
+    """The app with a tiny model of every family, a search index, and an API key the page has to ask for."""
     from ray import serve
 
     from genart.serve.app import build
@@ -30,7 +31,7 @@ def page_app(ray_session, tmp_path_factory):
     name, key = "t-play", secrets.token_urlsafe(16)
     os.environ[KEY_ENV] = key
     try:
-        serve.run(build({"models": models, "api_key_env": KEY_ENV,
+        serve.run(build({"models": models, "index": search_index["index"], "api_key_env": KEY_ENV,
                          "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2}}),
                   name=name, route_prefix=f"/{name}")
     finally:
@@ -89,6 +90,69 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
     shot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+    page.close()
+
+
+def _enter_key(page, key: str) -> None:
+    page.wait_for_selector("#auth:not([hidden])", timeout=30_000)
+    page.fill("#api-key", key)
+    page.click("#save-key")
+    page.wait_for_selector("#auth", state="hidden", timeout=60_000)
+
+
+def _loaded_thumbnails(page, selector: str) -> int:
+    return page.eval_on_selector_all(selector + " img", "imgs => imgs.filter(i => i.complete && i.naturalWidth === 96).length")
+
+
+def test_page_finds_similar_artworks_and_recommends_more(page_app, browser, search_index, tmp_path):
+    from genart.search.query import SearchIndex
+    from PIL import Image
+
+    url, key = page_app
+    idx = SearchIndex.open(search_index["index"])
+    target = next(m for m in idx.metadata if m["label"] == "grid")
+    query = tmp_path / "query.jpg"  # a resized, re-encoded copy of an indexed picture
+    Image.open(target["source"]).convert("RGB").resize((64, 64), Image.Resampling.NEAREST).save(query, "JPEG", quality=90)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    _enter_key(page, key)
+    page.wait_for_selector("#search-card:not([hidden])", timeout=30_000)
+    assert page.is_disabled("#recommend")  # nothing chosen yet
+
+    page.set_input_files("#search-photo", str(query))
+    page.select_option("#search-k", "6")
+    page.click("#find-similar")
+    page.wait_for_function("document.querySelectorAll('#similar-results img').length === 6", timeout=60_000)
+    page.wait_for_function("[...document.querySelectorAll('#similar-results img')].every(i => i.complete && "
+                           "i.naturalWidth > 0)", timeout=60_000)
+    assert _loaded_thumbnails(page, "#similar-results") == 6  # the index's 96 px thumbnails, fetched with the key
+    ids = page.eval_on_selector_all("#similar-results .hit", "hs => hs.map(h => h.dataset.id)")
+    assert ids[0] == target["id"]
+    assert page.inner_text("#similar-results li:first-child .hit-label") == "grid"
+    assert float(page.inner_text("#similar-results li:first-child .score")) > 0.99
+    assert "of 40 indexed images" in page.inner_text("#search-cap")
+
+    # choose two, recommend: neither comes back
+    page.click("#similar-results li:nth-child(1) .hit")
+    page.click("#similar-results li:nth-child(2) .hit")
+    assert page.get_attribute("#similar-results li:nth-child(1) .hit", "aria-pressed") == "true"
+    assert "2" in page.inner_text("#recommend")
+    page.click("#recommend")
+    page.wait_for_function("document.querySelectorAll('#recommend-results img').length === 6", timeout=60_000)
+    page.wait_for_function("[...document.querySelectorAll('#recommend-results img')].every(i => i.complete && "
+                           "i.naturalWidth > 0)", timeout=60_000)
+    recommended = page.eval_on_selector_all("#recommend-results .hit", "hs => hs.map(h => h.dataset.id)")
+    assert len(recommended) == 6 and not set(recommended) & set(ids[:2])
+    assert "recommended from 2 chosen" in page.inner_text("#search-cap")
+
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert not errors, errors
+    shot = (SCREENSHOT_DIR or tmp_path) / "playground-search.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
     page.close()
 
 

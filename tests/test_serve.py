@@ -163,6 +163,7 @@ def test_args_schema_matches_the_cluster_serve_config():
     args = next(a for a in doc["applications"] if a["import_path"] == "genart.serve.app:build")["args"]
     settings = parse_args(args)
     assert settings.autoscaling.max_replicas == args["autoscaling"]["max_replicas"]
+    assert settings.index == args["index"]  # the search index is configured beside the models
     with pytest.raises(UserError, match="bogus: unknown key"):
         parse_args({**args, "bogus": 1})
     with pytest.raises(UserError, match="autoscaling"):
@@ -203,6 +204,10 @@ def test_cli_settings_from_model_flags_and_serve_config(tmp_path):
     assert (settings.max_upload_mb, settings.max_pixels) == (3, 1000)
     with pytest.raises(UserError, match="NAME=CHECKPOINT"):
         settings_from(None, ("no-equals-sign",))
+    assert settings_from(str(config), index="indexes/art").index == "indexes/art"  # genart serve --index
+    assert settings_from(None, index="indexes/art").models == {}  # an index alone is something to serve
+    with pytest.raises(UserError, match="index"):
+        settings_from(None, overrides=("index=  ",))
 
 
 def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
@@ -210,6 +215,13 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "checkpoint not found" in result.stderr
+
+
+def test_cli_bad_index_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([GENART, "serve", "--index", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "not a finished index" in result.stderr
 
 
 # ---------------------------------------------------------------- success paths
@@ -402,6 +414,14 @@ def test_404_for_unknown_models_and_routes(app):
     assert_error(requests.get(app + "/v1/generate"), 405)
 
 
+def test_search_is_404_on_a_server_without_an_index(app):
+    """Search itself is tested over a real index in test_serve_search.py."""
+    assert requests.get(app + "/v1/models").json()["search"] is None
+    assert_error(upload(app, "/v1/similar", png(30, 20)), 404, "genart serve --index")
+    assert_error(requests.post(app + "/v1/recommend", json={"liked": ["0123456789abcdef"]}), 404, "index")
+    assert_error(requests.get(app + "/v1/index/thumbnails/0123456789abcdef.jpg"), 404, "index")
+
+
 def test_bounded_flood_gets_only_200_and_503_and_the_app_recovers(app):
     """300 requests from 64 concurrent loopback clients against queues of 4: overload is refused, never fatal."""
     def one(i):
@@ -471,7 +491,8 @@ def test_serve_config_file_deploys_like_serve_deploy(http, tiny_models):
     doc = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
     app_cfg = next(a for a in doc["applications"] if a["import_path"] == "genart.serve.app:build")
     app_cfg.update(name="t-config", route_prefix="/t-config")
-    app_cfg["args"].update(models={"dcgan": tiny_models["dcgan"], "starry": tiny_models["starry"]}, api_key_env=NO_KEY_ENV)
+    app_cfg["args"].update(models={"dcgan": tiny_models["dcgan"], "starry": tiny_models["starry"]}, index=None,
+                           api_key_env=NO_KEY_ENV)  # search is tested over a real index in test_serve_search.py
     doc["applications"] = [app_cfg]
     schema = ServeDeploySchema.model_validate(doc)
     _get_global_client().deploy_apps(schema)

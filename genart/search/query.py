@@ -71,11 +71,20 @@ class SearchIndex:
             self._thumbnails = dict(zip(table.column("id").to_pylist(), table.column("thumbnail").to_pylist()))
         return self._thumbnails.get(image_id)
 
+    @property
+    def input_size(self) -> int:
+        """The feature network's square input side (px), from index.json: known without loading the network."""
+        return int(self.manifest["features"]["input_size"])
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3), cropped and resized by `index.square_pixels` to `input_size` -> unit vectors (N, D).
+        The server crops uploads where they arrive and embeds them here, in batches."""
+        return index_files.normalize(self.extractor(pixels))
+
     def embed(self, data: bytes, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Image bytes -> unit vector (D,), preprocessed exactly as the indexed images were."""
         img = images.decode_image(data, max_pixels)  # images.Reject for a bad upload
-        pixels = index_files.square_pixels(img, self.extractor.input_size)
-        return index_files.normalize(self.extractor(pixels[None]))[0]
+        return self.embed_pixels(index_files.square_pixels(img, self.input_size)[None])[0]
 
     def _hit(self, row: int, score: float) -> dict:
         return {**self.metadata[row], "score": round(float(score), 6)}

@@ -2,7 +2,8 @@
 
     serve deploy cluster/serve.yaml          # import_path: genart.serve.app:build, args: {...} (see ServeArgs)
     serve.run(build({"models": {"dcgan": "runs/dcgan", "starry": "runs/style-starry"}}))
-The graph: Ingress (FastAPI) -> one GenerativeModel / CriticModel deployment per model, one StyleModels for all styles.
+The graph: Ingress (FastAPI) -> one GenerativeModel / CriticModel deployment per model, one StyleModels for all styles,
+and one SearchModel for the `index` (if given).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ray.serve import Application
 from genart.errors import UserError
 from genart.models import REGISTRY, generative_families
 from genart.serve.config import ServeArgs, parse_args
-from genart.serve.deployments import CriticModel, GenerativeModel, StyleModels
+from genart.serve.deployments import CriticModel, GenerativeModel, SearchModel, StyleModels
 from genart.serve.ingress import Ingress
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,24 @@ def model_card(name: str, uri: str) -> dict:
     }
 
 
+def index_card(uri: str) -> dict:
+    """What /v1/models says about the search index, read from its index.json (no vectors, no torch)."""
+    from genart import storage
+
+    manifest_uri = storage.join(uri, "index.json")
+    if not storage.exists(manifest_uri):
+        raise UserError(f"index {uri}: not a finished index (no index.json); build it with `genart index`")
+    try:
+        manifest = json.loads(storage.read_text(manifest_uri))
+        features = manifest["features"]
+        card = {"size": int(manifest["size"]), "dim": int(manifest["dim"]), "nn": manifest["nn"],
+                "features": features["name"], "feature_identity": features["identity"],
+                "input_size": int(features["input_size"])}
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"index {uri}: corrupt index.json; rebuild it with `genart index --overwrite`") from None
+    return {"index": uri, **card}
+
+
 def api_key_from_env(settings: ServeArgs) -> str | None:
     """The key, read where the app is built (the driver for `genart serve`, a cluster worker for `serve deploy`)."""
     key = os.environ.get(settings.api_key_env, "").strip()
@@ -98,6 +117,10 @@ def build(args: dict) -> Application:
     style_app = None
     if styles or settings.style_root:
         style_app = StyleModels.options(name="styles", **model_options).bind(styles, settings)
+    search_card = search_app = None
+    if settings.index:
+        search_card = index_card(settings.index)
+        search_app = SearchModel.options(name="search", **model_options).bind(settings.index, settings)
     ingress = Ingress.options(
         name="ingress",
         ray_actor_options=actor,
@@ -106,4 +129,5 @@ def build(args: dict) -> Application:
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
         max_queued_requests=settings.ingress_max_ongoing_requests,
     )
-    return ingress.bind(settings, api_key_from_env(settings), cards, generators, critics, style_app)
+    return ingress.bind(settings, api_key_from_env(settings), cards, generators, critics, style_app,
+                        search_card, search_app)

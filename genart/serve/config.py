@@ -17,6 +17,7 @@ from genart.config import Section, validate
 # Model names appear in URLs, deployment names and (with style_root) as a folder name: no path tricks.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_N = 64  # images per /v1/generate request and frames per /v1/interpolate request
+MAX_LIKED = 100  # liked ids per /v1/recommend request
 
 
 class Autoscaling(Section):
@@ -40,6 +41,8 @@ class ServeArgs(Section):
 
     # name -> checkpoint: a run folder (its best checkpoint) or a checkpoint folder, local or s3://
     models: dict[str, str] = Field(default_factory=dict)
+    # a `genart index` folder, local or s3://, served by /v1/similar and /v1/recommend (None = no search)
+    index: str | None = None
     max_upload_mb: float = Field(20.0, gt=0)  # larger request bodies are refused with 413
     max_pixels: int = Field(16_000_000, ge=1)  # decoded uploads with more pixels are refused with 400
     request_timeout_s: float = Field(30.0, gt=0)  # a request running longer gets 504
@@ -75,6 +78,13 @@ class ServeArgs(Section):
                 raise ValueError(f"model {name!r}: give a checkpoint path or s3:// uri")
         return models
 
+    @field_validator("index")
+    @classmethod
+    def _index_uri(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.strip():
+            raise ValueError("index: give a `genart index` folder or s3:// uri, or leave the key out")
+        return uri.strip() if uri else None
+
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, name: str) -> str:
@@ -84,8 +94,8 @@ class ServeArgs(Section):
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> "ServeArgs":
-        if not self.models and not self.style_root:
-            raise ValueError("models: give at least one model (name: checkpoint), or a style_root")
+        if not self.models and not self.style_root and not self.index:
+            raise ValueError("models: give at least one model (name: checkpoint), a style_root or an index")
         return self
 
     @model_validator(mode="after")

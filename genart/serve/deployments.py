@@ -1,4 +1,5 @@
-"""Model deployments: one per generator (dcgan/vae) or critic, and ONE multiplexed deployment for every style.
+"""Model deployments: one per generator (dcgan/vae) or critic, ONE multiplexed deployment for every style, and one
+for the search index.
 
 Generators and critics are few and hot, so each gets its own replicas, autoscaling and batch queue (never a
 cold load on the request path, batches never mix models). Styles are many and long-tailed: one deployment
@@ -154,3 +155,45 @@ class StyleModels:
     async def _stylize_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         model = await self._get_model(serve.get_multiplexed_model_id())
         return await asyncio.to_thread(runners.stylize, model, images)
+
+
+@serve.deployment
+class SearchModel:
+    """A `genart index` folder (genart.search.query.SearchIndex): uploads embedded by the index's own feature model
+    (batched across requests), nearest neighbours, recommendations, thumbnails."""
+
+    def __init__(self, index_uri: str, settings: ServeArgs):
+        import torch
+
+        from genart.search.query import SearchIndex
+
+        torch.set_num_threads(settings.threads)
+        self.index = SearchIndex.open(index_uri)
+        self.index.extractor  # noqa: B018 - load (and check) the feature model now, not on the first request
+        self.batching = settings.batching
+
+    def reconfigure(self, user_config: dict) -> None:
+        _configure_batch(self._embed_batch, user_config)
+
+    async def similar(self, pixels: np.ndarray, k: int) -> list[dict]:
+        """uint8 (S, S, 3) from genart.search.index.square_pixels -> the k nearest indexed images, closest first."""
+        if self.batching:
+            vector = await self._embed_batch(pixels)
+        else:
+            vector = (await asyncio.to_thread(self.index.embed_pixels, pixels[None]))[0]
+        return await asyncio.to_thread(self.index.search, vector, k)  # exact: ~40 ms at 100k vectors (bench_index.py)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        return list(await asyncio.to_thread(self.index.embed_pixels, np.stack(pixels)))  # (N, D) -> N vectors
+
+    async def recommend(self, liked: list[str], k: int, diversity: float) -> dict:
+        """{"results": [...]} never holding a liked id, or {"unknown": [ids]} when some liked id is not indexed."""
+        unknown = [i for i in liked if i not in self.index.row_of]
+        if unknown:
+            return {"unknown": unknown}
+        return {"results": await asyncio.to_thread(self.index.recommend, liked, k, diversity)}
+
+    async def thumbnail(self, image_id: str) -> bytes | None:
+        """The JPEG thumbnail the index stored for `image_id`, or None (thumbnails.parquet is read on first use)."""
+        return await asyncio.to_thread(self.index.thumbnail, image_id)

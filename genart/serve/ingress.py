@@ -106,19 +106,26 @@ class Ingress:
     """HTTP API + page. `cards` describe every configured model (genart.serve.app.model_card); handles reach replicas."""
 
     def __init__(self, settings: ServeArgs, api_key: str | None, cards: dict[str, dict],
-                 generators: dict, critics: dict, styles=None):
+                 generators: dict, critics: dict, styles=None, search_card: dict | None = None, search=None):
         self.settings = settings
         self.api_key = api_key or None
         self.cards = {name: {k: v for k, v in card.items() if k != "checkpoint"} for name, card in cards.items()}
         self.handles = {**generators, **critics}
         self.styles = styles
+        # the index (genart.serve.app.index_card) and its SearchModel handle; its routes are in search_api.py
+        self.search_card = {k: v for k, v in (search_card or {}).items() if k != "index"} or None
+        self.search = search
         self._root_styles: tuple[float, list[str]] = (0.0, [])
 
     # ------------------------------------------------------------ wiring
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = FastAPI(title="genart", version="1", summary="Generate, interpolate, stylize and classify images.")
+        from genart.serve import search_api  # imports this module: so it is imported here, not at the top
+
+        app = FastAPI(title="genart", version="1",
+                      summary="Generate, interpolate, stylize and classify images; find similar ones in an index.")
         self._routes(app)
+        search_api.add_routes(app, self)
         self._error_handlers(app)
         # last added = outermost: auth, then the body cap, then the deadline around everything else
         app.add_middleware(Deadline, timeout_s=self.settings.request_timeout_s)
@@ -222,11 +229,15 @@ class Ingress:
         """The uploaded file -> (H, W, 3) uint8, at most max_side px on its longer side; 400 if not a usable image."""
         if not 16 <= max_side <= self.settings.max_side_limit:
             raise ApiError(422, "invalid request", f"max_side {max_side} must be within 16..{self.settings.max_side_limit}")
+        return await self._decode(upload, lambda img: np.asarray(cap_side(img, max_side), dtype=np.uint8))
+
+    async def _decode(self, upload: UploadFile, prepare) -> np.ndarray:
+        """The uploaded file decoded (pixel cap: max_pixels) and passed through `prepare` in a thread; 400 if it
+        is not a usable image."""
         data = await upload.read()
 
         def decode() -> np.ndarray:
-            img = decode_image(data, max_pixels=self.settings.max_pixels)
-            return np.asarray(cap_side(img, max_side), dtype=np.uint8)
+            return prepare(decode_image(data, max_pixels=self.settings.max_pixels))
 
         try:
             return await asyncio.to_thread(decode)
@@ -257,9 +268,9 @@ class Ingress:
         async def list_models():
             out = list(self.cards.values())
             out += [self._root_card(name) for name in await self._style_names() if name not in self.cards]
-            return {"models": out, "limits": {"max_n": MAX_N, "max_upload_mb": self.settings.max_upload_mb,
-                                               "max_pixels": self.settings.max_pixels,
-                                               "max_side": self.settings.max_side_limit}}
+            return {"models": out, "search": self.search_card,  # None: no index, /v1/similar and /v1/recommend 404
+                    "limits": {"max_n": MAX_N, "max_upload_mb": self.settings.max_upload_mb,
+                               "max_pixels": self.settings.max_pixels, "max_side": self.settings.max_side_limit}}
 
         @app.post("/v1/generate", summary="A grid of images from seeds (PNG), or JSON with base64 PNGs",
                   responses={200: {"content": {"image/png": {}, "application/json": {}}}})

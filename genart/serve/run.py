@@ -1,6 +1,7 @@
 """`genart serve`: run the app on the embedded local Ray or a cluster until Ctrl-C.
 
     genart serve --model dcgan=runs/dcgan --model starry=runs/style-starry --port 8000
+    genart serve --model critic=runs/critic --index indexes/art           # + /v1/similar and /v1/recommend
     genart serve --config cluster/serve.yaml --host 0.0.0.0       # a Serve config file, or just its app args
 """
 
@@ -18,13 +19,17 @@ APP_NAME = "genart"
 IMPORT_PATH = "genart.serve.app:build"
 
 
-def settings_from(config: str | None = None, models: tuple[str, ...] = (), overrides: tuple[str, ...] = ()) -> ServeArgs:
-    """Args from a YAML file (app args, or a Serve config holding this app), then `--model NAME=CKPT`, then `--set`."""
+def settings_from(config: str | None = None, models: tuple[str, ...] = (), overrides: tuple[str, ...] = (),
+                  index: str | None = None) -> ServeArgs:
+    """Args from a YAML file (app args, or a Serve config holding this app), then `--model NAME=CKPT` and
+    `--index IDX`, then `--set`."""
     data: dict = {}
     source = "serve args"
     if config:
         data, source = _app_args(read_yaml(config)), config
     data.setdefault("models", {})
+    if index:
+        data["index"] = index
     for item in models:
         name, sep, uri = item.partition("=")
         if not sep or not name.strip() or not uri.strip():
@@ -63,10 +68,12 @@ def serve_forever(settings: ServeArgs, host: str, port: int, address: str | None
     from ray.serve.exceptions import RayServeException
 
     from genart import runtime
-    from genart.serve.app import model_card
+    from genart.serve.app import index_card, model_card
 
-    for name, uri in settings.models.items():  # a bad checkpoint fails here, before Ray starts
+    for name, uri in settings.models.items():  # a bad checkpoint or index fails here, before Ray starts
         model_card(name, uri)
+    if settings.index:
+        index_card(settings.index)
     runtime.init(address)
     try:
         _deploy_and_wait(settings, host, port)
@@ -95,7 +102,8 @@ def _deploy_and_wait(settings: ServeArgs, host: str, port: int) -> None:
     key_env = settings.api_key_env
     serve.run(build(settings), name=APP_NAME, route_prefix="/")
     shown = "127.0.0.1" if real_host in ("0.0.0.0", "::") else real_host
-    print(f"genart is serving {len(settings.models)} model(s) at http://{shown}:{real_port}/  (API docs: /docs)")
+    search = " and a search index" if settings.index else ""
+    print(f"genart is serving {len(settings.models)} model(s){search} at http://{shown}:{real_port}/  (API docs: /docs)")
     print(f"API key: {'required (from $' + key_env + ')' if os.environ.get(key_env) else 'not required (set $' + key_env + ' to require one)'}")
     print("Ctrl-C to stop.", flush=True)
     wait_for_ctrl_c()

@@ -66,6 +66,7 @@ async function loadModels() {
   $("generate").disabled = $("interpolate").disabled = !of("dcgan", "vae", "autoregressive").length;
   $("stylize").disabled = !of("style").length;
   $("classify").disabled = !of("critic").length;
+  $("search-card").hidden = !body.search;  // the server has no index: no search panel
   updateLabels();
 }
 
@@ -138,6 +139,79 @@ async function classify() {
   }));
 }
 
+// ---- search: similar artworks and recommendations (thumbnails are API data: fetched with the key, shown as blobs)
+const liked = new Set();
+const hitUrls = {};
+
+async function thumbnailInto(img, url, listId) {
+  const blob = await (await api(url)).blob();
+  const objectUrl = URL.createObjectURL(blob);
+  hitUrls[listId].push(objectUrl);
+  img.src = objectUrl;
+}
+
+function hitTile(hit, listId) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "hit";
+  button.dataset.id = hit.id;
+  button.title = "choose / unchoose: recommendations follow the chosen";
+  button.setAttribute("aria-pressed", String(liked.has(hit.id)));
+  const img = document.createElement("img");
+  img.alt = hit.label || hit.id;
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.score.toFixed(4);  // cosine similarity
+  const label = document.createElement("span");
+  label.className = "hit-label";
+  label.textContent = hit.label || "";  // labels come from the archive: never as HTML
+  button.append(img, score, label);
+  button.addEventListener("click", () => toggleLiked(hit.id));
+  thumbnailInto(img, hit.thumbnail_url, listId).catch((err) => showError(err.message));
+  const li = document.createElement("li");
+  li.append(button);
+  return li;
+}
+
+function showHits(listId, hits) {
+  (hitUrls[listId] || []).forEach((u) => URL.revokeObjectURL(u));
+  hitUrls[listId] = [];
+  $(listId).replaceChildren(...hits.map((hit) => hitTile(hit, listId)));
+  $(listId + "-title").hidden = !hits.length;
+}
+
+function toggleLiked(id) {
+  if (liked.has(id)) liked.delete(id); else liked.add(id);
+  for (const tile of document.querySelectorAll(".hit")) {
+    if (tile.dataset.id === id) tile.setAttribute("aria-pressed", String(liked.has(id)));
+  }
+  $("recommend").disabled = !liked.size;
+  $("recommend").textContent = liked.size ? `Recommend more like these ${liked.size}` : "Recommend more like the chosen";
+}
+
+async function findSimilar() {
+  const file = $("search-photo").files[0];
+  if (!file) throw new Error("Choose an image first.");
+  const form = new FormData();
+  form.append("image", file);
+  form.append("k", $("search-k").value);
+  const t0 = performance.now();
+  const body = await (await api("v1/similar", { method: "POST", body: form })).json();
+  showHits("similar-results", body.results);
+  $("search-cap").textContent = `${body.results.length} closest of ${body.index_size} indexed images · ` +
+    `${Math.round(performance.now() - t0)} ms · click to choose the ones you like`;
+}
+
+async function recommend() {
+  const body = { liked: [...liked], k: Number($("search-k").value), diversity: Number($("diversity").value) };
+  const response = await api("v1/recommend", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  const out = await response.json();
+  showHits("recommend-results", out.results);
+  $("search-cap").textContent = `${out.results.length} recommended from ${out.liked.length} chosen (variety ${body.diversity})`;
+}
+
 async function checkHealth() {
   try {
     const health = await (await fetch("healthz")).json();
@@ -170,6 +244,9 @@ function wire() {
     $("auth-msg").textContent = "Checking…";
     loadModels().then(() => { $("auth").hidden = true; showError(""); }).catch((err) => showError(err.message));
   });
+  $("diversity").addEventListener("input", () => { $("div-out").value = Number($("diversity").value).toFixed(2); });
+  $("find-similar").addEventListener("click", (e) => busy(e.currentTarget, findSimilar));
+  $("recommend").addEventListener("click", (e) => busy(e.currentTarget, recommend));
   $("api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") $("save-key").click(); });
 }
 
