@@ -484,3 +484,7 @@ def jobs_stop(job_id, address):
     from genart import jobs as ray_jobs
 
     ray_jobs.stop(job_id, address)
+
+
+if __name__ == "__main__":  # python -m genart.cli, as well as the `genart` script
+    main()
