@@ -320,8 +320,9 @@ class DCGANFamily:
 
     def fixed_inputs(self, cfg: DCGANConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
         fixed = {"z": latents(range(cfg.num_samples), cfg.latent_dim)}  # (N, latent)
-        if cfg.conditional:  # one row per class
-            fixed["labels"] = torch.arange(cfg.num_samples) % max(num_labels, 1)
+        if cfg.conditional:  # one row of the grid per class, the classes in turn
+            nrow = int(math.ceil(math.sqrt(cfg.num_samples)))
+            fixed["labels"] = (torch.arange(cfg.num_samples) // nrow) % max(num_labels, 1)
         return fixed
 
     def sample_images(self, cfg: DCGANConfig, nets: dict, fixed: dict) -> Image.Image:
