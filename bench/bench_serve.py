@@ -149,8 +149,20 @@ def bench_http(base: str, photo: bytes, total: int) -> dict:
                                                    method="GET")) for c in CONCURRENCY}
     for name, path, make in (("generate", "/v1/generate", gen_request), ("stylize", "/v1/stylize", style_request)):
         for c in CONCURRENCY:
+            before = _generator_stats() if name == "generate" else None
             out[f"{name}_c{c}"] = asyncio.run(_http_load(base + path, make, c, total if c > 1 else total // 2))
+            if before is not None:  # how the generator's requests ran: alone (idle replica) or queued into batches
+                after = _generator_stats()
+                delta = {k: after[k] - before[k] for k in after}
+                delta["mean_batch_requests"] = round(delta["queued"] / delta["batches"], 2) if delta["batches"] else 0.0
+                out[f"{name}_c{c}"]["replica"] = delta
     return out
+
+
+def _generator_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("generator-dcgan", app_name="bench").batch_stats.remote().result()
 
 
 def main() -> None:
