@@ -1,7 +1,8 @@
 """Stylize model-stage throughput, one actor in-process: images of one size stacked into one forward pass (genart's
 Stylizer) vs one image per forward pass (the previous behaviour), and --deterministic (batch-invariant kernels).
+`--compile` adds the batched path with the style net under `torch.compile` (Inductor; compile time reported apart).
 
-    python bench/bench_batching.py --images 8 --width 192 --height 128 --threads 2 --rounds 2
+    python bench/bench_batching.py --images 8 --width 192 --height 128 --threads 2 --rounds 2 [--compile]
 Prints JSON; modes alternate within each round so load drifting on a shared machine hits all of them.
 """
 
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the net under torch.compile")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = [{"source": f"i{i}", "key": f"i{i}.png", "error": None, "width": args.width, "height": args.height,
@@ -60,6 +62,16 @@ def main() -> None:
             "one_per_forward": lambda: [fast(table.slice(i, 1)) for i in range(table.num_rows)],
             "batched_deterministic": lambda: exact(table),
         }
+        compile_s = None
+        if args.compile:
+            import torch
+
+            compiled = stages.Stylizer(ckpt, threads=args.threads, tile=1024, overlap=None)
+            compiled.model.nets["transformer"] = torch.compile(compiled.model.nets["transformer"])
+            started = time.perf_counter()
+            compiled(table)  # the first call compiles (one shape: every image here has the same size)
+            compile_s = time.perf_counter() - started
+            modes["batched_compiled"] = lambda: compiled(table)
         for fn in modes.values():  # warm-up (oneDNN primitive caches)
             fn()
         rates: dict[str, list[float]] = {k: [] for k in modes}
@@ -75,6 +87,8 @@ def main() -> None:
         "runs": {k: [round(r, 2) for r in v] for k, v in rates.items()},
         "batched_vs_one_per_forward": round(med["batched"] / med["one_per_forward"], 3),
         "deterministic_vs_one_per_forward": round(med["batched_deterministic"] / med["one_per_forward"], 3),
+        **({"compiled_vs_batched": round(med["batched_compiled"] / med["batched"], 3),
+            "compile_seconds": round(compile_s, 1)} if args.compile else {}),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }, indent=1))
 

@@ -6,7 +6,7 @@
 over in-memory tensors with the same threads, (c) a naive loop: PIL decode -> model -> PIL encode, one image at a
 time. Model FLOP/s (FlopCounterMode) against a float32 matmul peak measured here, now. Peak memory: the summed
 PSS of this process and every process it started (Ray's GCS, raylet, workers), sampled during 2 runs of
-different sizes. Targets: a/b >= 0.9, a/c >= 1.0, model FLOP/s >= 0.6 of peak, memory ratio <= 1.2.
+different sizes. Targets (issue 12): a/b >= 0.9, a/c >= 1.5, model FLOP/s >= 0.6 of peak, memory ratio <= 1.2.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def main() -> None:
                                "over_peak": round(paper_flops * paper_rate / paper_peak, 3)},
             "memory": memory,
             "memory_ratio": round(large / small, 3),
-            "targets": {"a_over_b": 0.9, "a_over_c": 1.0, "model_over_peak": 0.6, "memory_ratio": 1.2},
+            "targets": {"a_over_b": 0.9, "a_over_c": 1.5, "model_over_peak": 0.6, "memory_ratio": 1.2},
             "load_average_end": os.getloadavg(),
         })
         print(json.dumps(result, indent=2))

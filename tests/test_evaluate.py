@@ -387,10 +387,33 @@ def test_cli_evaluate_end_to_end(dataset, checkpoints, tmp_path):
     assert report["features"]["name"] == "critic" and report["features"]["dim"] == 16
     assert {"hit", "path", "key"} <= set(report["cache"]) and report["model"]["family"] == "dcgan"
     assert "fid20_critic = FID (critic features:" in result.output and "reference cache:" in result.output
+    assert "generated images featurised" in result.output and "images/s" in result.output  # the final summary
 
     bad = CliRunner().invoke(main, ["evaluate", "--model", checkpoints["critic"], "--data", dataset, "--features",
                                     f"critic:{checkpoints['critic']}"])
     assert bad.exit_code == 2 and "generative model" in bad.output
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_evaluate_shows_a_live_line_per_job_on_a_terminal(dataset, checkpoints, monkeypatch):
+    """Real images (a cache miss: max_real 30 is a new key) and generated ones each get images done / total,
+    images/s, ETA and errors; the summary counts what was featurised."""
+    from genart.evaluate import job
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    report = job.run(checkpoints["dcgan"], dataset, num=12, features=f"critic:{checkpoints['critic']}", max_real=30,
+                     max_actors=1)
+    text = terminal.getvalue()
+    for line in ("evaluate (real): 30/30", "evaluate (generated): 12/12"):
+        assert line in text, text
+    assert "0 errors" in text and "img/s" in text and "ETA" in text
+    assert report["throughput"]["real_featurised"] == 30 and report["throughput"]["generated"] == 12
+    assert "30 real + 12 generated images featurised" in job.summary(report)
 
 
 def test_workflow_selects_by_registry_names():

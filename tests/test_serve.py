@@ -283,12 +283,30 @@ def test_concurrent_requests_batched_together_get_their_own_images(app):
         return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.int16) for b64 in images]
 
     alone = [pixels(b) for b in bodies]
+    before = generator_stats(app)
     with ThreadPoolExecutor(max_workers=6) as pool:
         together = list(pool.map(pixels, bodies * 2))
     for got, want in zip(together, alone * 2):
         assert len(got) == len(want)
         for g, w in zip(got, want):  # equal up to float rounding of a different batch size (1/255)
             assert g.shape == w.shape and np.abs(g - w).max() <= 1
+    # a request to an idle replica runs at once (no batch wait); under concurrency requests still meet in batches
+    after = generator_stats(app)
+    queued, batches = after["queued"] - before["queued"], after["batches"] - before["batches"]
+    assert after["alone"] > before["alone"] and queued > 0 and 0 < batches < queued, (before, after)
+
+
+def generator_stats(base: str) -> dict:
+    """InFlight counters summed over the app's generator deployments (one replica each here)."""
+    from ray import serve
+
+    name = base.rsplit("/", 1)[-1]
+    total = {"alone": 0, "queued": 0, "batches": 0}
+    for deployment in serve.status().applications[name].deployments:
+        if deployment.startswith("generator-"):
+            stats = serve.get_deployment_handle(deployment, app_name=name).batch_stats.remote().result()
+            total = {k: total[k] + stats[k] for k in total}
+    return total
 
 
 def test_interpolate_strip_and_gif(app):

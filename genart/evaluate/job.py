@@ -23,6 +23,7 @@ from genart.evaluate.features import TF_FID_NOTE, FeatureSpec, build_extractor, 
 from genart.evaluate.metrics import PR_K
 from genart.evaluate.preprocess import DESCRIPTION, PREPROCESS_VERSION
 from genart.evaluate.scoring import DEFAULT_SPLIT, compare, load_generator
+from genart.infer.output import Progress
 
 REAL_BATCH = 32  # images per actor call: 32 x (3, 299, 299) float32 = 34 MB at Inception size
 GENERATE_BATCH = 32
@@ -80,8 +81,18 @@ def _spec_for_actors(spec: FeatureSpec) -> FeatureSpec:
     return FeatureSpec(spec.kind, None if spec.uri is None else _absolute(spec.uri))
 
 
+def _drain(ds, progress: Progress):
+    """The job's output batches, each counted on the live line (a failed row fails the job: 0 errors until then)."""
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.advance(len(batch["id"]))
+            yield batch
+    finally:
+        progress.close()
+
+
 def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real: int | None, max_actors: int | None,
-                   resolution: int) -> R.Reference:
+                   resolution: int, progress: bool = True) -> R.Reference:
     """Cached reference statistics, or a Ray Data job over the dataset's shards on a miss."""
     import ray
 
@@ -100,14 +111,15 @@ def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real
     ds = ds.map_batches(RealFeatures, fn_constructor_args=(_spec_for_actors(spec), split_value, ids, resolution),
                         batch_size=REAL_BATCH, batch_format="pyarrow", **_actor_args(max_actors))
     acc = R.Accumulator()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    total = len(ids) if ids is not None else R.split_size(data, split)
+    for batch in _drain(ds, Progress("evaluate (real)", total, progress)):
         acc.update(batch["id"], batch["features"])
     ref = acc.result(key)
     ref.path = R.save(data, extractor.name, ref)
     return ref
 
 
-def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None) -> np.ndarray:
+def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None, progress: bool = True) -> np.ndarray:
     """Features of images for seeds 0..num-1, generated and featurised by an actor pool: (num, D), in seed order."""
     import ray
 
@@ -116,7 +128,7 @@ def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None) -
     ds = ds.map_batches(GeneratedFeatures, fn_constructor_args=(_absolute(model), _spec_for_actors(spec)),
                         batch_size=GENERATE_BATCH, batch_format="numpy", **_actor_args(max_actors))
     seeds, feats = [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _drain(ds, Progress("evaluate (generated)", num, progress)):
         seeds.append(np.asarray(batch["id"]))
         feats.append(np.asarray(batch["features"], np.float32))
     order = np.argsort(np.concatenate(seeds))  # blocks arrive in any order; KID's subsets need a fixed one
@@ -125,8 +137,9 @@ def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None) -
 
 def run(model: str, data: str, num: int = 1000, features: str | None = None, split: str = DEFAULT_SPLIT,
         inception_weights: str | None = None, k: int = PR_K, max_real: int | None = None,
-        max_actors: int | None = None, output: str | None = None) -> dict:
-    """The whole evaluation: returns the report (and writes it as JSON to `output`)."""
+        max_actors: int | None = None, output: str | None = None, progress: bool = True) -> dict:
+    """The whole evaluation: returns the report (and writes it as JSON to `output`). `progress`: a live line per
+    Ray Data job on a terminal (real images on a cache miss, then generated ones)."""
     started = time.time()
     if num < 2:
         raise UserError(f"--num {num}: must be at least 2")
@@ -143,8 +156,10 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
     if output:
         storage.check_writable(os.path.dirname(os.path.abspath(output)) if not storage.is_s3(output) else output.rsplit("/", 1)[0])
 
-    ref = real_reference(data, split, spec, extractor, max_real, max_actors, generator.image_size)
-    fake = generated(model, num, spec, max_actors)
+    ref = real_reference(data, split, spec, extractor, max_real, max_actors, generator.image_size, progress)
+    fake = generated(model, num, spec, max_actors, progress)
+    seconds = time.time() - started
+    featurised = len(fake) + (0 if ref.hit else ref.count)
     values, details = compare(ref, fake, extractor.name, k=k)
     outputs = registry.specs(registry.Protocol(extractor.name, len(fake), k))
     report = {
@@ -161,7 +176,9 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
         **details,
         "cache": {"hit": ref.hit, "path": ref.path, "key": ref.key},
         "note": TF_FID_NOTE if extractor.name == "inception" else "critic features: comparable only between runs scored by the same critic checkpoint",
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(seconds, 2),
+        "throughput": {"real_featurised": 0 if ref.hit else ref.count, "generated": len(fake),
+                       "images_per_second": round(featurised / max(seconds, 1e-9), 2)},
     }
     if output:
         storage.write_text(output, json.dumps(report, indent=2) + "\n")
@@ -189,6 +206,10 @@ def summary(report: dict) -> str:
         f"reference cache: {'hit' if cache['hit'] else 'miss'}{' (' + cache['path'] + ')' if cache['path'] else ''}",
         f"time: {report['seconds']:.1f}s",
     ]
+    if "throughput" in report:  # reports written before it had one
+        t = report["throughput"]
+        lines[-1] += (f" ({t['real_featurised']} real + {t['generated']} generated images featurised, "
+                      f"{t['images_per_second']:.1f} images/s)")
     if report.get("fid_note"):
         lines.append(f"note: {report['fid_note']}")
     return "\n".join(lines)

@@ -51,11 +51,16 @@ def check_split(uri: str, split: str) -> str | None:
     """"train" | "val" | "all" -> the value of the shards' split column to keep (None = every row)."""
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
-    manifest = read_manifest(uri)
-    available = manifest["counts"]["written"] if split == "all" else manifest["splits"].get(split, 0)
+    available = split_size(uri, split)
     if available < 2:
         raise UserError(f"{uri}: the {split} split has {available} images; evaluation needs at least 2 (try --split all)")
     return None if split == "all" else split
+
+
+def split_size(uri: str, split: str) -> int:
+    """Images in a prepared dataset's split, from its manifest ("all": every written image)."""
+    manifest = read_manifest(uri)
+    return manifest["counts"]["written"] if split == "all" else manifest["splits"].get(split, 0)
 
 
 def dataset_hash(uri: str) -> str:

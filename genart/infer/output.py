@@ -181,8 +181,12 @@ class Progress:
                         bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {rate_fmt} ETA {remaining}{postfix}")
 
     def update(self, tally: Tally, done: int) -> None:
+        self.advance(done, tally.errors)
+
+    def advance(self, done: int, errors: int = 0) -> None:
+        """`done` more images, `errors` so far (for jobs without a Tally, e.g. `genart evaluate`)."""
         if self.enabled:
-            self.bar.set_postfix_str(f"{tally.errors} errors", refresh=False)
+            self.bar.set_postfix_str(f"{errors} errors", refresh=False)
             self.bar.update(done)
 
     def close(self) -> None:

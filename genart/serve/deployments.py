@@ -5,12 +5,14 @@ Generators and critics are few and hot, so each gets its own replicas, autoscali
 cold load on the request path, batches never mix models). Styles are many and long-tailed: one deployment
 loads them on demand by name (`@serve.multiplexed`, LRU-evicted), so a new style is a new checkpoint, not a
 new deployment. Options (replicas, queues, CPUs) are set by `genart.serve.app.build` with `.options()`; batch
-parameters arrive as user_config and are applied in `reconfigure`, as Ray's batching guide does.
+parameters arrive as user_config and are applied in `reconfigure`, as Ray's batching guide does. A request that
+finds its replica idle skips the batch queue (`InFlight`): nothing could join its batch, so waiting is pure latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import numpy as np
@@ -39,6 +41,39 @@ def _load(uri: str, family: str | tuple[str, ...] | None, settings: ServeArgs):
     return loaded.to(device)
 
 
+class InFlight:
+    """Requests in flight on this replica (one event loop: no lock needed).
+
+    `@serve.batch` waits up to batch_wait_timeout_s for a batch to fill even when no other request exists, which
+    is all of a lone request's queueing delay. A request that arrives to an idle replica runs at once, unbatched;
+    one that arrives while others are in flight (computing or queued) joins the batch queue, so batches still form
+    under load: the requests that pile up during one forward pass make the next batch.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.alone = 0  # requests that ran at once, unbatched
+        self.queued = 0  # requests that went to the batch queue
+        self.batches = 0  # batches the queue ran (counted by the batch methods)
+
+    @contextlib.contextmanager
+    def enter(self, batching: bool = True):
+        """Yields True when this request should run at once: alone on the replica, or batching is off."""
+        self.count += 1
+        alone = self.count == 1 or not batching
+        if alone:
+            self.alone += 1
+        else:
+            self.queued += 1
+        try:
+            yield alone
+        finally:
+            self.count -= 1
+
+    def stats(self) -> dict:
+        return {"alone": self.alone, "queued": self.queued, "batches": self.batches}
+
+
 def _images_in(jobs: list[GenerateJob]) -> int:
     return sum(job.size for job in jobs)
 
@@ -60,6 +95,7 @@ class GenerativeModel:
 
         self.model = _load(checkpoint, generative_families(), settings)
         self.batching = settings.batching
+        self.in_flight = InFlight()
 
     def reconfigure(self, user_config: dict) -> None:
         """ServeArgs.batch_config(): here max_batch_size counts images (batch_size_fn), not requests. (Serve
@@ -67,15 +103,21 @@ class GenerativeModel:
         self._generate_batch.set_max_batch_size(int(user_config["max_batch_images"]))
         self._generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
+    def batch_stats(self) -> dict:
+        """How this replica's requests ran: alone (idle replica), queued for a batch, and the batches run."""
+        return self.in_flight.stats()
+
     async def generate(self, job: GenerateJob) -> np.ndarray:
         """(n, H, W, 3) uint8 for one request."""
-        if self.batching:
-            return await self._generate_batch(job)
-        return (await asyncio.to_thread(runners.generate, self.model, [job]))[0]
+        with self.in_flight.enter(self.batching) as alone:
+            if not alone:
+                return await self._generate_batch(job)
+            return (await asyncio.to_thread(runners.generate, self.model, [job]))[0]
 
     # max_batch_size counts images (batch_size_fn); both values are replaced in reconfigure()
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
     async def _generate_batch(self, jobs: list[GenerateJob]) -> list[np.ndarray]:
+        self.in_flight.batches += 1
         # in a thread: the replica keeps queueing the next batch while this one computes
         return await asyncio.to_thread(runners.generate, self.model, jobs)
 
@@ -96,6 +138,7 @@ class CriticModel:
     def __init__(self, checkpoint: str, settings: ServeArgs):
         self.model = _load(checkpoint, "critic", settings)
         self.batching = settings.batching
+        self.in_flight = InFlight()
 
     def reconfigure(self, user_config: dict) -> None:
         _configure_batch(self._classify_batch, user_config)
@@ -103,12 +146,14 @@ class CriticModel:
     async def classify(self, image: np.ndarray) -> list[float]:
         """(H, W, 3) uint8 -> K probabilities, in label_names order."""
         x = runners.critic_input(image, self.model.image_size)  # (3, S, S): same shape for every request
-        if self.batching:
-            return await self._classify_batch(x)
-        return (await asyncio.to_thread(runners.classify, self.model, [x]))[0]
+        with self.in_flight.enter(self.batching) as alone:
+            if not alone:
+                return await self._classify_batch(x)
+            return (await asyncio.to_thread(runners.classify, self.model, [x]))[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _classify_batch(self, inputs: list[np.ndarray]) -> list[list[float]]:
+        self.in_flight.batches += 1
         return await asyncio.to_thread(runners.classify, self.model, inputs)
 
 
@@ -124,6 +169,7 @@ class StyleModels:
         self.styles = dict(styles)
         self.settings = settings
         self.batching = settings.batching
+        self.in_flight = InFlight()
 
         async def load_style(name: str):
             logger.info("loading style %r", name)
@@ -145,14 +191,16 @@ class StyleModels:
 
     async def stylize(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> stylized (H, W, 3) uint8 with the style named by the multiplexed model id."""
-        if self.batching:
-            return await self._stylize_batch(image)
-        model = await self._get_model(serve.get_multiplexed_model_id())
-        return (await asyncio.to_thread(runners.stylize, model, [image]))[0]
+        with self.in_flight.enter(self.batching) as alone:
+            if not alone:
+                return await self._stylize_batch(image)
+            model = await self._get_model(serve.get_multiplexed_model_id())
+            return (await asyncio.to_thread(runners.stylize, model, [image]))[0]
 
     # Serve splits batches by multiplexed model id, so one batch is always one style.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _stylize_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        self.in_flight.batches += 1
         model = await self._get_model(serve.get_multiplexed_model_id())
         return await asyncio.to_thread(runners.stylize, model, images)
 
