@@ -129,7 +129,8 @@ def scaling_config(cfg: TrainConfig):
 
     workers = cfg.scaling.num_workers
     return ray.train.ScalingConfig(num_workers=workers if isinstance(workers, int) else tuple(workers),
-                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})
+                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                   elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_interval_s)
 
 
 def checkpoint_config(cfg: TrainConfig):
