@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,4 +256,40 @@ def test_train_sigterm_checkpoints_and_rerun_resumes(train_data, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == TRAIN_MAX_STEPS
     assert {r["start_step"] for r in rows if r["step"] > stopped} == {stopped}, "the rerun continued from the SIGTERM step"
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "no step logged twice"
+
+
+@pytest.mark.slow
+def test_train_worker_sigterm_restarts_from_the_latest_checkpoint(train_data, tmp_path):
+    """SIGTERM to one Ray Train worker process (not the driver): Ray Train counts it as a worker failure and restarts
+    the group from the latest checkpoint (FailureConfig); the run finishes with every step counted once."""
+    runs = tmp_path / "runs"
+    run_dir = runs / "wk"
+    max_steps = 60
+    settings = [s for s in TINY_DCGAN if not s.startswith(("train.max_steps", "train.checkpoint_every_steps"))]
+    args = ["train", str(Path(__file__).resolve().parent.parent / "workflows/configs/dcgan.yaml"),
+            "--set", f"data.path={train_data}", "--set", f"run.storage={runs}", "--set", "run.name=wk",
+            "--set", f"train.max_steps={max_steps}", "--set", "train.checkpoint_every_steps=20",
+            *[a for s in settings for a in ("--set", s)]]
+    cmd = Command(args, tmp_path / "train.log")
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        while not (snapshot.exists() and "step-000020" in snapshot.read_text() and _metrics_step(run_dir) >= 25):
+            assert cmd.proc.poll() is None, cmd.output()[-3000:]
+            assert time.monotonic() < deadline, "training never got under way"
+            time.sleep(0.2)
+        workers = [int(p.split(":")[0]) for p in ray_procs.describe(cmd.look()) if "ray::RayTrainWorker" in p]
+        assert workers, ray_procs.describe(cmd.seen)
+        os.kill(workers[-1], signal.SIGTERM)
+        code = cmd.proc.wait(timeout=START_TIMEOUT_S * 2)
+        out = cmd.output()
+        assert code == 0, out[-3000:]
+        assert not cmd.leftovers(), "\n".join(ray_procs.describe(cmd.leftovers()))
+    finally:
+        cmd.cleanup()
+    restarts = sorted({int(s) for s in re.findall(r"resumed from step-(\d+) on", out)})
+    assert restarts and restarts[0] >= 20, f"the group restarted from a checkpoint: {restarts}\n{out[-3000:]}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == max_steps
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "no step logged twice"
