@@ -61,10 +61,10 @@ def stop_on_sigterm() -> None:
     worker's C++ one aborts with SIGABRT and leaves DashboardAgent/RuntimeEnvAgent behind) with one that raises
     Terminated in the main thread. A SIGTERM while ray.init itself runs (a few seconds) still meets Ray's."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
-def _raise_terminated(signum, frame) -> None:
+def raise_terminated(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
     raise Terminated()
 

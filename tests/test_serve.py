@@ -456,6 +456,66 @@ def test_bounded_flood_gets_only_200_and_503_and_the_app_recovers(app):
     assert requests.post(app + "/v1/generate", json={"n": 1}).status_code == 200
 
 
+def _replicas(app_name: str, deployment: str) -> tuple[list[str], int]:
+    """Names of the deployment's replica actors (Serve's named actors, public ray.util API; the state API needs the
+    dashboard, which the embedded Ray leaves out) and how many serve.status() counts RUNNING."""
+    import ray
+    from ray import serve
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
+    states = serve.status().applications[app_name].deployments[deployment].replica_states
+    return names, int(states.get("RUNNING", 0))
+
+
+def test_replica_killed_during_a_flood_gets_only_200_and_503_and_the_app_recovers(http, tiny_models):
+    """A model deployment of 2 replicas loses one (ray.kill, as a lost node or an OOM kill would) while 24 clients
+    flood it: requests on the dead replica get 503 + Retry-After, the survivor serves, Serve starts a replacement."""
+    import ray
+    from ray import serve
+
+    name, deployment = "t-kill", "generator-dcgan"
+    deploy(name, {
+        "models": {"dcgan": tiny_models["dcgan"]}, "max_queued_requests": 8, "max_ongoing_requests": 4,
+        "api_key_env": NO_KEY_ENV, "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 2},
+    })
+    url = f"{http}/{name}"
+    try:
+        before, running = _replicas(name, deployment)
+        assert len(before) == 2 and running == 2, (before, running)
+        done: list[int] = []
+        killed: list[str] = []
+
+        def one(i):
+            with requests.Session() as session:
+                code = session.post(url + "/v1/generate", json={"n": 2, "seed": i}, timeout=60).status_code
+            done.append(code)
+            if len(done) == 40 and not killed:  # mid-flood: 40 answered, 200 still to come
+                killed.append(before[0])
+                ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+            return code
+
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            statuses = list(pool.map(one, range(240)))
+        counts = {s: statuses.count(s) for s in set(statuses)}
+        print(f"replica killed after 40 answers: {counts}")
+        assert killed, "the replica was not killed"
+        assert set(statuses) <= {200, 503}, counts
+        assert statuses[120:].count(200) > 0, f"the survivor kept serving after the kill: {counts}"
+
+        deadline = time.monotonic() + 180
+        while True:
+            names, running = _replicas(name, deployment)
+            if running == 2 and killed[0] not in names and len(names) == 2:
+                break
+            assert time.monotonic() < deadline, f"the app never got its 2 replicas back: {names}, {running} running"
+            time.sleep(1)
+        assert serve.status().applications[name].status == "RUNNING"
+        assert requests.post(url + "/v1/generate", json={"n": 1}, timeout=60).status_code == 200
+    finally:
+        serve.delete(name)
+
+
 def test_401_without_or_with_a_wrong_key(strict):
     url, key = strict
     body = assert_error(requests.get(url + "/v1/models"), 401, "Authorization")

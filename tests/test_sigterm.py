@@ -6,7 +6,9 @@ DashboardAgent, RuntimeEnvAgent, workers) are found by that folder on their comm
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from helpers import free_port  # noqa: E402
 GENART = str(Path(sys.executable).parent / "genart")
 START_TIMEOUT_S = 240  # the box is shared and often loaded
 STOP_TIMEOUT_S = 90
+EXIT_GRACE_S = 20
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,14 @@ class Command:
             return -999
 
     def leftovers(self) -> set[int]:
-        time.sleep(2)  # children that are exiting get a moment
-        return ray_procs.still_alive(self.seen) | ray_procs.mentioning(self.temp_dir)
+        """Processes of this command's Ray still alive EXIT_GRACE_S after it exited. Ray's agents notice that their
+        raylet is gone by polling it; on a loaded machine that took over 2 s."""
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while True:
+            left = ray_procs.still_alive(self.seen) | ray_procs.mentioning(self.temp_dir)
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
 
     def cleanup(self) -> None:
         if self.proc.poll() is None:
@@ -139,3 +148,148 @@ def test_batch_command_sigterm_leaves_nothing_and_reruns(style_model, tmp_path):
         assert sorted(p.name for p in out_dir.glob("*.png")) == sorted(p.name for p in src.iterdir())
     finally:
         rerun.cleanup()
+
+
+# ---------------------------------------------------------------- training preempted
+
+
+TRAIN_MAX_STEPS = 300
+TINY_DCGAN = ["model.latent_dim=16", "model.base_channels=8", "model.max_channels=32", "model.num_samples=16",
+              "model.eval_samples=16", "data.batch_size=8", f"train.max_steps={TRAIN_MAX_STEPS}",
+              "train.checkpoint_every_steps=1000", "train.log_every_steps=5", "train.keep_last=5",
+              "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> str:
+    """Prepared by `genart prepare` in its own Ray, which has stopped before any training starts."""
+    from genart.data.synth import make_synth
+
+    root = tmp_path_factory.mktemp("sigterm-train-data")
+    make_synth(str(root / "raw"), num=120, size=32, seed=1)
+    prepare = Command(["prepare", str(root / "raw"), "--out", str(root / "synth"), "--size", "32", "--val-fraction", "0.2"],
+                      root / "prepare.log")
+    try:
+        assert prepare.proc.wait(timeout=START_TIMEOUT_S) == 0, prepare.output()[-3000:]
+    finally:
+        prepare.cleanup()
+    return str(root / "synth")
+
+
+def _no_driver_traceback(out: str) -> bool:
+    """No traceback from the driver itself. (Ray's actors' lines are prefixed by their name and pid; on a machine
+    running other Ray instances, Train V2's PlacementGroupCleaner prints one: "Found multiple active Ray instances".)"""
+    return not any(line.startswith("Traceback") for line in out.splitlines())
+
+
+def _metrics_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _preempt(args: list[str], run_dir: Path, after_step: int, log: Path) -> tuple[int, str]:
+    """Run `genart train`, SIGTERM it once metrics.jsonl passes `after_step`; its exit code and output. No process of
+    its Ray may be left."""
+    cmd = Command(args, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while _metrics_step(run_dir) < after_step:
+            assert cmd.proc.poll() is None, cmd.output()[-3000:]
+            assert time.monotonic() < deadline, "training never got under way"
+            time.sleep(0.2)
+        code = cmd.sigterm_and_wait()
+        left = cmd.leftovers()
+        assert not left, "\n".join(ray_procs.describe(left))
+        return code, cmd.output()
+    finally:
+        cmd.cleanup()
+
+
+def _complete(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name[5:]) for p in run_dir.glob("step-*/state.json"))
+
+
+@pytest.mark.slow
+def test_train_sigterm_checkpoints_and_rerun_resumes(train_data, tmp_path):
+    """SIGTERM to the driver: the workers save a checkpoint at their next log step and the command exits 143 with
+    nothing left running; the same command resumes there. A checkpoint Ray knows but storage lost (no state.json)
+    is skipped for the newest complete one."""
+    runs = tmp_path / "runs"
+    run_dir = runs / "pre"
+    args = ["train", "workflows/configs/dcgan.yaml", "--set", f"data.path={train_data}", "--set", f"run.storage={runs}",
+            "--set", "run.name=pre", *[a for s in TINY_DCGAN for a in ("--set", s)]]
+    cwd = Path(__file__).resolve().parent.parent
+    args[1] = str(cwd / args[1])
+
+    code, out = _preempt(args, run_dir, 10, tmp_path / "train1.log")
+    assert code == 143, f"exit {code}\n{out[-3000:]}"
+    assert "SIGTERM: saving a checkpoint at the next log step" in out and _no_driver_traceback(out), out[-3000:]
+    first = _complete(run_dir)
+    assert len(first) == 1 and 10 < first[0] < TRAIN_MAX_STEPS, first
+    stopped = first[0]
+    assert f"stopped by SIGTERM at step {stopped}; latest checkpoint step-{stopped:06d}" in out
+    state = json.loads((run_dir / f"step-{stopped:06d}" / "state.json").read_text())
+    assert state["step"] == stopped
+    assert not (run_dir / "stop-requested").exists()
+
+    # the same command resumes from the SIGTERM checkpoint; preempted again
+    code, out = _preempt(args, run_dir, stopped + 10, tmp_path / "train2.log")
+    assert code == 143, f"exit {code}\n{out[-3000:]}"
+    assert f"resumed from step-{stopped:06d}" in out, out[-3000:]
+    second = _complete(run_dir)
+    assert len(second) == 2 and second[0] == stopped and second[1] > stopped + 10, second
+
+    # storage loses the newest checkpoint's state.json (Ray's snapshot still names it): resume from the one before
+    (run_dir / f"step-{second[1]:06d}" / "state.json").unlink()
+    rerun = Command(args, tmp_path / "train3.log")
+    try:
+        code = rerun.proc.wait(timeout=START_TIMEOUT_S * 2)
+        out = rerun.output()
+        assert code == 0, out[-3000:]
+        assert f"is missing; resuming from step-{stopped:06d}" in out, out[-3000:]
+        assert not rerun.leftovers(), "\n".join(ray_procs.describe(rerun.leftovers()))
+    finally:
+        rerun.cleanup()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == TRAIN_MAX_STEPS
+    assert {r["start_step"] for r in rows if r["step"] > stopped} == {stopped}, "the rerun continued from the SIGTERM step"
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "no step logged twice"
+
+
+@pytest.mark.slow
+def test_train_worker_sigterm_restarts_from_the_latest_checkpoint(train_data, tmp_path):
+    """SIGTERM to one Ray Train worker process (not the driver): Ray Train counts it as a worker failure and restarts
+    the group from the latest checkpoint (FailureConfig); the run finishes with every step counted once."""
+    runs = tmp_path / "runs"
+    run_dir = runs / "wk"
+    max_steps = 60
+    settings = [s for s in TINY_DCGAN if not s.startswith(("train.max_steps", "train.checkpoint_every_steps"))]
+    args = ["train", str(Path(__file__).resolve().parent.parent / "workflows/configs/dcgan.yaml"),
+            "--set", f"data.path={train_data}", "--set", f"run.storage={runs}", "--set", "run.name=wk",
+            "--set", f"train.max_steps={max_steps}", "--set", "train.checkpoint_every_steps=20",
+            *[a for s in settings for a in ("--set", s)]]
+    cmd = Command(args, tmp_path / "train.log")
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        while not (snapshot.exists() and "step-000020" in snapshot.read_text() and _metrics_step(run_dir) >= 25):
+            assert cmd.proc.poll() is None, cmd.output()[-3000:]
+            assert time.monotonic() < deadline, "training never got under way"
+            time.sleep(0.2)
+        workers = [int(p.split(":")[0]) for p in ray_procs.describe(cmd.look()) if "ray::RayTrainWorker" in p]
+        assert workers, ray_procs.describe(cmd.seen)
+        os.kill(workers[-1], signal.SIGTERM)
+        code = cmd.proc.wait(timeout=START_TIMEOUT_S * 2)
+        out = cmd.output()
+        assert code == 0, out[-3000:]
+        assert not cmd.leftovers(), "\n".join(ray_procs.describe(cmd.leftovers()))
+    finally:
+        cmd.cleanup()
+    restarts = sorted({int(s) for s in re.findall(r"resumed from step-(\d+) on", out)})
+    assert restarts and restarts[0] >= 20, f"the group restarted from a checkpoint: {restarts}\n{out[-3000:]}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == max_steps
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "no step logged twice"

@@ -190,6 +190,9 @@ def test_elastic_num_workers_maps_to_train_v2(tmp_path):
     cfg = make_cfg("critic", str(tmp_path), str(tmp_path), "c", scaling={"num_workers": [1, 3]})
     ray_scaling = scaling_config(cfg)
     assert ray_scaling.num_workers == (1, 3) and ray_scaling.elasticity_enabled
+    assert ray_scaling.elastic_resize_monitor_interval_s == 60.0
+    quick = make_cfg("critic", str(tmp_path), str(tmp_path), "c", scaling={"num_workers": [1, 3], "elastic_resize_interval_s": 5})
+    assert scaling_config(quick).elastic_resize_monitor_interval_s == 5
     assert (cfg.scaling.min_workers, cfg.scaling.max_workers, cfg.scaling.workers_text) == (1, 3, "1-3")
     assert scaling_config(make_cfg("critic", str(tmp_path), str(tmp_path), "c")).num_workers == 2
     with pytest.raises(UserError, match="scaling.num_workers"):

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 
@@ -168,6 +169,9 @@ class Ingress:
                            f"{self.settings.max_queued_requests}); retry shortly", {"Retry-After": "1"}) from None
         except DeploymentUnavailableError as exc:
             raise ApiError(503, "unavailable", f"model {name!r} is not available: {exc}"[:300], {"Retry-After": "5"}) from None
+        except RayActorError:  # the replica died under this request (node lost, OOM, killed); Serve starts another
+            raise ApiError(503, "unavailable", f"model {name!r} lost the replica serving this request; retry shortly",
+                           {"Retry-After": "1"}) from None
         except UserError as exc:  # requests are validated here first, so this is the model's side, e.g. a broken checkpoint
             cause = getattr(exc, "cause", None) or exc  # the original error inside Ray's RayTaskError wrapper
             raise ApiError(500, "model error", f"model {name!r}: {str(cause).splitlines()[0][:300]}") from None

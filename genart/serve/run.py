@@ -58,6 +58,10 @@ def start_http(host: str, port: int, request_timeout_s: float | None = None, acc
     if request_timeout_s:
         http_options["request_timeout_s"] = request_timeout_s
     serve.start(http_options=http_options, logging_config={"enable_access_log": access_log})
+    # The one private Ray call left in genart (Ray 2.60): no public API reads a running Serve's HTTP options.
+    # serve.status() lists proxies and apps without host/port; the dashboard's GET /api/serve/applications/ has
+    # them but the embedded Ray runs without a dashboard; serve.start() keeps an earlier instance's options and
+    # only logs a warning, so the address asked for is not necessarily the one that answers.
     config = _get_global_client().http_config
     return config.host, config.port
 

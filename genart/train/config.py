@@ -60,6 +60,9 @@ class ScalingSection(Section):
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = Field(1.0, gt=0)  # logical CPUs reserved per worker (Ray Data needs some left over)
+    # Elastic runs: how often a healthy run checks whether more workers now fit; growing restarts the workers from
+    # the latest checkpoint (Ray's ScalingConfig(elastic_resize_monitor_interval_s))
+    elastic_resize_interval_s: float = Field(60.0, ge=0)
 
     @field_validator("num_workers")
     @classmethod

@@ -60,7 +60,7 @@ def train_loop_per_worker(config: dict) -> None:
     precision = Precision(cfg.train.amp, device)
 
     start_step, restored_rng = 0, False
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_checkpoint(run_dir)
     if checkpoint:
         from genart.models.checkpoint import restore_training
 
@@ -84,8 +84,9 @@ def train_loop_per_worker(config: dict) -> None:
     data_seed = _seed(cfg.train.seed, "data", rank, start_step)  # never shared by two ranks, nor by two resumes
     batches = _batches(cfg, device, augment, data_seed, cached=config.get("cached", False))
     window = _Window()
-    step = start_step
-    while step < cfg.train.max_steps:
+    stop = outputs.stop_request(run_dir)
+    step, stopping = start_step, False
+    while step < cfg.train.max_steps and not stopping:
         batch = next(batches)
         if rank == 0 and fixed is None:  # no val split: the first train batch feeds the sample grid
             example = {**{k: v.detach().cpu() for k, v in batch.items()}, "label_names": label_names}
@@ -95,6 +96,9 @@ def train_loop_per_worker(config: dict) -> None:
         at_checkpoint = step % cfg.train.checkpoint_every_steps == 0 or step == cfg.train.max_steps
         if step % cfg.train.log_every_steps and not at_checkpoint:
             continue
+        # A preempted driver asked for a checkpoint now (trainer._checkpoint_on_sigterm): save one and return.
+        stopping = _stop_requested(stop, rank, world)
+        at_checkpoint = at_checkpoint or stopping
         # Every rank's RNG streams go into the checkpoint, so a resumed rank draws the noise it would have drawn.
         rng_ranks = _gather_rng(world) if at_checkpoint else None
         # means() is a collective too: every rank reaches it at the same steps (steps count alike everywhere).
@@ -139,6 +143,33 @@ def _checkpoint_and_report(family, cfg: TrainConfig, nets: dict, opts: dict, val
         ray.train.report(scored, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=outputs.checkpoint_name(step))
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _resume_checkpoint(run_dir: str):
+    """The checkpoint to resume from: Ray's latest, unless it is gone from storage (or Ray knows none), then the
+    newest complete one in the run folder (state.json is written last, so a half-uploaded one is never picked)."""
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    done = outputs.list_checkpoints(run_dir, complete=True)
+    if latest is not None:
+        name = latest.path.rstrip("/").rsplit("/", 1)[-1]
+        if name in {n for _, n in done}:
+            return latest
+    if not done:
+        return None
+    fs, path = storage.arrow_fs(storage.join(run_dir, done[-1][1]))
+    if latest is not None and ray.train.get_context().get_world_rank() == 0:
+        _say(f"Ray's latest checkpoint {latest.path} is missing; resuming from {done[-1][1]}, the newest complete one")
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
+def _stop_requested(marker: str, rank: int, world: int) -> bool:
+    """Whether the stop marker exists, as rank 0 sees it, on every rank (they must all stop at the same step)."""
+    wanted = torch.tensor([1.0 if rank == 0 and storage.exists(marker) else 0.0])
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.broadcast(wanted, src=0)
+    return bool(wanted.item())
 
 
 # ---------------------------------------------------------------- data

@@ -2,6 +2,7 @@
 samples/step-XXXXXX.png, best.json (Ray Train deletes old checkpoints). Every write replaces a whole object.
 
     <run>/config.yaml  metrics.jsonl  loss.png  best.json  samples/step-000100.png  step-000100/ ...
+    <run>/stop-requested   while a preempted driver waits for the workers' last checkpoint (see trainer.py)
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ import re
 from genart import storage
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
+STOP_REQUEST = "stop-requested"
 PER_CLASS = re.compile(r"_class_\d+$")  # per-class metrics stay in metrics.jsonl, out of the plot
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def stop_request(run_dir: str) -> str:
+    """The marker a driver writes on SIGTERM: the workers checkpoint at their next log step and return."""
+    return storage.join(run_dir, STOP_REQUEST)
 
 
 def list_checkpoints(run_dir: str, complete: bool = False) -> list[tuple[int, str]]:

@@ -6,8 +6,11 @@ Re-running the same command (same run.storage and run.name) resumes from the lat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 
 from genart import config as config_lib
@@ -73,11 +76,50 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     started = time.time()
+    stop = outputs.stop_request(run_dir)
+    if storage.exists(stop):  # left by a driver that was killed while it waited
+        storage.remove(stop)
     try:
-        trainer.fit()
+        with _checkpoint_on_sigterm(stop, echo) as preempted:
+            trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise RuntimeError(f"training failed after {cfg.run.max_failures} recoveries; see the worker error above") from exc
-    return summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
+    finally:
+        if storage.exists(stop):
+            storage.remove(stop)
+    summary = summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
+    if preempted.is_set() and summary["step"] < cfg.train.max_steps:
+        latest = outputs.list_checkpoints(run_dir, complete=True)
+        echo(f"stopped by SIGTERM at step {summary['step']}; latest checkpoint {latest[-1][1] if latest else '-'}")
+        raise runtime.Terminated()
+    return summary
+
+
+@contextlib.contextmanager
+def _checkpoint_on_sigterm(stop: str, echo):
+    """While fit() runs, the first SIGTERM (Kubernetes, spot reclaim, `docker stop`) writes the stop marker instead of
+    raising: the workers agree on it at their next log step, save a checkpoint there and return, so fit() ends
+    normally and a rerun resumes from that step. A second SIGTERM raises runtime.Terminated (Ray aborts the run; the
+    rerun starts from the last periodic checkpoint). Yields an Event set once SIGTERM arrived."""
+    from genart import runtime
+
+    preempted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield preempted
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        if preempted.is_set():
+            runtime.raise_terminated(signum, frame)
+        preempted.set()
+        echo("SIGTERM: saving a checkpoint at the next log step, then stopping (SIGTERM again to stop now)")
+        storage.write_text(stop, "SIGTERM\n")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield preempted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def scaling_config(cfg: TrainConfig):
@@ -87,7 +129,8 @@ def scaling_config(cfg: TrainConfig):
 
     workers = cfg.scaling.num_workers
     return ray.train.ScalingConfig(num_workers=workers if isinstance(workers, int) else tuple(workers),
-                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})
+                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                   elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_interval_s)
 
 
 def checkpoint_config(cfg: TrainConfig):
