@@ -1,4 +1,4 @@
-"""Near-duplicate pictures for `genart prepare`: a perceptual hash per image and a sub-quadratic search for close pairs.
+"""Near-duplicate pictures for `genart prepare`: a perceptual hash per image and a multi-index search for close pairs.
 
 The hash is colour-aware: imagehash's pHash (DCT, 64 bits) of each RGB channel of a 32 x 32 thumbnail, plus a
 thermometer code of the mean colour. Re-encoded, resized and slightly cropped copies land a few bits apart;
