@@ -59,21 +59,31 @@ set_option = click.option(
 @click.option("--val-fraction", type=float, default=0.05, show_default=True, help="Share of images in the val split.")
 @click.option("--shard-rows", type=int, default=10_000, show_default=True, help="Rows per Parquet shard.")
 @click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@click.option("--near-dedup", is_flag=True,
+              help="Drop near duplicates (re-encoded, resized, slightly cropped copies); default: only report them.")
+@click.option("--near-threshold", type=int, default=None,
+              help="Largest perceptual-hash distance (bits) that makes two pictures near duplicates (default: 32).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at --out.")
 @address_option
-def prepare(srcs, dest, size, resize_mode, labels, val_fraction, shard_rows, max_pixels, overwrite, address):
+def prepare(srcs, dest, size, resize_mode, labels, val_fraction, shard_rows, max_pixels, near_dedup, near_threshold,
+            overwrite, address):
     """Turn raw images (folders, .zip/.tar archives, Parquet, MNIST-style idx pairs, s3:// prefixes) into a
-    validated, deduplicated, sharded Parquet dataset with manifest.json and rejected.jsonl.
+    validated, deduplicated, sharded Parquet dataset with manifest.json and rejected.jsonl. Near duplicates (pairs
+    within --near-threshold) are listed in near_duplicates.jsonl, and dropped with --near-dedup (the copy with the
+    larger source name goes).
 
     An idx pair is a *-images-idx3-ubyte[.gz] file with its *-labels-idx1-ubyte[.gz] beside it (give the file or
     its folder); its images are labelled by the labels file ("0".."9" for MNIST)."""
     from genart import runtime
     from genart.data import images
+    from genart.data import near_dupes
     from genart.data.prepare import PrepareOptions, prepare as run_prepare, summary
 
     runtime.init(address)
     opts = PrepareOptions(size=size, resize_mode=resize_mode, labels=labels, val_fraction=val_fraction,
-                          shard_rows=shard_rows, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, overwrite=overwrite)
+                          shard_rows=shard_rows, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, overwrite=overwrite,
+                          near_dedup=near_dedup,
+                          near_threshold=near_dupes.DEFAULT_THRESHOLD if near_threshold is None else near_threshold)
     manifest = run_prepare(list(srcs), dest, opts)
     click.echo(summary(manifest))
     click.echo(f"dataset: {dest}")

@@ -60,7 +60,8 @@ def test_prepare_folder(tmp_path, ray_session):
 
     kept = [r for r, (_, e) in files.items() if e is None]
     bad = {r: e for r, (_, e) in files.items() if e not in (None, "duplicate")}
-    assert manifest["counts"] == {"input": len(files), "written": len(kept), "rejected": len(bad), "duplicates": 1}
+    assert manifest["counts"] == {"input": len(files), "written": len(kept), "rejected": len(bad), "duplicates": 1,
+                                  "near_duplicates": 2, "near_duplicates_dropped": 0}
     assert manifest["labels"] == {"birds": 0, "cats": 1, "dogs": 2}
     assert manifest["image_size"] == 16 and manifest["version"] == 1 and manifest["genart_version"]
     assert sum(manifest["splits"].values()) == len(kept)
@@ -81,6 +82,11 @@ def test_prepare_folder(tmp_path, ray_session):
         assert reason.startswith(bad[rel]), (rel, reason)
     dups = [json.loads(x) for x in storage.read_text(os.path.join(dest, "duplicates.jsonl")).splitlines()]
     assert [os.path.relpath(d["source"], src) for d in dups] == ["birds/dup_b.bmp"]
+    # Two plain white pictures (transparent pixels composited onto white) and two plain red ones, in other sizes:
+    # near duplicates, reported and (without --near-dedup) kept.
+    near = [json.loads(x) for x in storage.read_text(os.path.join(dest, "near_duplicates.jsonl")).splitlines()]
+    assert [(os.path.relpath(p["kept_source"], src), os.path.relpath(p["duplicate_source"], src)) for p in near] == [
+        ("cats/palette_transparent.png", "cats/rgba.png"), ("dogs/cmyk.jpg", "dogs/rotated.jpg")]
     assert not [p for p in os.listdir(dest) if p.startswith("_staging-")]
 
 
@@ -114,11 +120,73 @@ def test_prepare_s3_to_s3_and_read_back(tmp_path, s3_bucket, ray_session):
     storage.upload_dir(str(local), f"s3://{s3_bucket}/raw")
     dest = f"s3://{s3_bucket}/prepared"
     manifest = prep.prepare([f"s3://{s3_bucket}/raw"], dest, prep.PrepareOptions(size=16, val_fraction=0.0), progress=False)
-    assert manifest["counts"] == {"input": 20, "written": 20, "rejected": 0, "duplicates": 0}
+    assert manifest["counts"] == {"input": 20, "written": 20, "rejected": 0, "duplicates": 0, "near_duplicates": 0,
+                                  "near_duplicates_dropped": 0}
     assert read_manifest(dest)["labels"] == manifest["labels"]
     assert all(s.startswith(f"s3://{s3_bucket}/raw/") for s in (r["source"] for r in _rows(dest)))
     batch = next(iter(training_dataset(dest, "train", 16).iter_batches(batch_size=32, batch_format="numpy")))
     assert batch["image"].shape == (20, 3, 16, 16)
+
+
+def _near_copy_corpus(folder) -> set[tuple[str, str]]:
+    """Shipped paintings, near copies of some of them, and distinct synthetic images; returns the planted
+    (original, copy) file names. A copy's name sorts after its original's, so the original is the one kept."""
+    import glob
+
+    from genart.data.synth import GENRES, render
+
+    folder.mkdir()
+    paintings = sorted(glob.glob(os.path.join(os.path.dirname(images.__file__), "..", "assets", "paintings", "*", "*.jpg")))[:8]
+    planted = set()
+    for i, path in enumerate(paintings):
+        img = images.decode_image(open(path, "rb").read())
+        img.save(folder / f"p{i}.png")
+        w, h = img.size
+        copy = {0: ("jpeg", lambda: img), 1: ("half", lambda: img.resize((w // 2, h // 2))),
+                2: ("crop3", lambda: img.crop((round(w * 0.015), round(h * 0.015), w - round(w * 0.015), h - round(h * 0.015)))),
+                3: ("side2", lambda: img.crop((round(w * 0.02), 0, w, h)))}.get(i)
+        if copy:
+            name = f"p{i}_{copy[0]}.jpg"
+            copy[1]().save(folder / name, quality=75)  # every copy is also re-encoded as JPEG
+            planted.add((f"p{i}.png", name))
+    for i in range(40):
+        render(GENRES[i % len(GENRES)], i // len(GENRES), 48).save(folder / f"s{i:02d}.png")
+    return planted
+
+
+def test_near_duplicates_reported_and_dropped(tmp_path, ray_session):
+    src = tmp_path / "raw"
+    planted = _near_copy_corpus(src)
+    total = 8 + len(planted) + 40
+    dest = str(tmp_path / "report")
+    manifest = prep.prepare([str(src)], dest, prep.PrepareOptions(size=16), progress=False)
+    pairs = [json.loads(line) for line in storage.read_text(os.path.join(dest, "near_duplicates.jsonl")).splitlines()]
+    assert {(os.path.basename(p["kept_source"]), os.path.basename(p["duplicate_source"])) for p in pairs} == planted
+    ids = {r["source"]: r["id"] for r in _rows(dest)}
+    assert all(ids[p["kept_source"]] == p["kept_id"] and ids[p["duplicate_source"]] == p["duplicate_id"] for p in pairs)
+    assert all(0 <= p["distance"] <= manifest["near_dedup"]["threshold"] for p in pairs)
+    assert manifest["counts"] == {"input": total, "written": total, "rejected": 0, "duplicates": 0,
+                                  "near_duplicates": len(planted), "near_duplicates_dropped": 0}
+
+    # --near-dedup drops the copies (and only them); the same pairs are reported.
+    dropped = str(tmp_path / "dropped")
+    result = CliRunner().invoke(main, ["prepare", str(src), "--out", dropped, "--size", "16", "--near-dedup"])
+    assert result.exit_code == 0, result.output
+    assert f"near duplicates {len(planted)} (dropped" in result.output
+    assert sorted(os.path.basename(r["source"]) for r in _rows(dropped)) == sorted(
+        n for n in os.listdir(src) if n not in {c for _, c in planted})
+    again = read_manifest(dropped)
+    assert again["counts"]["written"] == total - len(planted) == sum(again["splits"].values())
+    assert again["counts"]["near_duplicates_dropped"] == len(planted)
+    reported = [json.loads(line) for line in storage.read_text(os.path.join(dropped, "near_duplicates.jsonl")).splitlines()]
+    assert [(p["kept_id"], p["duplicate_id"], p["distance"]) for p in reported] == [
+        (p["kept_id"], p["duplicate_id"], p["distance"]) for p in pairs]
+
+    # --near-threshold 0: only pictures with equal hashes pair up (here a re-encoded or halved copy or two).
+    strict = prep.prepare([str(src)], str(tmp_path / "strict"), prep.PrepareOptions(size=16, near_threshold=0), progress=False)
+    assert strict["counts"]["near_duplicates"] == sum(p["distance"] == 0 for p in pairs) < len(planted)
+    bad = CliRunner().invoke(main, ["prepare", str(src), "--out", str(tmp_path / "x"), "--near-threshold", "500"])
+    assert bad.exit_code == 2 and "--near-threshold 500" in bad.output
 
 
 def test_round_trip_tensors(tmp_path, synth_dir, ray_session):

@@ -3,7 +3,8 @@
     genart prepare data/raw.zip --out data/prepared --size 64
 
 Stages: plan on the driver -> read + decode + validate + resize as a Ray Data pipeline -> staging shards ->
-finalize (drop exact duplicates, name shards part-*.parquet, write rejected.jsonl) -> manifest.json last.
+finalize (drop exact duplicates, find near duplicates by perceptual hash and report or drop them, name shards
+part-*.parquet, write rejected.jsonl, duplicates.jsonl, near_duplicates.jsonl) -> manifest.json last.
 DEST is complete or absent: until the manifest exists, nothing at DEST looks like a finished dataset.
 """
 
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genart import __version__, storage
-from genart.data import images, sources
+from genart.data import images, near_dupes, sources
 from genart.errors import UserError
 
 FORMAT_VERSION = 1
@@ -37,6 +38,7 @@ SCHEMA = pa.schema(
         ("split", pa.string()),  # "train" | "val", deterministic from id
         ("source", pa.string()),  # original path, s3 URI, "archive!member" or "file#row"
         ("sha256", pa.string()),  # of the decoded pixels and size: equal for the same picture in any encoding
+        ("phash", pa.string()),  # perceptual hash of the decoded picture (near_dupes): close for near copies
     ]
 )
 
@@ -50,6 +52,11 @@ class PrepareOptions:
     shard_rows: int = 10_000
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     overwrite: bool = False
+    near_dedup: bool = False  # drop near duplicates; False reports them in near_duplicates.jsonl and keeps them
+    near_threshold: int = near_dupes.DEFAULT_THRESHOLD  # Hamming distance of perceptual hashes, 0..MAX_NEAR_THRESHOLD
+
+
+MAX_NEAR_THRESHOLD = 96  # a third of the hash's bits: beyond that, unrelated pictures start to pair up
 
 
 def split_of(image_id: str, val_fraction: float) -> str:
@@ -118,6 +125,8 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
         raise UserError(f"--resize {opts.resize_mode}: must be crop or pad")
     if opts.labels not in (None, "dirs", "none"):
         raise UserError(f"--labels {opts.labels}: must be dirs or none")
+    if not 0 <= opts.near_threshold <= MAX_NEAR_THRESHOLD:
+        raise UserError(f"--near-threshold {opts.near_threshold}: must be between 0 and {MAX_NEAR_THRESHOLD}")
     plan = mixed(sources.plan(srcs, opts.labels))
     _check_dest(dest, opts.overwrite)
     runtime.init()
@@ -133,6 +142,7 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
     def to_row(rec: dict) -> dict:
         img = images.decode_image(rec["data"], max_pixels)
         digest = images.pixel_sha256(img)
+        phash = near_dupes.perceptual_hash(img)  # of the picture as given, before --size crops it
         if size:
             img = images.resize_square(img, size, mode)
         image_id = digest[:16]
@@ -147,6 +157,7 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
             "split": split_of(image_id, val_fraction),
             "source": rec["source"],
             "sha256": digest,
+            "phash": phash,
         }
 
     def process(batch: pa.Table) -> pa.Table:
@@ -178,58 +189,42 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
     return manifest
 
 
+@dataclass(frozen=True)
+class StagedRow:
+    """What finalize needs of one staged row: small, no image bytes."""
+
+    id: str
+    source: str  # unique per input: the row's identity through finalize
+    sha256: str
+    phash: str
+    split: str
+    shard: int  # index of its staging shard
+
+
 def _finalize(dest: str, staging: str, plan: sources.Plan, opts: PrepareOptions, started: float) -> dict:
-    """Deduplicate, rename shards to part-*.parquet, write rejected.jsonl, then the manifest (last)."""
+    """Deduplicate, rename shards to part-*.parquet, write the sidecar files, then the manifest (last)."""
     fs, _ = storage.arrow_fs(dest)
     parts = sorted(u for u in storage.listdir(storage.join(staging, "parts")) if u.endswith(".parquet"))
-    keys = []  # (sha256, source, shard index, split) of every written row: small, no image bytes
-    for index, part in enumerate(parts):
-        table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs, columns=["sha256", "source", "split"])
-        keys.extend(zip(table.column("sha256").to_pylist(), table.column("source").to_pylist(), [index] * table.num_rows, table.column("split").to_pylist()))
-    # Keep, for each picture, the copy with the smallest source name: deterministic across runs.
-    keep: dict[str, str] = {}
-    for digest, source, _, _ in keys:
-        if digest not in keep or source < keep[digest]:
-            keep[digest] = source
-    duplicates = [{"source": s, "duplicate_of": keep[d]} for d, s, _, _ in keys if keep[d] != s]
-    dirty = {i for d, s, i, _ in keys if keep[d] != s}
+    rows = _staged_rows(parts, fs)
+    unique, duplicates = _exact_duplicates(rows)
+    near = _near_duplicates(unique, opts.near_threshold)
+    dropped = {pair["duplicate_source"] for pair in near} if opts.near_dedup else set()
+    kept = [r for r in unique if r.source not in dropped]
+    rejects = _rejects(staging, plan)
 
-    rejects = {}
-    for uri in storage.listdir(storage.join(staging, "rejects")):
-        for line in storage.read_text(uri).splitlines():
-            rec = json.loads(line)
-            rejects[rec["source"]] = rec
-    rejects.update({f["source"]: f for f in plan.failures})
+    _clear_old_dataset(dest, staging)  # only now that the new one is complete in staging
+    _publish_shards(parts, {r.source for r in kept}, {r.shard for r in rows} - _whole_shards(rows, kept), dest, fs)
+    _write_jsonl(storage.join(dest, "rejected.jsonl"), [r for _, r in sorted(rejects.items())])
+    _write_jsonl(storage.join(dest, "duplicates.jsonl"), sorted(duplicates, key=lambda r: r["source"]))
+    _write_jsonl(storage.join(dest, "near_duplicates.jsonl"), near)
 
-    # Replace an older dataset only now that the new one is complete in staging.
-    storage.remove(storage.join(dest, "manifest.json"))
-    for old in storage.listdir(dest):
-        name = storage.relative(dest, old)
-        if _ours(name) and name != staging.rstrip("/").rsplit("/", 1)[-1]:
-            storage.remove(old)  # older shards, sidecars, and staging folders of crashed runs
-    written, splits, label_counts = 0, collections.Counter(), collections.Counter()
-    for index, part in enumerate(parts):
-        target = storage.join(dest, f"part-{index:05d}.parquet")
-        if index in dirty:
-            table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs)
-            mask = [keep[d] == s for d, s in zip(table.column("sha256").to_pylist(), table.column("source").to_pylist())]
-            table = table.filter(pa.array(mask))
-            pq.write_table(table, storage.arrow_fs(target)[1], filesystem=fs)
-        else:
-            storage.move(part, target)
-    for digest, source, _, split in keys:
-        if keep[digest] == source:
-            written += 1
-            splits[split] += 1
-    storage.write_text(storage.join(dest, "rejected.jsonl"), "".join(json.dumps(r) + "\n" for _, r in sorted(rejects.items())))
-    storage.write_text(storage.join(dest, "duplicates.jsonl"), "".join(json.dumps(r) + "\n" for r in sorted(duplicates, key=lambda r: r["source"])))
-
-    counts = {"input": plan.num_inputs, "written": written, "rejected": len(rejects), "duplicates": len(duplicates)}
-    accounted = written + len(rejects) + len(duplicates)
+    counts = {"input": plan.num_inputs, "written": len(kept), "rejected": len(rejects), "duplicates": len(duplicates),
+              "near_duplicates": len(near), "near_duplicates_dropped": len(dropped)}
+    accounted = len(kept) + len(rejects) + len(duplicates) + len(dropped)
     if accounted != plan.num_inputs:
         # Never a silent drop: an input neither written, rejected nor deduplicated is a bug worth stopping for.
         raise RuntimeError(f"prepare lost track of inputs: {plan.num_inputs} planned, {accounted} accounted for")
-    elapsed = time.time() - started
+    splits = collections.Counter(r.split for r in kept)
     manifest = {
         "version": FORMAT_VERSION,
         "counts": counts,
@@ -239,15 +234,87 @@ def _finalize(dest: str, staging: str, plan: sources.Plan, opts: PrepareOptions,
         "resize_mode": opts.resize_mode if opts.size else None,
         "val_fraction": opts.val_fraction,
         "max_pixels": opts.max_pixels,
+        "near_dedup": {"threshold": opts.near_threshold, "drop": opts.near_dedup, "hash_bits": near_dupes.HASH_BITS},
         "shards": len(parts),
         "reject_reasons": dict(collections.Counter(_reason_kind(r["reason"]) for r in rejects.values())),
         "sources": [str(s) for s in plan_sources_of(plan)],
-        "seconds": round(elapsed, 2),
+        "seconds": round(time.time() - started, 2),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "genart_version": __version__,
     }
     storage.write_text(storage.join(dest, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _staged_rows(parts: list[str], fs) -> list[StagedRow]:
+    rows = []
+    columns = ["id", "source", "sha256", "phash", "split"]
+    for index, part in enumerate(parts):
+        table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs, columns=columns)
+        rows.extend(StagedRow(*values, shard=index) for values in zip(*(table.column(c).to_pylist() for c in columns)))
+    return rows
+
+
+def _exact_duplicates(rows: list[StagedRow]) -> tuple[list[StagedRow], list[dict]]:
+    """(one row per picture, sorted by source; the others as duplicates.jsonl records).
+
+    The copy kept is the one with the smallest source name: deterministic across runs.
+    """
+    keep: dict[str, str] = {}
+    for row in rows:
+        if row.sha256 not in keep or row.source < keep[row.sha256]:
+            keep[row.sha256] = row.source
+    unique = sorted((r for r in rows if keep[r.sha256] == r.source), key=lambda r: r.source)
+    duplicates = [{"source": r.source, "duplicate_of": keep[r.sha256]} for r in rows if keep[r.sha256] != r.source]
+    return unique, duplicates
+
+
+def _near_duplicates(unique: list[StagedRow], threshold: int) -> list[dict]:
+    """near_duplicates.jsonl records, in source order: the earlier picture by source name is the one kept."""
+    pairs = near_dupes.find([r.phash for r in unique], threshold)
+    return [{"kept_id": unique[p.kept].id, "kept_source": unique[p.kept].source, "duplicate_id": unique[p.duplicate].id,
+             "duplicate_source": unique[p.duplicate].source, "distance": p.distance} for p in pairs]
+
+
+def _whole_shards(rows: list[StagedRow], kept: list[StagedRow]) -> set[int]:
+    """Shards every row of which is kept: moved as they are, never rewritten."""
+    staged, survived = collections.Counter(r.shard for r in rows), collections.Counter(r.shard for r in kept)
+    return {shard for shard, n in staged.items() if survived[shard] == n}
+
+
+def _rejects(staging: str, plan: sources.Plan) -> dict[str, dict]:
+    rejects = {}
+    for uri in storage.listdir(storage.join(staging, "rejects")):
+        for line in storage.read_text(uri).splitlines():
+            rec = json.loads(line)
+            rejects[rec["source"]] = rec
+    rejects.update({f["source"]: f for f in plan.failures})
+    return rejects
+
+
+def _clear_old_dataset(dest: str, staging: str) -> None:
+    """Remove an older dataset at DEST (manifest first), and staging folders of crashed runs; never this staging."""
+    storage.remove(storage.join(dest, "manifest.json"))
+    for old in storage.listdir(dest):
+        name = storage.relative(dest, old)
+        if _ours(name) and name != staging.rstrip("/").rsplit("/", 1)[-1]:
+            storage.remove(old)
+
+
+def _publish_shards(parts: list[str], kept_sources: set[str], dirty: set[int], dest: str, fs) -> None:
+    """Staging shards -> part-NNNNN.parquet: moved when whole, rewritten without their dropped rows when dirty."""
+    for index, part in enumerate(parts):
+        target = storage.join(dest, f"part-{index:05d}.parquet")
+        if index in dirty:
+            table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs)
+            mask = [s in kept_sources for s in table.column("source").to_pylist()]
+            pq.write_table(table.filter(pa.array(mask, pa.bool_())), storage.arrow_fs(target)[1], filesystem=fs)
+        else:
+            storage.move(part, target)
+
+
+def _write_jsonl(uri: str, records: list[dict]) -> None:
+    storage.write_text(uri, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def plan_sources_of(plan: sources.Plan) -> list[str]:
@@ -259,6 +326,12 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0]
 
 
+def _near_fate(manifest: dict) -> str:
+    near = manifest.get("near_dedup") or {}
+    fate = "dropped" if near.get("drop") else "kept, see near_duplicates.jsonl"
+    return f"{fate}, distance <= {near.get('threshold')}"
+
+
 def summary(manifest: dict) -> str:
     """A short human summary of a finished prepare."""
     c = manifest["counts"]
@@ -267,7 +340,8 @@ def summary(manifest: dict) -> str:
     lines = [
         f"prepared {c['written']} images ({manifest['splits']['train']} train / {manifest['splits']['val']} val) "
         f"from {c['input']} inputs in {secs:.1f}s ({rate:.1f} images/s)",
-        f"  rejected {c['rejected']}, duplicates {c['duplicates']}, labels {len(manifest['labels'])}, shards {manifest['shards']}",
+        f"  rejected {c['rejected']}, duplicates {c['duplicates']}, near duplicates {c.get('near_duplicates', 0)} "
+        f"({_near_fate(manifest)}), labels {len(manifest['labels'])}, shards {manifest['shards']}",
     ]
     for reason, n in sorted(manifest["reject_reasons"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  - {n} x {reason}")

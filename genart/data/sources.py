@@ -39,7 +39,7 @@ IDX_MAX_SIDE = 4096
 IDX_MAX_BYTES = 4 << 30  # decompressed pixel bytes of one idx file
 # Files a prepared dataset keeps beside its shards, and files a batch job writes at its output root: never inputs
 # (so one job's output folder can be the next one's input, e.g. stylize -> score).
-DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl")
+DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl", "near_duplicates.jsonl")
 JOB_SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json")
 FILES_PER_UNIT = 64
 PARQUET_ROWS_PER_BATCH = 64
