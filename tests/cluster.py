@@ -117,11 +117,14 @@ class LocalCluster:
     def alive_nodes(self) -> list[dict]:
         """The cluster's live nodes and their resources, asked through a subprocess driver (public ray.nodes())."""
         script = ("import json, ray; ray.init(address='%s', logging_level='ERROR'); "
-                  "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % self.address)
+                  "print('NODES ' + json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % self.address)
         result = subprocess.run([sys.executable, "-c", script], env=self.env(),
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        # Ray may print its own notes (e.g. a dead node's "lagging heartbeats") around ours: take the marked line.
+        lines = [line for line in result.stdout.splitlines() if line.startswith("NODES ")]
+        assert lines, result.stdout[-2000:]
+        return json.loads(lines[-1][len("NODES "):])
 
     def _wait_for_nodes(self, count: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -134,6 +137,23 @@ class LocalCluster:
             except AssertionError:
                 pass
             assert time.monotonic() < deadline, f"the cluster never reached {count} nodes"
+            time.sleep(1)
+
+    def restore(self) -> None:
+        """Bring back every worker node a test killed, and wait until the cluster is exactly head + workers again
+        (a killed node stays "alive" in the GCS until its heartbeats time out): the next test starts whole."""
+        for name in self.workers:
+            if name not in self.nodes:
+                self.start_worker(name)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                nodes = self.alive_nodes()
+                if len(nodes) == 1 + len(self.workers) and all(sum(name in n for n in nodes) == 1 for name in self.workers):
+                    return
+            except AssertionError:
+                pass
+            assert time.monotonic() < deadline, "the cluster never came back to head + workers"
             time.sleep(1)
 
     def processes(self, name: str) -> set[int]:

@@ -90,8 +90,11 @@ def test_stylize_survives_losing_a_worker_node(cluster, style_model, inputs, tmp
     busy = [p for p in ray_procs.describe(cluster.processes("node_b")) if "ray::" in p and not any(i in p for i in idle)]
     assert busy, "node_b ran none of the job's work"
     cluster.kill("node_b")
-    assert run.poll() is None and written_before < NUM_IMAGES, "the job finished before the node was lost"
-    code = run.wait(timeout=400)
+    try:
+        assert run.poll() is None and written_before < NUM_IMAGES, "the job finished before the node was lost"
+        code = run.wait(timeout=400)
+    finally:
+        cluster.restore()  # the shared cluster goes to the next test whole
     log = (tmp_path / "disturbed.log").read_text()
     assert code == 0, log[-3000:]
 
@@ -158,6 +161,7 @@ def test_elastic_training_survives_a_lost_node_and_grows_back(cluster, tmp_path)
     node_b comes back: the run grows to 2 workers again, again from its latest checkpoint. SIGTERM ends it."""
     from genart.data.synth import make_synth
 
+    cluster.restore()  # both worker nodes up, whatever ran before
     make_synth(str(tmp_path / "raw"), num=120, size=32, seed=1)
     prep = subprocess.run([GENART, "prepare", str(tmp_path / "raw"), "--out", str(tmp_path / "synth"), "--size", "32",
                            "--val-fraction", "0.2", "--address", cluster.address], env=cluster.env(),
