@@ -31,11 +31,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_quality as bq  # noqa: E402  (the judge, the metrics and genart's train entry point, shared)
 
 SIZE = 16
-FAMILIES = {  # name -> (config in workflows/configs, extra overrides)
-    "dcgan": ("dcgan", []),
-    "vae": ("vae", []),
-    "transformer": ("autoregressive_transformer", []),
-    "lstm": ("autoregressive_lstm", []),
+FAMILIES = {  # name -> its shipped config in workflows/configs
+    "dcgan": "dcgan",
+    "vae": "vae",
+    "transformer": "autoregressive_transformer",
+    "lstm": "autoregressive_lstm",
 }
 FIRST_CHUNK = {"dcgan": 200, "vae": 200, "transformer": 40, "lstm": 60}  # steps before the rate is measured
 
@@ -60,14 +60,14 @@ def train_for(name: str, data: str, runs: str, budget_s: float, overrides: list[
     from genart.train.config import load_config
     from genart.train.trainer import train
 
-    config, extra = FAMILIES[name]
+    config = FAMILIES[name]
     steps, chunks, started = FIRST_CHUNK[name], 0, time.perf_counter()
     while True:
         cfg = load_config(os.path.join(bq.CONFIGS, f"{config}.yaml"), [
             f"data.path={data}", f"data.image_size={SIZE}", "data.batch_size=32", f"run.storage={runs}",
             f"run.name={name}", f"train.max_steps={steps}", "train.checkpoint_every_steps=1000000",
             "train.keep_last=1", f"train.log_every_steps={max(1, FIRST_CHUNK[name] // 4)}", "scaling.num_workers=1",
-            "scaling.cpus_per_worker=1", "eval.every_checkpoints=0", *extra, *overrides])
+            "scaling.cpus_per_worker=1", "eval.every_checkpoints=0", *overrides])
         summary = train(cfg, echo=log)
         chunks += 1
         spent = bq.step_seconds(summary["run_dir"], cfg.data.batch_size)

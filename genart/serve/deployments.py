@@ -219,20 +219,26 @@ class SearchModel:
         self.index = SearchIndex.open(index_uri)
         self.index.extractor  # noqa: B018 - load (and check) the feature model now, not on the first request
         self.batching = settings.batching
+        self.in_flight = InFlight()
 
     def reconfigure(self, user_config: dict) -> None:
         _configure_batch(self._embed_batch, user_config)
 
+    def batch_stats(self) -> dict:
+        return self.in_flight.stats()
+
     async def similar(self, pixels: np.ndarray, k: int) -> list[dict]:
         """uint8 (S, S, 3) from genart.search.index.square_pixels -> the k nearest indexed images, closest first."""
-        if self.batching:
-            vector = await self._embed_batch(pixels)
-        else:
-            vector = (await asyncio.to_thread(self.index.embed_pixels, pixels[None]))[0]
+        with self.in_flight.enter(self.batching) as alone:
+            if not alone:
+                vector = await self._embed_batch(pixels)
+            else:
+                vector = (await asyncio.to_thread(self.index.embed_pixels, pixels[None]))[0]
         return await asyncio.to_thread(self.index.search, vector, k)  # exact: ~40 ms at 100k vectors (bench_index.py)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        self.in_flight.batches += 1
         return list(await asyncio.to_thread(self.index.embed_pixels, np.stack(pixels)))  # (N, D) -> N vectors
 
     async def recommend(self, liked: list[str], k: int, diversity: float) -> dict:
