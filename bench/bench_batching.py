@@ -1,5 +1,5 @@
 """Stylize model-stage throughput, one actor in-process: images of one size stacked into one forward pass (genart's
-Stylizer) vs one image per forward pass (the previous behaviour), and --deterministic (batch-invariant kernels).
+StylizeActor) vs one image per forward pass (the previous behaviour), and --deterministic (batch-invariant kernels).
 `--compile` adds the batched path with the style net under `torch.compile` (Inductor; compile time reported apart).
 
     python bench/bench_batching.py --images 8 --width 192 --height 128 --threads 2 --rounds 2 [--compile]
@@ -55,8 +55,8 @@ def main() -> None:
     table = pa.Table.from_pylist(rows, schema=stages.WORK_SCHEMA)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(os.path.join(tmp, "style"))
-        fast = stages.Stylizer(ckpt, threads=args.threads, tile=1024, overlap=None)
-        exact = stages.Stylizer(ckpt, threads=args.threads, deterministic=True, tile=1024, overlap=None)
+        fast = stages.StylizeActor(ckpt, threads=args.threads, tile=1024, overlap=None)
+        exact = stages.StylizeActor(ckpt, threads=args.threads, deterministic=True, tile=1024, overlap=None)
         modes = {
             "batched": lambda: fast(table),
             "one_per_forward": lambda: [fast(table.slice(i, 1)) for i in range(table.num_rows)],
@@ -66,7 +66,7 @@ def main() -> None:
         if args.compile:
             import torch
 
-            compiled = stages.Stylizer(ckpt, threads=args.threads, tile=1024, overlap=None)
+            compiled = stages.StylizeActor(ckpt, threads=args.threads, tile=1024, overlap=None)
             compiled.model.nets["transformer"] = torch.compile(compiled.model.nets["transformer"])
             started = time.perf_counter()
             compiled(table)  # the first call compiles (one shape: every image here has the same size)

@@ -325,14 +325,14 @@ def step_seconds(run_dir: str, batch_size: int) -> float:
 
     total, last = 0.0, 0
     for row in outputs.read_metrics(run_dir):
-        if row.get("images_per_s"):
-            total += (row["step"] - last) * batch_size / row["images_per_s"]
+        if row.get("images_per_second"):
+            total += (row["step"] - last) * batch_size / row["images_per_second"]
         last = row["step"]
     return total
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str], path: str) -> str:
-    from genart.models.common import make_grid
+    from genart.models.sampling import make_grid
 
     grids = [make_grid(x[:GRID_SAMPLES], nrow=int(math.ceil(math.sqrt(min(len(x), GRID_SAMPLES))))) for x in (left, right)]
     scale = max(1, 256 // grids[0].width)

@@ -111,19 +111,19 @@ def bench_bare(models: dict[str, str], photo: bytes, total: int, threads: int) -
 
     from genart import models as registry
     from genart.data.images import cap_side, decode_image
-    from genart.serve import runners
+    from genart.serve import inference
     from genart.serve.ingress import _grid_png, _rgb_png
 
     torch.set_num_threads(threads)
     gen, style = registry.load(models["dcgan"]), registry.load(models["style"])
 
     def generate(i):
-        frames = runners.generate(gen, [runners.GenerateJob((i,))])[0]
+        frames = inference.generate(gen, [inference.GenerateJob((i,))])[0]
         return _grid_png(frames, 1)
 
     def stylize(i):
         arr = np.asarray(cap_side(decode_image(photo), 512), dtype=np.uint8)
-        return _rgb_png(runners.stylize(style, [arr])[0])
+        return _rgb_png(inference.stylize(style, [arr])[0])
 
     out = {}
     for name, call in (("generate", generate), ("stylize", stylize)):

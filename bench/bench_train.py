@@ -47,7 +47,7 @@ def plain_loop(cfg: TrainConfig, data: str, warmup: int, steps: int, threads: in
 
     from genart import models
     from genart.data.read import label_names, training_dataset
-    from genart.models.common import set_seed
+    from genart.models.training import set_seed
 
     torch.set_num_threads(threads)
     rows = training_dataset(data, "train", cfg.data.image_size).take_all()
@@ -80,7 +80,7 @@ def ray_loop(cfg: TrainConfig, warmup: int) -> tuple[float, dict]:
     summary = train(cfg, echo=lambda *_: None)
     rows = [r for r in outputs.read_metrics(summary["run_dir"]) if r["step"] > warmup]
     images = len(rows) * LOG_EVERY * cfg.data.batch_size
-    seconds = sum(LOG_EVERY * cfg.data.batch_size / r["images_per_s"] for r in rows)
+    seconds = sum(LOG_EVERY * cfg.data.batch_size / r["images_per_second"] for r in rows)
     return images / seconds, summary
 
 

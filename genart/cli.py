@@ -445,7 +445,7 @@ def submit(address, working_dir, pip_packages, gpus, no_wait, command):
 
         genart submit --address http://127.0.0.1:8265 -- genart train workflows/configs/dcgan.yaml
     """
-    from genart import jobs as ray_jobs
+    from genart import ray_jobs
 
     sys.exit(ray_jobs.submit(command, address=address, working_dir=working_dir, pip=pip_packages, gpus=gpus,
                              wait=not no_wait))
@@ -460,7 +460,7 @@ def jobs_group() -> None:
 @jobs_address_option
 def jobs_list(address):
     """Every job the cluster knows, oldest first."""
-    from genart import jobs as ray_jobs
+    from genart import ray_jobs
 
     ray_jobs.list_jobs(address)
 
@@ -470,7 +470,7 @@ def jobs_list(address):
 @jobs_address_option
 def jobs_status(job_id, address):
     """The job's status and Ray's message about it."""
-    from genart import jobs as ray_jobs
+    from genart import ray_jobs
 
     ray_jobs.status(job_id, address)
 
@@ -481,7 +481,7 @@ def jobs_status(job_id, address):
 @jobs_address_option
 def jobs_logs(job_id, follow, address):
     """The job's logs so far (or, with --follow, until it ends)."""
-    from genart import jobs as ray_jobs
+    from genart import ray_jobs
 
     sys.exit(ray_jobs.logs(job_id, address, follow_logs=follow))
 
@@ -491,7 +491,7 @@ def jobs_logs(job_id, follow, address):
 @jobs_address_option
 def jobs_stop(job_id, address):
     """Ask Ray to stop the job."""
-    from genart import jobs as ray_jobs
+    from genart import ray_jobs
 
     ray_jobs.stop(job_id, address)
 

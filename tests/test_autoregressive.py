@@ -17,7 +17,7 @@ from genart.cli import main
 from genart.data.palette import fit_palette, from_tokens, grid_palette, kmeans, read_palette, to_tokens
 from genart.errors import UserError
 from genart.models.autoregressive import sample_tokens, uniforms
-from genart.models.common import set_seed
+from genart.models.training import set_seed
 from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 FAMILY = models.REGISTRY["autoregressive"]

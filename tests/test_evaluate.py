@@ -245,7 +245,7 @@ def test_real_and_generated_images_take_one_path(checkpoints):
     from genart.data.images import model_input
     from genart.evaluate import reference
     from genart.evaluate.features import build_extractor
-    from genart.serve.runners import to_uint8
+    from genart.serve.inference import to_uint8
 
     rng = np.random.default_rng(6)
     square = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # (H, W, 3)

@@ -290,14 +290,14 @@ def test_score_agrees_with_the_critic(tmp_path, ckpts, ray_session):
     shards = [storage.fsspec_fs(u)[1] for u in storage.listdir(out) if u.endswith(".parquet")]
     rows = {r["key"]: r for r in pq.read_table(shards).to_pylist()}
     assert sorted(rows) == sorted(good) and len(_errors(out)) == len(bad)
-    from genart.serve import runners
+    from genart.serve import inference
 
     critic = models.load(ckpts["critic"], family="critic")
     assert any(w != h for w, h in good.values())  # non-square inputs: cropped, never squashed, on both paths
     for rel in good:
-        # the batch job's score equals the served one: the same crop + resize (runners.critic_input) per image
-        served = runners.critic_input(np.asarray(images.decode_image(files[rel])), critic.image_size)
-        probs = np.asarray(runners.classify(critic, [served])[0])
+        # the batch job's score equals the served one: the same crop + resize (inference.critic_input) per image
+        served = inference.critic_input(np.asarray(images.decode_image(files[rel])), critic.image_size)
+        probs = np.asarray(inference.classify(critic, [served])[0])
         emb = critic.embed(torch.from_numpy(served)[None])[0].numpy()
         row = rows[rel]
         assert np.allclose(row["probs"], probs, atol=1e-5) and np.allclose(row["embedding"], emb, atol=1e-4)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from genart import jobs
+from genart import ray_jobs as jobs
 from genart.errors import UserError
 from helpers import free_port
 

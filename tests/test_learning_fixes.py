@@ -14,7 +14,7 @@ import torch
 from genart import models
 from genart.errors import UserError
 from genart.models.checkpoint import restore_training, rng_state, save_checkpoint
-from genart.models.common import recalibrate_batchnorm
+from genart.models.training import recalibrate_batchnorm
 from genart.train.augment import augment_batch, diff_augment
 from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 

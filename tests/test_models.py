@@ -20,7 +20,8 @@ from genart import config as gconfig
 from genart.config import Section
 from genart.errors import UserError
 from genart.models.checkpoint import checkpoint_hash, load_checkpoint, restore_training, save_checkpoint
-from genart.models.common import latent, latents, set_seed, truncate
+from genart.models.sampling import latent, latents, truncate
+from genart.models.training import set_seed
 from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
@@ -162,7 +163,7 @@ def test_sample_is_deterministic_by_seed(name):
 
 
 def test_truncation_and_precision_helpers():
-    from genart.models.common import Precision
+    from genart.models.training import Precision
 
     z = latents([1, 2], 4)
     assert torch.equal(truncate(z, 1.0), z) and torch.equal(truncate(z, 0.5), z * 0.5)

@@ -42,7 +42,7 @@ def _one_at_a_time(actor, table: pa.Table) -> list:
 
 def test_batched_stylize_is_bit_identical_to_one_image_at_a_time(style_ckpt):
     """fp32 on CPU with --deterministic: batching by size changes the speed, never a byte."""
-    actor = stages.Stylizer(style_ckpt, threads=1, deterministic=True, tile=48, overlap=None)
+    actor = stages.StylizeActor(style_ckpt, threads=1, deterministic=True, tile=48, overlap=None)
     table = _rows(SIZES)
     batched = actor(table).column("pixels").to_pylist()
     assert all(p is not None for p in batched)
@@ -52,7 +52,7 @@ def test_batched_stylize_is_bit_identical_to_one_image_at_a_time(style_ckpt):
 def test_default_batched_stylize_is_within_one_level(style_ckpt):
     """Without --deterministic, oneDNN may pick another convolution algorithm for another batch size: the float
     outputs then differ in the last bits, i.e. at most one 8-bit level in a written pixel."""
-    actor = stages.Stylizer(style_ckpt, threads=1, tile=48, overlap=None)
+    actor = stages.StylizeActor(style_ckpt, threads=1, tile=48, overlap=None)
     assert actor.autocast_dtype is None and not actor.channels_last  # fp32, contiguous on a CPU by default
     table = _rows(SIZES)
     batched = actor(table).column("pixels").to_pylist()
@@ -62,7 +62,7 @@ def test_default_batched_stylize_is_within_one_level(style_ckpt):
 
 
 def test_a_bad_row_in_a_batch_fails_alone(style_ckpt):
-    actor = stages.Stylizer(style_ckpt, threads=1, tile=0, overlap=None)
+    actor = stages.StylizeActor(style_ckpt, threads=1, tile=0, overlap=None)
     table = _rows([(40, 30)] * 4).to_pylist()
     table[2]["pixels"] = table[2]["pixels"][:-7]  # wrong length for its size: cannot be reshaped
     table[3]["error"], table[3]["pixels"] = "not an image", None  # failed upstream: passed through untouched

@@ -82,7 +82,7 @@ def check_run_folder(run_dir: str, steps: list[int]) -> list[dict]:
     rows = outputs.read_metrics(run_dir)
     assert rows and all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "steps must increase, without repeats"
-    assert all(r["images_per_s"] > 0 for r in rows)
+    assert all(r["images_per_second"] > 0 for r in rows)
     return rows
 
 

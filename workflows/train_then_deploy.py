@@ -24,11 +24,12 @@ from pydantic import Field, field_validator, model_validator
 
 from genart import config, runtime, storage
 from genart.errors import UserError
+from genart.models import generative_families
 from genart.train.config import RUN_NAME
 from genart.workflow import Workflow, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SERVABLE = ("dcgan", "vae")  # generators: what FID/KID/precision/recall measure
+GENERATORS = generative_families()  # families that sample from seeds: what FID/KID/precision/recall measure
 
 
 class Candidate(config.Section):
@@ -121,8 +122,8 @@ def train_candidates(cfg: TrainThenDeployConfig) -> dict[str, dict]:
         overrides = [f"data.path={cfg.data}", f"run.storage={cfg.runs}", f"run.name={cand.name}",
                      f"train.max_steps={cfg.max_steps}", f"scaling.num_workers={cfg.num_workers}", *cand.set]
         train_cfg = load_config(os.path.join(HERE, cfg.train_config), overrides)
-        if train_cfg.model.family not in SERVABLE:
-            raise UserError(f"train_config: model.family {train_cfg.model.family!r} is not a generator; use one of {', '.join(SERVABLE)}")
+        if train_cfg.model.family not in GENERATORS:
+            raise UserError(f"train_config: model.family {train_cfg.model.family!r} is not a generator; use one of {', '.join(GENERATORS)}")
         click.echo(f"-- candidate {cand.name}: {' '.join(cand.set) or '(base config)'}")
         runs[cand.name] = train(train_cfg)
         click.echo(format_summary(runs[cand.name]))

@@ -1,7 +1,7 @@
 """The one preprocessing path of the evaluation: real and generated images become the same kind of pixels.
 
     real:      PNG -> 8-bit RGB -> center crop + Lanczos to the generator's resolution R (images.model_input) -> uint8
-    generated: model.sample, float (N, 3, R, R) in [0, 1] -> uint8, round half up (serve.runners.to_uint8)
+    generated: model.sample, float (N, 3, R, R) in [0, 1] -> uint8, round half up (serve.inference.to_uint8)
     both:      uint8 (R, R, 3) -> images.model_input(., network input size S) -> float32 (N, 3, S, S) in [0, 1]
 Squares are cropped, never squashed. PREPROCESS_VERSION is in the reference-cache key: bump it when any step changes.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from genart.data import images
-from genart.serve.runners import to_uint8  # the pixels users get from serving and `genart generate`
+from genart.serve.inference import to_uint8  # the pixels users get from serving and `genart generate`
 
 # 1: float images squash-resized by the feature network's own filter (torch bilinear), real ones at stored size.
 # 2: both sides uint8 at the generator's resolution, then center crop + Lanczos (images.model_input).

@@ -214,7 +214,7 @@ def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | No
         raise UserError(f"--tile-overlap {tile_overlap}: must be between 1 and half the tile ({tile // 2})")
     ext = output.IMAGE_EXT.get(fmt, ".png")
     options = {"max_side": max_side, "tile": tile or None, "tile_overlap": tile_overlap, "max_pixels": max_pixels}
-    return _image_job("stylize", stages.Stylizer, ("style",), model, src, out, fmt, ext, options, run, max_pixels,
+    return _image_job("stylize", stages.StylizeActor, ("style",), model, src, out, fmt, ext, options, run, max_pixels,
                       max_side, actor_options={"tile": tile or None, "overlap": tile_overlap})
 
 
@@ -223,7 +223,7 @@ def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_P
     """Classify and embed every image under `src` with a critic: Parquet shards of (key, source, label, probs,
     embedding) in `out`."""
     run = run or RunOptions(batch_size=64)
-    return _image_job("score", stages.Scorer, ("critic",), model, src, out, "parquet", None, {"max_pixels": max_pixels},
+    return _image_job("score", stages.ScoreActor, ("critic",), model, src, out, "parquet", None, {"max_pixels": max_pixels},
                       run, max_pixels, None)
 
 
@@ -275,7 +275,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
             if done:
                 skip_ref = ray.put(pa.array(sorted(done), pa.int64()))
                 ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref})
-            ds = _model_stage(ds, stages.Generator, ckpt, run, seed=seed, num=num, ext=ext, label=label_index,
+            ds = _model_stage(ds, stages.GenerateActor, ckpt, run, seed=seed, num=num, ext=ext, label=label_index,
                               truncation=truncation)
             _drain(_write_stage(ds, out, fmt, run), tally, output.Progress("generate", num - len(done), run.progress))
     extra = {}

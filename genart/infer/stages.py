@@ -159,7 +159,7 @@ class ModelActor:
 TILE_BATCH = 4  # tiles per forward pass: fixed, so the output never depends on run options like --batch-size
 
 
-class Stylizer(ModelActor):
+class StylizeActor(ModelActor):
     """WORK rows -> WORK rows with stylised pixels: images of one size (after --max-side) stacked into one forward
     pass; images larger than the tile go alone, their tiles TILE_BATCH per pass.
 
@@ -237,7 +237,7 @@ class Stylizer(ModelActor):
             row["pixels"] = p
 
 
-GENERATE_CHUNK = 16  # images per forward pass in `generate`, aligned to index multiples (see Generator)
+GENERATE_CHUNK = 16  # images per forward pass in `generate`, aligned to index multiples (see GenerateActor)
 
 GENERATED_SCHEMA = WORK_SCHEMA.append(pa.field("seed", pa.int64())).append(pa.field("index", pa.int64())) \
     .append(pa.field("latent_seed", pa.int64())).append(pa.field("label", pa.int32()))
@@ -253,7 +253,7 @@ def image_name(seed: int, index: int, num: int, ext: str) -> str:
     return f"seed{seed}-{index:0{max(6, len(str(num - 1)))}d}{ext}"
 
 
-class Generator(ModelActor):
+class GenerateActor(ModelActor):
     """Indices ("id") -> generated images. Forward passes cover fixed index chunks [16k, 16k+16), whatever the
     batch: image i always comes out of the same computation, so the bytes depend only on (seed, index)."""
 
@@ -308,7 +308,7 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-class Scorer(ModelActor):
+class ScoreActor(ModelActor):
     """WORK rows -> SCORE rows: each image center-cropped and resized to the critic's size (`images.model_input`, as
     serving does), then one batched pass."""
 

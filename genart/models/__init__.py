@@ -20,7 +20,7 @@ from genart.config import validate
 from genart.errors import UserError
 from genart.models import autoregressive, critic, dcgan, style, vae
 from genart.models.checkpoint import STATE, WEIGHTS, checkpoint_hash, load_nets, read_state, read_weights
-from genart.models.common import Family, Loaded
+from genart.models.family import Family, Loaded
 from genart.models.autoregressive import AutoregressiveConfig
 from genart.models.critic import CriticConfig
 from genart.models.dcgan import DCGANConfig

@@ -22,22 +22,9 @@ from torch.nn import functional as F
 from genart.config import Section
 from genart.data.palette import MAX_COLORS, MIN_COLORS, from_tokens, grid_palette, palette_path, read_palette, to_tokens
 from genart.errors import UserError
-from genart.models.common import (
-    GenerativeLoaded,
-    Precision,
-    check_conditional,
-    check_images01,
-    check_size,
-    device_of,
-    eval_mode,
-    finite,
-    labels_of,
-    latents,
-    make_grid,
-    meta_from_state,
-    resize,
-    unwrap,
-)
+from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
+from genart.models.sampling import check_images01, latents, make_grid, resize
+from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (8, 16, 24, 32, 48, 64)
 GRID = "grid"  # model.palette: an even RGB lattice instead of a fitted palette
@@ -214,7 +201,7 @@ class AutoregressiveLoaded(GenerativeLoaded):
         return from_tokens(tokens, self.palette, self.image_size).float()
 
     def _sample(self, noise, labels, truncation, temperature, top_k, prefix=None, cache=True) -> torch.Tensor:
-        from genart.models.common import truncate
+        from genart.models.sampling import truncate
 
         temp = float(self.cfg.temperature if temperature is None else temperature) * float(truncate(torch.ones(1), truncation))
         k = self.cfg.top_k if top_k is None else int(top_k)
@@ -254,7 +241,7 @@ class AutoregressiveLoaded(GenerativeLoaded):
         """There is no latent space to walk: image i keeps seed_a's sampling noise for the first (1 - i/(steps-1)) of
         the raster and takes seed_b's for the rest, so frame 0 is seed_a's sample, the last is seed_b's, and each
         frame in between shares seed_a's top rows (exactly: the tokens there are the same) and then diverges."""
-        from genart.models.common import slerp
+        from genart.models.sampling import slerp
 
         slerp(torch.ones(2), torch.ones(2), int(steps))  # the same steps check as the latent families
         a, b = uniforms([seed_a], self.latent_dim)[0], uniforms([seed_b], self.latent_dim)[0]

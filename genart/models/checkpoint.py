@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genart.errors import UserError
-from genart.models.common import unwrap
+from genart.models.training import unwrap
 
 WEIGHTS, OPTIM, STATE = "model.safetensors", "optim.pt", "state.json"
 REQUIRED_STATE = ("family", "step", "config")

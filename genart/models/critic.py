@@ -18,18 +18,9 @@ from torch.nn import functional as F
 
 from genart.config import Section
 from genart.errors import UserError
-from genart.models.common import (
-    Loaded,
-    Precision,
-    check_images01,
-    device_of,
-    eval_mode,
-    finite,
-    labels_of,
-    meta_from_state,
-    resize,
-    unwrap,
-)
+from genart.models.family import Loaded, device_of, meta_from_state
+from genart.models.sampling import check_images01, resize
+from genart.models.training import Precision, eval_mode, finite, labels_of, unwrap
 
 
 class CriticConfig(Section):

@@ -21,19 +21,15 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 from genart.config import Section
 from genart.errors import UserError
 from genart.train.augment import diff_augment
-from genart.models.common import (
-    GenerativeLoaded,
+from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
+from genart.models.sampling import latents, make_grid
+from genart.models.training import (
     Precision,
     check_conditional,
-    check_size,
-    device_of,
     eval_mode,
     finite,
     frozen,
     labels_of,
-    latents,
-    make_grid,
-    meta_from_state,
     recalibrate_batchnorm,
     unwrap,
     update_ema,

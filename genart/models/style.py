@@ -18,17 +18,9 @@ from torch import nn
 from genart import storage
 from genart.config import Section
 from genart.errors import UserError
-from genart.models.common import (
-    Loaded,
-    Precision,
-    check_images01,
-    device_of,
-    eval_mode,
-    finite,
-    make_grid,
-    meta_from_state,
-    unwrap,
-)
+from genart.models.family import Loaded, device_of, meta_from_state
+from genart.models.sampling import check_images01, make_grid
+from genart.models.training import Precision, eval_mode, finite, unwrap
 from genart.models.loss_networks import StyleLoss, build_loss_network
 
 

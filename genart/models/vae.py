@@ -15,21 +15,9 @@ from pydantic import Field
 from torch import nn
 
 from genart.config import Section
-from genart.models.common import (
-    GenerativeLoaded,
-    Precision,
-    check_conditional,
-    check_images01,
-    check_size,
-    device_of,
-    eval_mode,
-    finite,
-    labels_of,
-    latents,
-    make_grid,
-    meta_from_state,
-    unwrap,
-)
+from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
+from genart.models.sampling import check_images01, latents, make_grid
+from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (16, 32, 64, 128)
 

@@ -80,7 +80,7 @@ def audit(model: str, data: str, num: int = 256, features: str | None = "incepti
     """Sample `num` images (seeds 0..num-1) and measure how close each is to the training set; see the module doc."""
     from genart import models
     from genart.evaluate.features import build_extractor
-    from genart.serve.runners import to_uint8
+    from genart.serve.inference import to_uint8
 
     if num < 1:
         raise UserError(f"--num {num}: must be >= 1")
@@ -88,8 +88,9 @@ def audit(model: str, data: str, num: int = 256, features: str | None = "incepti
         raise UserError(f"--quantile {quantile}: must be in [0.5, 1)")
     read_manifest(data)
     gen = models.load(model)
-    if gen.family not in ("dcgan", "vae"):
-        raise UserError(f"{model} is a {gen.family!r} checkpoint; audit needs a generator (dcgan or vae)")
+    if gen.family not in models.generative_families():
+        raise UserError(f"{model} is a {gen.family!r} checkpoint; audit needs a generator "
+                        f"({', '.join(models.generative_families())})")
     size = gen.image_size
     samples = np.concatenate([to_uint8(gen.sample(list(range(i, min(num, i + SAMPLE_BATCH)))))
                               for i in range(0, num, SAMPLE_BATCH)])  # (N, R, R, 3)

@@ -61,6 +61,7 @@ def model_card(name: str, uri: str) -> dict:
         "image_size": state.get("image_size"),
         "labels": list(state.get("label_names") or []),
         "conditional": bool(config.get("conditional")),  # only generators have the key
+        "generative": family in generative_families(),  # makes images from seeds: /v1/generate, /v1/interpolate
     }
 
 

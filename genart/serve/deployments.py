@@ -20,9 +20,9 @@ from ray import serve
 
 from genart import storage
 from genart.errors import UserError
-from genart.serve import runners
+from genart.serve import inference
 from genart.serve.config import NAME_RE, ServeArgs
-from genart.serve.runners import GenerateJob
+from genart.serve.inference import GenerateJob
 
 logger = logging.getLogger("ray.serve")
 
@@ -112,23 +112,23 @@ class GenerativeModel:
         with self.in_flight.enter(self.batching) as alone:
             if not alone:
                 return await self._generate_batch(job)
-            return (await asyncio.to_thread(runners.generate, self.model, [job]))[0]
+            return (await asyncio.to_thread(inference.generate, self.model, [job]))[0]
 
     # max_batch_size counts images (batch_size_fn); both values are replaced in reconfigure()
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
     async def _generate_batch(self, jobs: list[GenerateJob]) -> list[np.ndarray]:
         self.in_flight.batches += 1
         # in a thread: the replica keeps queueing the next batch while this one computes
-        return await asyncio.to_thread(runners.generate, self.model, jobs)
+        return await asyncio.to_thread(inference.generate, self.model, jobs)
 
     async def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None) -> np.ndarray:
-        return await asyncio.to_thread(runners.interpolate, self.model, seed_a, seed_b, steps, label)
+        return await asyncio.to_thread(inference.interpolate, self.model, seed_a, seed_b, steps, label)
 
     async def reconstruct(self, image: np.ndarray) -> np.ndarray:
-        return await asyncio.to_thread(runners.reconstruct, self.model, image)
+        return await asyncio.to_thread(inference.reconstruct, self.model, image)
 
     async def complete(self, image: np.ndarray, seed: int, label: int | None, rows: int | None) -> np.ndarray:
-        return await asyncio.to_thread(runners.complete, self.model, image, seed, label, rows)
+        return await asyncio.to_thread(inference.complete, self.model, image, seed, label, rows)
 
 
 @serve.deployment
@@ -145,16 +145,16 @@ class CriticModel:
 
     async def classify(self, image: np.ndarray) -> list[float]:
         """(H, W, 3) uint8 -> K probabilities, in label_names order."""
-        x = runners.critic_input(image, self.model.image_size)  # (3, S, S): same shape for every request
+        x = inference.critic_input(image, self.model.image_size)  # (3, S, S): same shape for every request
         with self.in_flight.enter(self.batching) as alone:
             if not alone:
                 return await self._classify_batch(x)
-            return (await asyncio.to_thread(runners.classify, self.model, [x]))[0]
+            return (await asyncio.to_thread(inference.classify, self.model, [x]))[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _classify_batch(self, inputs: list[np.ndarray]) -> list[list[float]]:
         self.in_flight.batches += 1
-        return await asyncio.to_thread(runners.classify, self.model, inputs)
+        return await asyncio.to_thread(inference.classify, self.model, inputs)
 
 
 @serve.deployment
@@ -195,14 +195,14 @@ class StyleModels:
             if not alone:
                 return await self._stylize_batch(image)
             model = await self._get_model(serve.get_multiplexed_model_id())
-            return (await asyncio.to_thread(runners.stylize, model, [image]))[0]
+            return (await asyncio.to_thread(inference.stylize, model, [image]))[0]
 
     # Serve splits batches by multiplexed model id, so one batch is always one style.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _stylize_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         self.in_flight.batches += 1
         model = await self._get_model(serve.get_multiplexed_model_id())
-        return await asyncio.to_thread(runners.stylize, model, images)
+        return await asyncio.to_thread(inference.stylize, model, images)
 
 
 @serve.deployment

@@ -28,8 +28,8 @@ from genart.data.images import Reject, cap_side, decode_image, encode_png
 from genart.errors import UserError
 from genart.models import generative_families
 from genart.serve.config import MAX_N, NAME_RE, ServeArgs
-from genart.serve.limits import BearerAuth, BodyLimit, Deadline
-from genart.serve.runners import GenerateJob
+from genart.serve.guards import BearerAuth, BodyLimit, Deadline
+from genart.serve.inference import GenerateJob
 
 STATIC = Path(__file__).parent / "static"
 GENERATIVE = generative_families()
@@ -82,7 +82,7 @@ def _rgb_png(image: np.ndarray) -> bytes:
 
 def _grid(frames: np.ndarray, nrow: int):
     """(N, H, W, 3) uint8 -> one PIL image, `nrow` frames per row, 2 px white gaps."""
-    from genart.models.common import make_grid
+    from genart.models.sampling import make_grid
     import torch
 
     return make_grid(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0, nrow=nrow)
@@ -213,7 +213,7 @@ class Ingress:
     def _root_card(name: str) -> dict:
         """A style found under style_root: listed by name, loaded (and hashed) only by the replica that serves it."""
         return {"name": name, "family": "style", "checkpoint_hash": None, "step": None, "image_size": None,
-                "labels": [], "conditional": False}
+                "labels": [], "conditional": False, "generative": False}
 
     def _label(self, card: dict, label: int | str | None) -> int | None:
         if label is None:

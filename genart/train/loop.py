@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from genart import storage
-from genart.models.common import Precision, set_seed, unwrap
+from genart.models.training import Precision, set_seed, unwrap
 from genart.train import outputs
 from genart.train.augment import augment_batch
 from genart.train.config import TrainConfig
@@ -102,7 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Every rank's RNG streams go into the checkpoint, so a resumed rank draws the noise it would have drawn.
         rng_ranks = _gather_rng(world) if at_checkpoint else None
         # means() is a collective too: every rank reaches it at the same steps (steps count alike everywhere).
-        row = {"step": step, **window.means(world), "images_per_s": window.rate(cfg.data.batch_size * world), "start_step": start_step}
+        row = {"step": step, **window.means(world), "images_per_second": window.rate(cfg.data.batch_size * world), "start_step": start_step}
         if not at_checkpoint:
             # Log rows go to metrics.jsonl and the progress line only, not through ray.train.report: a report
             # costs ~2 s here (a cross-rank barrier through Ray actors), which at every log step cost 40 % of
@@ -119,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
             _checkpoint_and_report(family, cfg, nets, opts, val, row, {**meta, "rng_ranks": rng_ranks})
             _after_checkpoint(files, family, cfg, nets, fixed, row)
         # The next window starts where this one was measured (report time counts), except after a checkpoint:
-        # validation, saving and sample grids do not count against images_per_s.
+        # validation, saving and sample grids do not count against images_per_second.
         window.reset(None if at_checkpoint else window.measured)
 
 
@@ -356,9 +356,9 @@ def _log(files: outputs.RunFiles, row: dict, cfg: TrainConfig, flush: bool, note
     files.add_metrics(row)
     if flush:
         files.flush_metrics()
-    shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "start_step", "images_per_s") and not k.startswith("val_accuracy_class_"))
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "start_step", "images_per_second") and not k.startswith("val_accuracy_class_"))
     width = len(str(cfg.train.max_steps))
-    _say(f"step {row['step']:>{width}}/{cfg.train.max_steps}  {shown}  | {row['images_per_s']:.1f} img/s" + (f"  [{note}]" if note else ""))
+    _say(f"step {row['step']:>{width}}/{cfg.train.max_steps}  {shown}  | {row['images_per_second']:.1f} img/s" + (f"  [{note}]" if note else ""))
 
 
 def _say(line: str) -> None:

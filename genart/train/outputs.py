@@ -143,6 +143,6 @@ def _metric_keys(rows: list[dict]) -> list[str]:
     keys: dict[str, None] = {}
     for row in rows:
         for key, value in row.items():
-            if key not in ("step", "start_step", "images_per_s", "epoch", "seconds") and isinstance(value, (int, float)):
+            if key not in ("step", "start_step", "images_per_second", "epoch", "seconds") and isinstance(value, (int, float)):
                 keys[key] = None
     return list(keys)

@@ -322,7 +322,7 @@ def summarize(cfg: TrainConfig, run_dir: str, seconds: float, start_step: int, t
     last = rows[-1] if rows else {}
     checkpoints = [name for _, name in outputs.list_checkpoints(run_dir)]
     best = outputs.read_best(run_dir)
-    losses = {k: v for k, v in last.items() if k not in ("step", "start_step", "images_per_s", "epoch", "seconds")}
+    losses = {k: v for k, v in last.items() if k not in ("step", "start_step", "images_per_second", "epoch", "seconds")}
     return {
         "run_dir": run_dir,
         "family": cfg.model.family,
@@ -332,7 +332,7 @@ def summarize(cfg: TrainConfig, run_dir: str, seconds: float, start_step: int, t
         "max_steps": cfg.train.max_steps,
         "seconds": round(seconds, 1),
         "final_metrics": losses,
-        "images_per_s": last.get("images_per_s"),
+        "images_per_second": last.get("images_per_second"),
         "checkpoints": checkpoints,
         "best": best,
         "samples": storage.join(run_dir, "samples"),

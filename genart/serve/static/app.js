@@ -61,9 +61,10 @@ async function loadModels() {
   const body = await (await api("v1/models")).json();
   models = body.models;
   const of = (...families) => models.filter((m) => families.includes(m.family)).map((m) => m.name);
-  fillSelect($("gen-model"), of("dcgan", "vae", "autoregressive"));
+  const generators = models.filter((m) => m.generative).map((m) => m.name);  // the server says which families sample
+  fillSelect($("gen-model"), generators);
   fillSelect($("style-model"), of("style"));
-  $("generate").disabled = $("interpolate").disabled = !of("dcgan", "vae", "autoregressive").length;
+  $("generate").disabled = $("interpolate").disabled = !generators.length;
   $("stylize").disabled = !of("style").length;
   $("classify").disabled = !of("critic").length;
   $("search-card").hidden = !body.search;  // the server has no index: no search panel

@@ -1,0 +1,160 @@
+"""The Family protocol every model module implements, and `Loaded`: a model ready for inference.
+
+    from genart.models.family import Family, Loaded
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from genart.config import Section
+from genart.errors import UserError
+from genart.models.sampling import latents, slerp, truncate
+from genart.models.training import Precision
+
+
+class Loaded:
+    """A model ready for inference: nets in eval mode without gradients, plus where it came from.
+
+    `.family`, `.meta` (config, label_names, image_size, step, checkpoint, ...), `.checkpoint_hash`, `.to(device)`.
+    """
+
+    family: str = ""
+
+    def __init__(self, nets: dict[str, nn.Module], meta: dict, checkpoint_hash: str = ""):
+        self.nets = nets
+        self.meta = meta
+        self.checkpoint_hash = checkpoint_hash
+        for net in nets.values():
+            net.eval()
+            net.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.nets)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.meta.get("label_names") or [])
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def to(self, device: str | torch.device) -> "Loaded":
+        for net in self.nets.values():
+            net.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} family={self.family} step={self.meta.get('step')} {self.checkpoint_hash[:12]}>"
+
+
+class GenerativeLoaded(Loaded):
+    """Shared by dcgan and vae: `.sample(seeds, labels, truncation)` and `.interpolate(seed_a, seed_b, steps)`.
+
+    Subclasses set `latent_dim`, `conditional` and implement `_generate(z (N, D), labels (N,) | None) -> (N, 3, H, W) [-1, 1]`.
+    """
+
+    latent_dim: int = 0
+    conditional: bool = False
+
+    def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _labels(self, seeds: list[int], labels: list[int] | None) -> torch.Tensor | None:
+        if not self.conditional:
+            if labels is not None:
+                raise UserError(f"this {self.family} model is not class-conditional: leave labels out")
+            return None
+        if labels is None:  # a deterministic default: the class follows the seed
+            labels = [int(s) % self.num_labels for s in seeds]
+        if len(labels) != len(seeds):
+            raise UserError(f"got {len(labels)} labels for {len(seeds)} seeds: pass one label per seed")
+        for label in labels:
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < self.num_labels:
+                raise UserError(f"label {label!r}: must be an integer in 0..{self.num_labels - 1} ({', '.join(self.label_names)})")
+        return torch.tensor([int(v) for v in labels], dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def sample(self, seeds: list[int], labels: list[int] | None = None, truncation: float = 1.0) -> torch.Tensor:
+        """Images for `seeds`: (N, 3, H, W) in [0, 1]; the same seed (and label) always gives the same image.
+
+        Class-conditional models take one label per seed; without labels, seed s gets class s % num_labels.
+        """
+        seeds = list(seeds)
+        if not seeds:
+            raise UserError("sample: give at least one seed")
+        z = truncate(latents(seeds, self.latent_dim), truncation).to(self.device)  # (N, D)
+        out = self._generate(z, self._labels(seeds, labels))
+        return ((out.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None = None) -> torch.Tensor:
+        """A spherical walk from seed_a's image to seed_b's: (steps, 3, H, W) in [0, 1]."""
+        z = slerp(latents([seed_a], self.latent_dim)[0], latents([seed_b], self.latent_dim)[0], int(steps))
+        labels = self._labels([seed_a] * len(z), None if label is None else [label] * len(z))
+        out = self._generate(z.to(self.device), labels)
+        return ((out.float() + 1) / 2).clamp(0, 1)
+
+
+class Family(Protocol):
+    """What the generic training loop, checkpointing and `load` need from a model family (see genart/models/*.py)."""
+
+    name: str
+    config_cls: type[Section]
+    supported_sizes: tuple[int, ...] | None  # None = any size
+    needs_labels: bool  # always needs labelled data (critic); a conditional dcgan checks num_labels in build()
+    generative: bool  # images from seeds: its Loaded has .sample(seeds, labels, truncation) and .interpolate
+    best_metric: tuple[str, str]  # (metric from evaluate(), "min" | "max") that picks best.json
+    default_augment: str  # data.augment when the config leaves it null (genart.train.augment)
+
+    def build(self, cfg: Any, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]: ...
+
+    def trainable(self) -> tuple[str, ...]: ...
+
+    def optimizers(self, cfg: Any, nets: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]: ...
+
+    def train_step(
+        self, cfg: Any, nets: dict, opts: dict, batch: dict[str, torch.Tensor], step: int, precision: Precision | None = None
+    ) -> dict[str, float]: ...
+
+    def before_checkpoint(self, cfg: Any, nets: dict[str, nn.Module]) -> None:
+        """Rank 0, before validation, sample grids and saving: bring inference-only state up to date."""
+
+    def evaluate(self, cfg: Any, nets: dict, batches: Iterable[dict]) -> dict[str, float]: ...
+
+    def fixed_inputs(self, cfg: Any, image_size: int, num_labels: int, example_batch: dict) -> dict: ...
+
+    def sample_images(self, cfg: Any, nets: dict, fixed: dict) -> Image.Image: ...
+
+    def inference(self, cfg: Any, nets: dict, state: dict) -> Loaded: ...
+
+
+def meta_from_state(state: dict) -> dict:
+    """A checkpoint's state.json (+ "checkpoint" uri added by `load`) -> Loaded.meta."""
+    keys = ("family", "config", "label_names", "image_size", "step", "checkpoint", "metrics", "net_info")
+    return {k: state.get(k) for k in keys}
+
+
+def check_size(family: str, image_size: int, supported: tuple[int, ...] | None) -> None:
+    if supported is not None and image_size not in supported:
+        sizes = ", ".join(str(s) for s in supported)
+        raise UserError(f"{family}: image_size {image_size} is not supported; use one of {sizes} (data.image_size)")
+
+
+def device_of(nets: dict[str, nn.Module]) -> torch.device:
+    """Where the nets' parameters live (the first parameter found); CPU for nets without parameters."""
+    for net in nets.values():
+        for p in net.parameters():
+            return p.device
+    return torch.device("cpu")

@@ -1,0 +1,89 @@
+"""Seeded latents, truncation, spherical interpolation and sample grids: how every generator family turns seeds into images.
+
+    from genart.models.sampling import latents, make_grid
+    z = latents([0, 1, 2], 128)            # (3, 128), the same numbers for the same seeds on every machine
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from genart.errors import UserError
+
+
+def latent(seed: int, dim: int) -> np.ndarray:
+    """The standard-normal latent for `seed`: float32 (dim,), from numpy's SeedSequence, so stable across machines."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"seed {seed!r}: seeds must be integers >= 0")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed)]))
+    return rng.standard_normal(dim, dtype=np.float32)
+
+
+def latents(seeds: Iterable[int], dim: int) -> torch.Tensor:
+    """Batched `latent`: float32 (N, dim) on the CPU."""
+    return torch.from_numpy(np.stack([latent(s, dim) for s in seeds]))
+
+
+def truncate(z: torch.Tensor, truncation: float) -> torch.Tensor:
+    """Truncation trick, psi style: scale z toward the mean (0) by `truncation`; 1.0 = off, 0.0 = the mean image.
+
+    Scaling (not BigGAN's resampling of |z| > t) keeps a seed's latent a pure function of (seed, truncation).
+    """
+    if not 0.0 <= float(truncation) <= 1.0:
+        raise UserError(f"truncation {truncation!r}: must be between 0.0 (the mean image) and 1.0 (off)")
+    return z * float(truncation)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """Spherical interpolation between two latents (D,) -> (steps, D); the path stays at Gaussian-typical norms."""
+    if steps < 2:
+        raise UserError(f"steps {steps}: an interpolation needs at least 2 steps")
+    t = torch.linspace(0.0, 1.0, steps, dtype=a.dtype)[:, None]  # (steps, 1)
+    cos = torch.clamp((a / a.norm()) @ (b / b.norm()), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-4:  # nearly parallel: plain lerp is exact enough
+        return (1 - t) * a + t * b
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+# ---------------------------------------------------------------- images
+
+
+def make_grid(images01: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
+    """(N, 3, H, W) in [0, 1] -> one PIL image with `nrow` images per row."""
+    from torchvision.utils import make_grid as tv_grid
+
+    grid = tv_grid(images01.detach().float().cpu().clamp(0, 1), nrow=max(1, nrow), padding=padding, pad_value=1.0)
+    arr = (grid.numpy().transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)  # (H, W, 3)
+    return Image.fromarray(arr, "RGB")
+
+
+def check_images01(x: Any, what: str = "images") -> torch.Tensor:
+    """Validate an inference input: a float tensor (N, 3, H, W); anything else is a UserError."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UserError(f"{what}: expected a float tensor (N, 3, H, W) with values in [0, 1], got {shape}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise UserError(f"{what}: empty batch or image ({tuple(x.shape)})")
+    return x
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size): center-crop to a square, then antialiased bilinear (a no-op at that size).
+
+    Cropping, never squashing, as training data and serving do; uint8 callers use `images.model_input` (Lanczos).
+    """
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[..., top : top + side, left : left + side]
+    if side == size:
+        return x
+    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
