@@ -11,7 +11,7 @@ from typing import Any, Iterable, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -57,7 +57,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({one_line(exc, with_type=False)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config sections at the top level")
     return data

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Left out of the uploaded working_dir: environments, history, outputs and caches are large and never needed
@@ -212,7 +212,7 @@ def submit(
                 entrypoint=entrypoint, runtime_env=runtime_env, entrypoint_num_gpus=gpus or None
             )
         except ValueError as exc:  # e.g. a working dir over Ray's upload size limit
-            raise UserError(f"Ray rejected the job: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"Ray rejected the job: {one_line(exc, with_type=False)}") from None
     if not wait:
         print(job_id)
         return 0

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 
 # Logical CPUs the embedded instance advertises beyond the physical ones: room for Data tasks, Serve
 # proxies and controllers beside training workers. Oversubscribing is fine; they are mostly I/O bound.
@@ -45,7 +45,7 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:
-            raise UserError(f"cannot connect to Ray at {address}: {exc}".splitlines()[0]) from None
+            raise UserError(f"cannot connect to Ray at {address}: {one_line(exc, with_type=False)}") from None
     else:
         # address="local": never attach by accident to some other cluster found in /tmp/ray.
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs as pafs
 
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 
 
 def is_s3(uri: str) -> bool:
@@ -166,7 +166,7 @@ def check_writable(uri: str) -> None:
         write_bytes(probe, b"")
         remove(probe)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not writable", said once
-        raise UserError(f"cannot write to {uri}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise UserError(f"cannot write to {uri}: {one_line(exc)}") from None
 
 
 @contextlib.contextmanager

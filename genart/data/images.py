@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from genart.errors import one_line
+
 # Pillow's own bomb guard is global and raises only past 2x its limit; genart checks the header size against
 # its own per-call cap before decoding instead, so the global guard is switched off here.
 Image.MAX_IMAGE_PIXELS = None
@@ -46,7 +48,7 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
     except UnidentifiedImageError:
         raise Reject("not an image (unrecognised format)") from None
     except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse is a bad input, never a crash
-        raise Reject(f"corrupt image header: {_short(exc)}") from None
+        raise Reject(f"corrupt image header: {one_line(exc, with_type=False)}") from None
     width, height = img.size
     if width <= 0 or height <= 0:
         raise Reject("image has no pixels")
@@ -62,7 +64,7 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
     except Exception as exc:  # noqa: BLE001
-        raise Reject(f"corrupt or truncated image: {_short(exc)}") from None
+        raise Reject(f"corrupt or truncated image: {one_line(exc, with_type=False)}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -159,6 +161,3 @@ def from_tensor01(batch) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arr]
 
 
-def _short(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]

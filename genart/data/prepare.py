@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from genart import __version__, storage
 from genart.data import images, near_dupes, sources
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 
 FORMAT_VERSION = 1
 SCHEMA = pa.schema(
@@ -172,7 +172,7 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
             except images.Reject as rej:
                 rejects.append({"source": rec["source"], "reason": rej.reason})
             except Exception as exc:  # noqa: BLE001 - one odd image must never stop a million-image job
-                rejects.append({"source": rec["source"], "reason": f"processing failed: {type(exc).__name__}: {exc}"[:300]})
+                rejects.append({"source": rec["source"], "reason": f"processing failed: {one_line(exc)}"})
         if rejects:
             # Named by content, so a retried task overwrites its own file instead of duplicating rejects.
             body = "".join(json.dumps(r) + "\n" for r in rejects).encode()

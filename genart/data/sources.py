@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genart import storage
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 
 ZIP_EXT = (".zip",)
 TAR_EXT = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -151,7 +151,7 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
         try:
             names = _zip_names(uri) if _has_ext(uri, ZIP_EXT) else _tar_names(uri)
         except Exception as exc:  # noqa: BLE001 - a broken archive is one reported input, not a crash
-            failures.append({"source": uri, "reason": f"unreadable archive: {_short(exc)}"})
+            failures.append({"source": uri, "reason": f"unreadable archive: {one_line(exc)}"})
             return []
         inner = _strip_common_root(names)
         dirs = labels == "dirs" or (labels is None and any("/" in n for n in inner))
@@ -174,7 +174,7 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
                 if "label_name" in names:
                     labs = sorted({v for v in meta.read(columns=["label_name"]).column(0).to_pylist() if v})
         except Exception as exc:  # noqa: BLE001
-            failures.append({"source": uri, "reason": f"unreadable parquet file: {_short(exc)}"})
+            failures.append({"source": uri, "reason": f"unreadable parquet file: {one_line(exc)}"})
             return []
         # Label names of a Parquet source are carried for the plan's label map; rows keep their own.
         return [Unit("parquet", uri, [], [rel], labs, rows=rows)]
@@ -229,8 +229,8 @@ def _idx_reason(exc: Exception) -> str:
     if isinstance(exc, IdxError):
         return f"bad idx file: {exc}"
     if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
-        return f"bad idx file: truncated or corrupt gzip stream ({_short(exc)})"
-    return f"unreadable idx file: {_short(exc)}"
+        return f"bad idx file: truncated or corrupt gzip stream ({one_line(exc)})"
+    return f"unreadable idx file: {one_line(exc)}"
 
 
 def _plan_idx(uri: str, rel: str, label: str | None, labels: str | None, failures: list[dict]) -> list[Unit]:
@@ -330,7 +330,7 @@ def _read_files(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
             error = _too_big(fs.size(path), max_bytes)
             rows.append(_record(uri, rel, label, None if error else fs.cat_file(path), error))
         except Exception as exc:  # noqa: BLE001 - an unreadable file is a reported reject
-            rows.append(_record(uri, rel, label, error=f"unreadable file: {_short(exc)}"))
+            rows.append(_record(uri, rel, label, error=f"unreadable file: {one_line(exc)}"))
     yield _table(rows)
 
 
@@ -345,12 +345,12 @@ def _read_zip(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
                     error = _too_big(zf.getinfo(name).file_size, max_bytes)
                     rows.append(_record(source, rel, label, None if error else zf.read(name), error))
                 except Exception as exc:  # noqa: BLE001 - bad CRC, bad compression, encrypted member
-                    rows.append(_record(source, rel, label, error=f"unreadable archive member: {_short(exc)}"))
+                    rows.append(_record(source, rel, label, error=f"unreadable archive member: {one_line(exc)}"))
     except Exception as exc:  # noqa: BLE001 - archive vanished or broke between plan and read
         done = {r["source"] for r in rows}
         for name, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
             if f"{unit.uri}!{name}" not in done:
-                rows.append(_record(f"{unit.uri}!{name}", rel, label, error=f"unreadable archive: {_short(exc)}"))
+                rows.append(_record(f"{unit.uri}!{name}", rel, label, error=f"unreadable archive: {one_line(exc)}"))
     yield _table(rows)
 
 
@@ -373,12 +373,12 @@ def _read_tar(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
                     data = None if error else tf.extractfile(member).read()
                     rows.append(_record(source, rel, label, data, error))
                 except Exception as exc:  # noqa: BLE001
-                    rows.append(_record(source, rel, label, error=f"unreadable archive member: {_short(exc)}"))
+                    rows.append(_record(source, rel, label, error=f"unreadable archive member: {one_line(exc)}"))
                 if len(rows) >= FILES_PER_UNIT:
                     yield _table(rows)
                     rows = []
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt stream: the rest are reported below
-        error_all = f"unreadable archive: {_short(exc)}"
+        error_all = f"unreadable archive: {one_line(exc)}"
     for name, (rel, label) in wanted.items():
         if name not in seen:
             rows.append(_record(f"{unit.uri}!{name}", rel, label, error=error_all or "archive member missing on read"))
@@ -484,6 +484,3 @@ def read_images(sources: list[str], labels: str | None = None, max_bytes: int | 
     return ds, the_plan
 
 
-def _short(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:200] if text != type(exc).__name__ else text

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from genart import storage
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 from genart.evaluate.preprocess import network_input
 
 DEFAULT_FEATURES = "inception"
@@ -123,7 +123,7 @@ def _read_state_dict(uri: str) -> tuple[dict, str]:
         else:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - weights_only refuses anything but plain tensors
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        first = one_line(exc, with_type=False)
         raise UserError(f"cannot read Inception weights {uri} as a plain state_dict (.pth via weights_only, or .safetensors): {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{uri} is not a state_dict of tensors; save one with torch.save(model.state_dict(), PATH)")
@@ -151,7 +151,7 @@ class InceptionExtractor(Extractor):
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise UserError(f"{weights} does not match torchvision's inception_v3 ({str(exc).splitlines()[0][:160]})") from None
+            raise UserError(f"{weights} does not match torchvision's inception_v3 ({one_line(exc, with_type=False)})") from None
         net.fc = torch.nn.Identity()  # pool3 features (N, 2048) instead of logits
         self.device = torch.device(device) if device is not None else default_device()
         self.net = net.eval().requires_grad_(False).to(self.device)

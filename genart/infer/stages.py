@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from genart import storage
 from genart.data import images
+from genart.errors import one_line
 from genart.infer import output
 
 WORK_SCHEMA = pa.schema(
@@ -26,14 +27,11 @@ WORK_SCHEMA = pa.schema(
 STATUS_SCHEMA = pa.schema([("source", pa.string()), ("key", pa.string()), ("error", pa.string())])
 
 
-def _short(exc: BaseException) -> str:
-    text = (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def decode_error(exc: BaseException) -> str:
     """The one-line reason an input is rejected: a validation Reject's own reason, or what decoding raised."""
-    return exc.reason if isinstance(exc, images.Reject) else f"decode failed: {_short(exc)}"
+    return exc.reason if isinstance(exc, images.Reject) else f"decode failed: {one_line(exc)}"
 
 
 def _get_cached(ref):
@@ -218,13 +216,13 @@ class StylizeActor(ModelActor):
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one huge image: report it, go on
                 if len(group) == 1:
-                    group[0].update(error=f"stylize failed: {_short(exc)}", pixels=None)
+                    group[0].update(error=f"stylize failed: {one_line(exc)}", pixels=None)
                     continue
             for row in group:  # the batch failed: one by one, so only the culprit gets an error
                 try:
                     self._stylize_rows([row])
                 except Exception as exc:  # noqa: BLE001
-                    row.update(error=f"stylize failed: {_short(exc)}", pixels=None)
+                    row.update(error=f"stylize failed: {one_line(exc)}", pixels=None)
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
     def _stylize_rows(self, group: list[dict]) -> None:
@@ -331,7 +329,7 @@ class ScoreActor(ModelActor):
                 tensors.append(torch.from_numpy(model_input(pixels, self.model.image_size))[None])
                 ready.append(out)
             except Exception as exc:  # noqa: BLE001
-                out["error"] = f"score failed: {_short(exc)}"
+                out["error"] = f"score failed: {one_line(exc)}"
         if tensors:
             with self.inference():
                 x = self.to_device(torch.cat(tensors))
@@ -364,7 +362,7 @@ def write_batch(batch: pa.Table, out: str, fmt: str) -> pa.Table:
                 output.write_shard(out, table)
             except Exception as exc:  # noqa: BLE001 - the rows stay missing; --resume retries them
                 for i in good:
-                    errors[i] = f"write failed: {_short(exc)}"
+                    errors[i] = f"write failed: {one_line(exc)}"
     else:
         pixels, widths, heights = (batch.column(c).to_pylist() for c in ("pixels", "width", "height"))
         for i, key in enumerate(keys):
@@ -374,7 +372,7 @@ def write_batch(batch: pa.Table, out: str, fmt: str) -> pa.Table:
                 data = images.encode(_image(pixels[i], widths[i], heights[i]), fmt)
                 storage.write_bytes(storage.join(out, key), data)
             except Exception as exc:  # noqa: BLE001
-                errors[i] = f"write failed: {_short(exc)}"
+                errors[i] = f"write failed: {one_line(exc)}"
     status = pa.table({"source": batch.column("source"), "key": keys, "error": errors}, schema=STATUS_SCHEMA)
     return status
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 from genart.models.training import unwrap
 
 WEIGHTS, OPTIM, STATE = "model.safetensors", "optim.pt", "state.json"
@@ -151,7 +151,7 @@ def read_weights(dir: str) -> dict[str, dict[str, torch.Tensor]]:
     try:
         flat = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        first = one_line(exc, with_type=False)
         raise UserError(f"corrupt checkpoint: {path} is not a readable safetensors file ({first})") from None
     by_net: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
@@ -168,7 +168,7 @@ def read_optim(dir: str) -> dict:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the weights-only unpickler refuses anything but plain data
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        first = one_line(exc, with_type=False)
         raise UserError(f"refused {path}: not a plain tensor file (loaded with weights_only=True): {first}") from None
     if not isinstance(data, dict) or not isinstance(data.get("optimizers"), dict):
         raise UserError(f"corrupt checkpoint: {path} does not hold optimizer states")
@@ -192,7 +192,7 @@ def load_nets(nets: dict[str, nn.Module], tensors_by_net: dict[str, dict[str, to
         try:
             net.load_state_dict(tensors_by_net[name], strict=True)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0][:200]
+            first = one_line(exc, with_type=False)
             raise UserError(f"checkpoint {where}: {name} weights do not match the model its config describes ({first})") from None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 
 VGG_LAYERS = {  # torchvision's `features` layout (conv widths, "M" = max-pool); module indices match its state_dict
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
@@ -72,7 +72,7 @@ class VGGFeatures(FeatureNet):
         try:
             self.features.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
+            first = one_line(exc, with_type=False)
             raise UserError(f"{source}: not a torchvision {self.arch} state_dict ({first}); give {self.arch} weights") from None
 
     def defaults(self) -> tuple[list[str], list[str]]:
@@ -124,7 +124,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load(source.getvalue()) if isinstance(source, io.BytesIO) else load_file(source)
         data = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refused pickles and corrupt files both end here
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        first = one_line(exc, with_type=False)
         raise UserError(f"{name}: cannot read as plain weights (safetensors or a weights-only torch file): {first}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]

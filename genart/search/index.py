@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from genart import storage
 from genart.data import images, sources
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 from genart.infer import naming, output, stages
 
 INDEX_VERSION = 1
@@ -98,7 +98,7 @@ class Embedder:
                     row["vector"] = vec.tolist()
             except Exception as exc:  # noqa: BLE001 - reported per row, the job goes on
                 for row in good:
-                    row["error"] = f"embed failed: {stages._short(exc)}"
+                    row["error"] = f"embed failed: {one_line(exc)}"
         for row in rows:
             row.pop("pixels")
         schema = SHARD_SCHEMA.append(pa.field("error", pa.string()))
@@ -120,7 +120,7 @@ def write_batch(batch: pa.Table, out: str) -> pa.Table:
             output.write_shard(storage.join(out, SHARDS), batch.take(good).drop_columns(["error"]))
         except Exception as exc:  # noqa: BLE001 - the rows stay missing; a rerun retries them
             for i in good:
-                errors[i] = f"write failed: {stages._short(exc)}"
+                errors[i] = f"write failed: {one_line(exc)}"
     return pa.table({"source": batch.column("source"), "key": batch.column("key"), "error": errors},
                     schema=stages.STATUS_SCHEMA)
 

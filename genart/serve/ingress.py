@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from genart import storage
 from genart.data.images import Reject, cap_side, decode_image, encode_png
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 from genart.models import generative_families
 from genart.serve.config import MAX_N, NAME_RE, ServeArgs
 from genart.serve.guards import BearerAuth, BodyLimit, Deadline
@@ -168,13 +168,13 @@ class Ingress:
             raise ApiError(503, "overloaded", f"model {name!r} has a full queue (max_queued_requests="
                            f"{self.settings.max_queued_requests}); retry shortly", {"Retry-After": "1"}) from None
         except DeploymentUnavailableError as exc:
-            raise ApiError(503, "unavailable", f"model {name!r} is not available: {exc}"[:300], {"Retry-After": "5"}) from None
+            raise ApiError(503, "unavailable", f"model {name!r} is not available: {one_line(exc, with_type=False)}", {"Retry-After": "5"}) from None
         except RayActorError:  # the replica died under this request (node lost, OOM, killed); Serve starts another
             raise ApiError(503, "unavailable", f"model {name!r} lost the replica serving this request; retry shortly",
                            {"Retry-After": "1"}) from None
         except UserError as exc:  # requests are validated here first, so this is the model's side, e.g. a broken checkpoint
             cause = getattr(exc, "cause", None) or exc  # the original error inside Ray's RayTaskError wrapper
-            raise ApiError(500, "model error", f"model {name!r}: {str(cause).splitlines()[0][:300]}") from None
+            raise ApiError(500, "model error", f"model {name!r}: {one_line(cause, with_type=False)}") from None
 
     async def _style_names(self) -> list[str]:
         names = [n for n, card in self.cards.items() if card["family"] == "style"]
