@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RESULTS ?= results/quickstart
 
-.PHONY: setup browser quickstart test test-fast bench lint clean
+.PHONY: setup browser quickstart smoke test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ browser:
 # The main job on the embedded local Ray: sample data -> prepare -> train -> samples -> stylize -> score -> report.
 quickstart: setup
 	$(BIN)/python workflows/quickstart.py --out $(RESULTS)
+
+# Every subcommand once on 40 synthetic 16 px images (train as --dry-run per family), PASS/FAIL per step.
+smoke: setup
+	$(BIN)/python workflows/smoke.py
 
 test: setup browser
 	$(BIN)/python -m pytest tests

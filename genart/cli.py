@@ -134,8 +134,10 @@ def palette(data, colors, out, sample_pixels, seed, address):
 @main.command()
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
 @set_option
+@click.option("--dry-run", is_flag=True, help="One worker, two steps, the smallest model of the family: check the setup.")
+@click.option("--output", default=None, help="With --dry-run: parent folder of the dry run (default: a temporary folder).")
 @address_option
-def train(config_path, overrides, address):
+def train(config_path, overrides, dry_run, output, address):
     """Train a model (dcgan, vae, critic, style) with Ray Train: data-parallel workers, checkpoints, samples,
     metrics.jsonl and loss.png in <run.storage>/<run.name>.
 
@@ -144,11 +146,20 @@ def train(config_path, overrides, address):
     \b
         genart train workflows/configs/dcgan.yaml --set data.path=data/synth --set train.max_steps=500
     """
+    from genart.train import dry_run as dry
     from genart.train.config import load_config
     from genart.train.trainer import format_summary, train as run_train
 
-    summary = run_train(load_config(config_path, overrides), address=address, echo=click.echo)
+    cfg = load_config(config_path, overrides)
+    if output is not None and not dry_run:
+        raise UserError("--output goes with --dry-run; a real run's folder is run.storage (--set run.storage=...)")
+    if dry_run:
+        cfg = dry.dry_run_config(cfg, output)
+        click.echo(dry.describe(cfg))
+    summary = run_train(cfg, address=address, echo=click.echo)
     click.echo(format_summary(summary))
+    if dry_run:
+        click.echo(f"dry run: {summary['step'] - summary['start_step']} steps ran ({summary['family']})")
 
 
 # ---------------------------------------------------------------- batch inference

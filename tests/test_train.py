@@ -360,3 +360,23 @@ def test_style_on_s3_run_storage(dataset, s3_bucket):
     styler = models.load(run_dir, family="style")
     out = styler.stylize(torch.rand(1, 3, 20, 28))
     assert out.shape == (1, 3, 20, 28) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_dry_run_trains_two_steps_of_a_tiny_model_through_the_cli(dataset, tmp_path):
+    """`genart train --dry-run`: one worker, two steps, the family's smallest widths, in --output (not run.storage)."""
+    from genart.train.dry_run import TINY_MODEL
+
+    path = os.path.join(os.path.dirname(__file__), "..", "workflows", "configs", "critic.yaml")
+    out = str(tmp_path / "dry")
+    result = CliRunner().invoke(main, ["train", path, "--set", f"data.path={dataset}", "--set", "data.image_size=null",
+                                       "--set", f"run.storage={tmp_path / 'real'}", "--dry-run", "--output", out])
+    assert result.exit_code == 0, result.output
+    assert "dry run: critic, 2 steps on 1 worker" in result.output
+    assert "dry run: 2 steps ran (critic)" in result.output
+    run_dir = os.path.join(out, "critic-dry-run")
+    assert [row["step"] for row in outputs.read_metrics(run_dir) if "loss" in row][-1] == 2
+    assert not os.path.exists(tmp_path / "real"), "a dry run must not write into the config's run.storage"
+    saved = load_config(os.path.join(run_dir, "config.yaml"))
+    assert (saved.train.max_steps, saved.scaling.num_workers) == (2, 1)
+    assert saved.model.base_channels == TINY_MODEL["critic"]["base_channels"]

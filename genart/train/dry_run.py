@@ -1,0 +1,52 @@
+"""`genart train --dry-run`: the same run on one worker, for two steps, with the smallest model the family allows.
+
+    genart train workflows/configs/vae.yaml --set data.path=data/synth --dry-run
+Checks that a config, its data and the cluster fit together in seconds (pytorch/examples' `--dry-run`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from genart import config as config_lib
+from genart import storage
+from genart.data.palette import palette_path
+from genart.config import validate
+from genart.train.config import TrainConfig
+
+DRY_RUN_STEPS = 2
+
+# Per family: the narrowest widths its config accepts that still build a working net (keys absent = config's own).
+TINY_MODEL = {
+    "dcgan": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "label_embed_dim": 4, "num_samples": 4,
+              "eval_samples": 8},
+    "vae": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "num_samples": 4},
+    "critic": {"base_channels": 4, "embed_dim": 8, "num_stages": 1},
+    "style": {"channels": 4, "num_res_blocks": 0, "random_filters": 4, "style_size": 32, "num_samples": 2},
+    "autoregressive": {"embed_dim": 8, "num_layers": 1, "num_heads": 1, "mlp_ratio": 1, "num_samples": 2,
+                       "warmup_steps": 0},
+}
+
+
+def dry_run_config(cfg: TrainConfig, output: str | None = None) -> TrainConfig:
+    """`cfg` shrunk to a dry run: tiny model, one worker, DRY_RUN_STEPS steps, no evaluation, run folder under
+    `output` (default: a new temporary folder), so a real run of the same config is never touched or resumed."""
+    raw = cfg.model_dump(mode="json")
+    raw["model"].update(TINY_MODEL[cfg.model.family])
+    if cfg.model.family == "autoregressive" and raw["model"]["palette"] is None:
+        # No `genart palette` needed for a dry run: the even RGB lattice of the same size.
+        if not storage.exists(palette_path(cfg.data.path, cfg.model.colors)):
+            raw["model"]["palette"] = "grid"
+    raw["data"]["batch_size"] = min(cfg.data.batch_size, 4)
+    raw["train"].update(max_steps=DRY_RUN_STEPS, checkpoint_every_steps=DRY_RUN_STEPS, log_every_steps=1)
+    raw["scaling"].update(num_workers=1, cpus_per_worker=min(cfg.scaling.cpus_per_worker, 1.0))
+    raw["run"].update(storage=output or tempfile.mkdtemp(prefix="genart-dry-run-"), name=f"{cfg.run_name}-dry-run",
+                      max_failures=0)
+    raw["eval"]["every_checkpoints"] = 0
+    raw["eval"]["best_metric"] = None
+    return validate(TrainConfig, raw)
+
+
+def describe(cfg: TrainConfig) -> str:
+    """What the dry run will train: the family and its resolved config, as YAML."""
+    return f"dry run: {cfg.model.family}, {DRY_RUN_STEPS} steps on 1 worker, config:\n{config_lib.to_yaml(cfg)}"
