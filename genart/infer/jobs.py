@@ -248,8 +248,9 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
         raise UserError(f"--num {num}: must be >= 1")
     if not 0 <= seed < 2**31:
         raise UserError(f"--seed {seed}: must be between 0 and 2**31 - 1")
-    if not 0.0 <= truncation <= 1.0:
-        raise UserError(f"--truncation {truncation}: must be between 0.0 and 1.0 (1.0 = off)")
+    from genart.models.sampling import check_truncation
+
+    check_truncation(truncation, "--truncation")
     if fmt not in ("png", "parquet"):
         raise UserError(f"--format {fmt}: must be png or parquet")
     started = time.time()

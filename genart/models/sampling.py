@@ -34,9 +34,14 @@ def truncate(z: torch.Tensor, truncation: float) -> torch.Tensor:
 
     Scaling (not BigGAN's resampling of |z| > t) keeps a seed's latent a pure function of (seed, truncation).
     """
-    if not 0.0 <= float(truncation) <= 1.0:
-        raise UserError(f"truncation {truncation!r}: must be between 0.0 (the mean image) and 1.0 (off)")
+    check_truncation(truncation)
     return z * float(truncation)
+
+
+def check_truncation(truncation: float, what: str = "truncation") -> None:
+    """The one truncation rule (jobs check it before starting Ray; /v1/generate's schema states the same range)."""
+    if not 0.0 <= float(truncation) <= 1.0:
+        raise UserError(f"{what} {truncation!r}: must be between 0.0 (the mean image) and 1.0 (off)")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
