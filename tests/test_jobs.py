@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from genart import ray_jobs as jobs
+from genart import ray_jobs
 from genart.errors import UserError
 from helpers import free_port
 
@@ -281,46 +281,46 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
 def test_address_precedence(monkeypatch):
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
-    assert jobs.resolve_address() == "http://127.0.0.1:8265"
+    assert ray_jobs.resolve_address() == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
-    assert jobs.resolve_address() == "http://10.0.0.5:8265"
+    assert ray_jobs.resolve_address() == "http://10.0.0.5:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://ray.example.com/")
-    assert jobs.resolve_address() == "https://ray.example.com"
-    assert jobs.resolve_address("http://head:8265") == "http://head:8265"
+    assert ray_jobs.resolve_address() == "https://ray.example.com"
+    assert ray_jobs.resolve_address("http://head:8265") == "http://head:8265"
     with pytest.raises(UserError, match="Ray Client address"):
-        jobs.resolve_address("ray://head:10001")
+        ray_jobs.resolve_address("ray://head:10001")
 
 
 def test_token_lookup_order(monkeypatch, tmp_path):
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert jobs.find_token()[0] is None
+    assert ray_jobs.find_token()[0] is None
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
-    assert jobs.find_token() == ("from-home", str(tmp_path / ".ray" / "auth_token"))
+    assert ray_jobs.find_token() == ("from-home", str(tmp_path / ".ray" / "auth_token"))
     path_file = tmp_path / "token"
     path_file.write_text("from-path")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path_file))
-    assert jobs.find_token()[0] == "from-path"
+    assert ray_jobs.find_token()[0] == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    assert jobs.find_token() == ("from-env", "RAY_AUTH_TOKEN")
+    assert ray_jobs.find_token() == ("from-env", "RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert jobs.find_token()[0] is None
+    assert ray_jobs.find_token()[0] is None
     monkeypatch.delenv("RAY_AUTH_MODE")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(UserError, match="cannot be read"):
-        jobs.find_token()
+        ray_jobs.find_token()
 
 
 def test_entrypoint_and_runtime_env(tmp_path):
-    assert jobs.build_entrypoint(["genart", "train", "cfg.yaml", "--set", "run.name=a b"]) == (
+    assert ray_jobs.build_entrypoint(["genart", "train", "cfg.yaml", "--set", "run.name=a b"]) == (
         "genart train cfg.yaml --set 'run.name=a b'"
     )
-    assert jobs.build_entrypoint(["python train.py && echo done"]) == "python train.py && echo done"
-    runtime_env = jobs.build_runtime_env(tmp_path, pip=["genart==0.1.0"])
-    assert runtime_env == {"working_dir": str(tmp_path.resolve()), "excludes": jobs.WORKING_DIR_EXCLUDES,
+    assert ray_jobs.build_entrypoint(["python train.py && echo done"]) == "python train.py && echo done"
+    runtime_env = ray_jobs.build_runtime_env(tmp_path, pip=["genart==0.1.0"])
+    assert runtime_env == {"working_dir": str(tmp_path.resolve()), "excludes": ray_jobs.WORKING_DIR_EXCLUDES,
                            "pip": ["genart==0.1.0"]}
     with pytest.raises(UserError, match="not a folder"):
-        jobs.build_runtime_env(tmp_path / "nope")
+        ray_jobs.build_runtime_env(tmp_path / "nope")

@@ -159,5 +159,3 @@ def from_tensor01(batch) -> list[Image.Image]:
     arr = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
     arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
     return [Image.fromarray(a, "RGB") for a in arr]
-
-

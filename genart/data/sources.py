@@ -482,5 +482,3 @@ def read_images(sources: list[str], labels: str | None = None, max_bytes: int | 
     if the_plan.failures:
         ds = ds.union(ray.data.from_arrow(failed))
     return ds, the_plan
-
-

@@ -44,13 +44,14 @@ def extractor_for(spec: str | None, inception_weights: str | None = None) -> Ext
     return _extractors[parsed.text]
 
 
-def load_generator(uri: str, device=None):
-    """A generative checkpoint (dcgan, vae, autoregressive) for sampling; other families are a UserError."""
+def load_generator(uri: str, device=None, command: str = "evaluate"):
+    """A generative checkpoint (dcgan, vae, autoregressive) for sampling; other families are a UserError naming
+    the `command` that needs a generator."""
     from genart import models
 
     model = models.load(uri)
     if model.family not in GENERATIVE_FAMILIES:
-        raise UserError(f"{uri} is a {model.family} checkpoint; evaluate needs a generative model ({', '.join(GENERATIVE_FAMILIES)})")
+        raise UserError(f"{uri} is a {model.family} checkpoint; {command} needs a generative model ({', '.join(GENERATIVE_FAMILIES)})")
     return model.to(device) if device is not None else model
 
 

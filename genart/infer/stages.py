@@ -27,8 +27,6 @@ WORK_SCHEMA = pa.schema(
 STATUS_SCHEMA = pa.schema([("source", pa.string()), ("key", pa.string()), ("error", pa.string())])
 
 
-
-
 def decode_error(exc: BaseException) -> str:
     """The one-line reason an input is rejected: a validation Reject's own reason, or what decoding raised."""
     return exc.reason if isinstance(exc, images.Reject) else f"decode failed: {one_line(exc)}"

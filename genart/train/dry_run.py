@@ -11,7 +11,6 @@ import tempfile
 from genart import config as config_lib
 from genart import storage
 from genart.data.palette import palette_path
-from genart.config import validate
 from genart.train.config import TrainConfig
 
 DRY_RUN_STEPS = 2
@@ -44,7 +43,7 @@ def dry_run_config(cfg: TrainConfig, output: str | None = None) -> TrainConfig:
                       max_failures=0)
     raw["eval"]["every_checkpoints"] = 0
     raw["eval"]["best_metric"] = None
-    return validate(TrainConfig, raw)
+    return config_lib.validate(TrainConfig, raw)
 
 
 def describe(cfg: TrainConfig) -> str:

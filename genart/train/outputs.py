@@ -16,6 +16,8 @@ from genart import storage
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
 STOP_REQUEST = "stop-requested"
+# Keys of a metrics.jsonl row that are not losses or metrics: left out of loss.png and the run summary.
+BOOKKEEPING = ("step", "start_step", "images_per_second", "epoch", "seconds")
 PER_CLASS = re.compile(r"_class_\d+$")  # per-class metrics stay in metrics.jsonl, out of the plot
 
 
@@ -143,6 +145,6 @@ def _metric_keys(rows: list[dict]) -> list[str]:
     keys: dict[str, None] = {}
     for row in rows:
         for key, value in row.items():
-            if key not in ("step", "start_step", "images_per_second", "epoch", "seconds") and isinstance(value, (int, float)):
+            if key not in BOOKKEEPING and isinstance(value, (int, float)):
                 keys[key] = None
     return list(keys)

@@ -322,7 +322,7 @@ def summarize(cfg: TrainConfig, run_dir: str, seconds: float, start_step: int, t
     last = rows[-1] if rows else {}
     checkpoints = [name for _, name in outputs.list_checkpoints(run_dir)]
     best = outputs.read_best(run_dir)
-    losses = {k: v for k, v in last.items() if k not in ("step", "start_step", "images_per_second", "epoch", "seconds")}
+    losses = {k: v for k, v in last.items() if k not in outputs.BOOKKEEPING}
     return {
         "run_dir": run_dir,
         "family": cfg.model.family,
