@@ -62,7 +62,7 @@ def main() -> int:
         result = runner.invoke(genart, argv)
         ok = result.exit_code == 0
         results.append(ok)
-        print(f"{'PASS' if ok else 'FAIL'}  {name:<28} {time.time() - began:5.1f} s", flush=True)
+        print(f"{'PASS' if ok else 'FAIL'}  {name:<31} {time.time() - began:5.1f} s", flush=True)
         if not ok:
             print("\n".join("      " + line for line in result.output.strip().splitlines()[-15:]), file=sys.stderr)
             if result.exception and not isinstance(result.exception, SystemExit):
