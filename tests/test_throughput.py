@@ -49,6 +49,20 @@ def test_batched_stylize_is_bit_identical_to_one_image_at_a_time(style_ckpt):
     assert batched == _one_at_a_time(actor, table)
 
 
+def test_cpu_forward_passes_hold_a_cache_sized_share(style_ckpt, monkeypatch):
+    """On a CPU a group of same-size images is split into passes of at most CPU_FORWARD_PIXELS (big batches run
+    slower there); the split is by image size only and changes no byte."""
+    monkeypatch.setattr(stages, "CPU_FORWARD_PIXELS", 2 * 40 * 30)
+    actor = stages.StylizeActor(style_ckpt, threads=1, deterministic=True, tile=0, overlap=None)
+    passes = []
+    forward = actor._forward
+    actor._forward = lambda x: passes.append(len(x)) or forward(x)
+    table = _rows([(40, 30)] * 5 + [(17, 33)] * 3)
+    batched = actor(table).column("pixels").to_pylist()
+    assert sorted(passes) == [1, 2, 2, 3]  # 40x30: 2 + 2 + 1 per pass; 17x33 (561 px): all 3 in one
+    assert batched == _one_at_a_time(actor, table)
+
+
 def test_default_batched_stylize_is_within_one_level(style_ckpt):
     """Without --deterministic, oneDNN may pick another convolution algorithm for another batch size: the float
     outputs then differ in the last bits, i.e. at most one 8-bit level in a written pixel."""
