@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from genart.cli import main
 from genart.errors import UserError
 from genart.infer import RunOptions, stages
+from genart.models import family
 from genart.infer.jobs import parse_concurrency
 from helpers import tiny_checkpoint
 from test_infer import _encode, _outputs, _picture, _write_tree
@@ -50,9 +51,9 @@ def test_batched_stylize_is_bit_identical_to_one_image_at_a_time(style_ckpt):
 
 
 def test_cpu_forward_passes_hold_a_cache_sized_share(style_ckpt, monkeypatch):
-    """On a CPU a group of same-size images is split into passes of at most CPU_FORWARD_PIXELS (big batches run
+    """On a CPU a group of same-size images is split into passes of at most family.CPU_FORWARD_PIXELS (big batches run
     slower there); the split is by image size only and changes no byte."""
-    monkeypatch.setattr(stages, "CPU_FORWARD_PIXELS", 2 * 40 * 30)
+    monkeypatch.setattr(family, "CPU_FORWARD_PIXELS", 2 * 40 * 30)
     actor = stages.StylizeActor(style_ckpt, threads=1, deterministic=True, tile=0, overlap=None)
     passes = []
     forward = actor._forward
@@ -61,6 +62,18 @@ def test_cpu_forward_passes_hold_a_cache_sized_share(style_ckpt, monkeypatch):
     batched = actor(table).column("pixels").to_pylist()
     assert sorted(passes) == [1, 2, 2, 3]  # 40x30: 2 + 2 + 1 per pass; 17x33 (561 px): all 3 in one
     assert batched == _one_at_a_time(actor, table)
+
+
+def test_critic_features_in_cpu_passes_match_one_pass(tmp_path, monkeypatch):
+    """The critic extractor (genart index, evaluate, audit) splits a CPU batch the same way: same features."""
+    from genart.evaluate.features import build_extractor
+
+    critic = tiny_checkpoint(tmp_path / "critic", "critic", 16, labels=("a", "b"))
+    extractor = build_extractor(f"critic:{critic}", device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    whole = extractor(pixels)
+    monkeypatch.setattr(family, "CPU_FORWARD_PIXELS", 3 * 16 * 16)  # passes of 3, 3 and 1
+    np.testing.assert_allclose(extractor(pixels), whole, rtol=1e-5, atol=1e-6)
 
 
 def test_default_batched_stylize_is_within_one_level(style_ckpt):

@@ -20,6 +20,7 @@ import torch
 from genart import storage
 from genart.errors import UserError, one_line
 from genart.evaluate.preprocess import network_input
+from genart.models.family import in_passes
 
 DEFAULT_FEATURES = "inception"
 INCEPTION_SIZE = 299
@@ -191,7 +192,7 @@ class CriticExtractor(Extractor):
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
         x = network_input(images, self.input_size)  # (N, 3, S, S) in [0, 1]; embed's own resize is then a no-op
-        return self.model.embed(x.to(self.device)).float().cpu().numpy()  # (N, D)
+        return in_passes(lambda chunk: self.model.embed(chunk.to(self.device)).float().cpu(), x, self.device).numpy()  # (N, D)
 
 
 def build_extractor(spec: FeatureSpec | str | None, inception_weights: str | None = None, device=None) -> Extractor:

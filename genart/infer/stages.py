@@ -153,15 +153,11 @@ class ModelActor:
 
 
 TILE_BATCH = 4  # tiles per forward pass: fixed, so the output never depends on run options like --batch-size
-# Pixels per forward pass on a CPU. A conv net's activations for many large images overflow the CPU's caches, so
-# one big batch runs slower per image than two small ones (the default style net at 256x256, 1 thread: 12.4 img/s
-# at 1-2 images per pass, 9.5 at 8; at 128x128 the gain of batching holds up to 8). GPUs take the whole group.
-CPU_FORWARD_PIXELS = 2 * 256 * 256
 
 
 class StylizeActor(ModelActor):
     """WORK rows -> WORK rows with stylised pixels: images of one size (after --max-side) stacked into forward
-    passes (the whole group on a GPU, CPU_FORWARD_PIXELS' worth on a CPU); images larger than the tile go alone,
+    passes (the whole group on a GPU, `models.family.images_per_pass` on a CPU); images larger than the tile go alone,
     their tiles TILE_BATCH per pass (fewer on a CPU when tiles are large).
 
     A batch that fails (e.g. out of memory) is retried one image at a time, so only the image that cannot be
@@ -172,18 +168,12 @@ class StylizeActor(ModelActor):
 
     def setup(self) -> None:
         from genart.infer import tiling
+        from genart.models.family import images_per_pass
 
         self.layers = tiling.norm_layers(self.model.nets)
         self.tile = self.options.get("tile")
         self.overlap = self.options.get("overlap")
-        self.tile_batch = TILE_BATCH if not self.tile else self._per_pass(self.tile, self.tile, TILE_BATCH)
-
-    def _per_pass(self, height: int, width: int, wanted: int) -> int:
-        """How many images of this size go into one forward pass: all on a GPU, a cache-sized share on a CPU.
-        It depends on the image size only, never on --batch-size."""
-        if self.device.type != "cpu":
-            return wanted
-        return max(1, min(wanted, CPU_FORWARD_PIXELS // (height * width)))
+        self.tile_batch = TILE_BATCH if not self.tile else images_per_pass(self.device, self.tile, self.tile, TILE_BATCH)
 
     def _overlap(self) -> int:
         if self.overlap is None:  # measured on first use: only jobs with images larger than a tile pay for it
@@ -203,11 +193,11 @@ class StylizeActor(ModelActor):
         import torch
 
         from genart.infer import tiling
+        from genart.models.family import in_passes
 
         with self.inference():
             if not self.tile or max(xs[0].shape[1:]) <= self.tile:
-                step = self._per_pass(xs[0].shape[1], xs[0].shape[2], len(xs))
-                return torch.cat([self._forward(torch.stack(xs[i:i + step])) for i in range(0, len(xs), step)])
+                return in_passes(self._forward, torch.stack(xs), self.device)
             return torch.stack([tiling.tiled(self._forward, x, self.tile, self._overlap(), self.tile_batch, self.layers)
                                 for x in xs])
 
@@ -319,7 +309,7 @@ SCORE_SCHEMA = pa.schema(
 
 class ScoreActor(ModelActor):
     """WORK rows -> SCORE rows: each image center-cropped and resized to the critic's size (`images.model_input`, as
-    serving does), then one batched pass."""
+    serving does), then batched passes (`models.family.in_passes`)."""
 
     family = "critic"
 
@@ -327,6 +317,7 @@ class ScoreActor(ModelActor):
         import torch
 
         from genart.data.images import model_input
+        from genart.models.family import in_passes
 
         rows, ready, tensors = [], [], []
         for row in batch.to_pylist():
@@ -344,7 +335,8 @@ class ScoreActor(ModelActor):
         if tensors:
             with self.inference():
                 x = self.to_device(torch.cat(tensors))
-                probs, emb = self.model.predict(x).float().cpu().numpy(), self.model.embed(x).float().cpu().numpy()
+                probs = in_passes(lambda c: self.model.predict(c).float().cpu(), x, self.device).numpy()
+                emb = in_passes(lambda c: self.model.embed(c).float().cpu(), x, self.device).numpy()
             names = self.model.label_names
             for out, p, e in zip(ready, probs, emb):
                 label = int(p.argmax())
