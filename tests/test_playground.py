@@ -166,3 +166,19 @@ def test_page_reports_a_refused_key_and_server_errors(page_app, browser):
     page.wait_for_function("document.getElementById('auth-msg').textContent.includes('refused')", timeout=30_000)
     assert "unauthorized" in page.inner_text("#error")
     page.close()
+
+
+def test_api_docs_render_offline(page_app, browser):
+    """/docs is Swagger UI from the installed fastapi-offline package: the page renders every endpoint and asks for
+    nothing outside this server (FastAPI's default page loads it from a CDN, blank without internet)."""
+    url, _ = page_app
+    page = browser.new_page()
+    requested: list[str] = []
+    page.on("request", lambda req: requested.append(req.url))
+    page.goto(url + "docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+    paths = set(page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path || e.textContent)"))
+    assert {"/v1/generate", "/v1/stylize", "/v1/classify", "/v1/similar"} <= {p.strip() for p in paths}
+    base = url.split("/", 3)[:3]
+    assert requested and all(r.startswith("/".join(base) + "/") for r in requested), requested
+    page.close()

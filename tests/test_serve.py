@@ -237,7 +237,11 @@ def test_health_page_and_docs(app):
         assert 'src="http' not in text and 'href="http' not in text and "url(http" not in text and "//cdn" not in text
     spec = requests.get(app + "/openapi.json").json()
     assert {"/v1/generate", "/v1/interpolate", "/v1/reconstruct", "/v1/stylize", "/v1/classify", "/v1/models"} <= set(spec["paths"])
-    assert requests.get(app + "/docs").status_code == 200
+    docs = requests.get(app + "/docs")
+    assert docs.status_code == 200 and "//cdn" not in docs.text and "docs/assets/swagger-ui-bundle.js" in docs.text
+    bundle = requests.get(app + "/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and "javascript" in bundle.headers["content-type"] and len(bundle.content) > 100_000
+    assert requests.get(app + "/docs/assets/..%2F..%2F__init__.py").status_code == 404  # the asset folder only
 
 
 def test_models_lists_every_model_with_its_checkpoint_hash(app, tiny_models):

@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
@@ -123,8 +124,10 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         from genart.serve import search_api  # imports this module: so it is imported here, not at the top
 
-        app = FastAPI(title="genart", version="1",
-                      summary="Generate, interpolate, stylize and classify images; find similar ones in an index.")
+        # FastAPI's own /docs and /redoc pages load their scripts from a CDN (blank without internet);
+        # fastapi-offline serves the same pages with the files from its package, under /docs/assets.
+        app = FastAPIOffline(title="genart", version="1", static_url="/docs/assets",
+                             summary="Generate, interpolate, stylize and classify images; find similar ones in an index.")
         self._routes(app)
         search_api.add_routes(app, self)
         self._error_handlers(app)
