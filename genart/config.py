@@ -75,15 +75,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     """Apply `--set` overrides to a plain dict, creating intermediate sections as needed."""
     for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
+        set_key(data, *parse_override(item))
+    return data
+
+
+def set_key(data: dict, path: list[str], value: Any) -> dict:
+    """data[path[0]][path[1]]... = value, creating intermediate sections as needed (what one `--set` does)."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
     return data
 
 
