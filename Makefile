@@ -28,7 +28,8 @@ browser:
 quickstart: setup
 	$(BIN)/python workflows/quickstart.py --out $(RESULTS)
 
-# Every subcommand once on 40 synthetic 16 px images (train as --dry-run per family), PASS/FAIL per step.
+# Every subcommand once on 40 synthetic 16 px images (train as a dcgan --dry-run; workflows/smoke.py --all-families
+# dry-runs every family), PASS/FAIL per step.
 smoke: setup
 	$(BIN)/python workflows/smoke.py
 

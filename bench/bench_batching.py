@@ -22,21 +22,7 @@ import pyarrow as pa
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from genart.infer import stages  # noqa: E402
-
-
-def make_checkpoint(folder: str) -> str:
-    import torch
-
-    from genart.models import REGISTRY
-    from genart.models.checkpoint import save_checkpoint
-
-    fam = REGISTRY["style"]
-    cfg = fam.config_cls()  # the default net: 32 channels, 5 residual blocks
-    torch.manual_seed(0)
-    nets = fam.build(cfg, 256, 0, inference=True)
-    save_checkpoint(folder, nets, {}, {"family": "style", "step": 0, "config": cfg.model_dump(), "image_size": 256,
-                                       "label_names": []})
-    return folder
+from genart.models.tiny import tiny_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +40,7 @@ def main() -> None:
             for i in range(args.images)]
     table = pa.Table.from_pylist(rows, schema=stages.WORK_SCHEMA)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(os.path.join(tmp, "style"))
+        ckpt = tiny_checkpoint(os.path.join(tmp, "style"), "style", 256, full_size=True)  # 32 channels, 5 res blocks
         fast = stages.StylizeActor(ckpt, threads=args.threads, tile=1024, overlap=None)
         exact = stages.StylizeActor(ckpt, threads=args.threads, deterministic=True, tile=1024, overlap=None)
         modes = {

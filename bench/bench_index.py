@@ -25,19 +25,6 @@ import numpy as np
 import torch
 
 
-def make_critic(folder: str, size: int) -> str:
-    from genart.models import REGISTRY
-    from genart.models.checkpoint import save_checkpoint
-
-    fam = REGISTRY["critic"]
-    cfg = fam.config_cls()  # the default width: what `genart train workflows/configs/critic.yaml` builds
-    torch.manual_seed(0)
-    nets = fam.build(cfg, size, 2, inference=True)
-    save_checkpoint(folder, nets, {}, {"family": "critic", "step": 0, "config": cfg.model_dump(), "image_size": size,
-                                       "label_names": ["a", "b"]})
-    return folder
-
-
 def build_throughput(num_images: int, size: int, batch_size: int) -> dict:
     from PIL import Image
 
@@ -45,10 +32,12 @@ def build_throughput(num_images: int, size: int, batch_size: int) -> dict:
     from genart.data.synth import make_synth
     from genart.evaluate.features import build_extractor
     from genart.infer import RunOptions
+    from genart.models.tiny import tiny_checkpoint
     from genart.search.index import build_index, normalize, square_pixels
 
     tmp = tempfile.mkdtemp(prefix="bench-index-")
-    critic = make_critic(f"{tmp}/critic", size)
+    # The default width: what `genart train workflows/configs/critic.yaml` builds.
+    critic = tiny_checkpoint(f"{tmp}/critic", "critic", size, ["a", "b"], full_size=True)
     make_synth(f"{tmp}/images", num=num_images, size=size * 2, seed=0)
     runtime.init()
     started = time.time()

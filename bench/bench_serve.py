@@ -97,11 +97,11 @@ def _photo_png() -> bytes:
 
 
 def make_models(out: str) -> dict[str, str]:
-    from genart.serve.tiny import make_checkpoint
+    from genart.models.tiny import tiny_checkpoint
 
     return {
-        "dcgan": make_checkpoint(f"{out}/dcgan", "dcgan", {}, 32, seed=1),  # default DCGAN config at 32 px
-        "style": make_checkpoint(f"{out}/style", "style", {"channels": 16, "num_res_blocks": 3}, 64, seed=2),
+        "dcgan": tiny_checkpoint(f"{out}/dcgan", "dcgan", 32, seed=1, full_size=True),  # default DCGAN config at 32 px
+        "style": tiny_checkpoint(f"{out}/style", "style", 64, seed=2, full_size=True, channels=16, num_res_blocks=3),
     }
 
 

@@ -24,19 +24,6 @@ from pathlib import Path
 import torch
 
 
-def make_checkpoint(folder: str, channels: int, blocks: int) -> str:
-    from genart.models import REGISTRY
-    from genart.models.checkpoint import save_checkpoint
-
-    fam = REGISTRY["style"]
-    cfg = fam.config_cls(channels=channels, num_res_blocks=blocks)
-    torch.manual_seed(0)
-    nets = fam.build(cfg, 256, 0, inference=True)
-    save_checkpoint(folder, nets, {}, {"family": "style", "step": 0, "config": cfg.model_dump(), "image_size": 256,
-                                       "label_names": []})
-    return folder
-
-
 # ---------------------------------------------------------------- memory of a process tree
 
 
@@ -167,10 +154,12 @@ def main() -> None:
 
     from genart import models, runtime
     from genart.data.synth import make_synth
+    from genart.models.tiny import tiny_checkpoint
 
     work = tempfile.mkdtemp(prefix="genart-bench-")
     try:
-        ckpt = make_checkpoint(os.path.join(work, "style"), args.channels, args.blocks)
+        ckpt = tiny_checkpoint(os.path.join(work, "style"), "style", 256, full_size=True, channels=args.channels,
+                               num_res_blocks=args.blocks)
         src = os.path.join(work, "in256")
         make_synth(src, args.num_images, size=256, seed=0)
         files = sorted(Path(src).rglob("*.png"))
@@ -201,7 +190,7 @@ def main() -> None:
         per_round_util = [flops * b / p for b, p in zip(rounds["b_single"], rounds["peak"])]
         achieved = flops * bare_single
         # The same measure for the paper's net (32 channels, 5 blocks): wider convs use the cores better.
-        paper = models.load(make_checkpoint(os.path.join(work, "paper"), 32, 5), family="style")
+        paper = models.load(tiny_checkpoint(os.path.join(work, "paper"), "style", 256, full_size=True), family="style")
         paper_flops, paper_rate = model_flops(paper), bare_forward(paper, 12, 1)
         paper_peak = matmul_peak(threads)
         torch.set_num_threads(threads)

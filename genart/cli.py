@@ -79,11 +79,11 @@ def prepare(srcs, dest, size, resize_mode, labels, val_fraction, shard_rows, max
     from genart.data import near_dupes
     from genart.data.prepare import PrepareOptions, prepare as run_prepare, summary
 
-    runtime.init(address)
     opts = PrepareOptions(size=size, resize_mode=resize_mode, labels=labels, val_fraction=val_fraction,
                           shard_rows=shard_rows, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, overwrite=overwrite,
                           near_dedup=near_dedup,
                           near_threshold=near_dupes.DEFAULT_THRESHOLD if near_threshold is None else near_threshold)
+    runtime.init(address)  # after the options: a bad flag fails before Ray starts
     manifest = run_prepare(list(srcs), dest, opts)
     click.echo(summary(manifest))
     click.echo(f"dataset: {dest}")
@@ -193,7 +193,6 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
     run = RunOptions(batch_size=batch_size or default_batch, concurrency=parse_concurrency(concurrency),
                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, resume=resume,
                      overwrite=overwrite, deterministic=deterministic, autocast=autocast)
-    run.check()
     runtime.init(address)
     return run
 
@@ -288,9 +287,9 @@ def index_cmd(src, out, features, inception_weights, nn_kind, max_pixels, batch_
     from genart.infer import RunOptions
     from genart.search import index as search_index
 
-    runtime.init(address)
     run = RunOptions(batch_size=batch_size, concurrency=concurrency, gpus_per_worker=gpus_per_worker,
                      cpus_per_worker=cpus_per_worker, overwrite=overwrite)
+    runtime.init(address)
     manifest = search_index.build_index(src, out, features=features, inception_weights=inception_weights, nn=nn_kind,
                                         max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
     click.echo(search_index.summary(manifest))

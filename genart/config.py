@@ -1,10 +1,12 @@
 """Typed configs: YAML in, `--set a.b=c` overrides, one-line errors naming the bad key, YAML out next to every run.
 
 Every config is a pydantic model with `extra="forbid"`, so a misspelt key is an error, not a silent default.
+A job's run options (`Options`: prepare's, the batch jobs') are pydantic too, checked when they are built.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -22,6 +24,42 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+@dataclass(frozen=True)
+class Rule:
+    """An `Options` field's one-line error when its value breaks the field's constraint or validator; `{value}` is
+    the value given. Annotated beside the constraint: `Annotated[int, Field(ge=1), Rule("--num {value}: ...")]`."""
+
+    message: str
+
+
+class Options(BaseModel):
+    """Base of a job's options (how `genart prepare` or a batch job runs), built from CLI flags or by code.
+
+    Each rule is declared once, as its field's constraint or validator, and checked when the options are built:
+    a broken one is a UserError of one line (the field's Rule), so the CLI prints it and exits 2 before any work.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise UserError(type(self)._explain(exc.errors()[0])) from None
+
+    @classmethod
+    def _explain(cls, err: dict) -> str:
+        name = str(err["loc"][0]) if err["loc"] else ""
+        field = cls.model_fields.get(name)
+        rule = next((m for m in field.metadata if isinstance(m, Rule)), None) if field else None
+        if rule is not None:
+            return rule.message.format(value=err.get("input"))
+        where = f"{cls.__name__}.{name}" if name else cls.__name__
+        if err["type"] == "extra_forbidden":
+            return f"{where}: unknown option"
+        return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=c` -> (["a", "b"], value); the value is parsed as YAML so `3`, `true`, `[1,2]` get their types."""
     key, sep, raw = item.partition("=")
@@ -37,15 +75,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     """Apply `--set` overrides to a plain dict, creating intermediate sections as needed."""
     for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
+        set_key(data, *parse_override(item))
+    return data
+
+
+def set_key(data: dict, path: list[str], value: Any) -> dict:
+    """data[path[0]][path[1]]... = value, creating intermediate sections as needed (what one `--set` does)."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
     return data
 
 

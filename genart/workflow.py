@@ -1,9 +1,12 @@
-"""What the scripts in workflows/ share: config in (YAML + `--set`, written next to the results), numbered
-steps that print their timing, and one-line errors with exit status 2.
+"""What the scripts in workflows/ share: the options every one takes (--config, --set, --address), config in (YAML +
+`--set`, written next to the results), training runs built from a base config, numbered steps that print their
+timing, and one-line errors with exit status 2.
 
+    @workflow.command("quickstart", "workflows/quickstart.yaml", "steps.dcgan=40")   # main(config_path, overrides, address)
     flow = Workflow("quickstart", QuickstartConfig)
     cfg = flow.load(config_path, overrides); flow.record(cfg, out)   # validated; written to <out>/quickstart.yaml
-    with flow.step("train dcgan"): ...                    # "==> [2] train dcgan" ... "    (41 s)"
+    with flow.step("train dcgan"):                                   # "==> [2] train dcgan" ... "    (41 s)"
+        train(training_config("workflows/configs/dcgan.yaml", {"data.path": data, "train.max_steps": 40}))
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 import click
 
@@ -64,3 +67,44 @@ def run_main(name: str, body: Callable[[], None]) -> None:
     except UserError as exc:
         click.echo(f"{name}: error: {exc}", err=True)
         sys.exit(2)
+
+
+def command(name: str, default_config: str, set_example: str) -> Callable[[Callable], click.Command]:
+    """A workflow's `main`: a click command with the options every workflow takes, --config, --set and --address,
+    that calls `body(config_path, overrides, address, **its own options)` through `run_main`. Its own options
+    (e.g. --out) go above, as `@click.option` on the command."""
+
+    def wrap(body: Callable) -> click.Command:
+        @click.command(help=body.__doc__)
+        @click.option("--config", "config_path", default=default_config, show_default=True, help="Workflow config (YAML).")
+        @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help=f"Override a config key, e.g. --set {set_example}.")
+        @click.option("--address", envvar="RAY_ADDRESS", default=None,
+                      help="Ray cluster address (default: embedded local Ray).")
+        def main(config_path: str, overrides: tuple[str, ...], address: str | None, **options: Any) -> None:
+            run_main(name, lambda: body(config_path, overrides, address, **options))
+
+        return main
+
+    return wrap
+
+
+def training_config(path: str, settings: Mapping[str, Any], extra: Iterable[str] = ()):
+    """The TrainConfig of one training run of a workflow: the YAML at `path`, then `settings` ({"data.path": ...,
+    "train.max_steps": 100}: the keys `--set` names, typed values), then `extra` `--set` items (the user's own
+    keys from the workflow config, which win), validated (one-line UserError on a bad key or value)."""
+    from genart.train.config import TrainConfig
+
+    data = config.read_yaml(path)
+    for key, value in settings.items():
+        config.set_key(data, key.split("."), value)
+    return config.validate(TrainConfig, config.apply_overrides(data, extra), source=str(path))
+
+
+def train(cfg) -> dict:
+    """Run one training config (a finished run is skipped, an interrupted one resumes) and print its summary."""
+    from genart.train.trainer import format_summary, train as run_train
+
+    summary = run_train(cfg)
+    click.echo(format_summary(summary))
+    return summary

@@ -88,7 +88,7 @@ def search_index(ray_session, tmp_path_factory) -> dict:
     from genart.data.synth import make_synth
     from genart.infer import RunOptions
     from genart.search.index import build_index
-    from helpers import tiny_checkpoint
+    from genart.models.tiny import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("search")
     critic = tiny_checkpoint(root / "critic", "critic", 32, ("a", "b"), base_channels=32, num_stages=3, embed_dim=128)

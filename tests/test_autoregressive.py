@@ -16,23 +16,21 @@ from genart import models
 from genart.cli import main
 from genart.data.palette import fit_palette, from_tokens, grid_palette, kmeans, read_palette, to_tokens
 from genart.errors import UserError
+from genart.data.synth import GENRES
 from genart.models.autoregressive import sample_tokens, uniforms
-from genart.models.training import set_seed
+from genart.models.tiny import tiny_config, tiny_nets
 from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 FAMILY = models.REGISTRY["autoregressive"]
 BACKBONES = ["transformer", "lstm"]
 
 
-def tiny_net(backbone: str, size: int = 8, labels: int = 3, **extra):
-    set_seed(0)
-    cfg = FAMILY.config_cls(backbone=backbone, embed_dim=16, num_layers=2, num_heads=2, colors=8, conditional=labels > 0, **extra)
-    nets = FAMILY.build(cfg, size, labels)
-    opts = FAMILY.optimizers(cfg, nets)
-    g = torch.Generator().manual_seed(1)
-    for step in range(3):  # a few real steps, so the weights are not the near-uniform initial ones
-        batch = {"image": torch.rand(4, 3, size, size, generator=g) * 2 - 1, "label": torch.arange(4) % max(labels, 1)}
-        FAMILY.train_step(cfg, nets, opts, batch, step)
+def tiny_net(backbone: str, size: int = 8, labels: int = 3):
+    """(config, net) of genart.models.tiny at this module's widths, after a few real steps, so the weights are not
+    the near-uniform initial ones."""
+    cfg = tiny_config("autoregressive", backbone=backbone, embed_dim=16, num_layers=2, num_heads=2, colors=8,
+                      conditional=labels > 0)
+    nets = tiny_nets(cfg, size, GENRES[:labels], train_steps=3, inference=True)
     return cfg, nets["model"].eval()
 
 
@@ -194,11 +192,11 @@ def test_served_generate_complete_and_interpolate(ray_session, tmp_path):
 
     from genart.serve.app import build
     from genart.serve.run import start_http
-    from genart.serve.tiny import make_checkpoint
+    from genart.models.tiny import tiny_checkpoint
 
     genres = ["a", "b", "c"]
-    ckpt = make_checkpoint(str(tmp_path / "ar"), "autoregressive", {"embed_dim": 16, "num_layers": 1, "num_heads": 2,
-                                                                       "colors": 8, "conditional": True}, 8, genres, seed=3)
+    ckpt = tiny_checkpoint(str(tmp_path / "ar"), "autoregressive", 8, genres, seed=3, embed_dim=16, num_heads=2, colors=8,
+                           conditional=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -34,10 +34,10 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def style_model(tmp_path_factory) -> str:
-    from genart.serve.tiny import make_checkpoint
+    from genart.models.tiny import tiny_checkpoint
 
-    return make_checkpoint(str(tmp_path_factory.mktemp("cluster-model") / "style"), "style",
-                           {"channels": 4, "num_res_blocks": 1}, 32, seed=7)
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("cluster-model") / "style"), "style", 32, seed=7,
+                           channels=4, num_res_blocks=1)
 
 
 @pytest.fixture(scope="module")

@@ -191,27 +191,15 @@ def test_every_registered_metric_reports_exactly_its_names(base):
 # ---------------------------------------------------------------- tiny checkpoints and datasets
 
 
-def save_model(path, family: str, cfg, label_names: list[str]) -> str:
-    from genart.models import get_family
-    from genart.models.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    nets = get_family(family).build(cfg, IMAGE_SIZE, len(label_names))
-    save_checkpoint(str(path), nets, {}, {"family": family, "step": 0, "config": cfg.model_dump(),
-                                           "image_size": IMAGE_SIZE, "label_names": label_names})
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     from genart.data.synth import GENRES
-    from genart.models.critic import CriticConfig
-    from genart.models.dcgan import DCGANConfig
+    from genart.models.tiny import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("eval-ckpts")
-    dcgan = save_model(root / "dcgan" / "step-000000", "dcgan", DCGANConfig(latent_dim=8, base_channels=4, max_channels=16), [])
-    critic = save_model(root / "critic", "critic", CriticConfig(base_channels=4, num_stages=2, embed_dim=16), list(GENRES))
-    return {"dcgan": dcgan, "dcgan_run": str(root / "dcgan"), "critic": critic}
+    dcgan_run = tiny_checkpoint(root / "dcgan", "dcgan", IMAGE_SIZE, latent_dim=8, base_channels=4, max_channels=16)
+    critic = tiny_checkpoint(root / "critic", "critic", IMAGE_SIZE, GENRES, base_channels=4, num_stages=2, embed_dim=16)
+    return {"dcgan": f"{dcgan_run}/step-000000", "dcgan_run": dcgan_run, "critic": critic}
 
 
 def prepare_dataset(src: str, dest: str) -> str:

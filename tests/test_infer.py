@@ -22,7 +22,7 @@ from genart import models, storage
 from genart.cli import main
 from genart.data import images
 from genart.infer import RunOptions, generate, naming, score, stylize, tiling
-from helpers import tiny_checkpoint
+from genart.models.tiny import tiny_checkpoint
 
 PHOTO = os.path.join(os.path.dirname(__file__), "..", "genart", "assets", "photos", "figures.jpg")
 SIZES = [(40, 30), (30, 52), (64, 64), (90, 20), (17, 33)]  # (width, height): several sizes and aspect ratios

@@ -21,23 +21,17 @@ from genart.config import Section
 from genart.errors import UserError
 from genart.models.checkpoint import checkpoint_hash, load_checkpoint, restore_training, save_checkpoint
 from genart.models.sampling import latent, latents, truncate
+from genart.models.tiny import tiny_config
 from genart.models.training import set_seed
 from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
-# Tiny settings per family: (config overrides, image_size, num_labels). A family missing here is still tested,
-# with its default config at 16 px.
-TINY = {
-    "dcgan": ({"latent_dim": 8, "base_channels": 4, "max_channels": 16, "num_samples": 4, "eval_samples": 8}, 16, 0),
-    "vae": ({"latent_dim": 8, "base_channels": 4, "max_channels": 16, "num_samples": 4}, 16, 0),
-    "autoregressive": ({"embed_dim": 16, "num_layers": 1, "num_heads": 2, "colors": 8, "num_samples": 4}, 8, 0),
-    "critic": ({"base_channels": 4, "num_stages": 2, "embed_dim": 8}, 16, 3),
-    "style": (
-        {"style_image": "wave.jpg", "style_size": 32, "loss_network": "random", "random_filters": 4,
-         "channels": 4, "num_res_blocks": 1, "num_samples": 2},
-        16,
-        0,
-    ),
+# What these tests need per family beyond genart.models.tiny's widths: (config overrides, image_size, num_labels).
+# A family missing here is still tested, at its tiny widths (or its defaults, if it has none) at 16 px.
+SETTINGS = {
+    "autoregressive": ({"embed_dim": 16, "num_heads": 2, "colors": 8, "num_samples": 4}, 8, 0),
+    "critic": ({"num_stages": 2}, 16, 3),  # two stages: the critic-as-loss-network test names both
+    "style": ({"style_image": "wave.jpg", "loss_network": "random", "num_res_blocks": 1}, 16, 0),
 }
 VARIANTS = {  # extra configurations of registered families worth a full round trip
     "dcgan-conditional-hinge-sn": ("dcgan", {"conditional": True, "loss": "hinge", "spectral_norm": True}, 3),
@@ -46,9 +40,9 @@ VARIANTS = {  # extra configurations of registered families worth a full round t
 
 
 def tiny(name: str, **extra):
-    overrides, size, labels = TINY.get(name, ({}, 16, 0))
-    fam = models.REGISTRY[name]
-    return fam, fam.config_cls(**{**overrides, **extra}), size, labels
+    """(family, tiny config with this module's SETTINGS and `extra`, image_size, num_labels)."""
+    overrides, size, labels = SETTINGS.get(name, ({}, 16, 0))
+    return models.REGISTRY[name], tiny_config(name, **{**overrides, **extra}), size, labels
 
 
 def random_batch(size: int, num_labels: int, n: int = 4, seed: int = 0) -> dict:

@@ -24,9 +24,9 @@ def page_app(ray_session, tmp_path_factory, search_index):
 
     from genart.serve.app import build
     from genart.serve.run import start_http
-    from genart.serve.tiny import make_tiny_checkpoints
+    from genart.models.tiny import serving_checkpoints
 
-    models = make_tiny_checkpoints(str(tmp_path_factory.mktemp("playground-models")), critic_steps=10)
+    models = serving_checkpoints(str(tmp_path_factory.mktemp("playground-models")), critic_steps=10)
     host, port = start_http("127.0.0.1", free_port())
     name, key = "t-play", secrets.token_urlsafe(16)
     os.environ[KEY_ENV] = key

@@ -21,9 +21,9 @@ from genart.cli import main
 from genart.data.synth import make_synth
 from genart.models import REGISTRY
 from genart.models.checkpoint import save_checkpoint
+from genart.models.tiny import tiny_checkpoint
 from genart.search.index import build_index
 from genart.search.query import SearchIndex
-from helpers import tiny_checkpoint
 
 GENRES = ("stripes", "grid", "noise", "gradient")  # synth's genres but circles (see `critic`)
 
@@ -175,12 +175,7 @@ def _memorised_generator(folder, train_images: np.ndarray, steps: int = 150) -> 
 
 
 def _fresh_generator(folder) -> str:
-    fam = REGISTRY["dcgan"]
-    cfg = fam.config_cls(latent_dim=16, base_channels=8)
-    torch.manual_seed(1)
-    save_checkpoint(str(folder), fam.build(cfg, 16, 0, inference=True), {},
-                    {"family": "dcgan", "step": 0, "config": cfg.model_dump(), "image_size": 16, "label_names": []})
-    return str(folder)
+    return tiny_checkpoint(folder, "dcgan", 16, seed=1, full_size=True, latent_dim=16, base_channels=8)
 
 
 def test_audit_flags_a_memorising_generator_not_a_fresh_one(tmp_path, critic, ray_session):

@@ -85,18 +85,18 @@ def wait_healthy(url: str, timeout_s: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from genart.serve.tiny import make_tiny_checkpoints
+    from genart.models.tiny import serving_checkpoints
 
-    return make_tiny_checkpoints(str(tmp_path_factory.mktemp("serve-models")), critic_steps=10)
+    return serving_checkpoints(str(tmp_path_factory.mktemp("serve-models")), critic_steps=10)
 
 
 @pytest.fixture(scope="module")
 def style_root(tmp_path_factory) -> str:
     """A folder of style checkpoints, one per sub-folder: styles served by name without being listed in `models`."""
-    from genart.serve.tiny import make_checkpoint
+    from genart.models.tiny import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("style-root")
-    make_checkpoint(str(root / "mosaic"), "style", {"channels": 4, "num_res_blocks": 1}, 32, seed=7)
+    tiny_checkpoint(str(root / "mosaic"), "style", 32, seed=7, channels=4, num_res_blocks=1)
     (root / "broken").mkdir()  # a folder that is not a checkpoint
     (root / "broken" / "state.json").write_text("{not json")
     return str(root)
@@ -129,9 +129,9 @@ def app(http, tiny_models, style_root):
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> str:
     """A DCGAN at 128 px in its default (large) config: 64 images take seconds on a CPU."""
-    from genart.serve.tiny import make_checkpoint
+    from genart.models.tiny import tiny_checkpoint
 
-    return make_checkpoint(str(tmp_path_factory.mktemp("slow") / "big"), "dcgan", {}, 128, seed=9)
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("slow") / "big"), "dcgan", 128, seed=9, full_size=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from genart.errors import UserError
 from genart.infer import RunOptions, stages
 from genart.models import family
 from genart.infer.jobs import parse_concurrency
-from helpers import tiny_checkpoint
+from genart.models.tiny import tiny_checkpoint
 from test_infer import _encode, _outputs, _picture, _write_tree
 
 # several sizes, each more than once, plus one image larger than the tile (48 px): it goes through tiling

@@ -249,7 +249,10 @@ def test_critic_learns_resumes_and_loads(dataset, tmp_path):
 @pytest.mark.slow
 def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path):
     """Fit 3, with genart.evaluate's FID on every 2nd checkpoint (features: a small critic checkpoint made here)."""
-    features = _critic_checkpoint(str(tmp_path / "features"))
+    from genart.models.tiny import tiny_checkpoint
+
+    features = tiny_checkpoint(str(tmp_path / "features"), "critic", 32, ["circles", "gradient", "grid", "noise", "stripes"],
+                               base_channels=8, num_stages=3, embed_dim=32)  # untrained: made without a fit
     cfg = make_cfg("vae", dataset, str(tmp_path / "runs"), "vae", model={"lr": 3e-3}, data={"batch_size": 16},
                    train={"max_steps": 150, "checkpoint_every_steps": 50, "log_every_steps": 10},
                    eval={"every_checkpoints": 2, "num_samples": 32, "features": f"critic:{features}", "best_metric": "fid32_critic"})
@@ -310,19 +313,6 @@ def test_dcgan_survives_a_killed_worker(dataset, tmp_path, ray_session):
     seeds = list(range(8))
     assert float((gan.sample(seeds) - init.sample(seeds)).abs().mean()) > 0.02
     assert torch.equal(gan.sample(seeds), gan.sample(seeds))
-
-
-def _critic_checkpoint(folder: str) -> str:
-    """An (untrained) critic checkpoint: a valid feature network for the evaluation, made without a fit."""
-    from genart.models.checkpoint import save_checkpoint
-
-    family = models.REGISTRY["critic"]
-    cfg = validate(family.config_cls, TINY_MODELS["critic"])
-    torch.manual_seed(0)
-    nets = family.build(cfg, 32, 5)
-    save_checkpoint(folder, nets, {}, {"family": "critic", "step": 0, "config": cfg.model_dump(mode="json"), "image_size": 32,
-                                       "label_names": ["circles", "gradient", "grid", "noise", "stripes"]})
-    return folder
 
 
 def _kill_a_worker_after(run_dir: str, step: int, killed: dict, stop: threading.Event, registered: str) -> None:

@@ -195,12 +195,12 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
 
     from genart.data.prepare import PrepareOptions, prepare
     from genart.serve.run import start_http
-    from genart.serve.tiny import make_checkpoint
+    from genart.models.tiny import tiny_checkpoint
 
     data = str(tmp_path / "data")
     prepare([synth_dir], data, PrepareOptions(size=16, val_fraction=0.3), progress=False)
-    critic = make_checkpoint(str(tmp_path / "critic"), "critic", {"base_channels": 8}, image_size=16,
-                             label_names=["circles", "gradient", "grid", "noise", "stripes"], train_steps=5)
+    critic = tiny_checkpoint(str(tmp_path / "critic"), "critic", 16, ["circles", "gradient", "grid", "noise", "stripes"],
+                             train_steps=5, full_size=True, base_channels=8)
     host, port = start_http("127.0.0.1", free_port())
     config = tmp_path / "ttd.yaml"
     config.write_text(yaml.safe_dump({

@@ -20,8 +20,8 @@ import os
 import click
 from pydantic import Field
 
-from genart import config, report, runtime, storage
-from genart.workflow import Workflow, run_main
+from genart import config, report, runtime, storage, workflow
+from genart.workflow import Workflow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,21 +79,12 @@ def prepare_content(cfg: ClusterStylizeConfig) -> str:
 
 
 def train_style(cfg: ClusterStylizeConfig, dataset: str) -> dict:
-    from genart.train.config import load_config
-    from genart.train.trainer import format_summary, train
-
     t = cfg.train
-    overrides = [
-        f"data.path={dataset}", f"data.image_size={t.image_size}", f"data.batch_size={t.batch_size}",
-        f"model.style_image={t.style_image}", f"train.max_steps={t.max_steps}",
-        f"scaling.num_workers={t.num_workers}", f"scaling.use_gpu={str(t.use_gpu).lower()}",
-        f"scaling.cpus_per_worker={t.cpus_per_worker}",
-        f"run.storage={cfg.uri(cfg.runs)}", f"run.name={cfg.run_name}",
-        *t.set,
-    ]
-    summary = train(load_config(os.path.join(HERE, t.config), overrides))
-    click.echo(format_summary(summary))
-    return summary
+    settings = {"data.path": dataset, "data.image_size": t.image_size, "data.batch_size": t.batch_size,
+                "model.style_image": t.style_image, "train.max_steps": t.max_steps,
+                "scaling.num_workers": t.num_workers, "scaling.use_gpu": t.use_gpu,
+                "scaling.cpus_per_worker": t.cpus_per_worker, "run.storage": cfg.uri(cfg.runs), "run.name": cfg.run_name}
+    return workflow.train(workflow.training_config(os.path.join(HERE, t.config), settings, t.set))
 
 
 def stylize_archive(cfg: ClusterStylizeConfig, run_dir: str) -> dict:
@@ -120,13 +111,10 @@ def write_preview(cfg: ClusterStylizeConfig) -> str | None:
     return path
 
 
-@click.command()
-@click.option("--config", "config_path", default=os.path.join(HERE, "cluster_stylize.yaml"), show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.max_steps=100.")
-@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: embedded local Ray).")
+@workflow.command("cluster_stylize", os.path.join(HERE, "cluster_stylize.yaml"), "train.max_steps=100")
 def main(config_path: str, overrides: tuple[str, ...], address: str | None) -> None:
     """Train a style network on a cluster and stylize an archive with it."""
-    run_main("cluster_stylize", lambda: run(config_path, overrides, address))
+    run(config_path, overrides, address)
 
 
 def run(config_path: str | None, overrides: tuple[str, ...] = (), address: str | None = None) -> dict:

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 import click
 from pydantic import Field
 
-from genart import assets, config, report, runtime, storage
-from genart.workflow import Workflow, run_main
+from genart import assets, config, report, runtime, storage, workflow
+from genart.workflow import Workflow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,19 +63,16 @@ def prepare_data(cfg: QuickstartConfig, out: str) -> tuple[str, str]:
 
 def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
     """One small run of `family`; re-running the quickstart resumes or skips a finished run."""
-    from genart.train.config import load_config
-    from genart.train.trainer import format_summary, train
-
     steps = getattr(cfg.steps, family)
-    size = cfg.content_size if family == "style" else cfg.image_size
-    overrides = [f"data.path={data}", f"data.image_size={size}", f"run.storage={out}/runs", f"run.name={family}",
-                 f"scaling.num_workers={cfg.num_workers}", f"train.max_steps={steps}",
-                 f"train.checkpoint_every_steps={max(1, steps // 2)}", f"train.log_every_steps={max(1, steps // 10)}"]
+    settings = {"data.path": data, "data.image_size": cfg.content_size if family == "style" else cfg.image_size,
+                "run.storage": f"{out}/runs", "run.name": family, "scaling.num_workers": cfg.num_workers,
+                "train.max_steps": steps, "train.checkpoint_every_steps": max(1, steps // 2),
+                "train.log_every_steps": max(1, steps // 10)}
     if family == "style":
-        overrides += [f"model.style_image={cfg.style_image}"] + ([f"data.crop_size={cfg.content_crop}"] if cfg.content_crop else [])
-    result = train(load_config(os.path.join(HERE, "configs", f"{family}.yaml"), overrides))
-    click.echo(format_summary(result))
-    return result
+        settings["model.style_image"] = cfg.style_image
+        if cfg.content_crop:
+            settings["data.crop_size"] = cfg.content_crop
+    return workflow.train(workflow.training_config(os.path.join(HERE, "configs", f"{family}.yaml"), settings))
 
 
 def make_archive(out: str) -> str:
@@ -178,14 +175,11 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
     return summary
 
 
-@click.command()
 @click.option("--out", default="results/quickstart", show_default=True, help="Results folder.")
-@click.option("--config", "config_path", default=os.path.join(HERE, "quickstart.yaml"), show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set steps.dcgan=50.")
-@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: embedded local Ray).")
-def main(out: str, config_path: str, overrides: tuple[str, ...], address: str | None) -> None:
+@workflow.command("quickstart", os.path.join(HERE, "quickstart.yaml"), "steps.dcgan=50")
+def main(config_path: str, overrides: tuple[str, ...], address: str | None, out: str) -> None:
     """Run the whole genart pipeline on sample data and write an HTML report."""
-    run_main("quickstart", lambda: run(config_path, out, overrides, address))
+    run(config_path, out, overrides, address)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ from typing import Literal
 import click
 from pydantic import Field, field_validator, model_validator
 
-from genart import config, runtime, storage
+from genart import config, runtime, storage, workflow
 from genart.errors import UserError
 from genart.models import generative_families
 from genart.train.config import RUN_NAME
-from genart.workflow import Workflow, run_main
+from genart.workflow import Workflow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GENERATORS = generative_families()  # families that sample from seeds: what FID/KID/precision/recall measure
@@ -114,19 +114,15 @@ class TrainThenDeployConfig(config.Section):
 
 
 def train_candidates(cfg: TrainThenDeployConfig) -> dict[str, dict]:
-    from genart.train.config import load_config
-    from genart.train.trainer import format_summary, train
-
     runs = {}
     for cand in cfg.candidates:
-        overrides = [f"data.path={cfg.data}", f"run.storage={cfg.runs}", f"run.name={cand.name}",
-                     f"train.max_steps={cfg.max_steps}", f"scaling.num_workers={cfg.num_workers}", *cand.set]
-        train_cfg = load_config(os.path.join(HERE, cfg.train_config), overrides)
+        settings = {"data.path": cfg.data, "run.storage": cfg.runs, "run.name": cand.name,
+                    "train.max_steps": cfg.max_steps, "scaling.num_workers": cfg.num_workers}
+        train_cfg = workflow.training_config(os.path.join(HERE, cfg.train_config), settings, cand.set)
         if train_cfg.model.family not in GENERATORS:
             raise UserError(f"train_config: model.family {train_cfg.model.family!r} is not a generator; use one of {', '.join(GENERATORS)}")
         click.echo(f"-- candidate {cand.name}: {' '.join(cand.set) or '(base config)'}")
-        runs[cand.name] = train(train_cfg)
-        click.echo(format_summary(runs[cand.name]))
+        runs[cand.name] = workflow.train(train_cfg)
     return runs
 
 
@@ -320,24 +316,18 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
     return selection
 
 
-@click.command()
-@click.option("--config", "config_path", default=os.path.join(HERE, "train_then_deploy.yaml"), show_default=True)
 @click.option("--out", default="results/train_then_deploy", show_default=True, help="Where selection.json, serve.yaml and deployed.png go.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set max_steps=100.")
-@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: embedded local Ray).")
 @click.option("--keep-serving/--no-keep-serving", default=None,
               help="Block serving until Ctrl-C after deploying [default: on the embedded local Ray, whose app ends with this process].")
-def main(config_path: str, out: str, overrides: tuple[str, ...], address: str | None, keep_serving: bool | None) -> None:
+@workflow.command("train_then_deploy", os.path.join(HERE, "train_then_deploy.yaml"), "max_steps=100")
+def main(config_path: str, overrides: tuple[str, ...], address: str | None, out: str, keep_serving: bool | None) -> None:
     """Train candidates, pick the best checkpoint by a metric, and deploy or update the Serve app."""
-    def body() -> None:
-        run(config_path, out if storage.is_s3(out) else os.path.abspath(out), overrides, address)
-        if keep_serving if keep_serving is not None else not address:
-            from genart.serve.run import wait_for_ctrl_c
+    run(config_path, out if storage.is_s3(out) else os.path.abspath(out), overrides, address)
+    if keep_serving if keep_serving is not None else not address:
+        from genart.serve.run import wait_for_ctrl_c
 
-            click.echo("serving until Ctrl-C")
-            wait_for_ctrl_c()
-
-    run_main("train_then_deploy", body)
+        click.echo("serving until Ctrl-C")
+        wait_for_ctrl_c()
 
 
 if __name__ == "__main__":

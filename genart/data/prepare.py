@@ -18,11 +18,14 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from genart import __version__, storage
+from genart.config import Options, Rule
 from genart.data import images, near_dupes, sources
 from genart.errors import UserError, one_line
 
@@ -43,20 +46,26 @@ SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class PrepareOptions:
-    size: int | None = None  # square side in px; None keeps the normalised original size
-    resize_mode: str = "crop"  # "crop" (center) or "pad" (white borders)
-    labels: str | None = None  # "dirs" | "none" | None (dirs when SRC has subfolders)
-    val_fraction: float = 0.05
+MAX_NEAR_THRESHOLD = 96  # a third of the hash's bits: beyond that, unrelated pictures start to pair up
+
+
+class PrepareOptions(Options):
+    """How `genart prepare` runs; a value outside its rule is a one-line UserError when the options are built."""
+
+    # square side in px; None keeps the normalised original size
+    size: Annotated[int | None, Field(ge=8, le=4096), Rule("--size {value}: must be between 8 and 4096")] = None
+    # "crop" (center) or "pad" (white borders)
+    resize_mode: Annotated[Literal["crop", "pad"], Rule("--resize {value}: must be crop or pad")] = "crop"
+    # "dirs" | "none" | None (dirs when SRC has subfolders)
+    labels: Annotated[Literal["dirs", "none"] | None, Rule("--labels {value}: must be dirs or none")] = None
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0), Rule("--val-fraction {value}: must be in [0, 1)")] = 0.05
     shard_rows: int = 10_000
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     overwrite: bool = False
     near_dedup: bool = False  # drop near duplicates; False reports them in near_duplicates.jsonl and keeps them
-    near_threshold: int = near_dupes.DEFAULT_THRESHOLD  # Hamming distance of perceptual hashes, 0..MAX_NEAR_THRESHOLD
-
-
-MAX_NEAR_THRESHOLD = 96  # a third of the hash's bits: beyond that, unrelated pictures start to pair up
+    near_threshold: Annotated[  # largest Hamming distance of perceptual hashes that makes a near-duplicate pair
+        int, Field(ge=0, le=MAX_NEAR_THRESHOLD), Rule(f"--near-threshold {{value}}: must be between 0 and {MAX_NEAR_THRESHOLD}")
+    ] = near_dupes.DEFAULT_THRESHOLD
 
 
 def split_of(image_id: str, val_fraction: float) -> str:
@@ -117,16 +126,6 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
 
     if not srcs:
         raise UserError("no SRC given")
-    if opts.size is not None and not 8 <= opts.size <= 4096:
-        raise UserError(f"--size {opts.size}: must be between 8 and 4096")
-    if not 0.0 <= opts.val_fraction < 1.0:
-        raise UserError(f"--val-fraction {opts.val_fraction}: must be in [0, 1)")
-    if opts.resize_mode not in ("crop", "pad"):
-        raise UserError(f"--resize {opts.resize_mode}: must be crop or pad")
-    if opts.labels not in (None, "dirs", "none"):
-        raise UserError(f"--labels {opts.labels}: must be dirs or none")
-    if not 0 <= opts.near_threshold <= MAX_NEAR_THRESHOLD:
-        raise UserError(f"--near-threshold {opts.near_threshold}: must be between 0 and {MAX_NEAR_THRESHOLD}")
     plan = mixed(sources.plan(srcs, opts.labels))
     _check_dest(dest, opts.overwrite)
     runtime.init()

@@ -13,34 +13,42 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field, field_validator
 
 from genart import storage
+from genart.config import Options, Rule
 from genart.data import images, sources
 from genart.errors import UserError
 from genart.infer import naming, output, stages
 
 
-@dataclass
-class RunOptions:
+POOL_RULE = Rule("--batch-size must be >= 1 and --concurrency N or MIN-MAX with 1 <= MIN <= MAX")
+WORKER_RULE = Rule("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+
+
+class RunOptions(Options):
     """How a job runs (not what it computes): these may change between a run and its --resume."""
 
-    batch_size: int = 8  # rows per model call
-    concurrency: int | tuple[int, int] = 1  # model actors: N, or (min, max) for a pool that autoscales between them
-    gpus_per_worker: float = 0.0  # GPUs per model actor (0 = CPU)
-    cpus_per_worker: float = 1.0  # CPUs per model actor (= its torch threads)
+    batch_size: Annotated[int, Field(ge=1), POOL_RULE] = 8  # rows per model call
+    # model actors: N, or (min, max) for a pool that autoscales between them
+    concurrency: Annotated[int | tuple[int, int], POOL_RULE] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0), WORKER_RULE] = 0.0  # GPUs per model actor (0 = CPU)
+    cpus_per_worker: Annotated[float, Field(gt=0), WORKER_RULE] = 1.0  # CPUs per model actor (= its torch threads)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
     deterministic: bool = False  # outputs independent of batching (slower kernels; see stages.ModelActor)
     autocast: bool | None = None  # bf16/fp16 autocast; None = on with GPUs, off on CPUs
 
-    def check(self) -> None:
-        low, high = self.pool_size
-        if self.batch_size < 1 or not 1 <= low <= high:
-            raise UserError("--batch-size must be >= 1 and --concurrency N or MIN-MAX with 1 <= MIN <= MAX")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise UserError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    @field_validator("concurrency")
+    @classmethod
+    def _pool(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError("1 <= MIN <= MAX")
+        return value
 
     @property
     def pool_size(self) -> tuple[int, int]:
@@ -165,7 +173,6 @@ def _finish(command: str, out: str, fmt: str, tally: output.Tally, inputs: int, 
 def _image_job(command: str, actor_cls, families: tuple[str, ...], model_uri: str, src: str, out: str, fmt: str,
                ext: str | None, options: dict, run: RunOptions, max_pixels: int, max_side: int | None,
                actor_options: dict | None = None) -> dict:
-    run.check()
     inside = storage.fsspec_fs(out)[1].rstrip("/") + "/"
     if storage.is_s3(out) == storage.is_s3(src) and inside.startswith(storage.fsspec_fs(src)[1].rstrip("/") + "/"):
         raise UserError(f"--output {out} is inside --input {src}: a rerun would read its own outputs; choose another --output")
@@ -243,7 +250,6 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     import pyarrow as pa
 
     run = run or RunOptions(batch_size=64)
-    run.check()
     if num < 1:
         raise UserError(f"--num {num}: must be >= 1")
     if not 0 <= seed < 2**31:

@@ -221,7 +221,6 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
     from genart.infer.jobs import _drain, _pipeline_context
 
     run = run or RunOptions(batch_size=32)
-    run.check()
     build_nn(np.zeros((1, 1), np.float32), nn)  # a bad --nn fails before any work
     started = time.time()
     spec = parse_features(features, inception_weights)
