@@ -21,7 +21,7 @@ from PIL import Image
 from genart import models, storage
 from genart.cli import main
 from genart.data import images
-from genart.infer import RunOptions, generate, naming, score, stylize, tiling
+from genart.infer import RunOptions, generate, naming, stylize, tiling
 from genart.models.tiny import tiny_checkpoint
 
 PHOTO = os.path.join(os.path.dirname(__file__), "..", "genart", "assets", "photos", "figures.jpg")

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from click.testing import CliRunner
 
 from genart.cli import main
@@ -68,7 +67,7 @@ def test_critic_features_in_cpu_passes_match_one_pass(tmp_path, monkeypatch):
     """The critic extractor (genart index, evaluate, audit) splits a CPU batch the same way: same features."""
     from genart.evaluate.features import build_extractor
 
-    critic = tiny_checkpoint(tmp_path / "critic", "critic", 16, labels=("a", "b"))
+    critic = tiny_checkpoint(tmp_path / "critic", "critic", 16, label_names=("a", "b"))
     extractor = build_extractor(f"critic:{critic}", device="cpu")
     pixels = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
     whole = extractor(pixels)

@@ -6,7 +6,6 @@ Five real fits in total (each ~1 minute here); the config-error tests need no fi
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
