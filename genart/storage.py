@@ -8,6 +8,7 @@ pyarrow's S3FileSystem ignores AWS_ENDPOINT_URL, so both filesystems are built h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import shutil
@@ -87,6 +88,19 @@ def read_bytes(uri: str) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError:
         raise UserError(f"not found: {uri}") from None
+
+
+def sha256(uri: str) -> str:
+    """sha256 hex of a local file or s3:// object, read in 1 MiB chunks (weights files can be large).
+
+    Raises FileNotFoundError, so the caller can say which file was expected.
+    """
+    fs, path = fsspec_fs(uri)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_bytes(uri: str, data: bytes) -> None:

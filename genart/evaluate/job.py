@@ -15,14 +15,14 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from genart import storage
+from genart import models, storage
 from genart.errors import UserError
 from genart.evaluate import reference as R
 from genart.evaluate import registry
 from genart.evaluate.features import TF_FID_NOTE, FeatureSpec, build_extractor, parse_features
 from genart.evaluate.metrics import PR_K
 from genart.evaluate.preprocess import DESCRIPTION, PREPROCESS_VERSION
-from genart.evaluate.scoring import DEFAULT_SPLIT, compare, load_generator
+from genart.evaluate.scoring import DEFAULT_SPLIT, compare
 from genart.infer.output import Progress
 
 REAL_BATCH = 32  # images per actor call: 32 x (3, 299, 299) float32 = 34 MB at Inception size
@@ -53,7 +53,7 @@ class GeneratedFeatures:
 
     def __init__(self, model_uri: str, spec: FeatureSpec):
         self.extractor = build_extractor(spec)
-        self.model = load_generator(model_uri, getattr(self.extractor, "device", None))
+        self.model = models.load(model_uri, family=models.GENERATIVE, command="evaluate").to(getattr(self.extractor, "device", None))
 
     def __call__(self, batch: dict) -> dict:
         seeds = [int(s) for s in batch["id"]]
@@ -151,7 +151,7 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
         raise UserError(f"--max-real {max_real}: must be at least 2")
     spec = parse_features(features, inception_weights)
     R.check_split(data, split)
-    generator = load_generator(model, "cpu")  # fail fast on a wrong checkpoint, and read its metadata
+    generator = models.load(model, family=models.GENERATIVE, command="evaluate").to("cpu")  # fail fast on a wrong checkpoint, and read its metadata
     extractor = build_extractor(spec, device="cpu")  # ditto for missing weights; gives identity and dim
     if output:
         storage.check_writable(os.path.dirname(os.path.abspath(output)) if not storage.is_s3(output) else output.rsplit("/", 1)[0])

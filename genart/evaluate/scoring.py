@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from genart.errors import UserError
+from genart import models
 from genart.models import generative_families
 from genart.evaluate import metrics as M
 from genart.evaluate import registry
@@ -44,17 +45,6 @@ def extractor_for(spec: str | None, inception_weights: str | None = None) -> Ext
     return _extractors[parsed.text]
 
 
-def load_generator(uri: str, device=None, command: str = "evaluate"):
-    """A generative checkpoint (dcgan, vae, autoregressive) for sampling; other families are a UserError naming
-    the `command` that needs a generator."""
-    from genart import models
-
-    model = models.load(uri)
-    if model.family not in GENERATIVE_FAMILIES:
-        raise UserError(f"{uri} is a {model.family} checkpoint; {command} needs a generative model ({', '.join(GENERATIVE_FAMILIES)})")
-    return model.to(device) if device is not None else model
-
-
 def generated_features(model, extractor: Extractor, seeds: list[int], batch: int = GENERATE_BATCH) -> np.ndarray:
     """Sample `seeds` from a generative model and featurise them in this process: (N, D). The extractor quantises
     the float samples to uint8 first, as serving does (`preprocess.to_pixels`)."""
@@ -74,7 +64,7 @@ def score_checkpoint(checkpoint_dir: str, data_uri: str, cfg) -> dict[str, float
     if num < 2:
         raise UserError(f"eval.num_samples {num}: must be at least 2")
     extractor = extractor_for(getattr(cfg, "features", None))
-    model = load_generator(checkpoint_dir, extractor_device(extractor))
+    model = models.load(checkpoint_dir, family=models.GENERATIVE, command="evaluate").to(extractor_device(extractor))
     ref = get_local(data_uri, DEFAULT_SPLIT, extractor, resolution=model.image_size)
     fake = generated_features(model, extractor, list(range(num)))
     values, _ = compare(ref, fake, extractor.name)

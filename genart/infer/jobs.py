@@ -72,15 +72,12 @@ def parse_concurrency(text: str | int) -> int | tuple[int, int]:
     raise UserError(f"--concurrency {text}: give a number of model actors (e.g. 2) or MIN-MAX (e.g. 1-4)")
 
 
-def _load(uri: str, families: tuple[str, ...]):
+def _load(uri: str, family: str | tuple[str, ...], command: str):
     """(resolved checkpoint uri, Loaded) — actors load the resolved one, so all use the same weights."""
     from genart import models
 
-    ckpt = models.find_checkpoint(uri)
-    loaded = models.load(ckpt)
-    if loaded.family not in families:
-        raise UserError(f"{ckpt} is a {loaded.family!r} checkpoint; this command needs {' or '.join(families)}")
-    return ckpt, loaded
+    loaded = models.load(uri, family=family, command=f"genart {command}")
+    return loaded.meta["checkpoint"], loaded
 
 
 def _model_info(ckpt: str, loaded) -> dict:
@@ -177,7 +174,7 @@ def _image_job(command: str, actor_cls, families: tuple[str, ...], model_uri: st
     if storage.is_s3(out) == storage.is_s3(src) and inside.startswith(storage.fsspec_fs(src)[1].rstrip("/") + "/"):
         raise UserError(f"--output {out} is inside --input {src}: a rerun would read its own outputs; choose another --output")
     started = time.time()
-    ckpt, loaded = _load(model_uri, families)
+    ckpt, loaded = _load(model_uri, families, command)
     model = _model_info(ckpt, loaded)
     del loaded
     plan = sources.plan([src])
@@ -260,9 +257,9 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     if fmt not in ("png", "parquet"):
         raise UserError(f"--format {fmt}: must be png or parquet")
     started = time.time()
-    from genart.models import generative_families
+    from genart.models import GENERATIVE
 
-    ckpt, loaded = _load(model, generative_families())
+    ckpt, loaded = _load(model, GENERATIVE, "generate")
     info = _model_info(ckpt, loaded)
     conditional, names = bool(getattr(loaded, "conditional", False)), loaded.label_names
     del loaded

@@ -96,7 +96,7 @@ class ModelActor:
     (seen: ~1e-7 apart, i.e. now and then one 8-bit level in a written image).
     """
 
-    family: str | tuple[str, ...] = ""
+    family: str | tuple[str, ...] = ""  # what models.load accepts (a name, names or models.GENERATIVE)
 
     def __init__(self, checkpoint: str, threads: int = 1, use_gpu: bool = False, deterministic: bool = False,
                  autocast: bool | None = None, **options):
@@ -115,8 +115,7 @@ class ModelActor:
         if on_gpu if autocast is None else autocast:
             bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
             self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16
-        family = self.family if isinstance(self.family, str) else None
-        self.model = models.load(checkpoint, family=family).to(self.device)
+        self.model = models.load(checkpoint, family=self.family or None, command=type(self).__name__).to(self.device)
         self.channels_last = on_gpu  # measured on CPU (bench/bench_stylize.py): no gain there
         if self.channels_last:
             for net in self.model.nets.values():
@@ -256,13 +255,7 @@ class GenerateActor(ModelActor):
     """Indices ("id") -> generated images. Forward passes cover fixed index chunks [16k, 16k+16), whatever the
     batch: image i always comes out of the same computation, so the bytes depend only on (seed, index)."""
 
-    family = ()  # any generative family: checked in setup against the registry
-
-    def setup(self) -> None:
-        from genart.models import generative_families
-
-        if self.model.family not in generative_families():
-            raise ValueError(f"generate needs a {' or '.join(generative_families())} checkpoint, not {self.model.family}")
+    family = "generative"  # models.GENERATIVE: any family the registry marks generative
 
     def labels_for(self, seeds: list[int]) -> list[int] | None:
         label = self.options.get("label")

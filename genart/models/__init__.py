@@ -2,7 +2,8 @@
 
     model = genart.models.load("runs/dcgan-demo")                 # best checkpoint of a run (local or s3://)
     images = model.sample([0, 1, 2])                              # (3, 3, H, W) in [0, 1]
-    critic = genart.models.load("s3://bucket/runs/critic/step-000400", family="critic")
+    critic = genart.models.load("s3://bucket/runs/critic/step-000400", family="critic", command="genart score")
+    gen = genart.models.load("runs/vae-demo", family=genart.models.GENERATIVE, command="genart evaluate")
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ ModelConfig = Annotated[Union[DCGANConfig, VAEConfig, AutoregressiveConfig, Crit
 
 _STEP = re.compile(r"^step-(\d+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a checkpoint folder name, never a path
+
+
+# `load(family=GENERATIVE)`: any registered family whose `generative` property is set (see `generative_families`).
+GENERATIVE = "generative"
 
 
 def generative_families() -> tuple[str, ...]:
@@ -116,18 +121,31 @@ def _fetch(ckpt: str, tmp: str) -> str:
     return tmp
 
 
-def load(uri: str, which: str = "best", family: str | None = None) -> Loaded:
+def _wanted(family: str | tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """(the accepted family names, how an error names them) for `load(family=...)`."""
+    if family == GENERATIVE:
+        names = generative_families()
+        return names, f"generative model ({', '.join(names)})"
+    names = (family,) if isinstance(family, str) else tuple(family)
+    return names, f"{' or '.join(names)} model"
+
+
+def load(uri: str, which: str = "best", family: str | tuple[str, ...] | None = None, command: str = "this command") -> Loaded:
     """Load a model for inference from a run folder or checkpoint folder (local or s3://).
 
-    Raises UserError for a missing, corrupt or (with `family=`) wrong-family checkpoint.
+    `family` is the family (or families, or GENERATIVE) the caller accepts; any other is a UserError naming
+    `command`, raised before any net is built. This is the one loader: every job, deployment and metric uses it.
+    Raises UserError for a missing, corrupt or wrong-family checkpoint.
     """
     ckpt = find_checkpoint(uri, which)
     with tempfile.TemporaryDirectory(prefix="genart-ckpt-") as tmp:
         local = _fetch(ckpt, tmp)
         state = read_state(local)
         name = state["family"]
-        if family is not None and name != family:
-            raise UserError(f"{ckpt} is a {name!r} checkpoint, but a {family!r} model is needed here")
+        if family:
+            accepted, wanted = _wanted(family)
+            if name not in accepted:
+                raise UserError(f"{ckpt} is a {name!r} checkpoint; {command} needs a {wanted}")
         fam = get_family(name)
         cfg = validate(fam.config_cls, model_section(state["config"]), source=f"{ckpt}/{STATE} config")
         image_size = state.get("image_size") or (state["config"].get("data") or {}).get("image_size")
@@ -143,4 +161,4 @@ def load(uri: str, which: str = "best", family: str | None = None) -> Loaded:
     return fam.inference(cfg, nets, state)
 
 
-__all__ = ["REGISTRY", "ModelConfig", "Loaded", "Family", "load", "find_checkpoint", "get_family", "generative_families", "model_section"]
+__all__ = ["GENERATIVE", "REGISTRY", "ModelConfig", "Loaded", "Family", "load", "find_checkpoint", "get_family", "generative_families", "model_section"]

@@ -8,7 +8,6 @@ Nothing here unpickles code: weights are safetensors, optim.pt is read with torc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genart import storage
 from genart.errors import UserError, one_line
 from genart.models.training import unwrap
 
@@ -119,15 +119,12 @@ def save_checkpoint(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, 
 
 
 def checkpoint_hash(dir: str) -> str:
-    """sha256 hex of the checkpoint's model.safetensors."""
-    h = hashlib.sha256()
+    """sha256 hex of the checkpoint's model.safetensors (a local folder or s3:// prefix): what the API calls
+    checkpoint_hash and what `genart generate`'s outputs record as model_hash."""
     try:
-        with open(Path(dir) / WEIGHTS, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return storage.sha256(storage.join(dir, WEIGHTS))
     except FileNotFoundError:
-        raise UserError(f"not a checkpoint: {dir} has no {WEIGHTS}") from None
-    return h.hexdigest()
+        raise UserError(f"corrupt checkpoint: {dir} has no {WEIGHTS}; use another checkpoint") from None
 
 
 def read_state(dir: str) -> dict:

@@ -50,7 +50,9 @@ class Loaded:
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    def to(self, device: str | torch.device) -> "Loaded":
+    def to(self, device: str | torch.device | None) -> "Loaded":
+        if device is None:  # e.g. an extractor without a device: stay where the nets are
+            return self
         for net in self.nets.values():
             net.to(device)
         return self

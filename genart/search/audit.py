@@ -79,7 +79,7 @@ def audit(model: str, data: str, num: int = 256, features: str | None = "incepti
           quantile: float = 0.99, out: str | None = None, max_real: int = MAX_REAL) -> dict:
     """Sample `num` images (seeds 0..num-1) and measure how close each is to the training set; see the module doc."""
     from genart.evaluate.features import build_extractor
-    from genart.evaluate.scoring import load_generator
+    from genart import models
     from genart.serve.inference import to_uint8
 
     if num < 1:
@@ -87,7 +87,7 @@ def audit(model: str, data: str, num: int = 256, features: str | None = "incepti
     if not 0.5 <= quantile < 1.0:
         raise UserError(f"--quantile {quantile}: must be in [0.5, 1)")
     read_manifest(data)
-    gen = load_generator(model, command="audit")
+    gen = models.load(model, family=models.GENERATIVE, command="audit")
     size = gen.image_size
     samples = np.concatenate([to_uint8(gen.sample(list(range(i, min(num, i + SAMPLE_BATCH)))))
                               for i in range(0, num, SAMPLE_BATCH)])  # (N, R, R, 3)

@@ -8,7 +8,6 @@ and one SearchModel for the `index` (if given).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ def model_card(name: str, uri: str) -> dict:
     """
     from genart import storage
     from genart.models import find_checkpoint, model_section
-    from genart.models.checkpoint import STATE, WEIGHTS
+    from genart.models.checkpoint import STATE, checkpoint_hash
 
     checkpoint = find_checkpoint(uri)
     try:
@@ -43,20 +42,13 @@ def model_card(name: str, uri: str) -> dict:
         raise UserError(f"corrupt checkpoint: {checkpoint}/{STATE} has no family; use another checkpoint") from None
     if family not in FAMILIES:
         raise UserError(f"{uri}: a {family!r} checkpoint cannot be served; expected one of {', '.join(FAMILIES)}")
-    digest = hashlib.sha256()
-    fs, path = storage.fsspec_fs(storage.join(checkpoint, WEIGHTS))
-    try:
-        with fs.open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise UserError(f"corrupt checkpoint: {checkpoint} has no {WEIGHTS}; use another checkpoint") from None
+    digest = checkpoint_hash(checkpoint)
     config = model_section(state.get("config") or {})
     return {
         "name": name,
         "family": family,
         "checkpoint": checkpoint,
-        "checkpoint_hash": digest.hexdigest(),
+        "checkpoint_hash": digest,
         "step": state.get("step"),
         "image_size": state.get("image_size"),
         "labels": list(state.get("label_names") or []),

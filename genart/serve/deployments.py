@@ -33,10 +33,7 @@ def _load(uri: str, family: str | tuple[str, ...] | None, settings: ServeArgs):
     from genart import models
 
     torch.set_num_threads(settings.threads)
-    loaded = models.load(uri)
-    allowed = (family,) if isinstance(family, str) else family
-    if allowed and loaded.family not in allowed:
-        raise UserError(f"{uri} is a {loaded.family} checkpoint; this deployment serves {' or '.join(allowed)} models")
+    loaded = models.load(uri, family=family, command="this deployment")
     device = "cuda" if settings.num_gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
     return loaded.to(device)
 
@@ -91,9 +88,9 @@ class GenerativeModel:
     reconstruct (vae), complete (autoregressive)."""
 
     def __init__(self, checkpoint: str, settings: ServeArgs):
-        from genart.models import generative_families
+        from genart.models import GENERATIVE
 
-        self.model = _load(checkpoint, generative_families(), settings)
+        self.model = _load(checkpoint, GENERATIVE, settings)
         self.batching = settings.batching
         self.in_flight = InFlight()
 
