@@ -157,7 +157,7 @@ TILE_BATCH = 4  # tiles per forward pass: fixed, so the output never depends on 
 class StylizeActor(ModelActor):
     """WORK rows -> WORK rows with stylised pixels: images of one size (after --max-side) stacked into forward
     passes (the whole group on a GPU, `models.family.images_per_pass` on a CPU); images larger than the tile go alone,
-    their tiles TILE_BATCH per pass (fewer on a CPU when tiles are large).
+    their tiles TILE_BATCH per pass.
 
     A batch that fails (e.g. out of memory) is retried one image at a time, so only the image that cannot be
     stylised is reported. With `deterministic`, each output is bit-identical to stylising its image alone.
@@ -167,12 +167,13 @@ class StylizeActor(ModelActor):
 
     def setup(self) -> None:
         from genart.infer import tiling
-        from genart.models.family import images_per_pass
 
         self.layers = tiling.norm_layers(self.model.nets)
         self.tile = self.options.get("tile")
         self.overlap = self.options.get("overlap")
-        self.tile_batch = TILE_BATCH if not self.tile else images_per_pass(self.device, self.tile, self.tile, TILE_BATCH)
+        # Tiles keep TILE_BATCH per pass on a CPU too: the norm-statistics pass sees the image shrunk to that many
+        # tiles' area, so fewer tiles per pass would mean coarser statistics and visible seams.
+        self.tile_batch = TILE_BATCH
 
     def _overlap(self) -> int:
         if self.overlap is None:  # measured on first use: only jobs with images larger than a tile pay for it
