@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from click.testing import CliRunner
 
 from genart.cli import main
@@ -73,6 +74,9 @@ def test_critic_features_in_cpu_passes_match_one_pass(tmp_path, monkeypatch):
     whole = extractor(pixels)
     monkeypatch.setattr(family, "CPU_FORWARD_PIXELS", 3 * 16 * 16)  # passes of 3, 3 and 1
     np.testing.assert_allclose(extractor(pixels), whole, rtol=1e-5, atol=1e-6)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    probs, features = family.in_passes(extractor.model.predict_and_embed, x, "cpu")  # what genart score runs
+    assert torch.equal(probs, extractor.model.predict(x)) and torch.equal(features, extractor.model.embed(x))
 
 
 def test_default_batched_stylize_is_within_one_level(style_ckpt):

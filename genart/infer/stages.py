@@ -329,8 +329,7 @@ class ScoreActor(ModelActor):
         if tensors:
             with self.inference():
                 x = self.to_device(torch.cat(tensors))
-                probs = in_passes(lambda c: self.model.predict(c).float().cpu(), x, self.device).numpy()
-                emb = in_passes(lambda c: self.model.embed(c).float().cpu(), x, self.device).numpy()
+                probs, emb = (t.cpu().numpy() for t in in_passes(self.model.predict_and_embed, x, self.device))
             names = self.model.label_names
             for out, p, e in zip(ready, probs, emb):
                 label = int(p.argmax())

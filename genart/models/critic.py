@@ -1,7 +1,7 @@
 """A small CNN classifier over the dataset's labels (e.g. artist or genre); its penultimate features are an embedding.
 
     genart train --config workflows/critic.yaml
-Loaded: `.predict(x) -> probs (N, K)`, `.embed(x) -> (N, embed_dim)`, `.label_names`. BatchNorm is fine under DDP
+Loaded: `.predict(x) -> probs (N, K)`, `.embed(x) -> (N, embed_dim)`, `.predict_and_embed(x)`, `.label_names`. BatchNorm is fine under DDP
 (each worker normalises its own shard; running stats are broadcast from rank 0).
 """
 
@@ -82,6 +82,13 @@ class CriticLoaded(Loaded):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> penultimate features (N, embed_dim)."""
         return self.nets["critic"].embed(self._prepare(x, "embed")).float()
+
+    @torch.no_grad()
+    def predict_and_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs, features) from one pass through the conv stages: the same numbers `predict` and `embed` give."""
+        net = self.nets["critic"]
+        features = net.embed(self._prepare(x, "predict"))
+        return F.softmax(net.classifier(net.dropout(features)).float(), dim=1), features.float()
 
 
 def confusion(logits: torch.Tensor, labels: torch.Tensor, k: int) -> np.ndarray:
