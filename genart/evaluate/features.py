@@ -9,6 +9,7 @@ Inception weights are never downloaded: they come from a file or torchvision's d
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -113,8 +114,8 @@ def _read_state_dict(uri: str) -> tuple[dict, str]:
     """A weights file (local or s3://) -> (state_dict, sha256); never unpickles code."""
     if not storage.exists(uri):
         raise UserError(f"Inception weights file not found: {uri}; check --inception-weights")
-    digest = storage.sha256(uri)
     data = storage.read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()  # what storage.sha256(uri) gives, without reading ~100 MB a second time
     try:
         if uri.endswith(".safetensors"):
             from safetensors.torch import load as load_safetensors
