@@ -190,7 +190,7 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
     from genart.infer import RunOptions
     from genart.infer.jobs import parse_concurrency
 
-    run = RunOptions(batch_size=batch_size or default_batch, concurrency=parse_concurrency(concurrency),
+    run = RunOptions(batch_size=default_batch if batch_size is None else batch_size, concurrency=parse_concurrency(concurrency),
                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, resume=resume,
                      overwrite=overwrite, deterministic=deterministic, autocast=autocast)
     runtime.init(address)

@@ -111,6 +111,14 @@ def test_concurrency_parsing():
             parse_concurrency(bad)
 
 
+def test_a_zero_batch_size_is_refused_not_replaced_by_the_default(tmp_path, style_ckpt):
+    """--batch-size 0 once fell through `or` to the default; the option's rule refuses it before Ray starts."""
+    for command in (["stylize", "--model", style_ckpt], ["score", "--model", style_ckpt]):
+        result = CliRunner().invoke(main, [*command, "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                                           "--batch-size", "0"])
+        assert result.exit_code == 2 and "--batch-size must be >= 1" in result.output
+
+
 def test_stylize_cli_with_an_autoscaling_pool(tmp_path, style_ckpt, ray_session):
     """--concurrency 1-2 builds ActorPoolStrategy(min_size=1, max_size=2); every input is written or reported."""
     src, out = tmp_path / "in", tmp_path / "out"
