@@ -358,10 +358,15 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
                                                                       f"scaling.cpus_per_worker={args.threads}", *args.overrides])
     seeds = list(range(args.num_samples))
     ours = torch.cat([model.sample(seeds[i : i + 250]) for i in range(0, len(seeds), 250)])
+    g = quality(judge, ours, real_feats, data_share, genres)
+    if args.no_reference:  # tuning genart alone: its figures and grid, no ratios
+        grid = side_by_side(ours, ours[len(ours) // 2 :], (f"genart {family}", "genart (second half)"),
+                            os.path.join(args.out, f"{family}_genart.png"))
+        return {"steps": steps, "global_batch": batch, "genart": {**g, **times, "final_metrics": summary["final_metrics"]},
+                "grid": grid}
     log(f"{family}: reference (pytorch/examples), {steps} steps, batch {batch}")
     trainer = train_ref_dcgan if family == "dcgan" else train_ref_vae
     theirs, ref_s = trainer(train_x, steps, batch, args.num_samples)
-    g = quality(judge, ours, real_feats, data_share, genres)
     r = quality(judge, theirs, real_feats, data_share, genres)
     n = count_name(args.num_samples)
     fid_key, rec_key = f"fid{n}_judge", f"recognised_share{n}_judge"
@@ -479,6 +484,7 @@ def parse_args() -> argparse.Namespace:
                         help="extra override of genart's style config, e.g. --style-set model.tone_weight=0")
     parser.add_argument("--content-size", type=int, default=CONTENT_SIZE, help="the paintings' prepared size (quickstart's content_size)")
     parser.add_argument("--content-crop", type=int, default=CONTENT_CROP, help="style training windows, 0 = whole images (content_crop)")
+    parser.add_argument("--no-reference", action="store_true", help="train and score genart's side only (for tuning; no ratios)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override of genart's DCGAN/VAE configs, e.g. --set model.conditional=false")
     args = parser.parse_args()
