@@ -54,6 +54,9 @@ class DCGANConfig(Section):
     # Conditional only: every BatchNorm of G gets a scale and shift per genre (conditional BatchNorm, de Vries et al.
     # 2017, as in SNGAN and BigGAN), so the label steers each layer, not only the input vector.
     class_norm: bool = False
+    # Mode-seeking term (MSGAN, Mao et al. 2019): G is also asked to map two latents of the same label to images as
+    # far apart as the latents are, so each label keeps drawing varied pictures instead of one favourite. 0 = off.
+    mode_seeking: float = Field(0.0, ge=0)
     # DiffAugment policy: the same differentiable transforms on real and generated images before D (Zhao et al.
     # 2020). Small datasets otherwise let D memorise the real images within a few hundred steps. [] = off.
     diff_augment: list[Literal["color", "translation", "cutout"]] = ["color", "translation", "cutout"]
@@ -248,13 +251,17 @@ class DCGANFamily:
         real = batch["image"]  # (B, 3, H, W) in [-1, 1]
         labels = labels_of(batch, required=cfg.conditional)  # (B,) or None
         z = torch.randn(real.shape[0], cfg.latent_dim, device=real.device)  # (B, latent)
+        half = real.shape[0] // 2
+        fake_labels = labels
+        if cfg.mode_seeking > 0 and labels is not None and half > 0:  # fake i and i + half share a label (MSGAN pairs)
+            fake_labels = torch.cat([labels[:half], labels[:half], labels[2 * half :]])
 
         # discriminator: real up, fake down (fake detached so G gets no gradient here)
         policy = tuple(cfg.diff_augment)
         with precision.autocast():
-            fake = gen(z, labels)  # (B, 3, H, W)
+            fake = gen(z, fake_labels)  # (B, 3, H, W)
             real_logits, real_classes = disc(diff_augment(real, policy), labels)
-            fake_logits, _ = disc(diff_augment(fake.detach(), policy), labels)
+            fake_logits, _ = disc(diff_augment(fake.detach(), policy), fake_labels)
             loss_d = _losses(cfg.loss, real_logits, fake_logits)
             if real_classes is not None:  # D learns the genres from real images only (fakes would teach it G's errors)
                 loss_d = loss_d + cfg.class_weight * F.cross_entropy(real_classes.float(), labels)
@@ -263,10 +270,14 @@ class DCGANFamily:
 
         # generator: gradients flow through a frozen D
         with frozen(disc), precision.autocast():
-            g_logits, g_classes = disc(diff_augment(fake, policy), labels)
+            g_logits, g_classes = disc(diff_augment(fake, policy), fake_labels)
             loss_g = _losses(cfg.loss, None, g_logits)
             if g_classes is not None:
-                loss_g = loss_g + cfg.class_weight * F.cross_entropy(g_classes.float(), labels)
+                loss_g = loss_g + cfg.class_weight * F.cross_entropy(g_classes.float(), fake_labels)
+            if cfg.mode_seeking > 0 and half > 0:
+                # image distance per latent distance over the pairs (i, i + half); its inverse is minimised
+                ratio = (fake[:half] - fake[half : 2 * half]).abs().mean() / (z[:half] - z[half : 2 * half]).abs().mean()
+                loss_g = loss_g + cfg.mode_seeking / (ratio.float() + 1e-5)
         opts["generator"].zero_grad(set_to_none=True)
         precision.step("generator", loss_g, opts["generator"])
 
