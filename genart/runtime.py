@@ -80,6 +80,8 @@ def shutdown() -> None:
 # Ray Data's console lines that say nothing to a genart user (genart prints its own progress and summaries).
 _NOISE = ("Progress bars disabled", "Progress bars for operators disabled", "execution finished in",
           "Starting execution of Dataset", "Execution plan of Dataset", "Full logs are in", "Data sink ")
+# The tail of the path-named logger behind Ray Train's "Reporting training result ..." lines.
+REPORT_LOGGER_SUFFIX = "/train/v2/_internal/execution/context.py"
 
 
 class _DropNoise(logging.Filter):
@@ -87,12 +89,18 @@ class _DropNoise(logging.Filter):
         return not any(text in record.getMessage() for text in _NOISE)
 
 
-def quiet_logs() -> None:
-    """Keep the console for genart's own progress lines (the driver, and every Ray worker via a setup hook).
+_DROP_NOISE = _DropNoise()  # one instance, so calling quiet_logs again adds no second filter
 
-    Ray Data logs each dataset execution (several per training epoch) to the console; those lines stay in its
-    log file (session_*/logs/ray-data). Train V2's placement-group cleaner polls the state API, which is absent
-    without a dashboard, and warns on every poll; a dead controller's group still goes when the cluster stops.
+
+def quiet_logs(*datasets, training: bool = False) -> None:
+    """Keep the console for genart's own progress lines: everything genart tells Ray not to print is here.
+
+    Every process (the driver, and every Ray worker via a setup hook): Ray Data logs each dataset execution (several
+    per training epoch) to the console; those lines stay in its log file (session_*/logs/ray-data). Train V2's
+    placement-group cleaner polls the state API, which is absent without a dashboard, and warns on every poll; a
+    dead controller's group still goes when the cluster stops.
+    training=True (each Train worker, as its loop starts): no Ray Data INFO lines and no per-report Train lines.
+    `datasets` (the splits handed to Train): no progress bars or execution banners, which every worker would print.
     """
     import warnings
 
@@ -103,8 +111,20 @@ def quiet_logs() -> None:
 
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ != "SessionFileHandler":  # the console, not the session log file
-            handler.addFilter(_DropNoise())
+            handler.addFilter(_DROP_NOISE)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    if training:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Batches of a cached (materialized) split are read-only views of the object store; nothing writes into them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        # Ray 2.60 logs every report at INFO through a logger named by its source file's path, which
+        # RunConfig(logging_config=...) does not reach; found by that name, without importing Ray's private module.
+        for name in list(logging.Logger.manager.loggerDict):
+            if name.endswith(REPORT_LOGGER_SUFFIX):
+                logging.getLogger(name).setLevel(logging.WARNING)
+    for ds in datasets:
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
 
 
 def cluster_cpus() -> float:

@@ -154,7 +154,7 @@ def test_fit_resumes_generates_and_loads(dataset16, tmp_path):
     def cfg(max_steps: int) -> TrainConfig:
         return validate(TrainConfig, {
             "model": {"family": "autoregressive", "colors": 8, "embed_dim": 16, "num_layers": 1, "num_heads": 2,
-                      "conditional": True, "num_samples": 5, "warmup_steps": 2},
+                      "conditional": True, "grid_size": 5, "warmup_steps": 2},
             "data": {"path": dataset16, "batch_size": 8},
             "train": {"max_steps": max_steps, "checkpoint_every_steps": 4, "log_every_steps": 2, "keep_last": 1},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},

@@ -29,7 +29,7 @@ from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this
 # What these tests need per family beyond genart.models.tiny's widths: (config overrides, image_size, num_labels).
 # A family missing here is still tested, at its tiny widths (or its defaults, if it has none) at 16 px.
 SETTINGS = {
-    "autoregressive": ({"embed_dim": 16, "num_heads": 2, "colors": 8, "num_samples": 4}, 8, 0),
+    "autoregressive": ({"embed_dim": 16, "num_heads": 2, "colors": 8, "grid_size": 4}, 8, 0),
     "critic": ({"num_stages": 2}, 16, 3),  # two stages: the critic-as-loss-network test names both
     "style": ({"style_image": "wave.jpg", "loss_network": "random", "num_res_blocks": 1}, 16, 0),
 }

@@ -156,7 +156,7 @@ def test_cluster_stylize_on_s3_reports_rejects_and_resumes(ray_session, s3_serve
         "train": {"image_size": 32, "max_steps": 3, "batch_size": 2, "num_workers": 1, "use_gpu": False,
                   "cpus_per_worker": 1, "style_image": "wave.jpg",
                   "set": ["model.channels=4", "model.num_res_blocks=1", "model.style_size=32",
-                          "train.checkpoint_every_steps=3", "model.num_samples=2"]},
+                          "train.checkpoint_every_steps=3", "model.grid_size=2"]},
         "stylize": {"concurrency": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "batch_size": 2,
                     "max_side": 48, "tile": None, "format": "png", "preview": 4},
     }))
@@ -210,7 +210,7 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
             {"name": "hinge", "set": ["model.base_channels=4", "model.latent_dim=8", "data.batch_size=8",
                                       "train.checkpoint_every_steps=2", "data.image_size=16", "model.loss=hinge"]},
         ],
-        "selection": {"metric": "kid24_critic", "features": f"critic:{critic}", "num_samples": 24},
+        "selection": {"metric": "kid24_critic", "features": f"critic:{critic}", "num_generated": 24},
         "deploy": {"app_name": "t-ttd", "route_prefix": "/t-ttd", "host": host, "port": port},
     }))
     ttd = load_workflow("train_then_deploy")

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from genart import config, runtime, storage, workflow
 from genart.errors import UserError
 from genart.models import generative_families
-from genart.train.config import RUN_NAME
+from genart.train.config import check_run_name
 from genart.workflow import Workflow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,17 +39,16 @@ class Candidate(config.Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not RUN_NAME.match(value):
-            raise ValueError("use letters, digits, '.', '_' or '-' (no '/'), starting with a letter or digit")
-        return value
+        return check_run_name(value)
 
 
 class Selection(config.Section):
-    # A `genart evaluate` metric name, which carries num_samples and the features (genart.evaluate.registry):
+    # A `genart evaluate` metric name, which carries num_generated and the features (genart.evaluate.registry):
     # fid1k_inception, kid1k_critic (lower is better), pr1k_k3_critic_precision / _recall (higher is better), ...
     metric: str = "fid1k_inception"
     features: str = "inception"  # inception[:WEIGHTS] or critic:RUN_OR_CHECKPOINT (see `genart evaluate --help`)
-    num_samples: int = Field(1000, ge=2)  # generated images per checkpoint (same seeds for every checkpoint)
+    num_generated: int = Field(1000, ge=2)  # images generated per checkpoint (same seeds for every checkpoint)
+    renamed = {"num_samples": "num_generated"}  # the old name of num_generated still loads
     split: str = "val"  # real images compared against
     max_real: int | None = Field(None, ge=2)  # cap on real images (None = the whole split)
 
@@ -58,9 +57,9 @@ class Selection(config.Section):
         if not self.better:
             from genart.evaluate import metric_keys, parse_features
 
-            names = [n for n in metric_keys(parse_features(self.features).kind, self.num_samples)
+            names = [n for n in metric_keys(parse_features(self.features).kind, self.num_generated)
                      if _direction(n, self)]
-            raise ValueError(f"selection.metric {self.metric!r} is not a score of num_samples={self.num_samples} on "
+            raise ValueError(f"selection.metric {self.metric!r} is not a score of num_generated={self.num_generated} on "
                              f"features={self.features}; use one of {', '.join(names)}")
         return self
 
@@ -74,7 +73,7 @@ def _direction(name: str, sel: Selection) -> Literal["min", "max"] | None:
     from genart.evaluate import parse_features
     from genart.evaluate.registry import Protocol, specs
 
-    output = specs(Protocol(parse_features(sel.features).kind, sel.num_samples)).get(name)
+    output = specs(Protocol(parse_features(sel.features).kind, sel.num_generated)).get(name)
     return output.better if output else None
 
 
@@ -93,7 +92,8 @@ class Audit(config.Section):
     # dataset's own val images are (Somepalli et al. 2023). Over max_copy_share, the workflow refuses to deploy.
     enabled: bool = True
     max_copy_share: float = Field(0.05, ge=0.0, le=1.0)  # highest share of copied samples a deployable model may have
-    num_samples: int = Field(256, ge=1)  # samples audited (seeds 0..N-1)
+    num_generated: int = Field(256, ge=1)  # images generated and audited (seeds 0..N-1)
+    renamed = {"num_samples": "num_generated"}  # the old name of num_generated still loads
     features: str | None = None  # embedding space; None = selection.features
     quantile: float = Field(0.99, ge=0.5, lt=1.0)  # a sample is a copy when closer than this share of val images
 
@@ -131,10 +131,10 @@ def score(checkpoint: str, cfg: TrainThenDeployConfig) -> float:
     from genart.evaluate import job
 
     sel = cfg.selection
-    report = job.run(checkpoint, cfg.data, num=sel.num_samples, features=sel.features, split=sel.split,
+    report = job.run(checkpoint, cfg.data, num=sel.num_generated, features=sel.features, split=sel.split,
                      max_real=sel.max_real)
     if sel.metric not in report["metrics"]:  # precision/recall need more than k images per side
-        raise UserError(f"selection.metric {sel.metric}: not computed for {checkpoint} (see its report); raise num_samples")
+        raise UserError(f"selection.metric {sel.metric}: not computed for {checkpoint} (see its report); raise selection.num_generated")
     return float(report["metrics"][sel.metric])
 
 
@@ -185,7 +185,7 @@ def audit_gate(cfg: TrainThenDeployConfig, checkpoint: str, out: str) -> dict:
     from genart.search import audit as memorisation
 
     a = cfg.audit
-    report = memorisation.audit(checkpoint, cfg.data, num=a.num_samples, features=a.features or cfg.selection.features,
+    report = memorisation.audit(checkpoint, cfg.data, num=a.num_generated, features=a.features or cfg.selection.features,
                                 quantile=a.quantile, out=storage.join(out, "audit"))
     click.echo(memorisation.summary(report))
     return {"checkpoint": checkpoint, "copy_share": report["copy_share"], "max_copy_share": a.max_copy_share,
