@@ -2,7 +2,7 @@
 
 quickstart: every artifact it promises, and a report whose every image loads in headless Chromium.
 cluster_stylize: data, runs and outputs on the moto S3 server, a corrupt archive member reported, a rerun resumes.
-train_then_deploy: candidates trained and scored, the winner deployed and answering HTTP, then kept on a rerun.
+train_then_deploy: candidates trained and evaluated, the winner deployed and answering HTTP, then kept on a rerun.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
     try:
         first = ttd.run(str(config), str(out))
         rows = first["rows"]
-        # keep_last checkpoints of both candidates, each scored, best (lowest KID) first.
+        # keep_last checkpoints of both candidates, each evaluated, best (lowest KID) first.
         assert {r["candidate"] for r in rows} == {"small", "hinge"} and len(rows) == 4
         assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
         assert first["decision"] == "deploy" and first["winner"] == rows[0]
@@ -230,9 +230,9 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
         assert written["import_path"] == "genart.serve.app:build"
         assert written["args"]["models"] == {"dcgan": rows[0]["checkpoint"]}
 
-        second = ttd.run(str(config), str(out))  # nothing new beats what is serving; scores are reused
+        second = ttd.run(str(config), str(out))  # nothing new beats what is serving; metric values are reused
         assert second["serving_before"] == {k: rows[0][k] for k in ("checkpoint", "checkpoint_hash")}
         assert second["decision"] == "keep" and second["rows"] == rows
-        assert "(scored before)" in capsys.readouterr().out
+        assert "(evaluated before)" in capsys.readouterr().out
     finally:
         serve.delete("t-ttd")
