@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 
 from genart.errors import UserError, one_line
@@ -50,6 +51,14 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
         # address="local": never attach by accident to some other cluster found in /tmp/ray.
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
     stop_on_sigterm()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (the OS picks it): for a local Serve, Ray or DDP rendezvous
+    in tests and benches."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Terminated(KeyboardInterrupt):

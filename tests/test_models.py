@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -487,9 +486,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_train_step_under_ddp(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from genart.runtime import free_port
+
+    port = free_port()
     out = tmp_path / "ddp.json"
     mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
     results = json.loads(out.read_text())

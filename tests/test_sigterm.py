@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ray_procs  # noqa: E402
-from helpers import free_port  # noqa: E402
+from genart.runtime import free_port  # noqa: E402
 
 GENART = str(Path(sys.executable).parent / "genart")
 START_TIMEOUT_S = 240  # the box is shared and often loaded

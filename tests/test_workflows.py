@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from helpers import free_port
+from genart.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
