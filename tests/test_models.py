@@ -179,6 +179,19 @@ def test_conditional_dcgan_labels():
         fam.train_step(cfg, nets, opts, random_batch(size, 0), 0)
 
 
+def test_one_label_rule():
+    from genart.models.sampling import default_label, parse_label
+
+    names = ["stripes", "circles", "grid"]
+    assert [parse_label(v, names) for v in ("grid", 2, "2", None)] == [2, 2, 2, None]
+    for bad in ("cubism", 3, "3", -1, True, 1.5):
+        with pytest.raises(UserError, match="stripes, circles, grid"):
+            parse_label(bad, names)
+    with pytest.raises(UserError, match="not class-conditional"):
+        parse_label(0, names, conditional=False)
+    assert [default_label(s, 3) for s in (0, 4, 2**32 + 5)] == [0, 1, (2**32 + 5) % 3]
+
+
 def test_unsupported_size_is_a_user_error():
     for name in ("dcgan", "vae"):
         fam, cfg, _, labels = tiny(name)
