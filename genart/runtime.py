@@ -3,6 +3,7 @@
 On a small machine a TorchTrainer whose workers hold every CPU starves Ray Data's read tasks forever
 (seen with `num_cpus=2` + 2 workers of 1 CPU on a 2-core box). The local instance therefore gets more
 logical CPUs than physical cores, and `check_training_fits` refuses a worker layout that leaves Data nothing.
+`quiet_logs` is the one place that decides what Ray may print; `free_port` finds a loopback port.
 """
 
 from __future__ import annotations

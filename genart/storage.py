@@ -1,4 +1,5 @@
-"""Local paths and `s3://` URIs behind one API: the fsspec and pyarrow filesystems every other module uses.
+"""Local paths and `s3://` URIs behind one API: the fsspec and pyarrow filesystems every other module uses, and the
+one rule for names that become a folder or URL segment (`is_safe_name`).
 
 S3 endpoint and credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so MinIO and other S3-compatible stores need no genart setting.

@@ -87,7 +87,7 @@ class GenerativeLoaded(Loaded):
     def sample(self, seeds: list[int], labels: list[int] | None = None, truncation: float = 1.0) -> torch.Tensor:
         """Images for `seeds`: (N, 3, H, W) in [0, 1]; the same seed (and label) always gives the same image.
 
-        Class-conditional models take one label per seed; without labels, seed s gets class s % num_labels.
+        Class-conditional models take one label per seed; without labels, seed s gets `default_label(s, num_labels)` (s % num_labels).
         """
         seeds = list(seeds)
         if not seeds:

@@ -1,4 +1,5 @@
-"""Seeded latents, truncation, spherical interpolation and sample grids: how every generator family turns seeds into images.
+"""Seeded latents, the label rule, truncation, spherical interpolation and sample grids: how every generator family
+turns seeds (and labels) into images.
 
     from genart.models.sampling import latents, make_grid
     z = latents([0, 1, 2], 128)            # (3, 128), the same numbers for the same seeds on every machine
