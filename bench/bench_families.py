@@ -1,7 +1,7 @@
 """genart's generator families side by side at the same training time: DCGAN, VAE, Transformer and LSTM at 16 px.
 
     .venv/bin/python bench/bench_families.py                          # 180 s of optimizer time each, 1,000 samples
-    .venv/bin/python bench/bench_families.py --budget-s 20 --num-samples 200 --images 300   # smoke, ~5 min
+    .venv/bin/python bench/bench_families.py --budget-s 20 --num-generated 200 --images 300   # smoke, ~5 min
 
 Every family trains through `genart train` on the same prepared 16 px synthetic genres (the shipped config of each
 family, `--set` overrides appended, 1 worker, global batch 32) until its optimizer steps have taken `--budget-s`
@@ -107,7 +107,7 @@ def sheet(rows: dict[str, torch.Tensor], path: str, per_row: int = 20, scale: in
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=180.0, help="optimizer seconds per family")
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-generated", "--num-samples", type=int, default=1000, help="images generated per model for the metrics")
     parser.add_argument("--images", type=int, default=1000, help="synthetic images made, 10%% val")
     parser.add_argument("--colors", type=int, default=16, help="palette of the autoregressive models")
     parser.add_argument("--judge-steps", type=int, default=300)
@@ -145,10 +145,10 @@ def main() -> None:
         log(f"judge val accuracy {result['judge']['val_accuracy']}")
         for name in [f for f in FAMILIES if f in args.only.split(",")]:
             run_dir, timing = train_for(name, data, f"{root}/runs", args.budget_s, args.overrides)
-            samples, sample_s = sample(run_dir, args.num_samples)
+            samples, sample_s = sample(run_dir, args.num_generated)
             rows[name] = samples
             result[name] = {**bq.quality(judge, samples, real_feats, data_share, genres), **timing,
-                            "sampling_ms_per_image": round(1000 * sample_s / args.num_samples, 2)}
+                            "sampling_ms_per_image": round(1000 * sample_s / args.num_generated, 2)}
             log(f"{name}: {json.dumps({k: v for k, v in result[name].items() if k != 'final_metrics'})}")
     result["grid"] = sheet(rows, os.path.join(os.path.abspath(args.out), "families.png"))
     result["seconds"] = round(time.perf_counter() - started, 1)

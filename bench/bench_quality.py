@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_quality.py                      # the quickstart budget: dcgan 1500, vae 250, style 100 steps, 1000 images
     .venv/bin/python bench/bench_quality.py --steps-dcgan 1500 --steps-vae 1500 --steps-style 1500 --out results/bench_quality_1500
-    .venv/bin/python bench/bench_quality.py --steps-dcgan 20 --steps-vae 20 --steps-style 10 --num-samples 200 --images 300  # smoke, ~2.5 min
+    .venv/bin/python bench/bench_quality.py --steps-dcgan 20 --steps-vae 20 --steps-style 10 --num-generated 200 --images 300  # smoke, ~2.5 min
 (--only dcgan,vae skips the style network; --only style runs it alone.)
 
 Same data (genart.data.synth -> genart prepare; the references read the same prepared train split), same steps, same
@@ -213,7 +213,7 @@ class RefDiscriminator(nn.Module):
         return self.main(x).view(-1, 1).squeeze(1)
 
 
-def train_ref_dcgan(x01: torch.Tensor, steps: int, batch_size: int, num_samples: int) -> tuple[torch.Tensor, float]:
+def train_ref_dcgan(x01: torch.Tensor, steps: int, batch_size: int, num_generated: int) -> tuple[torch.Tensor, float]:
     """The example's loop step for step (BCE, Adam 2e-4 / beta1 0.5); samples drawn in train mode as the example does
     (BatchNorm on batch statistics, batches of batch_size). -> samples (N, 3, 32, 32) in [0, 1], training seconds."""
     torch.manual_seed(0)
@@ -243,8 +243,8 @@ def train_ref_dcgan(x01: torch.Tensor, steps: int, batch_size: int, num_samples:
     seconds = time.perf_counter() - started
     gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():  # net_g stays in train mode, as in the example's fixed-noise samples
-        z = torch.randn(num_samples, NZ, 1, 1, generator=gen)
-        out = torch.cat([net_g(z[i : i + batch_size]) for i in range(0, num_samples, batch_size)])
+        z = torch.randn(num_generated, NZ, 1, 1, generator=gen)
+        out = torch.cat([net_g(z[i : i + batch_size]) for i in range(0, num_generated, batch_size)])
     return ((out + 1) / 2).clamp(0, 1), seconds
 
 
@@ -274,7 +274,7 @@ class RefVAE(nn.Module):
         return self.decode(z), mu, logvar
 
 
-def train_ref_vae(x01: torch.Tensor, steps: int, batch_size: int, num_samples: int) -> tuple[torch.Tensor, float]:
+def train_ref_vae(x01: torch.Tensor, steps: int, batch_size: int, num_generated: int) -> tuple[torch.Tensor, float]:
     """BCE summed over pixels and batch + KL, Adam 1e-3; samples = decode(N(0, I)). -> (N, 3, 32, 32) in [0, 1], seconds."""
     torch.manual_seed(1)
     model = RefVAE()
@@ -292,7 +292,7 @@ def train_ref_vae(x01: torch.Tensor, steps: int, batch_size: int, num_samples: i
     seconds = time.perf_counter() - started
     gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
-        out = model.decode(torch.randn(num_samples, 20, generator=gen)).view(-1, 3, 32, 32)
+        out = model.decode(torch.randn(num_generated, 20, generator=gen)).view(-1, 3, 32, 32)
     return out, seconds
 
 
@@ -356,7 +356,7 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
     log(f"{family}: genart, {steps} steps, batch {batch}")
     model, summary, times = train_genart(family, data, runs, steps, ["data.image_size=32", f"data.batch_size={batch}",
                                                                       f"scaling.cpus_per_worker={args.threads}", *args.overrides])
-    seeds = list(range(args.num_samples))
+    seeds = list(range(args.num_generated))
     ours = torch.cat([model.sample(seeds[i : i + 250]) for i in range(0, len(seeds), 250)])
     g = quality(judge, ours, real_feats, data_share, genres)
     if args.no_reference:  # tuning genart alone: its figures and grid, no ratios
@@ -366,9 +366,9 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
                 "grid": grid}
     log(f"{family}: reference (pytorch/examples), {steps} steps, batch {batch}")
     trainer = train_ref_dcgan if family == "dcgan" else train_ref_vae
-    theirs, ref_s = trainer(train_x, steps, batch, args.num_samples)
+    theirs, ref_s = trainer(train_x, steps, batch, args.num_generated)
     r = quality(judge, theirs, real_feats, data_share, genres)
-    n = count_name(args.num_samples)
+    n = count_name(args.num_generated)
     fid_key, rec_key = f"fid{n}_judge", f"recognised_share{n}_judge"
     titles = (f"genart {family} ({'EMA G, eval mode' if family == 'dcgan' else 'decode N(0, I)'})",
               f"pytorch/examples {family} ({'train-mode BN' if family == 'dcgan' else 'decode N(0, I)'})")
@@ -472,7 +472,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps-dcgan", type=int, default=1500, help="training steps of both DCGANs (quickstart: 1500)")
     parser.add_argument("--steps-vae", type=int, default=600, help="training steps of both VAEs (quickstart: 600)")
     parser.add_argument("--steps-style", type=int, default=100, help="training steps of the style network (quickstart: 100)")
-    parser.add_argument("--num-samples", type=int, default=1000, help="samples per generator for the metrics")
+    parser.add_argument("--num-generated", "--num-samples", type=int, default=1000, help="images generated per generator for the metrics")
     parser.add_argument("--images", type=int, default=1000, help="synthetic images made (quickstart: 1000), 10%% val")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch of every run (the configs' 32 x 1 worker)")
     parser.add_argument("--judge-steps", type=int, default=300, help="training steps of the judge CNN (batch 64)")

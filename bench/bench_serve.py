@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -24,12 +23,6 @@ import time
 import numpy as np
 
 CONCURRENCY = (1, 32)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _summary(latencies: list[float], wall_s: float, statuses: dict) -> dict:
@@ -202,7 +195,7 @@ def main() -> None:
         report["bare"] = bench_bare(models, photo, opts.requests, threads)
 
         runtime.init()
-        host, port = start_http("127.0.0.1", _free_port(), access_log=False)
+        host, port = start_http("127.0.0.1", runtime.free_port(), access_log=False)
         for label, extra in (("serve_batched", {"batching": True}), ("serve_unbatched", {"batching": False})):
             serve.run(build({**common, **extra}), name="bench", route_prefix="/bench")
             report[label] = bench_http(f"http://{host}:{port}/bench", photo, opts.requests)

@@ -226,7 +226,7 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
 @click.option("--output", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses latent seed (SEED << 32) | i.")
 @click.option("--truncation", type=float, default=1.0, show_default=True, help="Scale latents toward the mean (1.0 = off).")
-@click.option("--label", default=None, help="Class name or index for a class-conditional model (default: varies by image).")
+@click.option("--label", default=None, help="Class name or index for a class-conditional model (default: the class follows each image's seed).")
 @click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True)
 @_run_options
 def generate(model, num, out, seed, truncation, label, fmt, batch_size, concurrency, gpus_per_worker, cpus_per_worker,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, ClassVar, Iterable, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from genart.errors import UserError, one_line
 
@@ -22,6 +22,20 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are rejected, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Keys renamed since configs and checkpoints were written, old name -> field: the old name still loads.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def current_keys(cls, data: Any) -> Any:
+        """`data` with renamed keys under today's names. With both names the later key wins, as a `--set` override
+        is added after the YAML's keys."""
+        if not isinstance(data, dict) or not cls.renamed:
+            return data
+        out = {}
+        for key, value in data.items():
+            out[cls.renamed.get(key, key)] = value
+        return out
 
 
 @dataclass(frozen=True)

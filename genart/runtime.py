@@ -3,6 +3,7 @@
 On a small machine a TorchTrainer whose workers hold every CPU starves Ray Data's read tasks forever
 (seen with `num_cpus=2` + 2 workers of 1 CPU on a 2-core box). The local instance therefore gets more
 logical CPUs than physical cores, and `check_training_fits` refuses a worker layout that leaves Data nothing.
+`quiet_logs` is the one place that decides what Ray may print; `free_port` finds a loopback port.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 
 from genart.errors import UserError, one_line
@@ -52,6 +54,14 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
     stop_on_sigterm()
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (the OS picks it): for a local Serve, Ray or DDP rendezvous
+    in tests and benches."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (Kubernetes, systemd, `docker stop`) raised as Ctrl-C is, so every command's cleanup path runs."""
 
@@ -80,6 +90,8 @@ def shutdown() -> None:
 # Ray Data's console lines that say nothing to a genart user (genart prints its own progress and summaries).
 _NOISE = ("Progress bars disabled", "Progress bars for operators disabled", "execution finished in",
           "Starting execution of Dataset", "Execution plan of Dataset", "Full logs are in", "Data sink ")
+# The tail of the path-named logger behind Ray Train's "Reporting training result ..." lines.
+REPORT_LOGGER_SUFFIX = "/train/v2/_internal/execution/context.py"
 
 
 class _DropNoise(logging.Filter):
@@ -87,12 +99,18 @@ class _DropNoise(logging.Filter):
         return not any(text in record.getMessage() for text in _NOISE)
 
 
-def quiet_logs() -> None:
-    """Keep the console for genart's own progress lines (the driver, and every Ray worker via a setup hook).
+_DROP_NOISE = _DropNoise()  # one instance, so calling quiet_logs again adds no second filter
 
-    Ray Data logs each dataset execution (several per training epoch) to the console; those lines stay in its
-    log file (session_*/logs/ray-data). Train V2's placement-group cleaner polls the state API, which is absent
-    without a dashboard, and warns on every poll; a dead controller's group still goes when the cluster stops.
+
+def quiet_logs(*datasets, training: bool = False) -> None:
+    """Keep the console for genart's own progress lines: everything genart tells Ray not to print is here.
+
+    Every process (the driver, and every Ray worker via a setup hook): Ray Data logs each dataset execution (several
+    per training epoch) to the console; those lines stay in its log file (session_*/logs/ray-data). Train V2's
+    placement-group cleaner polls the state API, which is absent without a dashboard, and warns on every poll; a
+    dead controller's group still goes when the cluster stops.
+    training=True (each Train worker, as its loop starts): no Ray Data INFO lines and no per-report Train lines.
+    `datasets` (the splits handed to Train): no progress bars or execution banners, which every worker would print.
     """
     import warnings
 
@@ -103,8 +121,20 @@ def quiet_logs() -> None:
 
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ != "SessionFileHandler":  # the console, not the session log file
-            handler.addFilter(_DropNoise())
+            handler.addFilter(_DROP_NOISE)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    if training:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Batches of a cached (materialized) split are read-only views of the object store; nothing writes into them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        # Ray 2.60 logs every report at INFO through a logger named by its source file's path, which
+        # RunConfig(logging_config=...) does not reach; found by that name, without importing Ray's private module.
+        for name in list(logging.Logger.manager.loggerDict):
+            if name.endswith(REPORT_LOGGER_SUFFIX):
+                logging.getLogger(name).setLevel(logging.WARNING)
+    for ds in datasets:
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
 
 
 def cluster_cpus() -> float:

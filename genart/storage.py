@@ -1,4 +1,5 @@
-"""Local paths and `s3://` URIs behind one API: the fsspec and pyarrow filesystems every other module uses.
+"""Local paths and `s3://` URIs behind one API: the fsspec and pyarrow filesystems every other module uses, and the
+one rule for names that become a folder or URL segment (`is_safe_name`).
 
 S3 endpoint and credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so MinIO and other S3-compatible stores need no genart setting.
@@ -11,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -22,6 +24,18 @@ import fsspec
 import pyarrow.fs as pafs
 
 from genart.errors import UserError, one_line
+
+# A name a user gives that becomes one folder (run, checkpoint, served style) or one URL segment (served model):
+# letters, digits, '.', '_', '-', starting with a letter or digit, so it can never be a path, '.' or '..'.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAFE_NAME_RULE = "use letters, digits, '.', '_' or '-' (no '/'), starting with a letter or digit"
+RUN_NAME_MAX = 100  # characters in a run folder name (run.name, workflow candidates)
+MODEL_NAME_MAX = 64  # characters in a served model name, which is also a Serve deployment name
+
+
+def is_safe_name(name: object, max_chars: int | None = None) -> bool:
+    """True for a SAFE_NAME of at most `max_chars` characters (None: any length)."""
+    return isinstance(name, str) and bool(SAFE_NAME.match(name)) and (max_chars is None or len(name) <= max_chars)
 
 
 def is_s3(uri: str) -> bool:

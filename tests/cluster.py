@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import ray_procs
-from helpers import free_port
+from genart.runtime import free_port
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

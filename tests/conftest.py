@@ -7,7 +7,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+
+from genart.runtime import free_port
 
 # Quiet, deterministic, CPU-only defaults for every test process and the Ray workers it starts.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

@@ -1,18 +1,10 @@
-"""Small pieces several test modules share: a free loopback port, one torch thread (tiny models: genart.models.tiny)."""
+"""Small pieces several test modules share: one torch thread (tiny models: genart.models.tiny; a free loopback port:
+genart.runtime.free_port)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -154,7 +154,7 @@ def test_fit_resumes_generates_and_loads(dataset16, tmp_path):
     def cfg(max_steps: int) -> TrainConfig:
         return validate(TrainConfig, {
             "model": {"family": "autoregressive", "colors": 8, "embed_dim": 16, "num_layers": 1, "num_heads": 2,
-                      "conditional": True, "num_samples": 5, "warmup_steps": 2},
+                      "conditional": True, "grid_size": 5, "warmup_steps": 2},
             "data": {"path": dataset16, "batch_size": 8},
             "train": {"max_steps": max_steps, "checkpoint_every_steps": 4, "log_every_steps": 2, "keep_last": 1},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},
@@ -183,13 +183,13 @@ def test_fit_resumes_generates_and_loads(dataset16, tmp_path):
 def test_served_generate_complete_and_interpolate(ray_session, tmp_path):
     """Real HTTP against Serve: /v1/generate (the same pixels as .sample), /v1/complete, /v1/interpolate, errors."""
     import io
-    import socket
 
     import numpy as np
     import requests
     from PIL import Image
     from ray import serve
 
+    from genart.runtime import free_port
     from genart.serve.app import build
     from genart.serve.run import start_http
     from genart.models.tiny import tiny_checkpoint
@@ -197,10 +197,7 @@ def test_served_generate_complete_and_interpolate(ray_session, tmp_path):
     genres = ["a", "b", "c"]
     ckpt = tiny_checkpoint(str(tmp_path / "ar"), "autoregressive", 8, genres, seed=3, embed_dim=16, num_heads=2, colors=8,
                            conditional=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    host, port = start_http("127.0.0.1", port)
+    host, port = start_http("127.0.0.1", free_port())
     serve.run(build({"models": {"pixels": ckpt}, "api_key_env": "GENART_TEST_AR_NO_KEY",
                      "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2}}),
               name="t-ar", route_prefix="/t-ar")

@@ -111,7 +111,7 @@ def test_stylize_survives_losing_a_worker_node(cluster, style_model, inputs, tmp
 # ---------------------------------------------------------------- training loses a node
 
 
-TRAIN_SETTINGS = ["model.latent_dim=16", "model.base_channels=8", "model.max_channels=32", "model.num_samples=16",
+TRAIN_SETTINGS = ["model.latent_dim=16", "model.base_channels=8", "model.max_channels=32", "model.grid_size=16",
                   "model.eval_samples=16", "data.batch_size=8", "data.cache_max_mb=0", "train.max_steps=100000",
                   "train.checkpoint_every_steps=20", "train.log_every_steps=5", "train.keep_last=50",
                   # [1, 2] elastic; 2 CPUs per worker on 3-CPU nodes: one worker per node, 1 CPU left for Ray Data

@@ -342,8 +342,8 @@ def test_score_checkpoint_in_process(dataset, checkpoints):
     from genart.evaluate.scoring import extractor_for
     from genart.train.config import EvalSection
 
-    assert EvalSection().num_samples == 1000  # FID on 256 samples is mostly bias and noise
-    cfg = EvalSection(every_checkpoints=1, num_samples=16, features=f"critic:{checkpoints['critic']}")
+    assert EvalSection().num_generated == 1000  # FID on 256 samples is mostly bias and noise
+    cfg = EvalSection(every_checkpoints=1, num_generated=16, features=f"critic:{checkpoints['critic']}")
     started = time.time()
     scores = score_checkpoint(checkpoints["dcgan"], dataset, cfg)
     assert list(scores) == metric_keys("critic", 16) and "fid16_critic" in scores
@@ -405,7 +405,7 @@ def test_evaluate_shows_a_live_line_per_job_on_a_terminal(dataset, checkpoints, 
 
 
 def test_workflow_selects_by_registry_names():
-    """train_then_deploy's selection.metric is a `genart evaluate` name, checked against num_samples and features."""
+    """train_then_deploy's selection.metric is a `genart evaluate` name, checked against num_generated and features."""
     from genart import config
 
     path = Path(__file__).resolve().parents[1] / "workflows" / "train_then_deploy.py"
@@ -416,11 +416,11 @@ def test_workflow_selects_by_registry_names():
 
     shipped = config.load(ttd.TrainThenDeployConfig, path.with_suffix(".yaml"))
     assert shipped.selection.metric == "fid1k_critic" and shipped.selection.better == "min"
-    recall = ttd.Selection(metric="pr24_k3_critic_recall", features="critic:x", num_samples=24)
+    recall = ttd.Selection(metric="pr24_k3_critic_recall", features="critic:x", num_generated=24)
     assert recall.better == "max"
     for stale in ("fid", "kid1k_critic", "kid24_critic_std"):  # old name, wrong N, not a quality score
         with pytest.raises(ValueError, match="fid24_critic"):
-            ttd.Selection(metric=stale, features="critic:x", num_samples=24)
+            ttd.Selection(metric=stale, features="critic:x", num_generated=24)
 
 
 # ---------------------------------------------------------------- feature specs and the Inception path

@@ -46,6 +46,33 @@ def test_bad_keys_give_one_line_naming_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_renamed_keys_still_load_and_later_keys_win(tmp_path):
+    """model.num_samples became grid_size, eval.num_samples num_generated: old YAML, --set and checkpoints still load."""
+    from genart.models.dcgan import DCGANConfig
+    from genart.train.config import TrainConfig
+
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  family: dcgan\n  num_samples: 9\ndata:\n  path: d\neval:\n  num_samples: 50\n")
+    cfg = config.load(TrainConfig, old)
+    assert (cfg.model.grid_size, cfg.eval.num_generated) == (9, 50)
+    assert "num_samples" not in config.to_yaml(cfg)  # saved under today's names
+    assert config.load(TrainConfig, old, ["model.grid_size=4"]).model.grid_size == 4  # the override, not the YAML
+    new = tmp_path / "new.yaml"
+    new.write_text("model:\n  family: dcgan\n  grid_size: 9\ndata:\n  path: d\n")
+    assert config.load(TrainConfig, new, ["model.num_samples=4"]).model.grid_size == 4
+    assert DCGANConfig.current_keys({"num_samples": 3, "latent_dim": 8}) == {"grid_size": 3, "latent_dim": 8}
+    with pytest.raises(UserError, match="model.grid_size"):
+        config.load(TrainConfig, old, ["model.num_samples=0"])
+
+
+def test_one_safe_name_rule():
+    for name in ("dcgan", "run-2.b_c", "a" * storage.RUN_NAME_MAX):
+        assert storage.is_safe_name(name, storage.RUN_NAME_MAX)
+    for name in ("", ".", "..", "../x", "a/b", "-a", "a b", "a" * (storage.RUN_NAME_MAX + 1), None):
+        assert not storage.is_safe_name(name, storage.RUN_NAME_MAX)
+    assert not storage.is_safe_name("a" * (storage.MODEL_NAME_MAX + 1), storage.MODEL_NAME_MAX)
+
+
 def test_missing_and_malformed_config_files(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         config.load(Outer, tmp_path / "nope.yaml")

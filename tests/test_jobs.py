@@ -21,7 +21,7 @@ import requests
 
 from genart import ray_jobs
 from genart.errors import UserError
-from helpers import free_port
+from genart.runtime import free_port
 
 BIN = Path(sys.executable).parent
 GENART = str(BIN / "genart")

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this
 # What these tests need per family beyond genart.models.tiny's widths: (config overrides, image_size, num_labels).
 # A family missing here is still tested, at its tiny widths (or its defaults, if it has none) at 16 px.
 SETTINGS = {
-    "autoregressive": ({"embed_dim": 16, "num_heads": 2, "colors": 8, "num_samples": 4}, 8, 0),
+    "autoregressive": ({"embed_dim": 16, "num_heads": 2, "colors": 8, "grid_size": 4}, 8, 0),
     "critic": ({"num_stages": 2}, 16, 3),  # two stages: the critic-as-loss-network test names both
     "style": ({"style_image": "wave.jpg", "loss_network": "random", "num_res_blocks": 1}, 16, 0),
 }
@@ -178,6 +177,19 @@ def test_conditional_dcgan_labels():
     opts = fam.optimizers(cfg, nets)
     with pytest.raises(UserError, match="label -1"):
         fam.train_step(cfg, nets, opts, random_batch(size, 0), 0)
+
+
+def test_one_label_rule():
+    from genart.models.sampling import default_label, parse_label
+
+    names = ["stripes", "circles", "grid"]
+    assert [parse_label(v, names) for v in ("grid", 2, "2", None)] == [2, 2, 2, None]
+    for bad in ("cubism", 3, "3", -1, True, 1.5):
+        with pytest.raises(UserError, match="stripes, circles, grid"):
+            parse_label(bad, names)
+    with pytest.raises(UserError, match="not class-conditional"):
+        parse_label(0, names, conditional=False)
+    assert [default_label(s, 3) for s in (0, 4, 2**32 + 5)] == [0, 1, (2**32 + 5) % 3]
 
 
 def test_unsupported_size_is_a_user_error():
@@ -487,9 +499,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_train_step_under_ddp(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from genart.runtime import free_port
+
+    port = free_port()
     out = tmp_path / "ddp.json"
     mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
     results = json.loads(out.read_text())

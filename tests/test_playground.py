@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from genart.runtime import free_port
 
 KEY_ENV = "GENART_TEST_PLAYGROUND_KEY"
 SCREENSHOT_DIR = Path(os.environ.get("GENART_SCREENSHOT_DIR", "")) if os.environ.get("GENART_SCREENSHOT_DIR") else None

@@ -208,7 +208,7 @@ def test_audit_flags_a_memorising_generator_not_a_fresh_one(tmp_path, critic, ra
 
     # train_then_deploy's gate: the memorising generator is refused, the fresh one allowed
     ttd = _load_workflow("train_then_deploy")
-    cfg = ttd.TrainThenDeployConfig(data=data, audit={"num_samples": 32, "features": f"critic:{critic}",
+    cfg = ttd.TrainThenDeployConfig(data=data, audit={"num_generated": 32, "features": f"critic:{critic}",
                                                       "max_copy_share": 0.2})
     assert not ttd.audit_gate(cfg, memorised, str(tmp_path / "gate-m"))["allowed"]
     assert ttd.audit_gate(cfg, fresh, str(tmp_path / "gate-f"))["allowed"]

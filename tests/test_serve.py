@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from genart.errors import UserError
-from helpers import free_port
+from genart.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GENART = str(Path(sys.executable).parent / "genart")  # the installed console script

@@ -13,7 +13,7 @@ import requests
 from PIL import Image
 
 from genart.search.query import SearchIndex
-from helpers import free_port
+from genart.runtime import free_port
 from test_serve import assert_error, png
 
 KEY_ENV = "GENART_TEST_SEARCH_KEY"

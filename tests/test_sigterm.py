@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ray_procs  # noqa: E402
-from helpers import free_port  # noqa: E402
+from genart.runtime import free_port  # noqa: E402
 
 GENART = str(Path(sys.executable).parent / "genart")
 START_TIMEOUT_S = 240  # the box is shared and often loaded
@@ -154,7 +154,7 @@ def test_batch_command_sigterm_leaves_nothing_and_reruns(style_model, tmp_path):
 
 
 TRAIN_MAX_STEPS = 300
-TINY_DCGAN = ["model.latent_dim=16", "model.base_channels=8", "model.max_channels=32", "model.num_samples=16",
+TINY_DCGAN = ["model.latent_dim=16", "model.base_channels=8", "model.max_channels=32", "model.grid_size=16",
               "model.eval_samples=16", "data.batch_size=8", f"train.max_steps={TRAIN_MAX_STEPS}",
               "train.checkpoint_every_steps=1000", "train.log_every_steps=5", "train.keep_last=5",
               "scaling.num_workers=2", "scaling.cpus_per_worker=1"]

@@ -26,11 +26,11 @@ from genart.train.config import TrainConfig, load_config
 from genart.train.trainer import checkpoint_config, format_summary, scaling_config, train
 
 TINY_MODELS = {
-    "dcgan": {"family": "dcgan", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "num_samples": 16, "eval_samples": 16},
-    "vae": {"family": "vae", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "num_samples": 8},
+    "dcgan": {"family": "dcgan", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "grid_size": 16, "eval_samples": 16},
+    "vae": {"family": "vae", "latent_dim": 16, "base_channels": 8, "max_channels": 32, "grid_size": 8},
     "critic": {"family": "critic", "base_channels": 8, "num_stages": 3, "embed_dim": 32, "dropout": 0.0},
     "style": {"family": "style", "style_image": "wave.jpg", "style_size": 32, "loss_network": "random", "random_filters": 8,
-              "channels": 4, "num_res_blocks": 1, "num_samples": 4},
+              "channels": 4, "num_res_blocks": 1, "grid_size": 4},
 }
 
 
@@ -254,7 +254,7 @@ def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path):
                                base_channels=8, num_stages=3, embed_dim=32)  # untrained: made without a fit
     cfg = make_cfg("vae", dataset, str(tmp_path / "runs"), "vae", model={"lr": 3e-3}, data={"batch_size": 16},
                    train={"max_steps": 150, "checkpoint_every_steps": 50, "log_every_steps": 10},
-                   eval={"every_checkpoints": 2, "num_samples": 32, "features": f"critic:{features}", "best_metric": "fid32_critic"})
+                   eval={"every_checkpoints": 2, "num_generated": 32, "features": f"critic:{features}", "best_metric": "fid32_critic"})
     summary = train(cfg)
     rows = check_run_folder(summary["run_dir"], [100, 150])
     val = [r["val_recon_mse"] for r in rows if "val_recon_mse" in r]

@@ -2,7 +2,7 @@
 
 quickstart: every artifact it promises, and a report whose every image loads in headless Chromium.
 cluster_stylize: data, runs and outputs on the moto S3 server, a corrupt archive member reported, a rerun resumes.
-train_then_deploy: candidates trained and scored, the winner deployed and answering HTTP, then kept on a rerun.
+train_then_deploy: candidates trained and evaluated, the winner deployed and answering HTTP, then kept on a rerun.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from helpers import free_port
+from genart.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -156,7 +156,7 @@ def test_cluster_stylize_on_s3_reports_rejects_and_resumes(ray_session, s3_serve
         "train": {"image_size": 32, "max_steps": 3, "batch_size": 2, "num_workers": 1, "use_gpu": False,
                   "cpus_per_worker": 1, "style_image": "wave.jpg",
                   "set": ["model.channels=4", "model.num_res_blocks=1", "model.style_size=32",
-                          "train.checkpoint_every_steps=3", "model.num_samples=2"]},
+                          "train.checkpoint_every_steps=3", "model.grid_size=2"]},
         "stylize": {"concurrency": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "batch_size": 2,
                     "max_side": 48, "tile": None, "format": "png", "preview": 4},
     }))
@@ -210,7 +210,7 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
             {"name": "hinge", "set": ["model.base_channels=4", "model.latent_dim=8", "data.batch_size=8",
                                       "train.checkpoint_every_steps=2", "data.image_size=16", "model.loss=hinge"]},
         ],
-        "selection": {"metric": "kid24_critic", "features": f"critic:{critic}", "num_samples": 24},
+        "selection": {"metric": "kid24_critic", "features": f"critic:{critic}", "num_generated": 24},
         "deploy": {"app_name": "t-ttd", "route_prefix": "/t-ttd", "host": host, "port": port},
     }))
     ttd = load_workflow("train_then_deploy")
@@ -218,7 +218,7 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
     try:
         first = ttd.run(str(config), str(out))
         rows = first["rows"]
-        # keep_last checkpoints of both candidates, each scored, best (lowest KID) first.
+        # keep_last checkpoints of both candidates, each evaluated, best (lowest KID) first.
         assert {r["candidate"] for r in rows} == {"small", "hinge"} and len(rows) == 4
         assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
         assert first["decision"] == "deploy" and first["winner"] == rows[0]
@@ -230,9 +230,9 @@ def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, t
         assert written["import_path"] == "genart.serve.app:build"
         assert written["args"]["models"] == {"dcgan": rows[0]["checkpoint"]}
 
-        second = ttd.run(str(config), str(out))  # nothing new beats what is serving; scores are reused
+        second = ttd.run(str(config), str(out))  # nothing new beats what is serving; metric values are reused
         assert second["serving_before"] == {k: rows[0][k] for k in ("checkpoint", "checkpoint_hash")}
         assert second["decision"] == "keep" and second["rows"] == rows
-        assert "(scored before)" in capsys.readouterr().out
+        assert "(evaluated before)" in capsys.readouterr().out
     finally:
         serve.delete("t-ttd")

@@ -7,7 +7,7 @@ Steps: train one run per candidate (a list of `--set` overrides; a rerun resumes
 checkpoint (and the checkpoint being served now, if any) with `genart evaluate` on the same features, seeds and
 real images -> deploy the winner, only if it beats what is serving -> smoke-test the live endpoint.
 On a cluster the app keeps running after this script ends; on the embedded local Ray it serves until Ctrl-C.
-Writes selection.json (every score), serve.yaml (for `serve deploy`) and deployed.png (a grid from the endpoint).
+Writes selection.json (every metric value), serve.yaml (for `serve deploy`) and deployed.png (a grid from the endpoint).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from genart import config, runtime, storage, workflow
 from genart.errors import UserError
 from genart.models import generative_families
-from genart.train.config import RUN_NAME
+from genart.train.config import check_run_name
 from genart.workflow import Workflow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,17 +39,16 @@ class Candidate(config.Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not RUN_NAME.match(value):
-            raise ValueError("use letters, digits, '.', '_' or '-' (no '/'), starting with a letter or digit")
-        return value
+        return check_run_name(value)
 
 
 class Selection(config.Section):
-    # A `genart evaluate` metric name, which carries num_samples and the features (genart.evaluate.registry):
+    # A `genart evaluate` metric name, which carries num_generated and the features (genart.evaluate.registry):
     # fid1k_inception, kid1k_critic (lower is better), pr1k_k3_critic_precision / _recall (higher is better), ...
     metric: str = "fid1k_inception"
     features: str = "inception"  # inception[:WEIGHTS] or critic:RUN_OR_CHECKPOINT (see `genart evaluate --help`)
-    num_samples: int = Field(1000, ge=2)  # generated images per checkpoint (same seeds for every checkpoint)
+    num_generated: int = Field(1000, ge=2)  # images generated per checkpoint (same seeds for every checkpoint)
+    renamed = {"num_samples": "num_generated"}  # the old name of num_generated still loads
     split: str = "val"  # real images compared against
     max_real: int | None = Field(None, ge=2)  # cap on real images (None = the whole split)
 
@@ -58,15 +57,15 @@ class Selection(config.Section):
         if not self.better:
             from genart.evaluate import metric_keys, parse_features
 
-            names = [n for n in metric_keys(parse_features(self.features).kind, self.num_samples)
+            names = [n for n in metric_keys(parse_features(self.features).kind, self.num_generated)
                      if _direction(n, self)]
-            raise ValueError(f"selection.metric {self.metric!r} is not a score of num_samples={self.num_samples} on "
+            raise ValueError(f"selection.metric {self.metric!r} is not a metric of num_generated={self.num_generated} on "
                              f"features={self.features}; use one of {', '.join(names)}")
         return self
 
     @property
     def better(self) -> Literal["min", "max"] | None:
-        """Which way `metric` is better, from the registry; None when it is not a selectable score here."""
+        """Which way `metric` is better, from the registry; None when it is not a selectable metric here."""
         return _direction(self.metric, self)
 
 
@@ -74,7 +73,7 @@ def _direction(name: str, sel: Selection) -> Literal["min", "max"] | None:
     from genart.evaluate import parse_features
     from genart.evaluate.registry import Protocol, specs
 
-    output = specs(Protocol(parse_features(sel.features).kind, sel.num_samples)).get(name)
+    output = specs(Protocol(parse_features(sel.features).kind, sel.num_generated)).get(name)
     return output.better if output else None
 
 
@@ -85,7 +84,7 @@ class Deploy(config.Section):
     route_prefix: str = "/"
     host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (0.0.0.0 on a cluster behind a firewall / LB)
     port: int = Field(8000, ge=1, le=65535)
-    only_if_better: bool = True  # keep the served checkpoint unless the winner scores better on the same metric
+    only_if_better: bool = True  # keep the served checkpoint unless the winner is better on the same metric
 
 
 class Audit(config.Section):
@@ -93,7 +92,8 @@ class Audit(config.Section):
     # dataset's own val images are (Somepalli et al. 2023). Over max_copy_share, the workflow refuses to deploy.
     enabled: bool = True
     max_copy_share: float = Field(0.05, ge=0.0, le=1.0)  # highest share of copied samples a deployable model may have
-    num_samples: int = Field(256, ge=1)  # samples audited (seeds 0..N-1)
+    num_generated: int = Field(256, ge=1)  # images generated and audited (seeds 0..N-1)
+    renamed = {"num_samples": "num_generated"}  # the old name of num_generated still loads
     features: str | None = None  # embedding space; None = selection.features
     quantile: float = Field(0.99, ge=0.5, lt=1.0)  # a sample is a copy when closer than this share of val images
 
@@ -126,15 +126,15 @@ def train_candidates(cfg: TrainThenDeployConfig) -> dict[str, dict]:
     return runs
 
 
-def score(checkpoint: str, cfg: TrainThenDeployConfig) -> float:
+def evaluate(checkpoint: str, cfg: TrainThenDeployConfig) -> float:
     """The selection metric of one checkpoint (same seeds, real images and features for all)."""
     from genart.evaluate import job
 
     sel = cfg.selection
-    report = job.run(checkpoint, cfg.data, num=sel.num_samples, features=sel.features, split=sel.split,
+    report = job.run(checkpoint, cfg.data, num=sel.num_generated, features=sel.features, split=sel.split,
                      max_real=sel.max_real)
     if sel.metric not in report["metrics"]:  # precision/recall need more than k images per side
-        raise UserError(f"selection.metric {sel.metric}: not computed for {checkpoint} (see its report); raise num_samples")
+        raise UserError(f"selection.metric {sel.metric}: not computed for {checkpoint} (see its report); raise selection.num_generated")
     return float(report["metrics"][sel.metric])
 
 
@@ -145,8 +145,8 @@ def weights_hash(checkpoint: str) -> str:
     return model_card("candidate", checkpoint)["checkpoint_hash"]
 
 
-def scored_with(cfg: TrainThenDeployConfig) -> dict:
-    """Everything a score depends on besides the weights: scores made with the same settings are reused."""
+def evaluated_with(cfg: TrainThenDeployConfig) -> dict:
+    """Everything a metric value depends on besides the weights: values got with the same settings are reused."""
     from genart.evaluate.reference import dataset_hash
 
     return {**cfg.selection.model_dump(mode="json"), "data": cfg.data, "dataset_hash": dataset_hash(cfg.data)}
@@ -154,12 +154,12 @@ def scored_with(cfg: TrainThenDeployConfig) -> dict:
 
 def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: dict, previous: dict,
                  serving: dict | None) -> list[dict]:
-    """One row per kept checkpoint of every candidate (+ the served one), best first. A checkpoint scored by an
-    earlier run with the same `settings` (and the same weights) keeps its score instead of being evaluated again."""
+    """One row per kept checkpoint of every candidate (+ the served one), best first. A checkpoint evaluated by an
+    earlier run with the same `settings` (and the same weights) keeps its value instead of being evaluated again."""
     from genart.train import outputs
 
     known = {(r["checkpoint"], r["checkpoint_hash"]): r["value"] for r in previous.get("rows", [])
-             if previous.get("scored_with") == settings}
+             if previous.get("evaluated_with", previous.get("scored_with")) == settings}  # older runs wrote scored_with
     todo = [(name, storage.join(run["run_dir"], ckpt), step) for name, run in runs.items()
             for step, ckpt in outputs.list_checkpoints(run["run_dir"], complete=True)]
     if serving and serving["checkpoint"] not in {uri for _, uri, _ in todo}:
@@ -169,9 +169,9 @@ def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: di
         digest = weights_hash(uri)
         value = known.get((uri, digest))
         if value is None:
-            value = score(uri, cfg)
+            value = evaluate(uri, cfg)
         rows.append({"candidate": name, "checkpoint": uri, "checkpoint_hash": digest, "step": step, "value": value})
-        reused = " (scored before)" if (uri, digest) in known else ""
+        reused = " (evaluated before)" if (uri, digest) in known else ""
         click.echo(f"  {name} {uri.rsplit('/', 1)[-1]}: {cfg.selection.metric} {value:.4g}{reused}")
     lower = cfg.selection.better == "min"
     return sorted(rows, key=lambda r: r["value"] if lower else -r["value"])
@@ -185,7 +185,7 @@ def audit_gate(cfg: TrainThenDeployConfig, checkpoint: str, out: str) -> dict:
     from genart.search import audit as memorisation
 
     a = cfg.audit
-    report = memorisation.audit(checkpoint, cfg.data, num=a.num_samples, features=a.features or cfg.selection.features,
+    report = memorisation.audit(checkpoint, cfg.data, num=a.num_generated, features=a.features or cfg.selection.features,
                                 quantile=a.quantile, out=storage.join(out, "audit"))
     click.echo(memorisation.summary(report))
     return {"checkpoint": checkpoint, "copy_share": report["copy_share"], "max_copy_share": a.max_copy_share,
@@ -279,7 +279,7 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
     selection_path = storage.join(out, "selection.json")
     previous = json.loads(storage.read_text(selection_path)) if storage.exists(selection_path) else {}
     serving = served(cfg.deploy, previous)
-    settings = scored_with(cfg)
+    settings = evaluated_with(cfg)
     with flow.step(f"evaluate checkpoints by {cfg.selection.metric} ({cfg.selection.features})"):
         gate = serving if cfg.deploy.only_if_better and serving and serving["checkpoint"] else None
         rows = evaluate_all(cfg, runs, settings, previous, gate)
@@ -290,8 +290,8 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
         decision = "keep" if serving["checkpoint_hash"] == best["checkpoint_hash"] else "update"
         if serving["checkpoint"] is None:
             click.echo(f"note: the served {cfg.deploy.model_name} (weights {serving['checkpoint_hash'][:12]}) was not "
-                       f"deployed from {out}; it cannot be scored, so the winner replaces it")
-    selection = {"metric": cfg.selection.metric, "features": cfg.selection.features, "scored_with": settings,
+                       f"deployed from {out}; it cannot be evaluated, so the winner replaces it")
+    selection = {"metric": cfg.selection.metric, "features": cfg.selection.features, "evaluated_with": settings,
                  "winner": best, "serving_before": serving, "decision": decision, "rows": rows,
                  "deployed": previous.get("deployed") if decision == "keep" else None}
     if decision != "keep" and cfg.audit.enabled:
@@ -304,7 +304,7 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
                             f"samples copy training images (audit.max_copy_share {cfg.audit.max_copy_share:.1%}); "
                             f"see {selection['audit']['report']}")
     if decision == "keep":
-        click.echo(f"the served checkpoint {best['checkpoint']} still scores best; nothing to deploy")
+        click.echo(f"the served checkpoint {best['checkpoint']} still has the best {cfg.selection.metric}; nothing to deploy")
     else:
         with flow.step(f"{decision} {cfg.deploy.app_name}: {cfg.deploy.model_name} = {best['checkpoint']}"):
             selection["deployed"] = deploy(cfg, best, out)

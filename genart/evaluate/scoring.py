@@ -55,14 +55,14 @@ def generated_features(model, extractor: Extractor, seeds: list[int], batch: int
 def score_checkpoint(checkpoint_dir: str, data_uri: str, cfg) -> dict[str, float]:
     """Score one checkpoint against the dataset, in this process (e.g. rank 0 of a training run).
 
-    `cfg` needs `num_samples` (generated images) and `features` ("inception", "inception:WEIGHTS" or "critic:CKPT";
+    `cfg` needs `num_generated` (generated images) and `features` ("inception", "inception:WEIGHTS" or "critic:CKPT";
     None = inception). The real side is the whole DEFAULT_SPLIT at the generator's resolution, never shrunk to N:
     its statistics are computed once and cached beside the dataset, so later checkpoints only generate.
-    Returns e.g. {"fid1k_critic": ..., ...} for num_samples=1000.
+    Returns e.g. {"fid1k_critic": ..., ...} for num_generated=1000.
     """
-    num = int(cfg.num_samples)
+    num = int(cfg.num_generated)
     if num < 2:
-        raise UserError(f"eval.num_samples {num}: must be at least 2")
+        raise UserError(f"eval.num_generated {num}: must be at least 2")
     extractor = extractor_for(getattr(cfg, "features", None))
     model = models.load(checkpoint_dir, family=models.GENERATIVE, command="evaluate").to(extractor_device(extractor))
     ref = get_local(data_uri, DEFAULT_SPLIT, extractor, resolution=model.image_size)

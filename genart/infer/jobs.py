@@ -251,7 +251,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
         raise UserError(f"--num {num}: must be >= 1")
     if not 0 <= seed < 2**31:
         raise UserError(f"--seed {seed}: must be between 0 and 2**31 - 1")
-    from genart.models.sampling import check_truncation
+    from genart.models.sampling import check_truncation, default_label, parse_label
 
     check_truncation(truncation, "--truncation")
     if fmt not in ("png", "parquet"):
@@ -263,7 +263,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     info = _model_info(ckpt, loaded)
     conditional, names = bool(getattr(loaded, "conditional", False)), loaded.label_names
     del loaded
-    label_index = _label_index(label, conditional, names)
+    label_index = parse_label(label, names, conditional, "--label")
     ext = ".png"
     options = {"num": num, "seed": seed, "truncation": truncation, "label": label_index}
     output.start(out, {"command": "generate", "input": None, "format": fmt, "model_hash": info["hash"], "options": options},
@@ -290,24 +290,12 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
             if f"seed {seed} index {i}" in failed:
                 continue
             z = stages.latent_seed(seed, i)
-            lab = (label_index if label_index is not None else z % len(names)) if conditional else None
+            lab = (label_index if label_index is not None else default_label(z, len(names))) if conditional else None
             lines.append(json.dumps({"file": stages.image_name(seed, i, num, ext), "seed": seed, "index": i,
                                      "latent_seed": z, "label": lab, "label_name": None if lab is None else names[lab],
                                      "truncation": truncation}))
         extra["images.jsonl"] = "\n".join(lines) + "\n"
     return _finish("generate", out, fmt, tally, num, len(done), started, info, options, None, extra)
-
-
-def _label_index(label: str | None, conditional: bool, names: list[str]) -> int | None:
-    if label is None:
-        return None
-    if not conditional:
-        raise UserError("--label: this model is not class-conditional; leave --label out")
-    if label in names:
-        return names.index(label)
-    if str(label).isdigit() and int(label) < len(names):
-        return int(label)
-    raise UserError(f"--label {label}: not a class of this model; use one of {', '.join(names)} (or its index)")
 
 
 __all__ = ["RunOptions", "parse_concurrency", "stylize", "generate", "score"]

@@ -40,7 +40,6 @@ REGISTRY: dict[str, Family] = {
 ModelConfig = Annotated[Union[DCGANConfig, VAEConfig, AutoregressiveConfig, CriticConfig, StyleConfig], Field(discriminator="family")]
 
 _STEP = re.compile(r"^step-(\d+)$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a checkpoint folder name, never a path
 
 
 # `load(family=GENERATIVE)`: any registered family whose `generative` property is set (see `generative_families`).
@@ -71,7 +70,7 @@ def _has_state(uri: str) -> bool:
 
 
 def _checked_name(name: str, where: str) -> str:
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    if not storage.is_safe_name(name):  # a checkpoint folder name, never a path
         raise UserError(f"{where}: {name!r} is not a checkpoint folder name (expected e.g. step-000100)")
     return name
 

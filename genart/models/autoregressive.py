@@ -23,7 +23,7 @@ from genart.config import Section
 from genart.data.palette import MAX_COLORS, MIN_COLORS, from_tokens, grid_palette, palette_path, read_palette, to_tokens
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, latents, make_grid, resize
+from genart.models.sampling import check_images01, default_label, latents, make_grid, resize
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (8, 16, 24, 32, 48, 64)
@@ -48,7 +48,8 @@ class AutoregressiveConfig(Section):
     weight_decay: float = Field(0.01, ge=0)  # AdamW weight decay (matrices only, not embeddings or norms)
     temperature: float = Field(1.0, gt=0)  # sampling temperature (x truncation at sample time; 0 truncation = argmax)
     top_k: int = Field(0, ge=0)  # sample from the k likeliest tokens only; 0 = all
-    num_samples: int = Field(16, ge=2)  # samples in the grid written at each checkpoint (plus a row of completions)
+    grid_size: int = Field(16, ge=2)  # samples in the grid at each checkpoint (plus a row of completions)
+    renamed = {"num_samples": "grid_size"}  # the old name of grid_size still loads
 
     def resolve_paths(self, data_path: str) -> "AutoregressiveConfig":
         """Training fills in the dataset's palette file, so the resolved config.yaml names the one it used."""
@@ -313,10 +314,10 @@ class AutoregressiveFamily:
         return {"val_bits_per_dim": float(bits_per_dim(torch.tensor(total / count)))} if count else {}
 
     def fixed_inputs(self, cfg: AutoregressiveConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
-        nrow = int(math.ceil(math.sqrt(cfg.num_samples)))
-        fixed = {"noise": uniforms(range(cfg.num_samples), image_size**2), "images": example_batch["image"][:nrow].detach().cpu().float()}
-        if cfg.conditional:  # classes in turn
-            fixed["labels"] = torch.arange(cfg.num_samples) % max(num_labels, 1)
+        nrow = int(math.ceil(math.sqrt(cfg.grid_size)))
+        fixed = {"noise": uniforms(range(cfg.grid_size), image_size**2), "images": example_batch["image"][:nrow].detach().cpu().float()}
+        if cfg.conditional:  # classes in turn, as `.sample` gives seeds 0, 1, 2, ...
+            fixed["labels"] = torch.tensor([default_label(s, max(num_labels, 1)) for s in range(cfg.grid_size)])
             fixed["image_labels"] = example_batch["label"][:nrow].long().clamp(min=0)
         return fixed
 
@@ -332,7 +333,7 @@ class AutoregressiveFamily:
             image_labels = fixed.get("image_labels")
             done = sample_tokens(net, fixed["noise"][: len(real)].to(device), None if image_labels is None else image_labels.to(device),
                                  cfg.temperature, cfg.top_k, prefix=real[:, : (size // 2) * size])
-        nrow = int(math.ceil(math.sqrt(cfg.num_samples)))
+        nrow = int(math.ceil(math.sqrt(cfg.grid_size)))
         pictures = [from_tokens(t, net.palette, size) for t in (samples, real, done)]
         pad = nrow - len(samples) % nrow if len(samples) % nrow else 0
         blank = torch.ones(pad, 3, size, size, device=device)

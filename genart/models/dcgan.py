@@ -65,7 +65,8 @@ class DCGANConfig(Section):
     lr_d: float = Field(2e-4, gt=0)  # discriminator Adam learning rate
     beta1: float = Field(0.5, ge=0, lt=1)  # Adam beta1 (0.5 as in the DCGAN paper; 0.0 is common with hinge)
     beta2: float = Field(0.999, ge=0, lt=1)  # Adam beta2
-    num_samples: int = Field(64, ge=1)  # images in the fixed-noise grid written at each checkpoint
+    grid_size: int = Field(64, ge=1)  # images in the fixed-noise grid written at each checkpoint
+    renamed = {"num_samples": "grid_size"}  # the old name of grid_size still loads
     eval_samples: int = Field(256, ge=8)  # generated/real images compared by the val_swd metric
 
 
@@ -326,10 +327,10 @@ class DCGANFamily:
         return {"val_swd": sliced_wasserstein(real, fake)}
 
     def fixed_inputs(self, cfg: DCGANConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
-        fixed = {"z": latents(range(cfg.num_samples), cfg.latent_dim)}  # (N, latent)
+        fixed = {"z": latents(range(cfg.grid_size), cfg.latent_dim)}  # (N, latent)
         if cfg.conditional:  # one row of the grid per class, the classes in turn
-            nrow = int(math.ceil(math.sqrt(cfg.num_samples)))
-            fixed["labels"] = (torch.arange(cfg.num_samples) // nrow) % max(num_labels, 1)
+            nrow = int(math.ceil(math.sqrt(cfg.grid_size)))
+            fixed["labels"] = (torch.arange(cfg.grid_size) // nrow) % max(num_labels, 1)
         return fixed
 
     def sample_images(self, cfg: DCGANConfig, nets: dict, fixed: dict) -> Image.Image:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from genart.config import Section
 from genart.errors import UserError
-from genart.models.sampling import latents, slerp, truncate
+from genart.models.sampling import default_label, latents, parse_label, slerp, truncate
 from genart.models.training import Precision
 
 
@@ -73,25 +72,22 @@ class GenerativeLoaded(Loaded):
     def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _labels(self, seeds: list[int], labels: list[int] | None) -> torch.Tensor | None:
-        if not self.conditional:
-            if labels is not None:
-                raise UserError(f"this {self.family} model is not class-conditional: leave labels out")
-            return None
+    def _labels(self, seeds: list[int], labels: list[int | str] | None) -> torch.Tensor | None:
         if labels is None:  # a deterministic default: the class follows the seed
-            labels = [int(s) % self.num_labels for s in seeds]
+            if not self.conditional:
+                return None
+            labels = [default_label(s, self.num_labels) for s in seeds]
+            return torch.tensor(labels, dtype=torch.long, device=self.device)
         if len(labels) != len(seeds):
             raise UserError(f"got {len(labels)} labels for {len(seeds)} seeds: pass one label per seed")
-        for label in labels:
-            if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < self.num_labels:
-                raise UserError(f"label {label!r}: must be an integer in 0..{self.num_labels - 1} ({', '.join(self.label_names)})")
-        return torch.tensor([int(v) for v in labels], dtype=torch.long, device=self.device)
+        index = [parse_label(label, self.label_names, self.conditional, "labels") for label in labels]
+        return torch.tensor(index, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def sample(self, seeds: list[int], labels: list[int] | None = None, truncation: float = 1.0) -> torch.Tensor:
         """Images for `seeds`: (N, 3, H, W) in [0, 1]; the same seed (and label) always gives the same image.
 
-        Class-conditional models take one label per seed; without labels, seed s gets class s % num_labels.
+        Class-conditional models take one label per seed; without labels, seed s gets `default_label(s, num_labels)` (s % num_labels).
         """
         seeds = list(seeds)
         if not seeds:
@@ -149,6 +145,7 @@ def meta_from_state(state: dict) -> dict:
 
 
 def check_size(family: str, image_size: int, supported: tuple[int, ...] | None) -> None:
+    """The one image-size rule of fixed-size families; their build() calls it, so training and loading check alike."""
     if supported is not None and image_size not in supported:
         sizes = ", ".join(str(s) for s in supported)
         raise UserError(f"{family}: image_size {image_size} is not supported; use one of {sizes} (data.image_size)")

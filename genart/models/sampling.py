@@ -1,4 +1,5 @@
-"""Seeded latents, truncation, spherical interpolation and sample grids: how every generator family turns seeds into images.
+"""Seeded latents, the label rule, truncation, spherical interpolation and sample grids: how every generator family
+turns seeds (and labels) into images.
 
     from genart.models.sampling import latents, make_grid
     z = latents([0, 1, 2], 128)            # (3, 128), the same numbers for the same seeds on every machine
@@ -42,6 +43,27 @@ def check_truncation(truncation: float, what: str = "truncation") -> None:
     """The one truncation rule (jobs check it before starting Ray; /v1/generate's schema states the same range)."""
     if not 0.0 <= float(truncation) <= 1.0:
         raise UserError(f"{what} {truncation!r}: must be between 0.0 (the mean image) and 1.0 (off)")
+
+
+def default_label(seed: int, num_labels: int) -> int:
+    """The class a class-conditional model draws for `seed` when no label is given: the class follows the seed."""
+    return int(seed) % num_labels
+
+
+def parse_label(label: int | str | None, names: list[str], conditional: bool = True, what: str = "label") -> int | None:
+    """The one label rule: a class name, or its index (an int, or digits as CLI flags and form fields give it) ->
+    the class index in `names`; None stays None (the caller then uses `default_label`). `what` names the parameter."""
+    if label is None:
+        return None
+    if not conditional:
+        raise UserError(f"{what}: this model is not class-conditional; leave {what} out")
+    if isinstance(label, str) and label in names:
+        return names.index(label)
+    index = int(label) if isinstance(label, str) and label.isdigit() else label
+    if isinstance(index, (int, np.integer)) and not isinstance(index, bool) and 0 <= index < len(names):
+        return int(index)
+    raise UserError(f"{what} {label!r}: not a class of this model; use one of {', '.join(names)} "
+                    f"(or its index 0..{len(names) - 1})")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:

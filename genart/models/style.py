@@ -56,7 +56,8 @@ class StyleConfig(Section):
     input_skip: bool = False
     num_res_blocks: int = Field(5, ge=0)  # residual blocks at 1/4 resolution (5 in the paper)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
-    num_samples: int = Field(8, ge=1)  # content images stylised in the grid written at each checkpoint
+    grid_size: int = Field(8, ge=1)  # content images stylised in the grid written at each checkpoint
+    renamed = {"num_samples": "grid_size"}  # the old name of grid_size still loads
 
     @field_validator("loss_network")
     @classmethod
@@ -244,7 +245,7 @@ class StyleFamily:
         return {("val_loss" if k == "loss" else f"val_{k}_loss"): v / count for k, v in sums.items()}
 
     def fixed_inputs(self, cfg: StyleConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
-        return {"content": ((example_batch["image"][: cfg.num_samples].detach().cpu().float() + 1) / 2)}  # (n, 3, S, S)
+        return {"content": ((example_batch["image"][: cfg.grid_size].detach().cpu().float() + 1) / 2)}  # (n, 3, S, S)
 
     def sample_images(self, cfg: StyleConfig, nets: dict, fixed: dict) -> Image.Image:
         """Top row: the fixed content images; bottom row: stylised."""

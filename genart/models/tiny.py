@@ -20,12 +20,12 @@ from genart.models.checkpoint import save_checkpoint
 
 # Per family: the narrowest widths its config accepts that still build a working net (keys absent = config's own).
 TINY_MODEL = {
-    "dcgan": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "label_embed_dim": 4, "num_samples": 4,
+    "dcgan": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "label_embed_dim": 4, "grid_size": 4,
               "eval_samples": 8},
-    "vae": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "num_samples": 4},
+    "vae": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "grid_size": 4},
     "critic": {"base_channels": 4, "embed_dim": 8, "num_stages": 1},
-    "style": {"channels": 4, "num_res_blocks": 0, "random_filters": 4, "style_size": 32, "num_samples": 2},
-    "autoregressive": {"embed_dim": 8, "num_layers": 1, "num_heads": 1, "mlp_ratio": 1, "num_samples": 2,
+    "style": {"channels": 4, "num_res_blocks": 0, "random_filters": 4, "style_size": 32, "grid_size": 2},
+    "autoregressive": {"embed_dim": 8, "num_layers": 1, "num_heads": 1, "mlp_ratio": 1, "grid_size": 2,
                        "warmup_steps": 0},
 }
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from genart.config import Section
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, latents, make_grid
+from genart.models.sampling import check_images01, default_label, latents, make_grid
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (16, 32, 64, 128)
@@ -45,7 +45,8 @@ class VAEConfig(Section):
     conditional: bool = False
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
-    num_samples: int = Field(32, ge=2)  # images in the grid written at each checkpoint (half recons, half samples)
+    grid_size: int = Field(32, ge=2)  # images in the grid at each checkpoint: half recons, half samples
+    renamed = {"num_samples": "grid_size"}  # the old name of grid_size still loads
 
 
 def _channels(cfg: VAEConfig, level: int) -> int:
@@ -214,10 +215,10 @@ class VAEFamily:
         return {f"val_{k}": v / count for k, v in totals.items()} if count else {}
 
     def fixed_inputs(self, cfg: VAEConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
-        half = cfg.num_samples // 2
+        half = cfg.grid_size // 2
         fixed = {"images": example_batch["image"][:half].detach().cpu().float(), "z": latents(range(half), cfg.latent_dim)}
         if cfg.conditional:  # genres in turn, as `.sample` does
-            fixed["labels"] = torch.arange(half) % max(num_labels, 1)
+            fixed["labels"] = torch.tensor([default_label(s, max(num_labels, 1)) for s in range(half)])
         return fixed
 
     def sample_images(self, cfg: VAEConfig, nets: dict, fixed: dict) -> Image.Image:

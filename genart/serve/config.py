@@ -12,10 +12,9 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from genart import storage
 from genart.config import Section, validate
 
-# Model names appear in URLs, deployment names and (with style_root) as a folder name: no path tricks.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_N = 64  # images per /v1/generate request and frames per /v1/interpolate request
 MAX_LIKED = 100  # liked ids per /v1/recommend request
 
@@ -72,8 +71,9 @@ class ServeArgs(Section):
     @classmethod
     def _names(cls, models: dict[str, str]) -> dict[str, str]:
         for name, uri in models.items():
-            if not NAME_RE.match(name):
-                raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (max 64 chars)")
+            if not storage.is_safe_name(name, storage.MODEL_NAME_MAX):  # names appear in URLs and deployment names
+                raise ValueError(f"model name {name!r}: {storage.SAFE_NAME_RULE}, "
+                                 f"at most {storage.MODEL_NAME_MAX} characters")
             if not isinstance(uri, str) or not uri.strip():
                 raise ValueError(f"model {name!r}: give a checkpoint path or s3:// uri")
         return models

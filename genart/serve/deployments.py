@@ -21,7 +21,7 @@ from ray import serve
 from genart import storage
 from genart.errors import UserError
 from genart.serve import inference
-from genart.serve.config import NAME_RE, ServeArgs
+from genart.serve.config import ServeArgs
 from genart.serve.inference import GenerateJob
 
 logger = logging.getLogger("ray.serve")
@@ -159,7 +159,7 @@ class StyleModels:
     """Every style model behind one deployment: the request's multiplexed model id names the style.
 
     Styles come from `models` entries of family style, or from sub-folders of `style_root` (names checked
-    against NAME_RE, so a request cannot reach outside it). Up to `max_styles_per_replica` stay loaded.
+    against storage.SAFE_NAME, so a request cannot reach outside it). Up to `max_styles_per_replica` stay loaded.
     """
 
     def __init__(self, styles: dict[str, str], settings: ServeArgs):
@@ -182,7 +182,7 @@ class StyleModels:
     def uri_of(self, name: str) -> str:
         if name in self.styles:
             return self.styles[name]
-        if self.settings.style_root and NAME_RE.match(name):
+        if self.settings.style_root and storage.is_safe_name(name, storage.MODEL_NAME_MAX):
             return storage.join(self.settings.style_root, name)
         raise UserError(f"no style named {name!r}")
 

@@ -28,7 +28,8 @@ from genart import storage
 from genart.data.images import Reject, cap_side, decode_image, encode_png
 from genart.errors import UserError, one_line
 from genart.models import generative_families
-from genart.serve.config import MAX_N, NAME_RE, ServeArgs
+from genart.models.sampling import parse_label
+from genart.serve.config import MAX_N, ServeArgs
 from genart.serve.guards import BearerAuth, BodyLimit, Deadline
 from genart.serve.inference import GenerateJob
 
@@ -186,7 +187,8 @@ class Ingress:
             at, cached = self._root_styles
             if time.monotonic() - at > STYLE_LIST_TTL_S:
                 found = await asyncio.to_thread(storage.listdir, root)
-                cached = sorted(n for n in (uri.rstrip("/").rsplit("/", 1)[-1] for uri in found) if NAME_RE.match(n))
+                cached = sorted(n for n in (uri.rstrip("/").rsplit("/", 1)[-1] for uri in found)
+                                if storage.is_safe_name(n, storage.MODEL_NAME_MAX))
                 self._root_styles = (time.monotonic(), cached)
             names += [n for n in cached if n not in names]
         return names
@@ -202,7 +204,8 @@ class Ingress:
                 return self._root_card(found[0])
             raise ApiError(404, "model not found", f"no {' or '.join(families)} model is served; {endpoint} needs one")
         card = self.cards.get(name)
-        if card is None and "style" in families and NAME_RE.match(name) and name in await self._style_names():
+        if (card is None and "style" in families and storage.is_safe_name(name, storage.MODEL_NAME_MAX)
+                and name in await self._style_names()):
             card = self._root_card(name)
         if card is None:
             known = ", ".join(sorted(self.cards)) or "none"
@@ -219,18 +222,11 @@ class Ingress:
                 "labels": [], "conditional": False, "generative": False}
 
     def _label(self, card: dict, label: int | str | None) -> int | None:
-        if label is None:
-            return None
-        names = card["labels"]
-        if not card["conditional"]:
-            raise ApiError(422, "invalid request", f"model {card['name']!r} is not class-conditional: leave 'label' out")
-        if isinstance(label, str):
-            if label not in names:
-                raise ApiError(422, "invalid request", f"label {label!r} is not one of {names}")
-            return names.index(label)
-        if not 0 <= label < len(names):
-            raise ApiError(422, "invalid request", f"label {label} is out of range 0..{len(names) - 1} ({', '.join(names)})")
-        return label
+        """The request's label (a class name or index) -> its index, by the one label rule; 422 when it is not one."""
+        try:
+            return parse_label(label, card["labels"], card["conditional"], "label")
+        except UserError as exc:
+            raise ApiError(422, "invalid request", f"model {card['name']!r}: {exc}") from None
 
     async def _read_image(self, upload: UploadFile, max_side: int) -> np.ndarray:
         """The uploaded file -> (H, W, 3) uint8, at most max_side px on its longer side; 400 if not a usable image."""
@@ -324,8 +320,6 @@ class Ingress:
                 raise ApiError(422, "invalid request", f"seed {seed} must be within 0..2**32-1")
             if rows is not None and not 0 <= rows <= card["image_size"]:
                 raise ApiError(422, "invalid request", f"rows {rows} must be within 0..{card['image_size']} (the model's size)")
-            if isinstance(label, str) and label.isdigit():
-                label = int(label)  # form fields arrive as text: "2" is the class index, "circles" its name
             label = self._label(card, label)
             arr = await self._read_image(image, max_side)
             out = await self._await(self.handles[name].complete.remote(arr, seed, label, rows), name)

@@ -6,18 +6,21 @@ Unknown keys and wrong types are one-line UserErrors naming the key (see genart.
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Literal
 
 from pydantic import Field, field_validator
 
-from genart import config as config_lib
+from genart import config as config_lib, storage
 from genart.config import Section
 from genart.models import ModelConfig
 from genart.train.augment import Augment
 
-# A run name becomes a folder under run.storage: letters, digits, '.', '_', '-', no path separators.
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+def check_run_name(name: str) -> str:
+    """A run name becomes a folder under run.storage: the one safe-name rule (genart.storage), for field validators."""
+    if not storage.is_safe_name(name, storage.RUN_NAME_MAX):
+        raise ValueError(f"{storage.SAFE_NAME_RULE}, at most {storage.RUN_NAME_MAX} characters")
+    return name
 
 
 class DataSection(Section):
@@ -93,14 +96,13 @@ class RunSection(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
-        if value is not None and not RUN_NAME.match(value):
-            raise ValueError("use letters, digits, '.', '_' or '-' (no '/'), starting with a letter or digit")
-        return value
+        return value if value is None else check_run_name(value)
 
 
 class EvalSection(Section):
     every_checkpoints: int = Field(0, ge=0)  # run genart.evaluate on every Nth checkpoint; 0 = never
-    num_samples: int = Field(1000, ge=2)  # generated images per evaluation (the real side: the whole dataset, cached)
+    num_generated: int = Field(1000, ge=2)  # images generated per evaluation (real side: the whole dataset)
+    renamed = {"num_samples": "num_generated"}  # the old name of num_generated still loads
     features: str | None = None  # feature network for the evaluation metrics; None = genart.evaluate's default
     best_metric: str | None = None  # pick best.json by this evaluation metric (e.g. fid1k_critic), not the val metric
     best_mode: Literal["min", "max"] = "min"  # whether lower or higher best_metric is better

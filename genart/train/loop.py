@@ -8,18 +8,16 @@ log rows included; the others report checkpoint=None.
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from typing import Iterator
 
 import torch
 
-from genart import storage
+from genart import runtime, storage
 from genart.models.training import Precision, set_seed, unwrap
 from genart.train import outputs
 from genart.train.augment import augment_batch
@@ -27,8 +25,6 @@ from genart.train.config import TrainConfig
 
 # Validation / sample-grid batch: the critic's confusion-matrix PNG uses up to this many val images.
 VAL_BATCH = 256
-# The tail of the path-named logger behind Ray Train's "Reporting training result ..." lines (see _quiet_logs).
-REPORT_LOGGER_SUFFIX = "/train/v2/_internal/execution/context.py"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -39,7 +35,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from genart import models
 
-    _quiet_logs()
+    runtime.quiet_logs(training=True)
     cfg = TrainConfig.model_validate(config["train_config"])
 
     family = models.REGISTRY[cfg.model.family]
@@ -173,18 +169,6 @@ def _stop_requested(marker: str, rank: int, world: int) -> bool:
 
 
 # ---------------------------------------------------------------- data
-
-
-def _quiet_logs() -> None:
-    """Keep the worker log to genart's progress lines: no per-epoch Ray Data lines, no per-report Train lines."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Batches of a cached (materialized) split are read-only views of the object store; nothing writes into them.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    # Ray 2.60 logs every report at INFO through a logger named by its source file's path, which
-    # RunConfig(logging_config=...) does not reach; found by that name, without importing Ray's private module.
-    for name in list(logging.Logger.manager.loggerDict):
-        if name.endswith(REPORT_LOGGER_SUFFIX):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _seed(base: int, stream: str, rank: int, step: int) -> int:

@@ -14,7 +14,7 @@ import threading
 import time
 
 from genart import config as config_lib
-from genart import storage
+from genart import runtime, storage
 from genart.errors import UserError
 from genart.train import outputs
 from genart.train.config import TrainConfig
@@ -31,7 +31,6 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from genart import runtime
     from genart.train.loop import train_loop_per_worker
 
     runtime.init(address)
@@ -101,8 +100,6 @@ def _checkpoint_on_sigterm(stop: str, echo):
     raising: the workers agree on it at their next log step, save a checkpoint there and return, so fit() ends
     normally and a rerun resumes from that step. A second SIGTERM raises runtime.Terminated (Ray aborts the run; the
     rerun starts from the last periodic checkpoint). Yields an Event set once SIGTERM arrived."""
-    from genart import runtime
-
     preempted = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
         yield preempted
@@ -165,7 +162,7 @@ def _datasets(cfg: TrainConfig, image_size: int, train_rows: int, has_val: bool)
 
     cached = train_rows * 3 * image_size * image_size * 4 <= cfg.data.cache_max_mb << 20
     train = training_dataset(cfg.data.path, "train", image_size)
-    _quiet(train)
+    runtime.quiet_logs(train)
     if cached:
         # Decoded once and shuffled once across the whole split, so each worker's share is a uniform sample of
         # every class (not the shards it happened to be handed); the workers then permute their share per epoch.
@@ -180,14 +177,8 @@ def _datasets(cfg: TrainConfig, image_size: int, train_rows: int, has_val: bool)
         # order), so a capped val split is a fair sample. Capped at VAL_MAX_BYTES of tensors.
         datasets["val"] = training_dataset(cfg.data.path, "val", image_size).limit(
             max(256, VAL_MAX_BYTES // (3 * image_size * image_size * 4)))
-        _quiet(datasets["val"])
+        runtime.quiet_logs(datasets["val"])
     return datasets, cached
-
-
-def _quiet(ds) -> None:
-    """Progress bars from every worker would drown the training log."""
-    ds.context.enable_progress_bars = False
-    ds.context.print_on_execution_start = False
 
 
 # ---------------------------------------------------------------- validation before any worker starts
@@ -217,10 +208,7 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
     if family.needs_labels and len(label_names) < 2:
         raise UserError(f"data.path: {cfg.model.family} needs a labelled dataset (one folder per class, >= 2 classes); "
                         f"{cfg.data.path} has {len(label_names)} labels")
-    if family.supported_sizes is not None and image_size not in family.supported_sizes:
-        sizes = ", ".join(str(s) for s in family.supported_sizes)
-        raise UserError(f"data.image_size: {cfg.model.family} supports {sizes} px, not {image_size}")
-    family.build(cfg.model, int(image_size), len(label_names))  # the family's own checks (sizes, labels), as UserErrors
+    family.build(cfg.model, int(image_size), len(label_names))  # the family's own checks (check_size, labels), as UserErrors
     crop = cfg.data.crop_size
     if crop is not None and (crop > image_size or family.supported_sizes is not None):
         # a fixed-size generator/decoder must see whole images of its own size; only size-free nets train on windows
@@ -288,7 +276,7 @@ def _check_eval(cfg: TrainConfig) -> None:
         raise UserError(f"eval.every_checkpoints: evaluation scores generated images ({', '.join(GENERATIVE_FAMILIES)}), "
                         f"not a {cfg.model.family}; set eval.every_checkpoints=0")
     features = check_features(cfg.eval.features)  # e.g. Inception weights missing: fail now, not at the first checkpoint
-    known = metric_keys(features.kind, cfg.eval.num_samples)  # e.g. fid1k_critic: names carry N and features
+    known = metric_keys(features.kind, cfg.eval.num_generated)  # e.g. fid1k_critic: names carry N and features
     if cfg.eval.best_metric and cfg.eval.best_metric.removeprefix("eval_") not in known:
         raise UserError(f"eval.best_metric: {cfg.eval.best_metric!r} is not reported with eval.features={features.text}; "
                         f"use one of {', '.join(known)}")
@@ -298,7 +286,7 @@ def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: in
     """Resuming must keep what shapes the weights (model config, image size, labels): checked here, once, instead of
     failing in every worker (and every retry) when the checkpoint does not load."""
     state = json.loads(storage.read_text(storage.join(run_dir, latest, "state.json")))
-    old = (state.get("config") or {}).get("model") or {}
+    old = type(cfg.model).current_keys((state.get("config") or {}).get("model") or {})  # renamed keys: today's names
     new = cfg.model.model_dump(mode="json")
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     where = f"{run_dir} ({latest})"
