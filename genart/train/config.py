@@ -51,7 +51,9 @@ class TrainSection(Section):
     keep_last: int = Field(3, ge=1)  # Ray keeps the keep_last best checkpoints (by best metric; else newest) + the latest
     log_every_steps: int = Field(25, ge=1)  # progress line + metrics.jsonl row every N steps
     seed: int = Field(0, ge=0)  # initial weights and noise; data order is not fixed by it
-    amp: bool = False  # float16 mixed precision on GPUs; ignored (with a note) on CPUs
+    # mixed precision on GPUs: auto/true = bf16 autocast (fp16 + loss scaling where bf16 is missing), false = fp32;
+    # always fp32 on CPUs (auto says nothing there, true adds a note)
+    amp: bool | Literal["auto"] = "auto"
 
 
 class ScalingSection(Section):
