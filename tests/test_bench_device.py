@@ -62,6 +62,8 @@ def test_nvidia_smi_samples_parse():
 
 
 def test_amp_auto_is_the_default_and_fp32_on_a_cpu():
+    from genart.config import validate
+    from genart.errors import UserError
     from genart.models.training import Precision, amp_dtype
     from genart.train.config import TrainSection
 
@@ -72,6 +74,8 @@ def test_amp_auto_is_the_default_and_fp32_on_a_cpu():
         precision = Precision(amp, "cpu")
         assert not precision.enabled and not precision.scaled and precision.dtype is None
     assert amp_dtype(False, "cuda") is None  # amp off stays fp32 on a GPU
+    with pytest.raises(UserError, match=r"amp: .*use auto .*true or false \(got .bf16.\)"):
+        validate(TrainSection, {"amp": "bf16"}, source="--set train.amp=bf16")
 
 
 def test_cpu_training_steps_are_bit_identical_under_amp_auto():

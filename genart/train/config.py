@@ -55,6 +55,13 @@ class TrainSection(Section):
     # always fp32 on CPUs (auto says nothing there, true adds a note)
     amp: bool | Literal["auto"] = "auto"
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp(cls, value):
+        if isinstance(value, str) and value.strip().lower() not in {"auto", "true", "false", "yes", "no", "on", "off"}:
+            raise ValueError("use auto (bf16/fp16 on GPUs, fp32 on CPUs), true or false")
+        return value.strip().lower() if isinstance(value, str) else value
+
 
 class ScalingSection(Section):
     # Data-parallel training workers (DDP), one process each; [MIN, MAX] = elastic (Ray Train V2): start with what
