@@ -5,7 +5,10 @@ Prints JSON. `--throughput-optimized` starts Ray with RAY_SERVE_THROUGHPUT_OPTIM
 user-code-on-the-main-loop mode). GET /healthz at concurrency 1 is the floor of the HTTP path (proxy + ingress, no
 model call). Models are untrained (speed does not depend on the weights): a DCGAN at 32 px in its default
 config (one image per request, the case batching is for) and a fast-style net on 96x128 photos. Client and
-server share this machine, so the load generator competes with Serve for the same cores.
+server share this machine, so the load generator competes with Serve for the same cores. `--device cuda`: the two
+model deployments share one GPU (`num_gpus_per_replica: 0.5`; replicas run as the batch actors do: bf16/fp16
+autocast, channels-last, cudnn.benchmark), the bare side runs in the same setup on it; throughput_rps is images/s
+(one image per request), and the JSON adds GPU utilisation and peak memory per phase (bench/gpu.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ import threading
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import gpu  # noqa: E402
 
 CONCURRENCY = (1, 32)
 
@@ -98,25 +105,31 @@ def make_models(out: str) -> dict[str, str]:
     }
 
 
-def bench_bare(models: dict[str, str], photo: bytes, total: int, threads: int) -> dict:
-    """Model + the endpoint's own encoding, no Serve: what a request costs without the serving stack."""
+def bench_bare(models: dict[str, str], photo: bytes, total: int, threads: int, device: str = "cpu") -> dict:
+    """Model + the endpoint's own encoding, no Serve: what a request costs without the serving stack, in the
+    replicas' own device and precision setup."""
     import torch
 
     from genart import models as registry
     from genart.data.images import cap_side, decode_image
+    from genart.models.family import InferenceSetup
     from genart.serve import inference
     from genart.serve.ingress import _grid_png, _rgb_png
 
     torch.set_num_threads(threads)
-    gen, style = registry.load(models["dcgan"]), registry.load(models["style"])
+    setup = InferenceSetup(use_gpu=device == "cuda")
+    gen, style = setup.place(registry.load(models["dcgan"])), setup.place(registry.load(models["style"]))
 
     def generate(i):
-        frames = inference.generate(gen, [inference.GenerateJob((i,))])[0]
+        with setup.inference():  # per thread, as each replica enters it in its worker thread
+            frames = inference.generate(gen, [inference.GenerateJob((i,))])[0]
         return _grid_png(frames, 1)
 
     def stylize(i):
         arr = np.asarray(cap_side(decode_image(photo), 512), dtype=np.uint8)
-        return _rgb_png(inference.stylize(style, [arr])[0])
+        with setup.inference():
+            out = inference.stylize(style, [arr])[0]
+        return _rgb_png(out)
 
     out = {}
     for name, call in (("generate", generate), ("stylize", stylize)):
@@ -168,7 +181,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--throughput-optimized", action="store_true",
                         help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (read by Serve's controller and replicas)")
+    gpu.device_arg(parser)
     opts = parser.parse_args()
+    gpu.require(opts.device)
     if opts.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # before Ray starts: its processes inherit it
 
@@ -179,26 +194,32 @@ def main() -> None:
     from genart.serve.config import parse_args
     from genart.serve.run import start_http
 
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    if opts.device == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    phases = gpu.Phases(opts.device)
     with tempfile.TemporaryDirectory(prefix="genart-bench-serve-") as tmp:
         models = make_models(tmp)
         photo = _photo_png()
         common = {"models": models, "api_key_env": "GENART_BENCH_NO_KEY",
                   # one replica; target_ongoing_requests / max_ongoing_requests: genart's defaults (16 / 20)
                   "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-                  "max_queued_requests": 1000, "access_log": False}
-        report = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+                  "max_queued_requests": 1000, "access_log": False,
+                  # both model deployments (generator, styles) on one GPU
+                  **({"num_gpus_per_replica": 0.5} if opts.device == "cuda" else {})}
+        report = {"device": opts.device, "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
                   "throughput_optimized": opts.throughput_optimized,
                   "models": {"generate": "dcgan 32px default config, n=1 per request",
                              "stylize": "style channels=16 res_blocks=3, 128x96 photo"}}
         threads = parse_args(common).threads
-        report["bare"] = bench_bare(models, photo, opts.requests, threads)
+        with phases("bare"):
+            report["bare"] = bench_bare(models, photo, opts.requests, threads, opts.device)
 
         runtime.init()
         host, port = start_http("127.0.0.1", runtime.free_port(), access_log=False)
         for label, extra in (("serve_batched", {"batching": True}), ("serve_unbatched", {"batching": False})):
             serve.run(build({**common, **extra}), name="bench", route_prefix="/bench")
-            report[label] = bench_http(f"http://{host}:{port}/bench", photo, opts.requests)
+            with phases(label):
+                report[label] = bench_http(f"http://{host}:{port}/bench", photo, opts.requests)
             serve.delete("bench")
 
         g32 = lambda k: report[k]["generate_c32"]["throughput_rps"]  # noqa: E731
@@ -214,6 +235,8 @@ def main() -> None:
             "stylize_c1_serve_added_p50_ms": round(report["serve_batched"]["stylize_c1"]["p50_ms"] - report["bare"]["stylize_c1"]["p50_ms"], 2),
             "targets": {"generate_c32_batched_over_unbatched": ">= 3", "generate_c1_serve_added_p50_ms": "<= 5"},
         }
+        if opts.device == "cuda":
+            report["gpu"] = phases.summaries
         report["machine"]["load_avg_end"] = os.getloadavg()
     text = json.dumps(report, indent=1)
     print(text)

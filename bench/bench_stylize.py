@@ -7,6 +7,9 @@ over in-memory tensors with the same threads, (c) a naive loop: PIL decode -> mo
 time. Model FLOP/s (FlopCounterMode) against a float32 matmul peak measured here, now. Peak memory: the summed
 PSS of this process and every process it started (Ray's GCS, raylet, workers), sampled during 2 runs of
 different sizes. Targets (issue 12): a/b >= 0.9, a/c >= 1.5, model FLOP/s >= 0.6 of peak, memory ratio <= 1.2.
+`--device cuda`: the actors get one GPU each (`--gpus-per-worker 1`: bf16/fp16 autocast, channels-last,
+cudnn.benchmark), (b) and (c) run in the same setup (`models.family.InferenceSetup`), the peak is a matmul in the
+autocast dtype, and the JSON adds GPU utilisation and peak memory per phase (bench/gpu.py).
 """
 
 from __future__ import annotations
@@ -16,12 +19,17 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import gpu  # noqa: E402
 
 
 # ---------------------------------------------------------------- memory of a process tree
@@ -80,7 +88,8 @@ def run_pipeline(ckpt: str, src: str, out: str, args) -> dict:
     from genart.infer import RunOptions, stylize
 
     shutil.rmtree(out, ignore_errors=True)
-    run = RunOptions(batch_size=args.batch_size, concurrency=args.concurrency, cpus_per_worker=args.threads, progress=False)
+    run = RunOptions(batch_size=args.batch_size, concurrency=args.concurrency, cpus_per_worker=args.threads,
+                     gpus_per_worker=1.0 if args.device == "cuda" else 0.0, progress=False)
     start = time.perf_counter()
     manifest = stylize(ckpt, src, out, tile=None, run=run)
     seconds = time.perf_counter() - start
@@ -91,17 +100,18 @@ def run_pipeline(ckpt: str, src: str, out: str, args) -> dict:
             "steady_images_per_second": round(steady, 2)}
 
 
-def bare_forward(model, num: int, batch: int, size: int = 256) -> float:
-    """images/s of model.stylize over in-memory (batch, 3, size, size) tensors."""
-    x = torch.rand(batch, 3, size, size)
-    model.stylize(x)  # warm-up
-    start = time.perf_counter()
-    for _ in range(max(1, num // batch)):
-        model.stylize(x)
-    return max(1, num // batch) * batch / (time.perf_counter() - start)
+def bare_forward(model, setup, num: int, batch: int, size: int = 256) -> float:
+    """images/s of model.stylize over in-memory (batch, 3, size, size) tensors already on the device."""
+    x = setup.to_device(torch.rand(batch, 3, size, size))
+    with setup.inference():
+        model.stylize(x)  # warm-up
+        start = gpu.now()
+        for _ in range(max(1, num // batch)):
+            model.stylize(x)
+        return max(1, num // batch) * batch / (gpu.now() - start)
 
 
-def naive(model, files: list[Path], out: str) -> float:
+def naive(model, setup, files: list[Path], out: str) -> float:
     """images/s of open -> tensor -> stylize -> save, one image at a time, in this process."""
     from PIL import Image
 
@@ -111,27 +121,31 @@ def naive(model, files: list[Path], out: str) -> float:
     start = time.perf_counter()
     for i, path in enumerate(files):
         img = Image.open(path).convert("RGB")
-        y = model.stylize(images.to_tensor01([img]))
-        images.from_tensor01(y)[0].save(os.path.join(out, f"{i}.png"))
+        with setup.inference():
+            y = model.stylize(setup.to_device(images.to_tensor01([img])))
+        images.from_tensor01(y.float().cpu())[0].save(os.path.join(out, f"{i}.png"))
     return len(files) / (time.perf_counter() - start)
 
 
-def matmul_peak(threads: int, n: int = 2048, seconds: float = 3.0) -> float:
+def matmul_peak(threads: int, setup, n: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of an n x n matmul: float32 on a CPU, the autocast dtype on a GPU (what the model's convs run in)."""
     torch.set_num_threads(threads)
-    a, b = torch.rand(n, n), torch.rand(n, n)
+    dtype = setup.autocast_dtype or torch.float32
+    n = n if setup.device.type == "cpu" else 8192  # a GPU needs a larger product to reach its peak
+    a, b = (torch.rand(n, n, device=setup.device).to(dtype) for _ in range(2))
     a @ b
-    start, count = time.perf_counter(), 0
+    start, count = gpu.now(), 0
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    return 2 * n**3 * count / (gpu.now() - start)
 
 
-def model_flops(model, size: int = 256) -> int:
+def model_flops(model, setup, size: int = 256) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        model.stylize(torch.rand(1, 3, size, size))
+    with FlopCounterMode(display=False) as counter, setup.inference():
+        model.stylize(setup.to_device(torch.rand(1, 3, size, size)))
     return counter.get_total_flops()
 
 
@@ -150,12 +164,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=1, help="model actors")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per actor (and for b, c)")
+    gpu.device_arg(parser)
     args = parser.parse_args()
+    gpu.require(args.device)
 
     from genart import models, runtime
     from genart.data.synth import make_synth
+    from genart.models.family import InferenceSetup
     from genart.models.tiny import tiny_checkpoint
 
+    setup = InferenceSetup(use_gpu=args.device == "cuda")  # what the stylize actors use on this device
+    phases = gpu.Phases(args.device)
     work = tempfile.mkdtemp(prefix="genart-bench-")
     try:
         ckpt = tiny_checkpoint(os.path.join(work, "style"), "style", 256, full_size=True, channels=args.channels,
@@ -165,22 +184,27 @@ def main() -> None:
         files = sorted(Path(src).rglob("*.png"))
         runtime.init()
         threads = args.threads * args.concurrency
-        result = {"config": vars(args), "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
+        result = {"device": args.device, "config": vars(args), "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
 
         run_pipeline(ckpt, src, os.path.join(work, "warm"), args)  # warm Ray's worker pool and the OS file cache
         torch.set_num_threads(threads)
-        model = models.load(ckpt, family="style")
-        flops = model_flops(model)
+        model = setup.place(models.load(ckpt, family="style"))
+        flops = model_flops(model, setup)
         # Other work on the machine comes and goes: measure a, b, c and the matmul peak in rounds, back to back,
         # and compare medians, so each ratio is taken under about the same conditions.
         rounds: dict[str, list] = {"a": [], "b_batch": [], "b_single": [], "c": [], "peak": []}
         for r in range(args.rounds):
-            rounds["a"].append(run_pipeline(ckpt, src, os.path.join(work, "out"), args))
+            with phases("a_pipeline"):
+                rounds["a"].append(run_pipeline(ckpt, src, os.path.join(work, "out"), args))
             torch.set_num_threads(threads)
-            rounds["b_batch"].append(bare_forward(model, args.num_images, args.batch_size))
-            rounds["b_single"].append(bare_forward(model, args.num_images, 1))
-            rounds["c"].append(naive(model, files, os.path.join(work, "naive")))
-            rounds["peak"].append(matmul_peak(threads))
+            with phases("b_bare_forward_batch"):
+                rounds["b_batch"].append(bare_forward(model, setup, args.num_images, args.batch_size))
+            with phases("b_bare_forward_per_image"):
+                rounds["b_single"].append(bare_forward(model, setup, args.num_images, 1))
+            with phases("c_naive"):
+                rounds["c"].append(naive(model, setup, files, os.path.join(work, "naive")))
+            with phases("matmul_peak"):
+                rounds["peak"].append(matmul_peak(threads, setup))
             torch.set_num_threads(threads)
         med = statistics.median
         a_rate = med(x["images_per_second"] for x in rounds["a"])
@@ -190,16 +214,17 @@ def main() -> None:
         per_round_util = [flops * b / p for b, p in zip(rounds["b_single"], rounds["peak"])]
         achieved = flops * bare_single
         # The same measure for the paper's net (32 channels, 5 blocks): wider convs use the cores better.
-        paper = models.load(tiny_checkpoint(os.path.join(work, "paper"), "style", 256, full_size=True), family="style")
-        paper_flops, paper_rate = model_flops(paper), bare_forward(paper, 12, 1)
-        paper_peak = matmul_peak(threads)
+        paper = setup.place(models.load(tiny_checkpoint(os.path.join(work, "paper"), "style", 256, full_size=True),
+                                        family="style"))
+        paper_flops, paper_rate = model_flops(paper, setup), bare_forward(paper, setup, 12, 1)
+        paper_peak = matmul_peak(threads, setup)
         torch.set_num_threads(threads)
 
         memory = {}
         for count in args.memory_counts:
             msrc = os.path.join(work, f"in{count}")
             make_synth(msrc, count, size=args.memory_size, seed=1)
-            with PeakMemory() as mem:
+            with PeakMemory() as mem, phases(f"memory_{count}"):
                 run = run_pipeline(ckpt, msrc, os.path.join(work, f"out{count}"), args)
             memory[str(count)] = {"peak_pss_mb": round(mem.peak / 2**20, 1), **run}
             shutil.rmtree(msrc, ignore_errors=True)
@@ -232,6 +257,8 @@ def main() -> None:
             "targets": {"a_over_b": 0.9, "a_over_c": 1.5, "model_over_peak": 0.6, "memory_ratio": 1.2},
             "load_average_end": os.getloadavg(),
         })
+        if args.device == "cuda":
+            result.update({"setup": setup.describe(), "gpu": phases.summaries})
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

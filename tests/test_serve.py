@@ -338,6 +338,32 @@ def test_stylize_keeps_aspect_ratio_and_serves_styles_on_demand(app):
     assert upload(app, "/v1/stylize", png(20, 50), model="mosaic").status_code == 200
 
 
+def test_served_outputs_on_a_cpu_are_bit_identical_to_plain_fp32_no_grad(app, tiny_models):
+    """Replicas run in the batch actors' InferenceSetup; on a CPU that must be exactly the fp32 `no_grad` path they
+    had before: same pixels as the loaded model called directly."""
+    import torch
+
+    from genart import models
+    from genart.serve import inference
+
+    noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise, "RGB").save(buf, "PNG")
+    served = np.asarray(image_of(upload(app, "/v1/stylize", buf.getvalue(), model="wave")))
+    body = requests.post(app + "/v1/generate", json={"model": "dcgan", "n": 3, "seed": 11, "format": "json"}).json()
+    generated = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))) for b64 in body["images"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each replica runs (ServeArgs.threads)
+    try:
+        with torch.no_grad():
+            style = inference.stylize(models.load(tiny_models["wave"]), [noise])[0]
+            frames = inference.generate(models.load(tiny_models["dcgan"]), [inference.GenerateJob((11, 12, 13))])[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert served.shape == style.shape == (30, 40, 3) and np.array_equal(served, style)
+    assert len(generated) == 3 and all(np.array_equal(g, f) for g, f in zip(generated, frames))
+
+
 def test_classify_ranks_the_critics_labels(app):
     from genart.data.synth import render
 

@@ -83,7 +83,7 @@ def test_default_batched_stylize_is_within_one_level(style_ckpt):
     """Without --deterministic, oneDNN may pick another convolution algorithm for another batch size: the float
     outputs then differ in the last bits, i.e. at most one 8-bit level in a written pixel."""
     actor = stages.StylizeActor(style_ckpt, threads=1, tile=48, overlap=None)
-    assert actor.autocast_dtype is None and not actor.channels_last  # fp32, contiguous on a CPU by default
+    assert actor.placement.autocast_dtype is None and not actor.placement.channels_last  # fp32, contiguous on a CPU by default
     table = _rows(SIZES)
     batched = actor(table).column("pixels").to_pylist()
     for a, b in zip(batched, _one_at_a_time(actor, table)):

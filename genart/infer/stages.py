@@ -89,11 +89,10 @@ def to_pixels(x) -> bytes:
 class ModelActor:
     """Loads the model once per actor (on its GPU if it has one), with a fixed number of torch threads.
 
-    Every forward pass runs inside `self.inference()`: inference_mode; on a GPU channels-last weights and, unless
+    Every forward pass runs inside `self.inference()`; device, precision, memory format and cuDNN flags come from
+    `models.family.InferenceSetup` (shared with the Serve replicas): on a GPU channels-last weights and, unless
     `autocast=False`, bf16/fp16 autocast; fp32 on CPUs unless `autocast=True`. `deterministic` asks for outputs
-    that do not depend on what else is in a batch: cuDNN's deterministic kernels (no autotuning) on a GPU, and on
-    a CPU torch's native convolutions instead of oneDNN's, whose algorithm choice depends on the batch size
-    (seen: ~1e-7 apart, i.e. now and then one 8-bit level in a written image).
+    that do not depend on what else is in a batch (see InferenceSetup).
     """
 
     family: str | tuple[str, ...] = ""  # what models.load accepts (a name, names or models.GENERATIVE)
@@ -103,23 +102,13 @@ class ModelActor:
         import torch
 
         from genart import models
+        from genart.models.family import InferenceSetup
 
         torch.set_num_threads(max(1, int(threads)))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.deterministic = deterministic
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:
-            torch.backends.cudnn.benchmark = not deterministic  # autotuned kernels: fastest, not bit-stable
-            torch.backends.cudnn.deterministic = deterministic
-        self.autocast_dtype = None
-        if on_gpu if autocast is None else autocast:
-            bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
-            self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.model = models.load(checkpoint, family=self.family or None, command=type(self).__name__).to(self.device)
-        self.channels_last = on_gpu  # measured on CPU (bench/bench_stylize.py): no gain there
-        if self.channels_last:
-            for net in self.model.nets.values():
-                net.to(memory_format=torch.channels_last)
+        self.placement = InferenceSetup(use_gpu, deterministic, autocast)
+        self.device = self.placement.device
+        model = models.load(checkpoint, family=self.family or None, command=type(self).__name__)
+        self.model = self.placement.place(model)
         self.options = options
         self.setup()
 
@@ -127,28 +116,12 @@ class ModelActor:
         pass
 
     def inference(self):
-        """The context every forward pass runs in (see the class docstring)."""
-        import contextlib
-
-        import torch
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
-        if self.deterministic and self.device.type == "cpu":
-            import warnings
-
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # flags() says it each time
-            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-        return stack
+        """The context every forward pass runs in (InferenceSetup.inference)."""
+        return self.placement.inference()
 
     def to_device(self, x):
         """(N, C, H, W) CPU tensor -> on the actor's device, in the weights' memory format."""
-        import torch
-
-        x = x.to(self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+        return self.placement.to_device(x)
 
 
 TILE_BATCH = 4  # tiles per forward pass: fixed, so the output never depends on run options like --batch-size

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Protocol
 
 import torch
@@ -184,3 +185,61 @@ def in_passes(forward, x: torch.Tensor, device: torch.device):
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outs))
     return torch.cat(outs)
+
+
+class InferenceSetup:
+    """Where and how a loaded model runs its forward passes: written once for the batch actors
+    (`genart.infer.stages.ModelActor`) and the Serve replicas (`genart.serve.deployments`).
+
+    On a GPU: cuDNN flags set for the whole process (autotuned kernels, or deterministic ones with
+    `deterministic`), channels-last weights and inputs, and bf16 (fp16 where bf16 is missing) autocast unless
+    `autocast=False`. On a CPU: fp32 unless `autocast=True` (bf16), no channels-last (measured: no gain, see
+    bench/bench_stylize.py), and with `deterministic` torch's native convolutions instead of oneDNN's, whose
+    algorithm depends on the batch size (seen: ~1e-7 apart, now and then one 8-bit level in a written pixel).
+    """
+
+    def __init__(self, use_gpu: bool = False, deterministic: bool = False, autocast: bool | None = None):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.deterministic = deterministic
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:  # process-wide: one model per actor / replica process
+            torch.backends.cudnn.benchmark = not deterministic  # autotuned kernels: fastest, not bit-stable
+            torch.backends.cudnn.deterministic = deterministic
+        self.autocast_dtype = None
+        if on_gpu if autocast is None else autocast:
+            bf16 = not on_gpu or torch.cuda.is_bf16_supported()
+            self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.channels_last = on_gpu
+
+    def place(self, model: Loaded) -> Loaded:
+        """The model on this device, its weights in this memory format."""
+        model.to(self.device)
+        if self.channels_last:
+            for net in model.nets.values():
+                net.to(memory_format=torch.channels_last)
+        return model
+
+    def inference(self) -> contextlib.ExitStack:
+        """The context every forward pass runs in: inference_mode, autocast, the deterministic CPU kernels.
+        Autocast is per thread: enter it in the thread that runs the model."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.deterministic and self.device.type == "cpu":
+            import warnings
+
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # flags() says it each time
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        return stack
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) CPU tensor -> on this device, in the weights' memory format."""
+        x = x.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def describe(self) -> dict:
+        """What a bench or a log line reports about it."""
+        dtype = str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype is not None else "float32"
+        return {"device": self.device.type, "precision": dtype, "channels_last": self.channels_last,
+                "cudnn_benchmark": self.device.type == "cuda" and not self.deterministic}

@@ -101,22 +101,34 @@ def frozen(net: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-class Precision:
-    """fp32 by default; `Precision(amp=True, device="cuda")` = float16 autocast + one GradScaler per optimizer.
+def amp_dtype(amp: bool | str, device: str | torch.device) -> torch.dtype | None:
+    """What `train.amp` means on `device`: None (fp32) on a CPU or with amp false; on a GPU with amp true or "auto",
+    bfloat16 where the GPU has it (no loss scaling needed), else float16."""
+    if amp not in (True, "auto") or torch.device(device).type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    The training loop builds one and passes it to `train_step(..., precision=...)`; on a CPU amp is always off.
+
+class Precision:
+    """fp32 by default; with `amp` (true or "auto") on a GPU, bf16 autocast, or fp16 autocast + one GradScaler per
+    optimizer where bf16 is missing (`amp_dtype`).
+
+    The training loop builds one and passes it to `train_step(..., precision=...)`; on a CPU amp is always off,
+    so CPU training is the same computation whatever `train.amp` says.
     """
 
-    def __init__(self, amp: bool = False, device: str | torch.device = "cpu"):
-        self.enabled = bool(amp) and torch.device(device).type == "cuda"
+    def __init__(self, amp: bool | str = False, device: str | torch.device = "cpu"):
+        self.dtype = amp_dtype(amp, device)
+        self.enabled = self.dtype is not None
+        self.scaled = self.dtype == torch.float16  # bf16 has fp32's exponent range: no loss scaling
         self.scalers: dict[str, torch.amp.GradScaler] = {}
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.float16) if self.enabled else contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.dtype) if self.enabled else contextlib.nullcontext()
 
     def step(self, name: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """backward + optimizer step (scaled under amp); `name` picks the scaler (one per optimizer)."""
-        if not self.enabled:
+        if not self.scaled:
             loss.backward()
             optimizer.step()
             return
@@ -130,7 +142,7 @@ class Precision:
 
     def load_state_dict(self, state: dict) -> None:
         for name, s in state.items():
-            if self.enabled:
+            if self.scaled:  # a run resumed on a GPU without bf16 keeps its loss scale
                 self.scalers.setdefault(name, torch.amp.GradScaler("cuda")).load_state_dict(s)
 
 

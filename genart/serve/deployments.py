@@ -27,15 +27,31 @@ from genart.serve.inference import GenerateJob
 logger = logging.getLogger("ray.serve")
 
 
-def _load(uri: str, family: str | tuple[str, ...] | None, settings: ServeArgs):
+def _setup(settings: ServeArgs):
+    """The replica's device and precision: the batch actors' InferenceSetup (on a GPU: cuDNN flags for this
+    replica's process, channels-last, bf16/fp16 autocast; on a CPU: fp32, as before)."""
     import torch
 
-    from genart import models
+    from genart.models.family import InferenceSetup
 
     torch.set_num_threads(settings.threads)
-    loaded = models.load(uri, family=family, command="this deployment")
-    device = "cuda" if settings.num_gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-    return loaded.to(device)
+    return InferenceSetup(use_gpu=settings.num_gpus_per_replica > 0)
+
+
+def _load(uri: str, family: str | tuple[str, ...] | None, setup):
+    from genart import models
+
+    return setup.place(models.load(uri, family=family, command="this deployment"))
+
+
+async def _run(setup, fn, *args):
+    """fn(*args) in a worker thread (the replica keeps queueing meanwhile), inside the replica's inference context:
+    autocast and inference_mode are per thread, so they are entered there."""
+    def call():
+        with setup.inference():
+            return fn(*args)
+
+    return await asyncio.to_thread(call)
 
 
 class InFlight:
@@ -90,7 +106,8 @@ class GenerativeModel:
     def __init__(self, checkpoint: str, settings: ServeArgs):
         from genart.models import GENERATIVE
 
-        self.model = _load(checkpoint, GENERATIVE, settings)
+        self.setup = _setup(settings)
+        self.model = _load(checkpoint, GENERATIVE, self.setup)
         self.batching = settings.batching
         self.in_flight = InFlight()
 
@@ -109,23 +126,23 @@ class GenerativeModel:
         with self.in_flight.enter(self.batching) as alone:
             if not alone:
                 return await self._generate_batch(job)
-            return (await asyncio.to_thread(inference.generate, self.model, [job]))[0]
+            return (await _run(self.setup, inference.generate, self.model, [job]))[0]
 
     # max_batch_size counts images (batch_size_fn); both values are replaced in reconfigure()
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
     async def _generate_batch(self, jobs: list[GenerateJob]) -> list[np.ndarray]:
         self.in_flight.batches += 1
         # in a thread: the replica keeps queueing the next batch while this one computes
-        return await asyncio.to_thread(inference.generate, self.model, jobs)
+        return await _run(self.setup, inference.generate, self.model, jobs)
 
     async def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None) -> np.ndarray:
-        return await asyncio.to_thread(inference.interpolate, self.model, seed_a, seed_b, steps, label)
+        return await _run(self.setup, inference.interpolate, self.model, seed_a, seed_b, steps, label)
 
     async def reconstruct(self, image: np.ndarray) -> np.ndarray:
-        return await asyncio.to_thread(inference.reconstruct, self.model, image)
+        return await _run(self.setup, inference.reconstruct, self.model, image)
 
     async def complete(self, image: np.ndarray, seed: int, label: int | None, rows: int | None) -> np.ndarray:
-        return await asyncio.to_thread(inference.complete, self.model, image, seed, label, rows)
+        return await _run(self.setup, inference.complete, self.model, image, seed, label, rows)
 
 
 @serve.deployment
@@ -133,7 +150,8 @@ class CriticModel:
     """A critic checkpoint: class probabilities for an uploaded image, batched across requests."""
 
     def __init__(self, checkpoint: str, settings: ServeArgs):
-        self.model = _load(checkpoint, "critic", settings)
+        self.setup = _setup(settings)
+        self.model = _load(checkpoint, "critic", self.setup)
         self.batching = settings.batching
         self.in_flight = InFlight()
 
@@ -146,12 +164,12 @@ class CriticModel:
         with self.in_flight.enter(self.batching) as alone:
             if not alone:
                 return await self._classify_batch(x)
-            return (await asyncio.to_thread(inference.classify, self.model, [x]))[0]
+            return (await _run(self.setup, inference.classify, self.model, [x]))[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _classify_batch(self, inputs: list[np.ndarray]) -> list[list[float]]:
         self.in_flight.batches += 1
-        return await asyncio.to_thread(inference.classify, self.model, inputs)
+        return await _run(self.setup, inference.classify, self.model, inputs)
 
 
 @serve.deployment
@@ -165,12 +183,13 @@ class StyleModels:
     def __init__(self, styles: dict[str, str], settings: ServeArgs):
         self.styles = dict(styles)
         self.settings = settings
+        self.setup = _setup(settings)
         self.batching = settings.batching
         self.in_flight = InFlight()
 
         async def load_style(name: str):
             logger.info("loading style %r", name)
-            return await asyncio.to_thread(_load, self.uri_of(name), "style", settings)
+            return await asyncio.to_thread(_load, self.uri_of(name), "style", self.setup)
 
         # wired at init (not as a class decorator) so the LRU size comes from the args; Serve takes a plain
         # function here (it keeps its model cache as an attribute of the function it wraps)
@@ -192,14 +211,14 @@ class StyleModels:
             if not alone:
                 return await self._stylize_batch(image)
             model = await self._get_model(serve.get_multiplexed_model_id())
-            return (await asyncio.to_thread(inference.stylize, model, [image]))[0]
+            return (await _run(self.setup, inference.stylize, model, [image]))[0]
 
     # Serve splits batches by multiplexed model id, so one batch is always one style.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _stylize_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         self.in_flight.batches += 1
         model = await self._get_model(serve.get_multiplexed_model_id())
-        return await asyncio.to_thread(inference.stylize, model, images)
+        return await _run(self.setup, inference.stylize, model, images)
 
 
 @serve.deployment

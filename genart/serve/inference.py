@@ -1,6 +1,7 @@
 """The model work behind each endpoint, as plain functions over loaded models (no Serve, no HTTP).
 
-The Serve deployments call these, batched or not; bench/bench_serve.py calls them directly as the bare baseline.
+The Serve deployments call these, batched or not, inside their `models.family.InferenceSetup` context (device,
+precision, inference_mode); bench/bench_serve.py calls them directly, in the same context, as the bare baseline.
 Images cross this boundary as uint8 arrays: (H, W, 3) in, (N, H, W, 3) out.
 """
 

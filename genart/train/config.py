@@ -54,7 +54,16 @@ class TrainSection(Section):
     keep_last: int = Field(3, ge=1)  # Ray keeps the keep_last best checkpoints (by best metric; else newest) + the latest
     log_every_steps: int = Field(25, ge=1)  # progress line + metrics.jsonl row every N steps
     seed: int = Field(0, ge=0)  # initial weights and noise; data order is not fixed by it
-    amp: bool = False  # float16 mixed precision on GPUs; ignored (with a note) on CPUs
+    # mixed precision on GPUs: auto/true = bf16 autocast (fp16 + loss scaling where bf16 is missing), false = fp32;
+    # always fp32 on CPUs (auto says nothing there, true adds a note)
+    amp: bool | Literal["auto"] = "auto"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp(cls, value):
+        if isinstance(value, str) and value.strip().lower() not in {"auto", "true", "false", "yes", "no", "on", "off"}:
+            raise ValueError("use auto (bf16/fp16 on GPUs, fp32 on CPUs), true or false")
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 class ScalingSection(Section):

@@ -54,6 +54,8 @@ def train_loop_per_worker(config: dict) -> None:
         nets[name] = ray.train.torch.prepare_model(net) if name in family.trainable() else net.to(device)
     opts = family.optimizers(cfg.model, nets)
     precision = Precision(cfg.train.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # autotuned conv kernels, as the inference actors use (fixed shapes)
 
     start_step, restored_rng = 0, False
     checkpoint = _resume_checkpoint(run_dir)

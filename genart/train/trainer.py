@@ -216,7 +216,7 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
         raise UserError(f"data.crop_size={crop}: {why}")
 
     notes = []
-    if cfg.train.amp and not cfg.scaling.use_gpu:
+    if cfg.train.amp is True and not cfg.scaling.use_gpu:
         notes.append("train.amp is ignored on CPUs (mixed precision needs scaling.use_gpu=true)")
     if cfg.scaling.use_gpu:
         _check_gpus(cfg, address)
