@@ -200,33 +200,60 @@ class StagedRow:
     shard: int  # index of its staging shard
 
 
+@dataclass(frozen=True)
+class Fates:
+    """What finalize decided for every staged row and failed input (each input is in exactly one of these)."""
+
+    kept: list[StagedRow]  # written to part-*.parquet
+    duplicates: list[dict]  # duplicates.jsonl: exact copies of a kept picture
+    near: list[dict]  # near_duplicates.jsonl: every near pair found, dropped or not
+    dropped: set[str]  # sources of near duplicates left out (--near-dedup)
+    rejects: dict[str, dict]  # rejected.jsonl by source: undecodable, too small, unreadable
+
+    def counts(self, num_inputs: int) -> dict:
+        return {"input": num_inputs, "written": len(self.kept), "rejected": len(self.rejects),
+                "duplicates": len(self.duplicates), "near_duplicates": len(self.near),
+                "near_duplicates_dropped": len(self.dropped)}
+
+
 def _finalize(dest: str, staging: str, plan: sources.Plan, opts: PrepareOptions, started: float) -> dict:
     """Deduplicate, rename shards to part-*.parquet, write the sidecar files, then the manifest (last)."""
     fs, _ = storage.arrow_fs(dest)
     parts = sorted(u for u in storage.listdir(storage.join(staging, "parts")) if u.endswith(".parquet"))
     rows = _staged_rows(parts, fs)
+    fates = _decide(rows, staging, plan, opts)
+    _check_accounted(fates, plan.num_inputs)
+    _clear_old_dataset(dest, staging)  # only now that the new one is complete in staging
+    _publish_shards(parts, {r.source for r in fates.kept}, {r.shard for r in rows} - _whole_shards(rows, fates.kept), dest, fs)
+    _write_jsonl(storage.join(dest, "rejected.jsonl"), [r for _, r in sorted(fates.rejects.items())])
+    _write_jsonl(storage.join(dest, "duplicates.jsonl"), sorted(fates.duplicates, key=lambda r: r["source"]))
+    _write_jsonl(storage.join(dest, "near_duplicates.jsonl"), fates.near)
+    manifest = _manifest(fates, plan, opts, num_shards=len(parts), started=started)
+    storage.write_text(storage.join(dest, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _decide(rows: list[StagedRow], staging: str, plan: sources.Plan, opts: PrepareOptions) -> Fates:
+    """Exact duplicates, then near duplicates among the unique pictures, then the rejects of every stage."""
     unique, duplicates = _exact_duplicates(rows)
     near = _near_duplicates(unique, opts.near_threshold)
     dropped = {pair["duplicate_source"] for pair in near} if opts.near_dedup else set()
     kept = [r for r in unique if r.source not in dropped]
-    rejects = _rejects(staging, plan)
+    return Fates(kept, duplicates, near, dropped, _rejects(staging, plan))
 
-    _clear_old_dataset(dest, staging)  # only now that the new one is complete in staging
-    _publish_shards(parts, {r.source for r in kept}, {r.shard for r in rows} - _whole_shards(rows, kept), dest, fs)
-    _write_jsonl(storage.join(dest, "rejected.jsonl"), [r for _, r in sorted(rejects.items())])
-    _write_jsonl(storage.join(dest, "duplicates.jsonl"), sorted(duplicates, key=lambda r: r["source"]))
-    _write_jsonl(storage.join(dest, "near_duplicates.jsonl"), near)
 
-    counts = {"input": plan.num_inputs, "written": len(kept), "rejected": len(rejects), "duplicates": len(duplicates),
-              "near_duplicates": len(near), "near_duplicates_dropped": len(dropped)}
-    accounted = len(kept) + len(rejects) + len(duplicates) + len(dropped)
-    if accounted != plan.num_inputs:
-        # Never a silent drop: an input neither written, rejected nor deduplicated is a bug worth stopping for.
-        raise RuntimeError(f"prepare lost track of inputs: {plan.num_inputs} planned, {accounted} accounted for")
-    splits = collections.Counter(r.split for r in kept)
-    manifest = {
+def _check_accounted(fates: Fates, num_inputs: int) -> None:
+    # Never a silent drop: an input neither written, rejected nor deduplicated is a bug worth stopping for.
+    accounted = len(fates.kept) + len(fates.rejects) + len(fates.duplicates) + len(fates.dropped)
+    if accounted != num_inputs:
+        raise RuntimeError(f"prepare lost track of inputs: {num_inputs} planned, {accounted} accounted for")
+
+
+def _manifest(fates: Fates, plan: sources.Plan, opts: PrepareOptions, num_shards: int, started: float) -> dict:
+    splits = collections.Counter(r.split for r in fates.kept)
+    return {
         "version": FORMAT_VERSION,
-        "counts": counts,
+        "counts": fates.counts(plan.num_inputs),
         "labels": {name: i for i, name in enumerate(plan.label_names)},
         "splits": {"train": splits.get("train", 0), "val": splits.get("val", 0)},
         "image_size": opts.size,
@@ -234,15 +261,13 @@ def _finalize(dest: str, staging: str, plan: sources.Plan, opts: PrepareOptions,
         "val_fraction": opts.val_fraction,
         "max_pixels": opts.max_pixels,
         "near_dedup": {"threshold": opts.near_threshold, "drop": opts.near_dedup, "hash_bits": near_dupes.HASH_BITS},
-        "shards": len(parts),
-        "reject_reasons": dict(collections.Counter(_reason_kind(r["reason"]) for r in rejects.values())),
+        "shards": num_shards,
+        "reject_reasons": dict(collections.Counter(_reason_kind(r["reason"]) for r in fates.rejects.values())),
         "sources": [str(s) for s in plan_sources_of(plan)],
         "seconds": round(time.time() - started, 2),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "genart_version": __version__,
     }
-    storage.write_text(storage.join(dest, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 def _staged_rows(parts: list[str], fs) -> list[StagedRow]:

@@ -6,14 +6,16 @@
 
 read -> decode + validate (tasks) -> model (actor pool, model loaded once per actor) -> encode + write (tasks);
 the driver only receives one small status per row. Memory stays bounded by the batch sizes, not the input size.
+Each job function builds its own chain. The model stage is `compute=ActorPoolStrategy(min_size, max_size)` (Ray
+Data's current form; map_batches' `concurrency=` is deprecated since 2.51): with min < max, Ray Data grows the pool
+while the model is the bottleneck and shrinks it when idle.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from pydantic import Field, field_validator
 
@@ -22,6 +24,7 @@ from genart.config import Options, Rule
 from genart.data import images, sources
 from genart.errors import UserError
 from genart.infer import naming, output, stages
+from genart.infer.pipeline import drain, pipeline_context
 
 
 POOL_RULE = Rule("--batch-size must be >= 1 and --concurrency N or MIN-MAX with 1 <= MIN <= MAX")
@@ -56,6 +59,21 @@ class RunOptions(Options):
         c = self.concurrency
         return (int(c[0]), int(c[1])) if isinstance(c, (tuple, list)) else (int(c), int(c))
 
+    @property
+    def threads(self) -> int:
+        """torch (and OpenMP/MKL) threads in each model actor: its whole CPUs."""
+        return max(1, int(self.cpus_per_worker))
+
+    def actor_kwargs(self) -> dict:
+        """The stages.ModelActor constructor arguments that come from how the job runs."""
+        return dict(threads=self.threads, use_gpu=self.gpus_per_worker > 0, deterministic=self.deterministic,
+                    autocast=self.autocast)
+
+    def actor_env(self) -> dict:
+        """The model actors' runtime_env. Besides the thread counts, it keeps Ray Data from fusing the decode tasks
+        into the actors (a different runtime_env): decoding must overlap the model, not queue before it."""
+        return {"env_vars": {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}}
+
 
 def parse_concurrency(text: str | int) -> int | tuple[int, int]:
     """`--concurrency` "4" -> 4, "1-4" -> (1, 4); anything else is a one-line UserError."""
@@ -80,68 +98,19 @@ def _load(uri: str, family: str | tuple[str, ...], command: str):
     return loaded.meta["checkpoint"], loaded
 
 
+def _load_info(uri: str, family: str | tuple[str, ...], command: str) -> tuple[str, dict]:
+    """(resolved checkpoint uri, its _model_info); the model itself is dropped: the actors load their own."""
+    ckpt, loaded = _load(uri, family, command)
+    return ckpt, _model_info(ckpt, loaded)
+
+
 def _model_info(ckpt: str, loaded) -> dict:
     return {"checkpoint": ckpt, "family": loaded.family, "hash": loaded.checkpoint_hash, "step": loaded.meta.get("step")}
 
 
-def _model_stage(ds, actor_cls, ckpt: str, run: RunOptions, **options):
-    import ray
-
-    threads = max(1, int(run.cpus_per_worker))
-    low, high = run.pool_size
-    # compute=ActorPoolStrategy is Ray Data's current form (map_batches' `concurrency=` is deprecated since 2.51);
-    # min < max gives a pool that Ray Data grows while the model stage is the bottleneck and shrinks when idle.
-    pool = ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
-    return ds.map_batches(
-        actor_cls,
-        batch_size=run.batch_size,
-        batch_format="pyarrow",
-        compute=pool,
-        num_cpus=run.cpus_per_worker,
-        num_gpus=run.gpus_per_worker or None,
-        fn_constructor_kwargs=dict(checkpoint=ckpt, threads=threads, use_gpu=run.gpus_per_worker > 0,
-                                   deterministic=run.deterministic, autocast=run.autocast, **options),
-        # Also keeps Ray from fusing the decode tasks into the actors: decoding must overlap the model, not queue before it.
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
-    )
-
-
-def _write_stage(ds, out: str, fmt: str, run: RunOptions):
-    rows = 256 if fmt == "parquet" else run.batch_size  # a Parquet shard per 256 rows
-    return ds.map_batches(stages.write_batch, batch_size=rows, batch_format="pyarrow", fn_kwargs={"out": out, "fmt": fmt})
-
-
-def _drain(ds, tally: output.Tally, progress: output.Progress) -> None:
-    try:
-        for status in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            tally.add(status)
-            progress.update(tally, status.num_rows)
-    finally:
-        progress.close()
-
-
-# Ray Data coalesces a task's output into blocks of up to 128 MiB by default: a whole read unit (64 images) or
-# actor call would then move downstream at once, and decoding, the model and writing would take turns instead of
-# overlapping. Small blocks keep a few images in flight between the stages (and the memory bound tight).
-BLOCK_BYTES = 1 << 20
-
-
-@contextlib.contextmanager
-def _pipeline_context(run: RunOptions):
-    """Start/connect Ray; datasets built inside the block get small blocks (each Dataset copies the context)."""
-    import ray
-
-    from genart import runtime
-
-    runtime.init()
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.target_max_block_size, ctx.enable_progress_bars
-    # genart's own line (output.Progress) counts images end to end; Ray's per-operator bars would fight it
-    ctx.target_max_block_size, ctx.enable_progress_bars = BLOCK_BYTES, False
-    try:
-        yield
-    finally:
-        ctx.target_max_block_size, ctx.enable_progress_bars = saved
+def _write_rows(fmt: str, run: RunOptions) -> int:
+    """Rows per write task: a Parquet shard per 256 rows; image files as they come from the model."""
+    return 256 if fmt == "parquet" else run.batch_size
 
 
 def _finish(command: str, out: str, fmt: str, tally: output.Tally, inputs: int, already: int, started: float,
@@ -167,40 +136,47 @@ def _finish(command: str, out: str, fmt: str, tally: output.Tally, inputs: int, 
 # ---------------------------------------------------------------- stylize and score: image inputs
 
 
-def _image_job(command: str, actor_cls, families: tuple[str, ...], model_uri: str, src: str, out: str, fmt: str,
-               ext: str | None, options: dict, run: RunOptions, max_pixels: int, max_side: int | None,
-               actor_options: dict | None = None) -> dict:
+class _ImageWork(NamedTuple):
+    """What an image job still has to do: the whole plan, the part not yet written, and the output names."""
+
+    plan: sources.Plan  # every input under --input
+    todo: sources.Plan  # the inputs a --resume has not written yet (= plan without --resume)
+    renames: dict[str, str]  # source -> output key, where two inputs would otherwise write the same key
+    done: set[str]  # output keys already written
+    already: int  # inputs whose output is already written
+
+    @property
+    def remaining(self) -> int:
+        return self.plan.num_inputs - self.already
+
+    def skip_ref(self):
+        """The done keys in the object store for decode_batch, only where it needs them (Parquet inputs are read
+        whole, so their written rows are dropped there; other inputs are pruned from the plan)."""
+        import ray
+
+        return ray.put(self.done) if self.done and any(u.kind == "parquet" for u in self.todo.units) else None
+
+
+def _check_outside(src: str, out: str) -> None:
+    """--output inside --input: refused before any work."""
     inside = storage.fsspec_fs(out)[1].rstrip("/") + "/"
     if storage.is_s3(out) == storage.is_s3(src) and inside.startswith(storage.fsspec_fs(src)[1].rstrip("/") + "/"):
         raise UserError(f"--output {out} is inside --input {src}: a rerun would read its own outputs; choose another --output")
-    started = time.time()
-    ckpt, loaded = _load(model_uri, families, command)
-    model = _model_info(ckpt, loaded)
-    del loaded
+
+
+def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, options: dict, run: RunOptions,
+                model_hash: str) -> _ImageWork:
+    """Plan the inputs, name their outputs, start (or resume) the output folder, and leave out what is written."""
     plan = sources.plan([src])
     pairs = [(source, naming.output_key(rel, ext)) for source, rel in naming.planned_names(plan)]
     renames = naming.unique_keys(pairs)
     keys = {source: renames.get(source, key) for source, key in pairs}
-    del pairs
-    output.start(out, {"command": command, "input": src, "format": fmt, "model_hash": model["hash"], "options": options},
+    output.start(out, {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options},
                  run.resume, run.overwrite)
     done = output.done_keys(out, fmt) if run.resume else set()
     already = sum(1 for key in keys.values() if key in done)
     todo = naming.prune_plan(plan, lambda s, r: keys.get(s) not in done) if done else plan
-    del keys
-    tally = output.Tally()
-    with _pipeline_context(run):
-        import ray
-
-        if todo.units or todo.failures:
-            skip_ref = ray.put(done) if done and any(u.kind == "parquet" for u in todo.units) else None
-            raw, _ = sources.read_images([src], the_plan=todo)
-            ds = raw.map_batches(stages.decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
-                                 fn_kwargs=dict(ext=ext, renames=renames, skip_ref=skip_ref, max_pixels=max_pixels,
-                                                max_side=max_side))
-            ds = _model_stage(ds, actor_cls, ckpt, run, **(actor_options or {}))
-            _drain(_write_stage(ds, out, fmt, run), tally, output.Progress(command, plan.num_inputs - already, run.progress))
-    return _finish(command, out, fmt, tally, plan.num_inputs, already, started, model, options, src)
+    return _ImageWork(plan, todo, renames, done, already)
 
 
 def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | None = None, tile: int | None = 1024,
@@ -218,8 +194,32 @@ def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | No
         raise UserError(f"--tile-overlap {tile_overlap}: must be between 1 and half the tile ({tile // 2})")
     ext = output.IMAGE_EXT.get(fmt, ".png")
     options = {"max_side": max_side, "tile": tile or None, "tile_overlap": tile_overlap, "max_pixels": max_pixels}
-    return _image_job("stylize", stages.StylizeActor, ("style",), model, src, out, fmt, ext, options, run, max_pixels,
-                      max_side, actor_options={"tile": tile or None, "overlap": tile_overlap})
+    _check_outside(src, out)
+    started = time.time()
+    ckpt, info = _load_info(model, ("style",), "stylize")
+    work = _image_work("stylize", src, out, fmt, ext, options, run, info["hash"])
+    tally = output.Tally()
+    with pipeline_context():
+        import ray
+
+        if work.todo.units or work.todo.failures:
+            raw, _ = sources.read_images([src], the_plan=work.todo)
+            ds = raw.map_batches(stages.decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
+                                 fn_kwargs=dict(ext=ext, renames=work.renames, skip_ref=work.skip_ref(),
+                                                max_pixels=max_pixels, max_side=max_side))
+            low, high = run.pool_size
+            ds = ds.map_batches(
+                stages.StylizeActor,
+                fn_constructor_kwargs=dict(checkpoint=ckpt, tile=tile or None, overlap=tile_overlap, **run.actor_kwargs()),
+                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                batch_size=run.batch_size, batch_format="pyarrow",
+                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
+                runtime_env=run.actor_env(),
+            )
+            ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
+                                fn_kwargs={"out": out, "fmt": fmt})
+            drain(ds, tally, output.Progress("stylize", work.remaining, run.progress))
+    return _finish("stylize", out, fmt, tally, work.plan.num_inputs, work.already, started, info, options, src)
 
 
 def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_PIXELS,
@@ -227,8 +227,33 @@ def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_P
     """Classify and embed every image under `src` with a critic: Parquet shards of (key, source, label, probs,
     embedding) in `out`."""
     run = run or RunOptions(batch_size=64)
-    return _image_job("score", stages.ScoreActor, ("critic",), model, src, out, "parquet", None, {"max_pixels": max_pixels},
-                      run, max_pixels, None)
+    fmt, options = "parquet", {"max_pixels": max_pixels}
+    _check_outside(src, out)
+    started = time.time()
+    ckpt, info = _load_info(model, ("critic",), "score")
+    work = _image_work("score", src, out, fmt, None, options, run, info["hash"])
+    tally = output.Tally()
+    with pipeline_context():
+        import ray
+
+        if work.todo.units or work.todo.failures:
+            raw, _ = sources.read_images([src], the_plan=work.todo)
+            ds = raw.map_batches(stages.decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
+                                 fn_kwargs=dict(ext=None, renames=work.renames, skip_ref=work.skip_ref(),
+                                                max_pixels=max_pixels, max_side=None))
+            low, high = run.pool_size
+            ds = ds.map_batches(
+                stages.ScoreActor,
+                fn_constructor_kwargs=dict(checkpoint=ckpt, **run.actor_kwargs()),
+                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                batch_size=run.batch_size, batch_format="pyarrow",
+                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
+                runtime_env=run.actor_env(),
+            )
+            ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
+                                fn_kwargs={"out": out, "fmt": fmt})
+            drain(ds, tally, output.Progress("score", work.remaining, run.progress))
+    return _finish("score", out, fmt, tally, work.plan.num_inputs, work.already, started, info, options, src)
 
 
 # ---------------------------------------------------------------- generate: indices in
@@ -237,7 +262,7 @@ def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_P
 def _drop_done(batch, skip_ref):
     import pyarrow.compute as pc
 
-    done = stages._get_cached(skip_ref)
+    done = stages.get_cached(skip_ref)
     return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=done)))
 
 
@@ -271,17 +296,27 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     name_of = {stages.image_name(seed, i, num, ext): i for i in range(num)} if run.resume else {}
     done = [name_of[k] for k in output.done_keys(out, fmt) if k in name_of] if run.resume else []
     tally = output.Tally()
-    with _pipeline_context(run):
+    with pipeline_context():
         import ray
 
         if len(done) < num:
-            ds = ray.data.range(num)
+            ds = ray.data.range(num)  # one row per image: {"id": i}
             if done:
                 skip_ref = ray.put(pa.array(sorted(done), pa.int64()))
                 ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref})
-            ds = _model_stage(ds, stages.GenerateActor, ckpt, run, seed=seed, num=num, ext=ext, label=label_index,
-                              truncation=truncation)
-            _drain(_write_stage(ds, out, fmt, run), tally, output.Progress("generate", num - len(done), run.progress))
+            low, high = run.pool_size
+            ds = ds.map_batches(
+                stages.GenerateActor,
+                fn_constructor_kwargs=dict(checkpoint=ckpt, seed=seed, num=num, ext=ext, label=label_index,
+                                           truncation=truncation, **run.actor_kwargs()),
+                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                batch_size=run.batch_size, batch_format="pyarrow",
+                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
+                runtime_env=run.actor_env(),
+            )
+            ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
+                                fn_kwargs={"out": out, "fmt": fmt})
+            drain(ds, tally, output.Progress("generate", num - len(done), run.progress))
     extra = {}
     if fmt != "parquet":
         failed = tally.failed_sources

@@ -54,7 +54,7 @@ def start(out: str, run: dict, resume: bool, overwrite: bool) -> None:
     if resume and (has_run or has_manifest):
         stored = json.loads(storage.read_text(run_uri)) if has_run else None
         if stored != run:
-            diff = _first_difference(stored or {}, run)
+            diff = first_difference(stored or {}, run)
             raise UserError(f"--resume: {out} was written by a different run ({diff}); rerun with the same "
                             "arguments, or pass --overwrite to start over")
     elif overwrite and (has_run or has_manifest):
@@ -78,11 +78,12 @@ def start(out: str, run: dict, resume: bool, overwrite: bool) -> None:
     storage.write_text(run_uri, json.dumps(run, indent=2, sort_keys=True) + "\n")
 
 
-def _first_difference(stored: dict, run: dict) -> str:
+def first_difference(stored: dict, run: dict) -> str:
+    """Where two run records first differ: "key: old then, new now" (dotted into nested dicts)."""
     for key in sorted(set(stored) | set(run)):
         if stored.get(key) != run.get(key):
             if isinstance(stored.get(key), dict) and isinstance(run.get(key), dict):
-                return f"{key}.{_first_difference(stored[key], run[key])}"
+                return f"{key}.{first_difference(stored[key], run[key])}"
             return f"{key}: {stored.get(key)!r} then, {run.get(key)!r} now"
     return "no run.json"
 
@@ -96,7 +97,7 @@ def done_keys(out: str, fmt: str) -> set[str]:
         return {r for r in rels if r not in SIDECARS and not is_tmp(r)}
     keys: set[str] = set()
     for uri in shards(out):
-        keys.update(_read_shard(uri, ["key"]).column("key").to_pylist())
+        keys.update(read_shard(uri, ["key"]).column("key").to_pylist())
     return keys
 
 
@@ -104,7 +105,8 @@ def shards(out: str) -> list[str]:
     return [u for u in storage.listdir(out) if u.rsplit("/", 1)[-1].startswith(SHARD_PREFIX) and u.endswith(".parquet")]
 
 
-def _read_shard(uri: str, columns: list[str] | None = None) -> pa.Table:
+def read_shard(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet shard (local or s3://) as an Arrow table, optionally only `columns`."""
     fs, path = storage.arrow_fs(uri)
     return pq.read_table(path, filesystem=fs, columns=columns)
 
@@ -124,13 +126,13 @@ def dedupe_shards(out: str) -> int:
     seen: set[str] = set()
     dropped = 0
     for uri in sorted(shards(out)):
-        keys = _read_shard(uri, ["key"]).column("key").to_pylist()
+        keys = read_shard(uri, ["key"]).column("key").to_pylist()
         mask = [k not in seen for k in keys]
         seen.update(keys)
         if all(mask):
             continue
         dropped += mask.count(False)
-        table = _read_shard(uri).filter(pa.array(mask))
+        table = read_shard(uri).filter(pa.array(mask))
         storage.remove(uri)
         if table.num_rows:
             write_shard(out, table)

@@ -32,7 +32,7 @@ def decode_error(exc: BaseException) -> str:
     return exc.reason if isinstance(exc, images.Reject) else f"decode failed: {one_line(exc)}"
 
 
-def _get_cached(ref):
+def get_cached(ref):
     """ray.get once per worker process (the done-set of a resumed run can be large)."""
     import ray
 
@@ -52,7 +52,7 @@ def decode_batch(batch: pa.Table, ext: str | None, renames: dict, skip_ref, max_
     """Raw records (sources.RAW_SCHEMA) -> WORK_SCHEMA rows: validated, decoded, capped pixels or an error."""
     from genart.infer.naming import output_key
 
-    skip = _get_cached(skip_ref) if skip_ref is not None else ()
+    skip = get_cached(skip_ref) if skip_ref is not None else ()
     rows = []
     for rec in batch.to_pylist():
         key = renames.get(rec["source"]) or output_key(rec["rel_path"], ext)

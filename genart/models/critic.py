@@ -1,6 +1,6 @@
 """A small CNN classifier over the dataset's labels (e.g. artist or genre); its penultimate features are an embedding.
 
-    genart train --config workflows/critic.yaml
+    genart train workflows/configs/critic.yaml --set data.path=data/synth
 Loaded: `.predict(x) -> probs (N, K)`, `.embed(x) -> (N, embed_dim)`, `.predict_and_embed(x)`, `.label_names`. BatchNorm is fine under DDP
 (each worker normalises its own shard; running stats are broadcast from rank 0).
 """

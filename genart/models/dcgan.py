@@ -1,6 +1,8 @@
 """DCGAN (Radford et al. 2016) for 16-128 px images: generator, discriminator, an EMA generator, optional class conditioning.
 
-    genart train --config workflows/dcgan.yaml --set model.loss=hinge --set model.spectral_norm=true
+    genart datasets synth --out data/raw/synth --num 2000 --size 64
+    genart prepare data/raw/synth --out data/synth --size 64
+    genart train workflows/configs/dcgan.yaml --set data.path=data/synth --set train.max_steps=2000
 The EMA generator (`generator_ema`) is what `.sample` and the sample grids use; the raw generator only trains.
 """
 

@@ -1,6 +1,6 @@
 """Fast neural style transfer (Johnson et al. 2016): a feed-forward transformer net trained against a loss network.
 
-    genart train --config workflows/style.yaml --set model.style_image=wave.jpg --set model.loss_network=random
+    genart train workflows/configs/style.yaml --set data.path=data/synth --set model.style_image=wave.jpg
 Loaded: `.stylize(x) -> (N, 3, H, W)`, any H and W (padded internally, cropped back).
 """
 

@@ -1,6 +1,6 @@
 """Convolutional beta-VAE (Kingma & Welling 2014; Higgins et al. 2017) for 16-128 px images.
 
-    genart train --config workflows/vae.yaml --set model.beta=4.0
+    genart train workflows/configs/vae.yaml --set data.path=data/synth --set model.beta=4.0
 Loaded: `.sample(seeds)`, `.interpolate(seed_a, seed_b, steps)`, `.reconstruct(x)`.
 """
 

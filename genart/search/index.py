@@ -58,7 +58,7 @@ def thumbnail(img) -> bytes:
 
 def decode_batch(batch: pa.Table, size: int, skip_ref, max_pixels: int) -> pa.Table:
     """RAW records -> WORK rows; inputs already in a shard (`skip_ref`, Parquet inputs read whole) are dropped."""
-    skip = stages._get_cached(skip_ref) if skip_ref is not None else ()
+    skip = stages.get_cached(skip_ref) if skip_ref is not None else ()
     rows = []
     for rec in batch.to_pylist():
         if rec["source"] in skip:
@@ -187,7 +187,7 @@ def _start(out: str, run: dict, overwrite: bool) -> None:
     elif storage.exists(run_uri):
         stored = json.loads(storage.read_text(run_uri))
         if stored != run:
-            diff = output._first_difference(stored, run)
+            diff = output.first_difference(stored, run)
             raise UserError(f"{out} is an index of another input or feature model ({diff}); "
                             "pass --overwrite to rebuild it, or choose another --output")
     elif storage.exists(out) and storage.find(out):
@@ -201,16 +201,8 @@ def _done_sources(out: str) -> set[str]:
     shard_dir = storage.join(out, SHARDS)
     done: set[str] = set()
     for uri in output.shards(shard_dir):
-        done.update(output._read_shard(uri, ["key"]).column("key").to_pylist())
+        done.update(output.read_shard(uri, ["key"]).column("key").to_pylist())
     return done
-
-
-def _pool(run):
-    """--concurrency N or MIN-MAX -> Ray Data's (autoscaling) actor pool, as the other batch jobs do."""
-    import ray
-
-    low, high = run.pool_size
-    return ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
 def build_index(src: str, out: str, features: str = "inception", inception_weights: str | None = None,
@@ -218,7 +210,7 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
     """Embed every image under `src` (what is not embedded yet) and (re)build the index at `out`."""
     from genart.evaluate.features import build_extractor, parse_features
     from genart.infer import RunOptions
-    from genart.infer.jobs import _drain, _pipeline_context
+    from genart.infer.pipeline import drain, pipeline_context
 
     run = run or RunOptions(batch_size=32)
     build_nn(np.zeros((1, 1), np.float32), nn)  # a bad --nn fails before any work
@@ -234,7 +226,7 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
     done = _done_sources(out) & planned
     todo = naming.prune_plan(plan, lambda s, r: s not in done) if done else plan
     tally = output.Tally()
-    with _pipeline_context(run):
+    with pipeline_context():
         import ray
 
         if todo.units or todo.failures:
@@ -242,16 +234,18 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
             raw, _ = sources.read_images([src], the_plan=todo)
             ds = raw.map_batches(decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
                                  fn_kwargs=dict(size=size, skip_ref=skip_ref, max_pixels=max_pixels))
-            threads = max(1, int(run.cpus_per_worker))
+            low, high = run.pool_size
             ds = ds.map_batches(
-                Embedder, batch_size=run.batch_size, batch_format="pyarrow",
-                compute=_pool(run),
-                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
-                fn_constructor_kwargs=dict(features=spec.text, size=size, threads=threads,
+                Embedder,
+                fn_constructor_kwargs=dict(features=spec.text, size=size, threads=run.threads,
                                            use_gpu=run.gpus_per_worker > 0),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
+                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                batch_size=run.batch_size, batch_format="pyarrow",
+                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
+                runtime_env=run.actor_env(),
+            )
             ds = ds.map_batches(write_batch, batch_size=256, batch_format="pyarrow", fn_kwargs={"out": out})
-            _drain(ds, tally, output.Progress("index", len(planned) - len(done), run.progress))
+            drain(ds, tally, output.Progress("index", len(planned) - len(done), run.progress))
     embedded = len(done) + tally.written
     if embedded + tally.errors != plan.num_inputs:
         raise RuntimeError(f"index lost track of inputs: {plan.num_inputs} planned, {embedded} embedded, {tally.errors} errors")
@@ -275,7 +269,7 @@ def _merge(out: str, planned: set[str], nn_kind: str) -> dict:
     """All shards -> the index files, rows sorted by source; one row per id (identical pictures are kept once)."""
     shard_dir = storage.join(out, SHARDS)
     output.dedupe_shards(shard_dir)
-    tables = [output._read_shard(u) for u in output.shards(shard_dir)]
+    tables = [output.read_shard(u) for u in output.shards(shard_dir)]
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
     before = table.num_rows
     table = table.filter(pa.compute.is_in(table.column("source"), value_set=pa.array(sorted(planned), pa.string())))

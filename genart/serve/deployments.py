@@ -12,8 +12,8 @@ finds its replica idle skips the batch queue (`InFlight`): nothing could join it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from typing import Awaitable, Callable, TypeVar
 
 import numpy as np
 from ray import serve
@@ -25,6 +25,7 @@ from genart.serve.config import ServeArgs
 from genart.serve.inference import GenerateJob
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 
 def _setup(settings: ServeArgs):
@@ -63,28 +64,34 @@ class InFlight:
     under load: the requests that pile up during one forward pass make the next batch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batching: bool = True) -> None:
+        self.batching = batching  # ServeArgs.batching: False runs every request at once
         self.count = 0
         self.alone = 0  # requests that ran at once, unbatched
         self.queued = 0  # requests that went to the batch queue
         self.batches = 0  # batches the queue ran (counted by the batch methods)
 
-    @contextlib.contextmanager
-    def enter(self, batching: bool = True):
-        """Yields True when this request should run at once: alone on the replica, or batching is off."""
+    async def run(self, direct: Callable[[], Awaitable[T]], batched: Callable[[], Awaitable[T]]) -> T:
+        """This request's result: `direct()` when it is alone on the replica (or batching is off), else
+        `batched()`, the @serve.batch method's queue. Both are called, and awaited, only while it is counted."""
         self.count += 1
-        alone = self.count == 1 or not batching
+        alone = self.count == 1 or not self.batching
         if alone:
             self.alone += 1
         else:
             self.queued += 1
         try:
-            yield alone
+            return await (direct() if alone else batched())
         finally:
             self.count -= 1
 
     def stats(self) -> dict:
         return {"alone": self.alone, "queued": self.queued, "batches": self.batches}
+
+
+async def _first(results: Awaitable[list]):
+    """The one result of a one-item call of a batch function (a request run directly, unbatched)."""
+    return (await results)[0]
 
 
 def _images_in(jobs: list[GenerateJob]) -> int:
@@ -108,8 +115,7 @@ class GenerativeModel:
 
         self.setup = _setup(settings)
         self.model = _load(checkpoint, GENERATIVE, self.setup)
-        self.batching = settings.batching
-        self.in_flight = InFlight()
+        self.in_flight = InFlight(settings.batching)
 
     def reconfigure(self, user_config: dict) -> None:
         """ServeArgs.batch_config(): here max_batch_size counts images (batch_size_fn), not requests. (Serve
@@ -123,10 +129,9 @@ class GenerativeModel:
 
     async def generate(self, job: GenerateJob) -> np.ndarray:
         """(n, H, W, 3) uint8 for one request."""
-        with self.in_flight.enter(self.batching) as alone:
-            if not alone:
-                return await self._generate_batch(job)
-            return (await _run(self.setup, inference.generate, self.model, [job]))[0]
+        return await self.in_flight.run(
+            direct=lambda: _first(_run(self.setup, inference.generate, self.model, [job])),
+            batched=lambda: self._generate_batch(job))
 
     # max_batch_size counts images (batch_size_fn); both values are replaced in reconfigure()
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
@@ -152,8 +157,7 @@ class CriticModel:
     def __init__(self, checkpoint: str, settings: ServeArgs):
         self.setup = _setup(settings)
         self.model = _load(checkpoint, "critic", self.setup)
-        self.batching = settings.batching
-        self.in_flight = InFlight()
+        self.in_flight = InFlight(settings.batching)
 
     def reconfigure(self, user_config: dict) -> None:
         _configure_batch(self._classify_batch, user_config)
@@ -161,10 +165,9 @@ class CriticModel:
     async def classify(self, image: np.ndarray) -> list[float]:
         """(H, W, 3) uint8 -> K probabilities, in label_names order."""
         x = inference.critic_input(image, self.model.image_size)  # (3, S, S): same shape for every request
-        with self.in_flight.enter(self.batching) as alone:
-            if not alone:
-                return await self._classify_batch(x)
-            return (await _run(self.setup, inference.classify, self.model, [x]))[0]
+        return await self.in_flight.run(
+            direct=lambda: _first(_run(self.setup, inference.classify, self.model, [x])),
+            batched=lambda: self._classify_batch(x))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _classify_batch(self, inputs: list[np.ndarray]) -> list[list[float]]:
@@ -184,8 +187,7 @@ class StyleModels:
         self.styles = dict(styles)
         self.settings = settings
         self.setup = _setup(settings)
-        self.batching = settings.batching
-        self.in_flight = InFlight()
+        self.in_flight = InFlight(settings.batching)
 
         async def load_style(name: str):
             logger.info("loading style %r", name)
@@ -207,11 +209,11 @@ class StyleModels:
 
     async def stylize(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> stylized (H, W, 3) uint8 with the style named by the multiplexed model id."""
-        with self.in_flight.enter(self.batching) as alone:
-            if not alone:
-                return await self._stylize_batch(image)
+        async def direct() -> np.ndarray:
             model = await self._get_model(serve.get_multiplexed_model_id())
             return (await _run(self.setup, inference.stylize, model, [image]))[0]
+
+        return await self.in_flight.run(direct, batched=lambda: self._stylize_batch(image))
 
     # Serve splits batches by multiplexed model id, so one batch is always one style.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -234,8 +236,7 @@ class SearchModel:
         torch.set_num_threads(settings.threads)
         self.index = SearchIndex.open(index_uri)
         self.index.extractor  # noqa: B018 - load (and check) the feature model now, not on the first request
-        self.batching = settings.batching
-        self.in_flight = InFlight()
+        self.in_flight = InFlight(settings.batching)
 
     def reconfigure(self, user_config: dict) -> None:
         _configure_batch(self._embed_batch, user_config)
@@ -245,11 +246,9 @@ class SearchModel:
 
     async def similar(self, pixels: np.ndarray, k: int) -> list[dict]:
         """uint8 (S, S, 3) from genart.search.index.square_pixels -> the k nearest indexed images, closest first."""
-        with self.in_flight.enter(self.batching) as alone:
-            if not alone:
-                vector = await self._embed_batch(pixels)
-            else:
-                vector = (await asyncio.to_thread(self.index.embed_pixels, pixels[None]))[0]
+        vector = await self.in_flight.run(
+            direct=lambda: _first(asyncio.to_thread(self.index.embed_pixels, pixels[None])),
+            batched=lambda: self._embed_batch(pixels))
         return await asyncio.to_thread(self.index.search, vector, k)  # exact: ~40 ms at 100k vectors (bench_index.py)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

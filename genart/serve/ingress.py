@@ -4,7 +4,7 @@ Uploads are size-capped and decoded here (genart.data.images.decode_image), so m
 uint8 arrays; every error is JSON {"error": ..., "detail": ...}. The playground page is served from static/.
 """
 
-# no `from __future__ import annotations`: FastAPI reads the route signatures of the nested functions at runtime
+# no `from __future__ import annotations`: FastAPI reads the handlers' signatures at runtime
 import asyncio
 import base64
 import io
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi_offline import FastAPIOffline
@@ -44,11 +44,13 @@ class ApiError(Exception):
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
+    """A JSON request body: unknown fields are a 422, not silently ignored."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class GenerateBody(_Body):
+class GenerateBody(StrictBody):
     model: str | None = None  # a dcgan or vae model name (default: the first one)
     n: int = Field(8, ge=1, le=MAX_N)  # images; seeds are seed .. seed + n - 1
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -57,7 +59,7 @@ class GenerateBody(_Body):
     format: Literal["png", "json"] | None = None  # png grid (default) or JSON with base64 PNGs
 
 
-class InterpolateBody(_Body):
+class InterpolateBody(StrictBody):
     model: str | None = None
     seed_a: int = Field(0, ge=0, le=2**32 - 1)
     seed_b: int = Field(1, ge=0, le=2**32 - 1)
@@ -129,8 +131,9 @@ class Ingress:
         # fastapi-offline serves the same pages with the files from its package, under /docs/assets.
         app = FastAPIOffline(title="genart", version="1", static_url="/docs/assets",
                              summary="Generate, interpolate, stylize and classify images; find similar ones in an index.")
-        self._routes(app)
-        search_api.add_routes(app, self)
+        app.state.ingress = self  # what the handlers reach through current_ingress
+        app.include_router(router)
+        app.include_router(search_api.router)
         self._error_handlers(app)
         # last added = outermost: auth, then the body cap, then the deadline around everything else
         app.add_middleware(Deadline, timeout_s=self.settings.request_timeout_s)
@@ -161,7 +164,7 @@ class Ingress:
 
     # ------------------------------------------------------------ helpers
 
-    async def _await(self, response, name: str):
+    async def await_model(self, response, name: str):
         """Await a model call; queue-full and unavailable become 503, a cancelled request cancels the call."""
         try:
             return await response
@@ -180,7 +183,7 @@ class Ingress:
             cause = getattr(exc, "cause", None) or exc  # the original error inside Ray's RayTaskError wrapper
             raise ApiError(500, "model error", f"model {name!r}: {one_line(cause, with_type=False)}") from None
 
-    async def _style_names(self) -> list[str]:
+    async def style_names(self) -> list[str]:
         names = [n for n, card in self.cards.items() if card["family"] == "style"]
         root = self.settings.style_root
         if root:
@@ -193,20 +196,20 @@ class Ingress:
             names += [n for n in cached if n not in names]
         return names
 
-    async def _resolve(self, name: str | None, families: tuple[str, ...], endpoint: str) -> dict:
+    async def resolve(self, name: str | None, families: tuple[str, ...], endpoint: str) -> dict:
         """The card of the model a request asks for (default: the first of a fitting family); 404 if unknown,
         422 if the wrong kind. Styles under style_root get a card of their own on first use."""
         if name is None:
             for card in self.cards.values():
                 if card["family"] in families:
                     return card
-            if "style" in families and (found := await self._style_names()):
-                return self._root_card(found[0])
+            if "style" in families and (found := await self.style_names()):
+                return self.root_card(found[0])
             raise ApiError(404, "model not found", f"no {' or '.join(families)} model is served; {endpoint} needs one")
         card = self.cards.get(name)
         if (card is None and "style" in families and storage.is_safe_name(name, storage.MODEL_NAME_MAX)
-                and name in await self._style_names()):
-            card = self._root_card(name)
+                and name in await self.style_names()):
+            card = self.root_card(name)
         if card is None:
             known = ", ".join(sorted(self.cards)) or "none"
             raise ApiError(404, "model not found", f"no model named {name!r}; served models: {known} (see /v1/models)")
@@ -216,25 +219,25 @@ class Ingress:
         return card
 
     @staticmethod
-    def _root_card(name: str) -> dict:
+    def root_card(name: str) -> dict:
         """A style found under style_root: listed by name, loaded (and hashed) only by the replica that serves it."""
         return {"name": name, "family": "style", "checkpoint_hash": None, "step": None, "image_size": None,
                 "labels": [], "conditional": False, "generative": False}
 
-    def _label(self, card: dict, label: int | str | None) -> int | None:
+    def label_index(self, card: dict, label: int | str | None) -> int | None:
         """The request's label (a class name or index) -> its index, by the one label rule; 422 when it is not one."""
         try:
             return parse_label(label, card["labels"], card["conditional"], "label")
         except UserError as exc:
             raise ApiError(422, "invalid request", f"model {card['name']!r}: {exc}") from None
 
-    async def _read_image(self, upload: UploadFile, max_side: int) -> np.ndarray:
+    async def read_image(self, upload: UploadFile, max_side: int) -> np.ndarray:
         """The uploaded file -> (H, W, 3) uint8, at most max_side px on its longer side; 400 if not a usable image."""
         if not 16 <= max_side <= self.settings.max_side_limit:
             raise ApiError(422, "invalid request", f"max_side {max_side} must be within 16..{self.settings.max_side_limit}")
-        return await self._decode(upload, lambda img: np.asarray(cap_side(img, max_side), dtype=np.uint8))
+        return await self.decode_upload(upload, lambda img: np.asarray(cap_side(img, max_side), dtype=np.uint8))
 
-    async def _decode(self, upload: UploadFile, prepare) -> np.ndarray:
+    async def decode_upload(self, upload: UploadFile, prepare) -> np.ndarray:
         """The uploaded file decoded (pixel cap: max_pixels) and passed through `prepare` in a thread; 400 if it
         is not a usable image."""
         data = await upload.read()
@@ -247,100 +250,123 @@ class Ingress:
         except Reject as exc:
             raise ApiError(400, "bad image", exc.reason) from None
 
-    # ------------------------------------------------------------ routes
 
-    def _routes(self, app: FastAPI) -> None:  # noqa: C901 - one place that lists the API
-        @app.get("/", include_in_schema=False)
-        async def page(request: Request):
-            if not request.url.path.endswith("/"):  # under a route prefix: keep the page's relative URLs right
-                return RedirectResponse(request.url.path + "/")
-            return FileResponse(STATIC / "index.html")
+# ---------------------------------------------------------------- routes: plain handlers, in the order of the API
 
-        @app.get("/static/{name}", include_in_schema=False)
-        async def static(name: str):
-            path = STATIC / name
-            if "/" in name or name.startswith(".") or not path.is_file():
-                raise ApiError(404, "not found", f"no static file {name!r}")
-            return FileResponse(path)
 
-        @app.get("/healthz", summary="Liveness: 200 while the ingress answers")
-        async def healthz():
-            return {"status": "ok", "auth_required": self.api_key is not None}
+def current_ingress(request: Request):
+    """The Ingress replica serving this request (set on the app in Ingress.__serve_build_asgi_app__)."""
+    return request.app.state.ingress
 
-        @app.get("/v1/models", summary="Served models: name, family, checkpoint hash, image size, labels")
-        async def list_models():
-            out = list(self.cards.values())
-            out += [self._root_card(name) for name in await self._style_names() if name not in self.cards]
-            return {"models": out, "search": self.search_card,  # None: no index, /v1/similar and /v1/recommend 404
-                    "limits": {"max_n": MAX_N, "max_upload_mb": self.settings.max_upload_mb,
-                               "max_pixels": self.settings.max_pixels, "max_side": self.settings.max_side_limit}}
 
-        @app.post("/v1/generate", summary="A grid of images from seeds (PNG), or JSON with base64 PNGs",
-                  responses={200: {"content": {"image/png": {}, "application/json": {}}}})
-        async def generate(body: GenerateBody, request: Request):
-            card = await self._resolve(body.model, GENERATIVE, "/v1/generate")
-            name, label = card["name"], self._label(card, body.label)
-            seeds = tuple(range(body.seed, body.seed + body.n))
-            job = GenerateJob(seeds, None if label is None else (label,) * body.n, body.truncation)
-            frames = await self._await(self.handles[name].generate.remote(job), name)  # (n, H, W, 3)
-            accepts_json = "application/json" in request.headers.get("accept", "")
-            if body.format == "json" or (body.format is None and accepts_json):
-                images = await asyncio.to_thread(lambda: [_b64png(f) for f in frames])
-                return {"model": name, "family": card["family"], "checkpoint_hash": card["checkpoint_hash"],
-                        "seeds": list(seeds), "label": label, "truncation": body.truncation, "images": images}
-            grid = await asyncio.to_thread(_grid_png, frames, math.ceil(math.sqrt(body.n)))
-            return _png_response(grid, **{"X-Genart-Model": name, "X-Genart-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+CurrentIngress = Depends(current_ingress)
+router = APIRouter()
 
-        @app.post("/v1/interpolate", summary="A walk between two seeds: PNG strip or animated GIF",
-                  responses={200: {"content": {"image/png": {}, "image/gif": {}}}})
-        async def interpolate(body: InterpolateBody):
-            card = await self._resolve(body.model, GENERATIVE, "/v1/interpolate")
-            name, label = card["name"], self._label(card, body.label)
-            call = self.handles[name].interpolate.remote(body.seed_a, body.seed_b, body.steps, label)
-            frames = await self._await(call, name)  # (steps, H, W, 3)
-            if body.format == "gif":
-                return Response(await asyncio.to_thread(_gif, frames, body.frame_ms), media_type="image/gif")
-            return _png_response(await asyncio.to_thread(_grid_png, frames, body.steps), **{"X-Genart-Model": name})
 
-        @app.post("/v1/reconstruct", summary="A VAE's reconstruction of the uploaded image (PNG)",
-                  responses={200: {"content": {"image/png": {}}}})
-        async def reconstruct(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512)):
-            name = (await self._resolve(model, ("vae",), "/v1/reconstruct"))["name"]
-            arr = await self._read_image(image, max_side)
-            out = await self._await(self.handles[name].reconstruct.remote(arr), name)
-            return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+@router.get("/", include_in_schema=False)
+async def page(request: Request):
+    if not request.url.path.endswith("/"):  # under a route prefix: keep the page's relative URLs right
+        return RedirectResponse(request.url.path + "/")
+    return FileResponse(STATIC / "index.html")
 
-        @app.post("/v1/complete", summary="An autoregressive model's completion of the uploaded image: its top rows "
-                  "kept (default: half), the rest sampled (PNG at the model's size)", responses={200: {"content": {"image/png": {}}}})
-        async def complete(image: UploadFile = File(...), model: str | None = Form(None), seed: int = Form(0),
-                           label: int | str | None = Form(None), rows: int | None = Form(None), max_side: int = Form(512)):
-            card = await self._resolve(model, ("autoregressive",), "/v1/complete")
-            name = card["name"]
-            if not 0 <= seed <= 2**32 - 1:
-                raise ApiError(422, "invalid request", f"seed {seed} must be within 0..2**32-1")
-            if rows is not None and not 0 <= rows <= card["image_size"]:
-                raise ApiError(422, "invalid request", f"rows {rows} must be within 0..{card['image_size']} (the model's size)")
-            label = self._label(card, label)
-            arr = await self._read_image(image, max_side)
-            out = await self._await(self.handles[name].complete.remote(arr, seed, label, rows), name)
-            return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
 
-        @app.post("/v1/stylize", summary="The uploaded image in a style (PNG, same aspect ratio)",
-                  responses={200: {"content": {"image/png": {}}}})
-        async def stylize(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512)):
-            name = (await self._resolve(model, ("style",), "/v1/stylize"))["name"]
-            arr = await self._read_image(image, max_side)
-            out = await self._await(self.styles.options(multiplexed_model_id=name).stylize.remote(arr), name)
-            return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+@router.get("/static/{name}", include_in_schema=False)
+async def static(name: str):
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or not path.is_file():
+        raise ApiError(404, "not found", f"no static file {name!r}")
+    return FileResponse(path)
 
-        @app.post("/v1/classify", summary="The critic's labels for the uploaded image, most likely first")
-        async def classify(image: UploadFile = File(...), model: str | None = Form(None),
-                           top_k: int | None = Form(None, ge=1)):
-            card = await self._resolve(model, ("critic",), "/v1/classify")
-            name = card["name"]
-            arr = await self._read_image(image, min(512, self.settings.max_side_limit))  # the critic sees <= 128 px anyway
-            probs = await self._await(self.handles[name].classify.remote(arr), name)
-            ranked = sorted(zip(card["labels"], probs), key=lambda lp: -lp[1])[: top_k or None]
-            return {"model": name, "checkpoint_hash": card["checkpoint_hash"],
-                    "labels": [{"label": label, "probability": round(float(p), 6)} for label, p in ranked]}
+
+@router.get("/healthz", summary="Liveness: 200 while the ingress answers")
+async def healthz(api=CurrentIngress):
+    return {"status": "ok", "auth_required": api.api_key is not None}
+
+
+@router.get("/v1/models", summary="Served models: name, family, checkpoint hash, image size, labels")
+async def list_models(api=CurrentIngress):
+    out = list(api.cards.values())
+    out += [api.root_card(name) for name in await api.style_names() if name not in api.cards]
+    return {"models": out, "search": api.search_card,  # None: no index, /v1/similar and /v1/recommend 404
+            "limits": {"max_n": MAX_N, "max_upload_mb": api.settings.max_upload_mb,
+                       "max_pixels": api.settings.max_pixels, "max_side": api.settings.max_side_limit}}
+
+
+@router.post("/v1/generate", summary="A grid of images from seeds (PNG), or JSON with base64 PNGs",
+             responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+async def generate(body: GenerateBody, request: Request, api=CurrentIngress):
+    card = await api.resolve(body.model, GENERATIVE, "/v1/generate")
+    name, label = card["name"], api.label_index(card, body.label)
+    seeds = tuple(range(body.seed, body.seed + body.n))
+    job = GenerateJob(seeds, None if label is None else (label,) * body.n, body.truncation)
+    frames = await api.await_model(api.handles[name].generate.remote(job), name)  # (n, H, W, 3)
+    accepts_json = "application/json" in request.headers.get("accept", "")
+    if body.format == "json" or (body.format is None and accepts_json):
+        images = await asyncio.to_thread(lambda: [_b64png(f) for f in frames])
+        return {"model": name, "family": card["family"], "checkpoint_hash": card["checkpoint_hash"],
+                "seeds": list(seeds), "label": label, "truncation": body.truncation, "images": images}
+    grid = await asyncio.to_thread(_grid_png, frames, math.ceil(math.sqrt(body.n)))
+    return _png_response(grid, **{"X-Genart-Model": name, "X-Genart-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+
+
+@router.post("/v1/interpolate", summary="A walk between two seeds: PNG strip or animated GIF",
+             responses={200: {"content": {"image/png": {}, "image/gif": {}}}})
+async def interpolate(body: InterpolateBody, api=CurrentIngress):
+    card = await api.resolve(body.model, GENERATIVE, "/v1/interpolate")
+    name, label = card["name"], api.label_index(card, body.label)
+    call = api.handles[name].interpolate.remote(body.seed_a, body.seed_b, body.steps, label)
+    frames = await api.await_model(call, name)  # (steps, H, W, 3)
+    if body.format == "gif":
+        return Response(await asyncio.to_thread(_gif, frames, body.frame_ms), media_type="image/gif")
+    return _png_response(await asyncio.to_thread(_grid_png, frames, body.steps), **{"X-Genart-Model": name})
+
+
+@router.post("/v1/reconstruct", summary="A VAE's reconstruction of the uploaded image (PNG)",
+             responses={200: {"content": {"image/png": {}}}})
+async def reconstruct(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512),
+                      api=CurrentIngress):
+    name = (await api.resolve(model, ("vae",), "/v1/reconstruct"))["name"]
+    arr = await api.read_image(image, max_side)
+    out = await api.await_model(api.handles[name].reconstruct.remote(arr), name)
+    return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+
+
+@router.post("/v1/complete", summary="An autoregressive model's completion of the uploaded image: its top rows "
+             "kept (default: half), the rest sampled (PNG at the model's size)",
+             responses={200: {"content": {"image/png": {}}}})
+async def complete(image: UploadFile = File(...), model: str | None = Form(None), seed: int = Form(0),
+                   label: int | str | None = Form(None), rows: int | None = Form(None), max_side: int = Form(512),
+                   api=CurrentIngress):
+    card = await api.resolve(model, ("autoregressive",), "/v1/complete")
+    name = card["name"]
+    if not 0 <= seed <= 2**32 - 1:
+        raise ApiError(422, "invalid request", f"seed {seed} must be within 0..2**32-1")
+    if rows is not None and not 0 <= rows <= card["image_size"]:
+        raise ApiError(422, "invalid request", f"rows {rows} must be within 0..{card['image_size']} (the model's size)")
+    label = api.label_index(card, label)
+    arr = await api.read_image(image, max_side)
+    out = await api.await_model(api.handles[name].complete.remote(arr, seed, label, rows), name)
+    return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+
+
+@router.post("/v1/stylize", summary="The uploaded image in a style (PNG, same aspect ratio)",
+             responses={200: {"content": {"image/png": {}}}})
+async def stylize(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512),
+                  api=CurrentIngress):
+    name = (await api.resolve(model, ("style",), "/v1/stylize"))["name"]
+    arr = await api.read_image(image, max_side)
+    out = await api.await_model(api.styles.options(multiplexed_model_id=name).stylize.remote(arr), name)
+    return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
+
+
+@router.post("/v1/classify", summary="The critic's labels for the uploaded image, most likely first")
+async def classify(image: UploadFile = File(...), model: str | None = Form(None),
+                   top_k: int | None = Form(None, ge=1), api=CurrentIngress):
+    card = await api.resolve(model, ("critic",), "/v1/classify")
+    name = card["name"]
+    arr = await api.read_image(image, min(512, api.settings.max_side_limit))  # the critic sees <= 128 px anyway
+    probs = await api.await_model(api.handles[name].classify.remote(arr), name)
+    ranked = sorted(zip(card["labels"], probs), key=lambda lp: -lp[1])[: top_k or None]
+    return {"model": name, "checkpoint_hash": card["checkpoint_hash"],
+            "labels": [{"label": label, "probability": round(float(p), 6)} for label, p in ranked]}
 

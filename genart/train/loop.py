@@ -1,5 +1,7 @@
 """The one `train_loop_per_worker` every model family trains with (Ray Train V2 + DDP); the family supplies the nets
-and the step, this file supplies data, resume, metrics, checkpoints, samples and validation.
+and the step, this file supplies resume, metrics, checkpoints, samples and validation (the data feed is in
+genart.train.worker_data). It reads as numbered steps: [1] model and optimizers, [2] resume, [3] data, [4] the
+family's train_step, [5] report / checkpoint, [6] finish.
 
 Every worker calls `ray.train.report` at the same steps, the checkpoint steps only (V2 requires it: report is a
 barrier, and costs seconds). Rank 0 alone saves the checkpoint and writes the run files (genart.train.outputs),
@@ -8,23 +10,21 @@ log rows included; the others report checkpoint=None.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
 import tempfile
 import time
-from typing import Iterator
 
 import torch
 
 from genart import runtime, storage
 from genart.models.training import Precision, set_seed, unwrap
 from genart.train import outputs
-from genart.train.augment import augment_batch
 from genart.train.config import TrainConfig
+from genart.train.worker_data import ValSplit, train_batches
 
-# Validation / sample-grid batch: the critic's confusion-matrix PNG uses up to this many val images.
-VAL_BATCH = 256
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -37,7 +37,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     runtime.quiet_logs(training=True)
     cfg = TrainConfig.model_validate(config["train_config"])
-
     family = models.REGISTRY[cfg.model.family]
     image_size, label_names, run_dir = config["image_size"], config["label_names"], config["run_dir"]
     ctx = ray.train.get_context()
@@ -47,6 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
     # driver's environment already sets it, and it may land after torch has sized its pool.
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
+    # [1] Prepare model and optimizers: the family's nets, trainable ones wrapped in DDP by prepare_model.
     # Same seed on every rank: nets that DDP does not broadcast (EMA copies, loss networks) start identical.
     set_seed(cfg.train.seed)
     nets = family.build(cfg.model, image_size, len(label_names))
@@ -57,6 +57,73 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotuned conv kernels, as the inference actors use (fixed shapes)
 
+    # [2] Resume from the newest complete checkpoint, if there is one (nets, optimizers, GradScalers, RNG streams).
+    start_step = _resume(run_dir, cfg.train.seed, nets, opts, precision, rank)
+    files = outputs.RunFiles(run_dir, start_step) if rank == 0 else None
+    val = ValSplit() if rank == 0 else None
+    if rank == 0:
+        verb = f"resumed from {outputs.checkpoint_name(start_step)}" if start_step else "started"
+        _say(f"{cfg.model.family}: {verb} on {world} worker(s), {device}; training to step {cfg.train.max_steps}")
+
+    # [3] Data: this worker's shard of the train split as endless augmented batches; rank 0 also keeps the val split
+    # and the fixed inputs of the sample grid (from the first val batch, else from the first train batch).
+    augment = cfg.data.augment or family.default_augment
+    data_seed = _seed(cfg.train.seed, "data", rank, start_step)  # never shared by two ranks, nor by two resumes
+    batches = train_batches(cfg, device, augment, data_seed, cached=config.get("cached", False))
+    fixed = _fixed_inputs(family, cfg, image_size, label_names, val.example(label_names)) if rank == 0 else None
+
+    window = _Window()
+    stop = outputs.stop_request(run_dir)
+    step, stopping = start_step, False
+    while step < cfg.train.max_steps and not stopping:
+        # [4] Train step: the family's own (forward, losses, backward, optimizer steps); it returns scalar metrics.
+        batch = next(batches)
+        if rank == 0 and fixed is None:
+            fixed = _fixed_inputs(family, cfg, image_size, label_names, {**batch, "label_names": label_names})
+        window.add(family.train_step(cfg.model, nets, opts, batch, step, precision))
+        step += 1
+
+        # [5] Report / checkpoint, every log_every_steps and at every checkpoint step.
+        at_checkpoint = step % cfg.train.checkpoint_every_steps == 0 or step == cfg.train.max_steps
+        if step % cfg.train.log_every_steps and not at_checkpoint:
+            continue
+        # Everything below runs on every rank at the same steps (steps count alike everywhere), because it holds
+        # collectives: the stop broadcast, the RNG gather, the metric all-reduce, and ray.train.report.
+        # A preempted driver asked for a checkpoint now (trainer._checkpoint_on_sigterm): save one and return.
+        stopping = _stop_requested(stop, rank, world)
+        at_checkpoint = at_checkpoint or stopping
+        # Every rank's RNG streams go into the checkpoint, so a resumed rank draws the noise it would have drawn.
+        rng_ranks = _gather_rng(world) if at_checkpoint else None
+        row = {"step": step, **window.means(world), "images_per_second": window.rate(cfg.data.batch_size * world),
+               "start_step": start_step}
+        if not at_checkpoint:
+            # Log rows go to metrics.jsonl and the progress line only, not through ray.train.report: a report
+            # costs ~2 s here (a cross-rank barrier through Ray actors), which at every log step cost 40 % of
+            # the throughput (bench/bench_train.py).
+            if rank == 0:
+                _log(files, row, cfg, flush=not storage.is_s3(run_dir))
+        # ray.train.report is a barrier in Train V2: every rank must call it the same number of times, at the same
+        # steps. All ranks report exactly once per checkpoint step and nowhere else; only rank 0 carries the files.
+        elif rank == 0:
+            meta = {"family": cfg.model.family, "config": cfg.model_dump(mode="json"), "image_size": image_size,
+                    "label_names": label_names, "precision": precision.state_dict(), "rng_ranks": rng_ranks}
+            with _saved_checkpoint(family, cfg, nets, opts, val, row, meta) as (checkpoint, ranked_row):
+                ray.train.report(ranked_row, checkpoint=checkpoint, checkpoint_dir_name=outputs.checkpoint_name(step))
+            _after_checkpoint(files, family, cfg, nets, fixed, row)
+        else:
+            ray.train.report(row, checkpoint=None, checkpoint_dir_name=outputs.checkpoint_name(step))
+        # The next window starts where this one was measured (report time counts), except after a checkpoint:
+        # validation, saving and sample grids do not count against images_per_second.
+        window.reset(None if at_checkpoint else window.measured)
+
+    # [6] Finish: the last step (max_steps, or the one a stop request named) was a checkpoint step, so every
+    # rank has reported it and rank 0 has written its files; TorchTrainer.fit returns on the driver, which
+    # prints the run summary (trainer.summarize).
+
+
+def _resume(run_dir: str, seed: int, nets: dict, opts: dict, precision: Precision, rank: int) -> int:
+    """Restore the checkpoint to resume from into nets, opts and precision; returns its step (0: a fresh run).
+    Seeds this rank's noise stream unless the checkpoint held it."""
     start_step, restored_rng = 0, False
     checkpoint = _resume_checkpoint(run_dir)
     if checkpoint:
@@ -67,62 +134,22 @@ def train_loop_per_worker(config: dict) -> None:
             state = restore_training(local, nets, opts, precision, rank=rank)
         start_step, restored_rng = int(state["step"]), bool(state.get("rng_restored"))
     if not restored_rng:  # a fresh run (or an old checkpoint with one RNG): different noise per rank
-        set_seed(_seed(cfg.train.seed, "noise", rank, start_step))
-    files = outputs.RunFiles(run_dir, start_step) if rank == 0 else None
-    val = _Val() if rank == 0 else None
-    fixed = None
-    if rank == 0:
-        verb = f"resumed from {outputs.checkpoint_name(start_step)}" if start_step else "started"
-        _say(f"{cfg.model.family}: {verb} on {world} worker(s), {device}; training to step {cfg.train.max_steps}")
-        example = val.example(label_names)
-        if example is not None:
-            fixed = family.fixed_inputs(cfg.model, image_size, len(label_names), example)
-
-    augment = cfg.data.augment or family.default_augment
-    data_seed = _seed(cfg.train.seed, "data", rank, start_step)  # never shared by two ranks, nor by two resumes
-    batches = _batches(cfg, device, augment, data_seed, cached=config.get("cached", False))
-    window = _Window()
-    stop = outputs.stop_request(run_dir)
-    step, stopping = start_step, False
-    while step < cfg.train.max_steps and not stopping:
-        batch = next(batches)
-        if rank == 0 and fixed is None:  # no val split: the first train batch feeds the sample grid
-            example = {**{k: v.detach().cpu() for k, v in batch.items()}, "label_names": label_names}
-            fixed = family.fixed_inputs(cfg.model, image_size, len(label_names), example)
-        window.add(family.train_step(cfg.model, nets, opts, batch, step, precision))
-        step += 1
-        at_checkpoint = step % cfg.train.checkpoint_every_steps == 0 or step == cfg.train.max_steps
-        if step % cfg.train.log_every_steps and not at_checkpoint:
-            continue
-        # A preempted driver asked for a checkpoint now (trainer._checkpoint_on_sigterm): save one and return.
-        stopping = _stop_requested(stop, rank, world)
-        at_checkpoint = at_checkpoint or stopping
-        # Every rank's RNG streams go into the checkpoint, so a resumed rank draws the noise it would have drawn.
-        rng_ranks = _gather_rng(world) if at_checkpoint else None
-        # means() is a collective too: every rank reaches it at the same steps (steps count alike everywhere).
-        row = {"step": step, **window.means(world), "images_per_second": window.rate(cfg.data.batch_size * world), "start_step": start_step}
-        if not at_checkpoint:
-            # Log rows go to metrics.jsonl and the progress line only, not through ray.train.report: a report
-            # costs ~2 s here (a cross-rank barrier through Ray actors), which at every log step cost 40 % of
-            # the throughput (bench/bench_train.py).
-            if rank == 0:
-                _log(files, row, cfg, flush=not storage.is_s3(run_dir))
-        elif rank != 0:
-            # report is a barrier in Train V2: every rank must call it the same number of times, at the same steps.
-            # All ranks report exactly once per checkpoint step and nowhere else; only rank 0 carries the files.
-            ray.train.report(row, checkpoint=None, checkpoint_dir_name=outputs.checkpoint_name(step))
-        else:
-            meta = {"family": cfg.model.family, "config": cfg.model_dump(mode="json"), "image_size": image_size,
-                    "label_names": label_names, "precision": precision.state_dict()}
-            _checkpoint_and_report(family, cfg, nets, opts, val, row, {**meta, "rng_ranks": rng_ranks})
-            _after_checkpoint(files, family, cfg, nets, fixed, row)
-        # The next window starts where this one was measured (report time counts), except after a checkpoint:
-        # validation, saving and sample grids do not count against images_per_second.
-        window.reset(None if at_checkpoint else window.measured)
+        set_seed(_seed(seed, "noise", rank, start_step))
+    return start_step
 
 
-def _checkpoint_and_report(family, cfg: TrainConfig, nets: dict, opts: dict, val: "_Val", row: dict, meta: dict) -> None:
-    """Rank 0: validate, save every net + optimizer + RNG into a temp folder, report it as step-XXXXXX."""
+def _fixed_inputs(family, cfg: TrainConfig, image_size: int, label_names: list[str], example: dict | None) -> dict | None:
+    """The family's fixed sample-grid inputs (same latents/images at every checkpoint), from an example batch."""
+    if example is None:
+        return None
+    example = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
+    return family.fixed_inputs(cfg.model, image_size, len(label_names), example)
+
+
+@contextlib.contextmanager
+def _saved_checkpoint(family, cfg: TrainConfig, nets: dict, opts: dict, val: ValSplit, row: dict, meta: dict):
+    """Rank 0: validate (into row), save every net + optimizer + RNG into a temp folder; yields (Checkpoint, the row
+    Ray ranks it by) for ray.train.report, and removes the folder once Ray has copied it to storage."""
     import ray.train
 
     from genart.models.checkpoint import save_checkpoint
@@ -137,8 +164,7 @@ def _checkpoint_and_report(family, cfg: TrainConfig, nets: dict, opts: dict, val
         # Ray keeps checkpoints by this score (CheckpointConfig in trainer.py): one without it ranks last (NaN),
         # here only; metrics.jsonl keeps the row as measured.
         metric, _ = best_metric(cfg)
-        scored = {**row, metric: _finite_or_nan(row.get(metric))}
-        ray.train.report(scored, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=outputs.checkpoint_name(step))
+        yield ray.train.Checkpoint.from_directory(local), {**row, metric: _finite_or_nan(row.get(metric))}
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -192,75 +218,6 @@ def _gather_rng(world: int) -> list:
     return everyone
 
 
-def _batches(cfg: TrainConfig, device, augment: str, seed: int, cached: bool) -> Iterator[dict]:
-    """This worker's shard of the train split as endless augmented (B, ...) batches, a new order every epoch.
-
-    A cached split is read into this worker's memory once and permuted in full each epoch (an exact shuffle of
-    its share, itself a uniform sample: the driver shuffled the split globally). A streamed split comes in a
-    random block order through a shuffle buffer of data.shuffle_buffer_batches batches.
-    """
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    b = cfg.data.batch_size
-    gen = torch.Generator().manual_seed(seed)
-    if cached:
-        # drop_last=False: this worker's whole share; streaming_split(equal=True) gives every worker as many rows
-        parts = list(shard.iter_torch_batches(batch_size=1024, device="cpu"))
-        if not parts:
-            raise RuntimeError("this worker's share of the train split is empty")
-        rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        n = len(rows["image"])
-        if n < b:
-            raise RuntimeError(f"this worker's share of the train split ({n} images) is smaller than data.batch_size={b}")
-        while True:
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n - b + 1, b):  # drop the ragged last batch: equal steps per epoch on every worker
-                idx = order[i : i + b]
-                batch = {k: v[idx].to(device) for k, v in rows.items()}
-                batch["image"] = augment_batch(batch["image"], augment, gen, cfg.data.crop_size)
-                yield batch
-    epoch = 0
-    while True:
-        got = 0
-        # drop_last: every worker gets equally many full batches per epoch (streaming_split(equal=True))
-        for batch in shard.iter_torch_batches(batch_size=b, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer_batches * b,
-                                              local_shuffle_seed=seed + epoch):
-            got += 1
-            batch["image"] = augment_batch(batch["image"], augment, gen, cfg.data.crop_size)
-            yield batch
-        if not got:
-            raise RuntimeError(f"epoch {epoch}: this worker's share of the train split is smaller than data.batch_size={b}")
-        epoch += 1
-
-
-class _Val:
-    """The val split (capped on the driver), read once by rank 0 and kept in memory: every validation sees the
-    same images, without restarting a Ray Data pipeline per checkpoint."""
-
-    def __init__(self):
-        import ray.train
-
-        try:
-            self.shard = ray.train.get_dataset_shard("val")
-        except KeyError:  # the dataset has no val split
-            self.shard = None
-        self.cached: list[dict] | None = None
-
-    def batches(self) -> list[dict]:
-        if self.shard is None:
-            return []
-        if self.cached is None:
-            self.cached = list(self.shard.iter_torch_batches(batch_size=VAL_BATCH, device="cpu"))
-        return self.cached
-
-    def example(self, label_names: list[str]) -> dict | None:
-        """The first val batch (up to VAL_BATCH images) for the fixed sample grid; None without a val split."""
-        batches = self.batches()
-        return {**batches[0], "label_names": label_names} if batches else None
-
-
 # ---------------------------------------------------------------- metrics and checkpoints (rank 0)
 
 
@@ -295,7 +252,7 @@ class _Window:
         return round(self.steps * images_per_step / max(1e-9, self.measured - self.started), 2)
 
 
-def _validate(family, cfg: TrainConfig, nets: dict, val: _Val) -> dict:
+def _validate(family, cfg: TrainConfig, nets: dict, val: ValSplit) -> dict:
     batches = val.batches()
     if not batches:
         return {}
@@ -309,9 +266,9 @@ def _run_eval(cfg: TrainConfig, local_checkpoint: str, step: int) -> dict:
     nth_checkpoint = step // cfg.train.checkpoint_every_steps
     if every <= 0 or (nth_checkpoint % every and step != cfg.train.max_steps):
         return {}
-    from genart.train.trainer import _evaluator
+    from genart.train.trainer import evaluator
 
-    scores = _evaluator()(local_checkpoint, cfg.data.path, cfg.eval)
+    scores = evaluator()(local_checkpoint, cfg.data.path, cfg.eval)
     return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in scores.items()}
 
 

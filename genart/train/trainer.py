@@ -257,7 +257,7 @@ def _check_gpus(cfg: TrainConfig, address: str | None) -> None:
                         f"set scaling.use_gpu=false or run on a GPU cluster with --address")
 
 
-def _evaluator():
+def evaluator():
     """genart.evaluate.score_checkpoint, imported only when a run asks for it."""
     try:
         from genart.evaluate import score_checkpoint
@@ -268,7 +268,7 @@ def _evaluator():
 
 def _check_eval(cfg: TrainConfig) -> None:
     """The evaluation must be able to run on rank 0 (family, feature network) and name the best_metric it reports."""
-    _evaluator()
+    evaluator()
     from genart.evaluate import check_features, metric_keys
     from genart.evaluate.scoring import GENERATIVE_FAMILIES
 
