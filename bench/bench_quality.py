@@ -531,7 +531,7 @@ def main() -> None:
     result: dict = {"benchmark": "quality", "config": {k: v for k, v in vars(args).items()}, "thresholds": {
         "recognised_prob": RECOGNISED_PROB, "hole": "output luma < 0.06 where content > 0.25, or > 0.94 where content < 0.75",
         "blowout": "an output channel < 0.02 or > 0.98 where all content channels were in 0.1..0.9",
-        "blotch": "output luma (9x9 mean) > 0.1 below the content's and under half of it", **GOALS}, "ray_init_s": round(ray_init_s, 1)}
+        "blotch": "output luma (9x9 mean) > 0.06 below the content's and under half of it", **GOALS}, "ray_init_s": round(ray_init_s, 1)}
     with tempfile.TemporaryDirectory(prefix="genart-bench-quality-") as root:
         log(f"preparing {args.images} synthetic images and the shipped paintings in {root}")
         synth, paintings = prepare_data(root, args.images, args.content_size)

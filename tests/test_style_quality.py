@@ -68,8 +68,10 @@ def test_shifts_that_are_no_blotch():
     assert blotch_share(content, bluer_sky) == 0.0
     dimmer = content * 0.85  # the whole picture a little darker: every local drop is under BLOTCH_DROP
     assert blotch_share(content, dimmer) == 0.0
-    dark = np.full((1, 3, 24, 24), 0.06)
+    dark = np.full((1, 3, 24, 24), 0.04)
     assert blotch_share(dark, dark * 0.3) == 0.0  # near-black content made blacker: the drop is too small to see
+    hill = np.full((1, 3, 24, 24), 0.11)  # a dark hill's luma (Sargent's near Grasse) turned black is a blotch
+    assert blotch_share(hill, hill * 0.1) == 1.0
 
 
 def test_blotch_share_is_pixel_weighted_over_images():
