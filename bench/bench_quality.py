@@ -431,7 +431,7 @@ def pairs_sheet(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: str, heigh
 
 def bench_style(args, paintings: str, runs: str) -> dict:
     from genart.data.images import to_tensor01
-    from genart.evaluate.style_quality import EDGE_CORRELATION_GOAL, blowout_share, colour_pull, edge_correlation, hole_share
+    from genart.evaluate.style_quality import EDGE_CORRELATION_GOAL, blotch_share, blowout_share, colour_pull, edge_correlation, hole_share
     from genart.models import model_section
     from genart.models.style import load_style_image
 
@@ -447,15 +447,18 @@ def bench_style(args, paintings: str, runs: str) -> dict:
         outputs.append(model.stylize(x)[0])
         names.append(name)
     per_image = {name: {"hole_share": round(hole_share([c], [o]), 4), "blowout_share": round(blowout_share([c], [o]), 4),
+                        "blotch_share": round(blotch_share([c], [o]), 4),
                         "edge_correlation": round(edge_correlation([c], [o]), 4), "colour_pull": round(colour_pull([c], [o], style01), 4)}
                  for name, c, o in zip(names, contents, outputs)}
     return {
         "steps": args.steps_style, "style_image": args.style_image, "images": len(names), "max_side": STYLIZE_MAX_SIDE,
         "hole_share": round(hole_share(contents, outputs), 5), "blowout_share": round(blowout_share(contents, outputs), 5),
+        "blotch_share": round(blotch_share(contents, outputs), 5),
         "edge_correlation": round(edge_correlation(contents, outputs), 4), "edge_correlation_goal": EDGE_CORRELATION_GOAL,
         "colour_pull": round(colour_pull(contents, outputs, style01), 4),
         "worst_image": {"hole_share": max(per_image.items(), key=lambda kv: kv[1]["hole_share"])[0],
                         "blowout_share": max(per_image.items(), key=lambda kv: kv[1]["blowout_share"])[0],
+                        "blotch_share": max(per_image.items(), key=lambda kv: kv[1]["blotch_share"])[0],
                         "edge_correlation": min(per_image.items(), key=lambda kv: kv[1]["edge_correlation"])[0]},
         "per_image": per_image,
         **times,
@@ -527,7 +530,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result: dict = {"benchmark": "quality", "config": {k: v for k, v in vars(args).items()}, "thresholds": {
         "recognised_prob": RECOGNISED_PROB, "hole": "output luma < 0.06 where content > 0.25, or > 0.94 where content < 0.75",
-        "blowout": "an output channel < 0.02 or > 0.98 where all content channels were in 0.1..0.9", **GOALS}, "ray_init_s": round(ray_init_s, 1)}
+        "blowout": "an output channel < 0.02 or > 0.98 where all content channels were in 0.1..0.9",
+        "blotch": "output luma (9x9 mean) > 0.06 below the content's and under half of it", **GOALS}, "ray_init_s": round(ray_init_s, 1)}
     with tempfile.TemporaryDirectory(prefix="genart-bench-quality-") as root:
         log(f"preparing {args.images} synthetic images and the shipped paintings in {root}")
         synth, paintings = prepare_data(root, args.images, args.content_size)

@@ -1,4 +1,4 @@
-"""genart.evaluate.style_quality on synthetic arrays: holes, edge correlation, colour pull (fast, no Ray)."""
+"""genart.evaluate.style_quality on synthetic arrays: holes, blotches, edge correlation, colour pull (fast, no Ray)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from genart.evaluate.style_quality import blowout_share, colour_pull, edge_correlation, hole_share
+from genart.evaluate.style_quality import blotch_share, blowout_share, colour_pull, edge_correlation, hole_share
 
 
 def _scene(seed: int = 0, size: int = 32) -> np.ndarray:
@@ -44,12 +44,52 @@ def test_dark_content_that_stays_dark_is_no_hole():
     assert hole_share(content, content) == 0.0
 
 
+def _dark_hill(size: int = 48) -> np.ndarray:
+    """(1, 3, S, S): a light sky (0.8) over a dark hill (0.2, the lower half) with faint stripes, like a dark painted hill."""
+    img = np.full((1, 3, size, size), 0.8)
+    img[..., size // 2 :, :] = 0.2 + 0.03 * (np.arange(size) % 4 == 0)  # (S/2, S) broadcast over rows
+    return img
+
+
+def test_dark_blob_on_a_dark_hill_is_a_blotch_but_no_hole():
+    content = _dark_hill()
+    blotched = content.copy()
+    blotched[..., 28:44, 10:34] = 0.07  # brown-black patch on the hill: luma > HOLE_DARK_OUT, content not > 0.25
+    assert hole_share(content, blotched) == 0.0  # the hole metric cannot see it (the content was dark)
+    share = blotch_share(content, blotched)
+    assert 0.5 * 384 / 48**2 < share <= 384 / 48**2  # most of the patch (the 9x9 window shaves its rim)
+    assert blotch_share(content, content) == 0.0
+
+
+def test_shifts_that_are_no_blotch():
+    content = _dark_hill()
+    bluer_sky = content.copy()
+    bluer_sky[:, :, :24] = np.array([0.45, 0.6, 0.9])[:, None, None]  # cream sky repainted blue: luma 0.8 -> 0.6
+    assert blotch_share(content, bluer_sky) == 0.0
+    dimmer = content * 0.85  # the whole picture a little darker: every local drop is under BLOTCH_DROP
+    assert blotch_share(content, dimmer) == 0.0
+    dark = np.full((1, 3, 24, 24), 0.04)
+    assert blotch_share(dark, dark * 0.3) == 0.0  # near-black content made blacker: the drop is too small to see
+    hill = np.full((1, 3, 24, 24), 0.11)  # a dark hill's luma (Sargent's near Grasse) turned black is a blotch
+    assert blotch_share(hill, hill * 0.1) == 1.0
+
+
+def test_blotch_share_is_pixel_weighted_over_images():
+    content = np.concatenate([_dark_hill(), _dark_hill()])
+    output = content.copy()
+    output[0, :, 28:44, 10:34] = 0.07
+    one = blotch_share(content[:1], output[:1])
+    assert blotch_share(content, output) == pytest.approx(one / 2)
+    assert blotch_share(torch.from_numpy(content), torch.from_numpy(output)) == pytest.approx(one / 2)
+
+
 def test_identity_output_keeps_every_edge_and_colour():
     content = np.concatenate([_scene(0), _scene(1)])
     style = np.random.default_rng(2).uniform(0, 1, size=(3, 24, 20))  # any size
     assert edge_correlation(content, content) == pytest.approx(1.0)
     assert colour_pull(content, content, style) == pytest.approx(0.0, abs=1e-9)
     assert hole_share(content, content) == 0.0
+    assert blotch_share(content, content) == 0.0
 
 
 def test_edges_lost_and_colours_pulled():

@@ -1,7 +1,8 @@
-"""Style-transfer quality without a reference network: holes punched into the picture, edges kept, colours pulled.
+"""Style-transfer quality without a reference network: holes and blotches in the picture, edges kept, colours pulled.
 
     holes = hole_share(content, stylized)             # 0 is best; share of pixels blown to black/white
     blobs = blowout_share(content, stylized)          # 0 is best; share of pixels with a channel clipped (e.g. pure blue)
+    blotches = blotch_share(content, stylized)        # 0 is best; share of pixels in dark patches the content did not have
     edges = edge_correlation(content, stylized)       # 1 = the content's edges exactly; goal >= 0.35
     pull = colour_pull(content, stylized, style)      # > 0 = RGB statistics moved toward the style image's
 Images are (N, 3, H, W) (or a list of (3, H, W), sizes may differ between images) in [0, 1], NumPy or torch.
@@ -28,6 +29,12 @@ HOLE_BRIGHT_OUT, HOLE_BRIGHT_CONTENT = 0.94, 0.75
 # A "blow-out": some output channel clipped (< 0.02 or > 0.98) where every content channel was mid-range
 # (0.1 .. 0.9). Catches saturated colour blobs (pure blue has luma 0.11: no hole, but the detail is gone).
 BLOWOUT_OUT, BLOWOUT_CONTENT = 0.02, 0.1
+# A "blotch": a dark patch a person sees even where no pixel is near-black, e.g. a dark hill painted brown-black.
+# The output's local luma (BLOTCH_WINDOW x BLOTCH_WINDOW mean) is both BLOTCH_DROP below the content's and under
+# BLOTCH_RATIO times it. The drop alone also flags a cream sky repainted blue (0.85 -> 0.65: a colour change,
+# not a blotch); the ratio alone flags tiny shifts of near-black content (0.04 -> 0.01) that nobody sees. The
+# drop is small because dark hills are dark: Grasse's is luma 0.08-0.13, and its blotches are 0.0.
+BLOTCH_WINDOW, BLOTCH_DROP, BLOTCH_RATIO = 9, 0.06, 0.5
 EDGE_CORRELATION_GOAL = 0.35
 
 
@@ -91,6 +98,23 @@ def blowout_share(content: Images, output: Images) -> float:
     return hits / pixels
 
 
+def blotch_mask(content: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """(3, H, W) content and output -> (H, W) bool: pixels inside a blotch (see BLOTCH_*)."""
+    local_content = scipy.ndimage.uniform_filter(luminance(content), BLOTCH_WINDOW, mode="reflect")
+    local_output = scipy.ndimage.uniform_filter(luminance(output), BLOTCH_WINDOW, mode="reflect")
+    return (local_content - local_output > BLOTCH_DROP) & (local_output < BLOTCH_RATIO * local_content)
+
+
+def blotch_share(content: Images, output: Images) -> float:
+    """Share of all pixels (pixel-weighted) inside dark patches the output added over the content (`blotch_mask`)."""
+    hits = pixels = 0
+    for c, o in _pairs(content, output):
+        mask = blotch_mask(c, o)
+        hits += int(mask.sum())
+        pixels += mask.size
+    return hits / pixels
+
+
 def sobel_magnitude(gray: np.ndarray) -> np.ndarray:
     """(H, W) -> (H, W) gradient magnitude of the 3x3 Sobel filters (reflected borders)."""
     return np.hypot(scipy.ndimage.sobel(gray, axis=0, mode="reflect"), scipy.ndimage.sobel(gray, axis=1, mode="reflect"))
@@ -139,10 +163,11 @@ def colour_pull(content: Images, output: Images, style: Images) -> float:
 
 
 def style_quality(content: Images, output: Images, style: Images) -> dict[str, float]:
-    """All three metrics at once."""
+    """All the metrics at once."""
     return {"hole_share": hole_share(content, output), "blowout_share": blowout_share(content, output),
+            "blotch_share": blotch_share(content, output),
             "edge_correlation": edge_correlation(content, output), "colour_pull": colour_pull(content, output, style)}
 
 
-__all__ = ["hole_share", "blowout_share", "edge_correlation", "colour_pull", "colour_distance", "style_quality", "luminance",
+__all__ = ["hole_share", "blowout_share", "blotch_share", "blotch_mask", "edge_correlation", "colour_pull", "colour_distance", "style_quality", "luminance",
            "sobel_magnitude", "EDGE_CORRELATION_GOAL"]
