@@ -1,7 +1,8 @@
 """Convolutional beta-VAE (Kingma & Welling 2014; Higgins et al. 2017) for 16-128 px images.
 
-    genart train --config workflows/vae.yaml --set model.beta=4.0
-Loaded: `.sample(seeds)`, `.interpolate(seed_a, seed_b, steps)`, `.reconstruct(x)`.
+    genart train workflows/configs/vae.yaml --set model.beta=4.0
+Loaded: `.sample(seeds, labels)`, `.interpolate(seed_a, seed_b, steps, label)`, `.reconstruct(x)`; class-conditional
+(CVAE) with `model.conditional: true`, as workflows/configs/vae.yaml ships it.
 """
 
 from __future__ import annotations
