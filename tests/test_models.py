@@ -35,6 +35,7 @@ SETTINGS = {
 VARIANTS = {  # extra configurations of registered families worth a full round trip
     "dcgan-conditional-hinge-sn": ("dcgan", {"conditional": True, "loss": "hinge", "spectral_norm": True}, 3),
     "autoregressive-lstm-conditional": ("autoregressive", {"backbone": "lstm", "conditional": True}, 3),
+    "vae-conditional": ("vae", {"conditional": True}, 3),
 }
 
 
