@@ -55,6 +55,13 @@ class VAEConfig(Section):
     # 300 -> FID 46, but the decoder satisfies the linear head with patterns a person does not take for the genre
     # (the gradient label draws a yellow dotted pattern; rarest genre 0-10 % of its share). So 0 = off, the default.
     sample_class_weight: float = Field(0.0, ge=0)
+    # Where prior samples come from. standard: z ~ N(0, I). genre: a Gaussian fitted to each genre's codes (the
+    # encoder's means, their moments tracked while training; ex-post density estimation, Ghosh et al. 2020), and
+    # `sample(seeds, labels)` draws genre labels[i] (default seed % num_labels). The decoder only learns to paint the
+    # codes its encoder gives; N(0, I) draws land between the genres' codes (the judge filed 72 % as "noise"), a
+    # genre's own Gaussian lands among them (bench_quality at 600 steps: see README). Needs labelled data.
+    prior: Literal["standard", "genre"] = "standard"
+    prior_decay: float = Field(0.998, gt=0, lt=1)  # genre prior: per-code decay of the tracked moments (~500 codes)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     grid_size: int = Field(32, ge=2)  # images in the grid at each checkpoint: half recons, half samples
@@ -68,6 +75,38 @@ def _channels(cfg: VAEConfig, level: int) -> int:
 def _norm(ch: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: reconstructions must not depend on what else is in the batch
     return nn.GroupNorm(min(8, ch), ch)
+
+
+class GenrePrior(nn.Module):
+    """One Gaussian per genre over the encoder's codes, fitted as training goes (exponentially weighted moments).
+
+    observe(mu (B, D), labels (B,)) updates it; draw(eps (N, D), labels (N,)) -> z (N, D) = mean_y + L_y eps, with
+    L_y L_y^T the genre's covariance. Before any code is seen it is N(0, I), the standard prior.
+    """
+
+    def __init__(self, num_labels: int, latent_dim: int, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("mean", torch.zeros(num_labels, latent_dim))  # (K, D)
+        self.register_buffer("second", torch.eye(latent_dim).repeat(num_labels, 1, 1))  # (K, D, D): E[z z^T]
+
+    @torch.no_grad()
+    def observe(self, mu: torch.Tensor, labels: torch.Tensor) -> None:
+        mu = mu.detach().float()
+        for k in labels.unique().tolist():
+            codes = mu[labels == k]  # (n, D)
+            w = 1.0 - self.decay ** len(codes)  # the weight n fresh codes get, each decayed as one
+            self.mean[k].lerp_(codes.mean(dim=0), w)
+            self.second[k].lerp_(codes.T @ codes / len(codes), w)
+
+    def draw(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mean = self.mean[labels]  # (N, D)
+        cov = self.second - self.mean[:, :, None] * self.mean[:, None, :]  # (K, D, D)
+        cov = (cov + cov.transpose(1, 2)) / 2
+        # eigen square root, clamped: a covariance from few codes can be a little indefinite; Cholesky would fail
+        vals, vecs = torch.linalg.eigh(cov)
+        root = vecs * vals.clamp(min=1e-6).sqrt()[:, None, :]  # (K, D, D): root @ root^T = cov
+        return mean + (root[labels] @ eps.float()[:, :, None]).squeeze(-1).to(eps.dtype)
 
 
 class VAE(nn.Module):
@@ -102,6 +141,7 @@ class VAE(nn.Module):
             cin = cout
         dec += [nn.ConvTranspose2d(cin, 3, 4, 2, 1), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
+        self.prior = GenrePrior(num_labels, cfg.latent_dim, cfg.prior_decay) if cfg.prior == "genre" else None
 
     def _with_label(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if self.embed is None:
@@ -174,16 +214,23 @@ def _loss_terms(cfg: VAEConfig, x: torch.Tensor, x_hat: torch.Tensor, mu: torch.
     return {"loss": nll + cfg.beta * kl, "nll": nll, "kl": kl, "recon_mse": mse, "sigma": s2.sqrt() / 2}
 
 
+def _decode_prior(vae: VAE, eps: torch.Tensor, labels: torch.Tensor | None, decoder_labels: bool) -> torch.Tensor:
+    """Prior samples: standard-normal draws `eps` (N, D) through the prior (genre: mean_y + L_y eps), decoded."""
+    z = vae.prior.draw(eps, labels) if vae.prior is not None else eps
+    return vae.decode(z, labels if decoder_labels else None)
+
+
 class VAELoaded(GenerativeLoaded):
     family = "vae"
 
     def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: VAEConfig):
         super().__init__({"vae": nets["vae"]}, meta, checkpoint_hash)
         self.latent_dim = cfg.latent_dim
-        self.conditional = cfg.conditional
+        self.conditional = cfg.conditional or cfg.prior == "genre"  # labels choose the genre of a sample
+        self.decoder_labels = cfg.conditional  # the CVAE's decoder also takes them
 
     def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.nets["vae"].decode(z, labels)
+        return _decode_prior(self.nets["vae"], z, labels, self.decoder_labels)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +243,7 @@ class VAELoaded(GenerativeLoaded):
         small = nn.functional.interpolate(x.to(self.device).float(), size=(s, s), mode="bilinear", antialias=True,
                                           align_corners=False) * 2 - 1  # (N, 3, S, S) in [-1, 1]
         vae = self.nets["vae"]
-        labels = vae.genre(small) if self.conditional else None  # no label comes with the picture: the encoder's guess
+        labels = vae.genre(small) if self.decoder_labels else None  # no label comes with the picture: the encoder's guess
         mu, _ = vae.encode(small, labels)
         out = (vae.decode(mu, labels) + 1) / 2
         if (h, w) != out.shape[-2:]:
@@ -216,6 +263,9 @@ class VAEFamily:
     def build(self, cfg: VAEConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
         check_conditional(cfg.conditional, num_labels)
+        if cfg.prior == "genre" and num_labels < 2:
+            raise UserError("model.prior=genre fits one Gaussian per genre and needs a labelled dataset with at least 2 "
+                            "classes (one folder per class); for unlabelled images use --set model.prior=standard")
         return {"vae": VAE(cfg, image_size, max(num_labels, 1))}
 
     def trainable(self) -> tuple[str, ...]:
@@ -231,7 +281,7 @@ class VAEFamily:
         vae = nets["vae"]
         vae.train()
         x = batch["image"]  # (B, 3, H, W) in [-1, 1]
-        labels = labels_of(batch, required=cfg.conditional)  # (B,) or None
+        labels = labels_of(batch, required=cfg.conditional or cfg.prior == "genre")  # (B,) or None
         with precision.autocast():
             sample_term = cfg.conditional and cfg.sample_class_weight > 0
             x_hat, mu, logvar, logits, *sample_logits = vae(x, labels, sample_term)
@@ -245,6 +295,8 @@ class VAEFamily:
             loss = loss + cfg.sample_class_weight * terms["sample_class_loss"]
         opts["vae"].zero_grad(set_to_none=True)
         precision.step("vae", loss, opts["vae"])
+        if cfg.prior == "genre":  # on every rank; under DDP rank 0's buffers are broadcast at the next forward
+            unwrap(vae).prior.observe(mu, labels)
         return finite({k: terms[k].item() for k in ("loss", "recon_mse", "kl", "sigma", "class_loss", "sample_class_loss") if k in terms}, "vae")
 
     def before_checkpoint(self, cfg, nets: dict) -> None:
@@ -275,8 +327,9 @@ class VAEFamily:
     def fixed_inputs(self, cfg: VAEConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
         half = cfg.grid_size // 2
         fixed = {"images": example_batch["image"][:half].detach().cpu().float(), "z": latents(range(half), cfg.latent_dim)}
-        if cfg.conditional:  # samples: genres in turn, as `.sample` does; reconstructions: their images' own labels
+        if cfg.conditional or cfg.prior == "genre":  # samples: genres in turn, as `.sample` does
             fixed["labels"] = torch.tensor([default_label(s, max(num_labels, 1)) for s in range(half)])
+        if cfg.conditional:  # reconstructions: their images' own labels
             fixed["real_labels"] = example_batch["label"][:half].detach().cpu().long().clamp(min=0)
         return fixed
 
@@ -290,7 +343,7 @@ class VAEFamily:
             recon = vae.decode(vae.encode(x, real_labels)[0], real_labels)
             z = fixed["z"].to(device)
             labels = None if fixed.get("labels") is None else fixed["labels"].to(device)
-            samples = vae.decode(z, labels)
+            samples = _decode_prior(vae, z, labels, cfg.conditional)
         nrow = max(1, int(math.ceil(math.sqrt(len(x) + len(samples)))))
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2n, 3, S, S): real, recon, real, recon, ...
         return make_grid((torch.cat([pairs, samples]).float() + 1) / 2, nrow=nrow + nrow % 2)
