@@ -276,7 +276,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
         raise UserError(f"--num {num}: must be >= 1")
     if not 0 <= seed < 2**31:
         raise UserError(f"--seed {seed}: must be between 0 and 2**31 - 1")
-    from genart.models.sampling import check_truncation, default_label, parse_label
+    from genart.models.sampling import check_truncation, parse_label, seed_labels
 
     check_truncation(truncation, "--truncation")
     if fmt not in ("png", "parquet"):
@@ -325,7 +325,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
             if f"seed {seed} index {i}" in failed:
                 continue
             z = stages.latent_seed(seed, i)
-            lab = (label_index if label_index is not None else default_label(z, len(names))) if conditional else None
+            lab = seed_labels([z], label_index, len(names))[0] if conditional else None
             lines.append(json.dumps({"file": stages.image_name(seed, i, num, ext), "seed": seed, "index": i,
                                      "latent_seed": z, "label": lab, "label_name": None if lab is None else names[lab],
                                      "truncation": truncation}))
