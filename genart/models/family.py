@@ -189,7 +189,8 @@ def in_passes(forward, x: torch.Tensor, device: torch.device):
 
 class InferenceSetup:
     """Where and how a loaded model runs its forward passes: written once for the batch actors
-    (`genart.infer.stages.ModelActor`) and the Serve replicas (`genart.serve.deployments`).
+    (`genart.infer.stages.ModelActor`), the Serve replicas (`genart.serve.deployments`) and the critic feature
+    extractor (`genart.evaluate.features.CriticExtractor`).
 
     On a GPU: cuDNN flags set for the whole process (autotuned kernels, or deterministic ones with
     `deterministic`), channels-last weights and inputs, and bf16 (fp16 where bf16 is missing) autocast unless
