@@ -282,6 +282,29 @@ def test_cache_key_holds_resolution_and_preprocessing_version(dataset, checkpoin
     assert at16.path != at8.path and not np.allclose(at16.mean, at8.mean)
 
 
+def test_critic_features_run_in_the_inference_setup_and_stay_fp32_on_cpu(checkpoints):
+    """The critic extractor (genart index / evaluate / audit, Serve's SearchModel) runs its passes in the
+    InferenceSetup the batch actors and replicas use: on a CPU that is plain fp32, bit-identical to
+    Loaded.embed; with autocast on (what a GPU gets) the forward passes really run in bf16."""
+    from genart.evaluate.features import build_extractor
+    from genart.evaluate.preprocess import network_input
+    from genart.models.family import InferenceSetup
+
+    extractor = build_extractor(f"critic:{checkpoints['critic']}", device="cpu")
+    assert extractor.setup.describe()["precision"] == "float32" and not extractor.setup.channels_last
+    pixels = np.random.default_rng(3).integers(0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    with torch.no_grad():
+        plain = extractor.model.embed(network_input(pixels, IMAGE_SIZE)).numpy()
+    features = extractor(pixels)
+    assert features.dtype == np.float32
+    np.testing.assert_array_equal(features, plain)
+
+    extractor.setup = InferenceSetup(autocast=True)  # bf16 autocast on the CPU, as a GPU setup enters it
+    low = extractor(pixels)
+    assert low.dtype == np.float32 and not np.array_equal(low, plain)
+    np.testing.assert_allclose(low, plain, atol=0.05 * float(np.abs(plain).max()) + 1e-3)
+
+
 # ---------------------------------------------------------------- cache, score_checkpoint, CLI (real Ray Data)
 
 

@@ -181,7 +181,7 @@ def test_conditional_dcgan_labels():
 
 
 def test_one_label_rule():
-    from genart.models.sampling import default_label, parse_label
+    from genart.models.sampling import default_label, parse_label, seed_labels
 
     names = ["stripes", "circles", "grid"]
     assert [parse_label(v, names) for v in ("grid", 2, "2", None)] == [2, 2, 2, None]
@@ -191,6 +191,8 @@ def test_one_label_rule():
     with pytest.raises(UserError, match="not class-conditional"):
         parse_label(0, names, conditional=False)
     assert [default_label(s, 3) for s in (0, 4, 2**32 + 5)] == [0, 1, (2**32 + 5) % 3]
+    assert seed_labels([0, 4, 5], None, 3) == [0, 1, 2]  # no label: each seed's default
+    assert seed_labels([0, 4, 5], 1, 3) == [1, 1, 1]  # a label: every seed gets it
 
 
 def test_unsupported_size_is_a_user_error():

@@ -20,7 +20,7 @@ import torch
 from genart import storage
 from genart.errors import UserError, one_line
 from genart.evaluate.preprocess import network_input
-from genart.models.family import in_passes
+from genart.models.family import InferenceSetup, in_passes
 
 DEFAULT_FEATURES = "inception"
 INCEPTION_SIZE = 299
@@ -180,8 +180,12 @@ class CriticExtractor(Extractor):
     def __init__(self, uri: str, device: torch.device | str | None = None):
         from genart import models
 
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = models.load(uri, family="critic").to(self.device)
+        device = torch.device(device) if device is not None else default_device()
+        # how the batch actors and Serve replicas run a model: on a GPU channels-last and bf16/fp16 autocast,
+        # on a CPU plain fp32 (features bit-identical to Loaded.embed's)
+        self.setup = InferenceSetup(use_gpu=device.type == "cuda")
+        self.device = self.setup.device
+        self.model = self.setup.place(models.load(uri, family="critic"))
         self.input_size = self.model.image_size
         self.resize = f"center crop + Lanczos (genart.data.images.model_input) to {self.input_size} px, the critic's input"
         digest = self.model.checkpoint_hash
@@ -189,10 +193,11 @@ class CriticExtractor(Extractor):
         self.label = f"critic features: {digest[:12]}"
         self.dim = int(self(np.zeros((1, self.input_size, self.input_size, 3), np.uint8)).shape[1])
 
-    @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
         x = network_input(images, self.input_size)  # (N, 3, S, S) in [0, 1]; embed's own resize is then a no-op
-        return in_passes(lambda chunk: self.model.embed(chunk.to(self.device)).float().cpu(), x, self.device).numpy()  # (N, D)
+        with self.setup.inference():  # autocast is per thread: entered here, in the thread that embeds
+            return in_passes(lambda chunk: self.model.embed(self.setup.to_device(chunk)).float().cpu(), x,
+                             self.device).numpy()  # (N, D)
 
 
 def build_extractor(spec: FeatureSpec | str | None, inception_weights: str | None = None, device=None) -> Extractor:

@@ -90,22 +90,11 @@ def parse_concurrency(text: str | int) -> int | tuple[int, int]:
     raise UserError(f"--concurrency {text}: give a number of model actors (e.g. 2) or MIN-MAX (e.g. 1-4)")
 
 
-def _load(uri: str, family: str | tuple[str, ...], command: str):
-    """(resolved checkpoint uri, Loaded) — actors load the resolved one, so all use the same weights."""
-    from genart import models
-
-    loaded = models.load(uri, family=family, command=f"genart {command}")
-    return loaded.meta["checkpoint"], loaded
-
-
-def _load_info(uri: str, family: str | tuple[str, ...], command: str) -> tuple[str, dict]:
-    """(resolved checkpoint uri, its _model_info); the model itself is dropped: the actors load their own."""
-    ckpt, loaded = _load(uri, family, command)
-    return ckpt, _model_info(ckpt, loaded)
-
-
-def _model_info(ckpt: str, loaded) -> dict:
-    return {"checkpoint": ckpt, "family": loaded.family, "hash": loaded.checkpoint_hash, "step": loaded.meta.get("step")}
+def _model_info(loaded) -> dict:
+    """What a job's manifest records about its model (a `models.load` result). "checkpoint" is the resolved
+    checkpoint the actors then load, so all of them use the same weights; the driver's copy is dropped."""
+    return {"checkpoint": loaded.meta["checkpoint"], "family": loaded.family, "hash": loaded.checkpoint_hash,
+            "step": loaded.meta.get("step")}
 
 
 def _write_rows(fmt: str, run: RunOptions) -> int:
@@ -196,7 +185,10 @@ def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | No
     options = {"max_side": max_side, "tile": tile or None, "tile_overlap": tile_overlap, "max_pixels": max_pixels}
     _check_outside(src, out)
     started = time.time()
-    ckpt, info = _load_info(model, ("style",), "stylize")
+    from genart import models
+
+    info = _model_info(models.load(model, family=("style",), command="genart stylize"))
+    ckpt = info["checkpoint"]
     work = _image_work("stylize", src, out, fmt, ext, options, run, info["hash"])
     tally = output.Tally()
     with pipeline_context():
@@ -230,7 +222,10 @@ def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_P
     fmt, options = "parquet", {"max_pixels": max_pixels}
     _check_outside(src, out)
     started = time.time()
-    ckpt, info = _load_info(model, ("critic",), "score")
+    from genart import models
+
+    info = _model_info(models.load(model, family=("critic",), command="genart score"))
+    ckpt = info["checkpoint"]
     work = _image_work("score", src, out, fmt, None, options, run, info["hash"])
     tally = output.Tally()
     with pipeline_context():
@@ -276,16 +271,17 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
         raise UserError(f"--num {num}: must be >= 1")
     if not 0 <= seed < 2**31:
         raise UserError(f"--seed {seed}: must be between 0 and 2**31 - 1")
-    from genart.models.sampling import check_truncation, default_label, parse_label
+    from genart.models.sampling import check_truncation, parse_label, seed_labels
 
     check_truncation(truncation, "--truncation")
     if fmt not in ("png", "parquet"):
         raise UserError(f"--format {fmt}: must be png or parquet")
     started = time.time()
-    from genart.models import GENERATIVE
+    from genart import models
 
-    ckpt, loaded = _load(model, GENERATIVE, "generate")
-    info = _model_info(ckpt, loaded)
+    loaded = models.load(model, family=models.GENERATIVE, command="genart generate")
+    info = _model_info(loaded)
+    ckpt = info["checkpoint"]
     conditional, names = bool(getattr(loaded, "conditional", False)), loaded.label_names
     del loaded
     label_index = parse_label(label, names, conditional, "--label")
@@ -325,7 +321,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
             if f"seed {seed} index {i}" in failed:
                 continue
             z = stages.latent_seed(seed, i)
-            lab = (label_index if label_index is not None else default_label(z, len(names))) if conditional else None
+            lab = seed_labels([z], label_index, len(names))[0] if conditional else None
             lines.append(json.dumps({"file": stages.image_name(seed, i, num, ext), "seed": seed, "index": i,
                                      "latent_seed": z, "label": lab, "label_name": None if lab is None else names[lab],
                                      "truncation": truncation}))

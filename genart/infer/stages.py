@@ -232,12 +232,11 @@ class GenerateActor(ModelActor):
     family = "generative"  # models.GENERATIVE: any family the registry marks generative
 
     def labels_for(self, seeds: list[int]) -> list[int] | None:
-        from genart.models.sampling import default_label
+        from genart.models.sampling import seed_labels
 
-        label = self.options.get("label")
         if not getattr(self.model, "conditional", False):
             return None
-        return [label if label is not None else default_label(s, self.model.num_labels) for s in seeds]
+        return seed_labels(seeds, self.options.get("label"), self.model.num_labels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         seed, num, ext = self.options["seed"], self.options["num"], self.options["ext"]

@@ -30,6 +30,15 @@ SIZES = (8, 16, 24, 32, 48, 64)
 GRID = "grid"  # model.palette: an even RGB lattice instead of a fitted palette
 
 
+def completion_rows(rows: int | None, image_size: int) -> int:
+    """The one rule for the top rows a completion keeps (default: half): 0..image_size, else a UserError.
+    `Loaded.complete` applies it, and the Serve ingress before it calls a replica (a 422 there)."""
+    rows = image_size // 2 if rows is None else int(rows)
+    if not 0 <= rows <= image_size:
+        raise UserError(f"rows {rows}: must be between 0 and the image size {image_size}")
+    return rows
+
+
 class AutoregressiveConfig(Section):
     family: Literal["autoregressive"] = "autoregressive"  # model family tag
     backbone: Literal["transformer", "lstm"] = "transformer"  # sequence model over the token grid
@@ -230,9 +239,7 @@ class AutoregressiveLoaded(GenerativeLoaded):
         seeds = list(range(len(prefix))) if seeds is None else list(seeds)
         if len(seeds) != len(prefix):
             raise UserError(f"complete: {len(seeds)} seeds for {len(prefix)} images; give one seed per image")
-        rows = self.image_size // 2 if rows is None else int(rows)
-        if not 0 <= rows <= self.image_size:
-            raise UserError(f"rows {rows}: must be between 0 and the image size {self.image_size}")
+        rows = completion_rows(rows, self.image_size)
         noise = uniforms(seeds, self.latent_dim)
         tokens = self._sample(noise, self._labels(seeds, labels), truncation, None, None, prefix[:, : rows * self.image_size])
         return self._images(tokens)

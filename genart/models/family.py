@@ -14,7 +14,7 @@ from torch import nn
 
 from genart.config import Section
 from genart.errors import UserError
-from genart.models.sampling import default_label, latents, parse_label, slerp, truncate
+from genart.models.sampling import latents, parse_label, seed_labels, slerp, truncate
 from genart.models.training import Precision
 
 
@@ -77,7 +77,7 @@ class GenerativeLoaded(Loaded):
         if labels is None:  # a deterministic default: the class follows the seed
             if not self.conditional:
                 return None
-            labels = [default_label(s, self.num_labels) for s in seeds]
+            labels = seed_labels(seeds, None, self.num_labels)
             return torch.tensor(labels, dtype=torch.long, device=self.device)
         if len(labels) != len(seeds):
             raise UserError(f"got {len(labels)} labels for {len(seeds)} seeds: pass one label per seed")
@@ -189,7 +189,8 @@ def in_passes(forward, x: torch.Tensor, device: torch.device):
 
 class InferenceSetup:
     """Where and how a loaded model runs its forward passes: written once for the batch actors
-    (`genart.infer.stages.ModelActor`) and the Serve replicas (`genart.serve.deployments`).
+    (`genart.infer.stages.ModelActor`), the Serve replicas (`genart.serve.deployments`) and the critic feature
+    extractor (`genart.evaluate.features.CriticExtractor`).
 
     On a GPU: cuDNN flags set for the whole process (autotuned kernels, or deterministic ones with
     `deterministic`), channels-last weights and inputs, and bf16 (fp16 where bf16 is missing) autocast unless

@@ -50,6 +50,12 @@ def default_label(seed: int, num_labels: int) -> int:
     return int(seed) % num_labels
 
 
+def seed_labels(seeds: list[int], label: int | None, num_labels: int) -> list[int]:
+    """One class per seed for a class-conditional model: the given `label` (an index) for every seed, else each
+    seed's `default_label`. Batch generation and its images.jsonl both take their labels from here."""
+    return [default_label(s, num_labels) if label is None else int(label) for s in seeds]
+
+
 def parse_label(label: int | str | None, names: list[str], conditional: bool = True, what: str = "label") -> int | None:
     """The one label rule: a class name, or its index (an int, or digits as CLI flags and form fields give it) ->
     the class index in `names`; None stays None (the caller then uses `default_label`). `what` names the parameter."""

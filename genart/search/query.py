@@ -27,8 +27,9 @@ MMR_POOL = 200  # candidates MMR re-ranks (the nearest to the liked mean)
 class SearchIndex:
     """An index folder loaded for queries: vectors (N, D), metadata rows, the faiss index, and the feature model."""
 
-    def __init__(self, uri: str, manifest: dict, vectors: np.ndarray, metadata: list[dict], nn):
+    def __init__(self, uri: str, manifest: dict, vectors: np.ndarray, metadata: list[dict], nn, device=None):
         self.uri = uri
+        self.device = device  # where the feature model runs; None = a GPU if there is one
         self.manifest = manifest
         self.vectors = vectors
         self.metadata = metadata
@@ -38,7 +39,7 @@ class SearchIndex:
         self._thumbnails: dict[str, bytes] | None = None
 
     @classmethod
-    def open(cls, uri: str) -> "SearchIndex":
+    def open(cls, uri: str, device=None) -> "SearchIndex":
         manifest_uri = storage.join(uri, "index.json")
         if not storage.exists(manifest_uri):
             raise UserError(f"{uri} is not a finished index (no index.json); build it with `genart index`")
@@ -48,7 +49,7 @@ class SearchIndex:
         nn = index_files.nn_from_bytes(storage.read_bytes(storage.join(uri, "faiss.index")))
         if not (len(vectors) == len(metadata) == nn.ntotal):
             raise UserError(f"{uri}: vectors, metadata and faiss.index disagree in length; rebuild with `genart index --overwrite`")
-        return cls(uri, manifest, vectors, metadata, nn)
+        return cls(uri, manifest, vectors, metadata, nn, device)
 
     @property
     def size(self) -> int:
@@ -59,7 +60,7 @@ class SearchIndex:
         if self._extractor is None:  # only `similar` needs the feature model
             from genart.evaluate.features import build_extractor
 
-            self._extractor = build_extractor(self.manifest["features"]["spec"])
+            self._extractor = build_extractor(self.manifest["features"]["spec"], device=self.device)
             if self._extractor.identity != self.manifest["features"]["identity"]:
                 raise UserError(f"the feature model {self.manifest['features']['spec']} changed since {self.uri} was "
                                 "built; rebuild the index with `genart index --overwrite`")

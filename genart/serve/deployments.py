@@ -229,12 +229,10 @@ class SearchModel:
     (batched across requests), nearest neighbours, recommendations, thumbnails."""
 
     def __init__(self, index_uri: str, settings: ServeArgs):
-        import torch
-
         from genart.search.query import SearchIndex
 
-        torch.set_num_threads(settings.threads)
-        self.index = SearchIndex.open(index_uri)
+        # the replica's device, as for the model deployments; the critic extractor runs in its InferenceSetup
+        self.index = SearchIndex.open(index_uri, device=_setup(settings).device)
         self.index.extractor  # noqa: B018 - load (and check) the feature model now, not on the first request
         self.in_flight = InFlight(settings.batching)
 

@@ -28,6 +28,7 @@ from genart import storage
 from genart.data.images import Reject, cap_side, decode_image, encode_png
 from genart.errors import UserError, one_line
 from genart.models import generative_families
+from genart.models.autoregressive import completion_rows
 from genart.models.sampling import parse_label
 from genart.serve.config import MAX_N, ServeArgs
 from genart.serve.guards import BearerAuth, BodyLimit, Deadline
@@ -224,12 +225,18 @@ class Ingress:
         return {"name": name, "family": "style", "checkpoint_hash": None, "step": None, "image_size": None,
                 "labels": [], "conditional": False, "generative": False}
 
-    def label_index(self, card: dict, label: int | str | None) -> int | None:
-        """The request's label (a class name or index) -> its index, by the one label rule; 422 when it is not one."""
+    @staticmethod
+    def checked(card: dict, rule, *args):
+        """`rule(*args)`: a model module's own request rule (it raises UserError), applied here so a bad request is
+        a 422 naming the model before any replica is called."""
         try:
-            return parse_label(label, card["labels"], card["conditional"], "label")
+            return rule(*args)
         except UserError as exc:
             raise ApiError(422, "invalid request", f"model {card['name']!r}: {exc}") from None
+
+    def label_index(self, card: dict, label: int | str | None) -> int | None:
+        """The request's label (a class name or index) -> its index, by the one label rule; 422 when it is not one."""
+        return self.checked(card, parse_label, label, card["labels"], card["conditional"], "label")
 
     async def read_image(self, upload: UploadFile, max_side: int) -> np.ndarray:
         """The uploaded file -> (H, W, 3) uint8, at most max_side px on its longer side; 400 if not a usable image."""
@@ -341,8 +348,7 @@ async def complete(image: UploadFile = File(...), model: str | None = Form(None)
     name = card["name"]
     if not 0 <= seed <= 2**32 - 1:
         raise ApiError(422, "invalid request", f"seed {seed} must be within 0..2**32-1")
-    if rows is not None and not 0 <= rows <= card["image_size"]:
-        raise ApiError(422, "invalid request", f"rows {rows} must be within 0..{card['image_size']} (the model's size)")
+    api.checked(card, completion_rows, rows, card["image_size"])
     label = api.label_index(card, label)
     arr = await api.read_image(image, max_side)
     out = await api.await_model(api.handles[name].complete.remote(arr, seed, label, rows), name)
