@@ -370,7 +370,7 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
     r = quality(judge, theirs, real_feats, data_share, genres)
     n = count_name(args.num_generated)
     fid_key, rec_key = f"fid{n}_judge", f"recognised_share{n}_judge"
-    titles = (f"genart {family} ({'EMA G, eval mode' if family == 'dcgan' else 'decode N(0, I)'})",
+    titles = (f"genart {family} (.sample: {'EMA G, eval mode' if family == 'dcgan' else 'its prior'})",
               f"pytorch/examples {family} ({'train-mode BN' if family == 'dcgan' else 'decode N(0, I)'})")
     grid = side_by_side(ours, theirs, titles,
                         os.path.join(args.out, f"{family}_genart_vs_reference.png"))
