@@ -158,19 +158,28 @@ def test_spectral_norm_discriminator_gets_the_dcgan_init():
     assert float(logits.abs().max()) < 5.0, logits  # N(0, 1) projection embeddings gave logits ~100x too large
 
 
+def _train_on_dark_and_light(fam, cfg, steps: int, batch: int, level: float, noise: float) -> dict:
+    """Seed 0, then `steps` train steps of `fam` on two classes of 16 px pictures: label 0 dark (-level), label 1
+    light (+level), plus pixel noise of `noise`. -> the nets."""
+    torch.manual_seed(0)
+    nets = fam.build(cfg, 16, 2)
+    opts = fam.optimizers(cfg, nets)
+    labels = torch.arange(batch) % 2
+    for step in range(steps):
+        real = torch.where(labels[:, None, None, None] == 0, -level, level) + noise * torch.randn(batch, 3, 16, 16)
+        fam.train_step(cfg, nets, opts, {"image": real, "label": labels}, step)
+    return nets
+
+
 def test_acgan_term_makes_each_label_draw_its_own_class():
     """Two classes (dark and light pictures): D's genre head learns them from real images, and G's label decides the
     brightness of its picture."""
     fam = models.REGISTRY["dcgan"]
     cfg = fam.config_cls(base_channels=8, latent_dim=16, conditional=True, class_weight=1.0, class_norm=True,
                          diff_augment=[], lr_g=1e-3)
-    torch.manual_seed(0)
-    nets = fam.build(cfg, 16, 2)
-    opts = fam.optimizers(cfg, nets)
+    nets = _train_on_dark_and_light(fam, cfg, steps=120, batch=32, level=0.8, noise=0.1)
     labels = torch.arange(32) % 2
-    for step in range(120):
-        real = torch.where(labels[:, None, None, None] == 0, -0.8, 0.8) + 0.1 * torch.randn(32, 3, 16, 16)
-        fam.train_step(cfg, nets, opts, {"image": real, "label": labels}, step)
+    real = torch.where(labels[:, None, None, None] == 0, -0.8, 0.8) + 0.1 * torch.randn(32, 3, 16, 16)
     gen = nets["generator"].eval()
     with torch.no_grad():
         z = torch.randn(64, cfg.latent_dim)
@@ -187,17 +196,11 @@ def test_mode_seeking_term_keeps_one_labels_pictures_apart():
     """A strong AC-GAN term lets each label draw one favourite picture whatever z is; the mode-seeking term (MSGAN)
     pays G for drawing two latents of one label apart. Same data, seed and steps: the spread within a label grows."""
     fam = models.REGISTRY["dcgan"]
-    labels = torch.arange(32) % 2
     spread = {}
     for weight in (0.0, 2.0):
         cfg = fam.config_cls(base_channels=8, latent_dim=16, conditional=True, class_weight=10.0, mode_seeking=weight,
                              diff_augment=[], lr_g=1e-3)
-        torch.manual_seed(0)
-        nets = fam.build(cfg, 16, 2)
-        opts = fam.optimizers(cfg, nets)
-        for step in range(60):
-            real = torch.where(labels[:, None, None, None] == 0, -0.8, 0.8) + 0.3 * torch.randn(32, 3, 16, 16)
-            fam.train_step(cfg, nets, opts, {"image": real, "label": labels}, step)
+        nets = _train_on_dark_and_light(fam, cfg, steps=60, batch=32, level=0.8, noise=0.3)
         with torch.no_grad():
             out = nets["generator"].eval()(torch.randn(64, cfg.latent_dim), torch.zeros(64, dtype=torch.long))
         spread[weight] = float(out.std(dim=0).mean())  # per-pixel spread across latents of one label
@@ -320,13 +323,7 @@ def test_vae_genre_prior_samples_by_label_and_needs_labels(tmp_path):
     and an unlabelled dataset gets one line saying what to use instead."""
     fam = models.REGISTRY["vae"]
     cfg = fam.config_cls(latent_dim=8, base_channels=8, max_channels=16, prior="genre", lr=3e-3)
-    torch.manual_seed(0)
-    nets = fam.build(cfg, 16, 2)
-    opts = fam.optimizers(cfg, nets)
-    labels = torch.arange(16) % 2
-    for step in range(60):
-        real = torch.where(labels[:, None, None, None] == 0, -0.7, 0.7) + 0.05 * torch.randn(16, 3, 16, 16)
-        fam.train_step(cfg, nets, opts, {"image": real, "label": labels}, step)
+    nets = _train_on_dark_and_light(fam, cfg, steps=60, batch=16, level=0.7, noise=0.05)
     torch.save(nets["vae"].state_dict(), tmp_path / "vae.pt")
     again = fam.build(cfg, 16, 2, inference=True)["vae"]
     again.load_state_dict(torch.load(tmp_path / "vae.pt", weights_only=True))
