@@ -154,11 +154,13 @@ def finite(metrics: dict[str, float], where: str) -> dict[str, float]:
     return metrics
 
 
-def check_conditional(conditional: bool, num_labels: int) -> None:
-    """A class-conditional model needs at least 2 labels in its data: else one clear line saying what to do."""
-    if conditional and num_labels < 2:
-        raise UserError("model.conditional=true needs a labelled dataset with at least 2 classes (one folder per class); "
-                        "for unlabelled images use --set model.conditional=false")
+def check_conditional(needed: bool, num_labels: int, setting: str = "model.conditional=true",
+                      instead: str = "model.conditional=false") -> None:
+    """A setting that needs labels (a class-conditional model, a per-genre prior) needs at least 2 classes in the
+    data: else one clear line naming the setting and what to use `instead`."""
+    if needed and num_labels < 2:
+        raise UserError(f"{setting} needs a labelled dataset with at least 2 classes (one folder per class); "
+                        f"for unlabelled images use --set {instead}")
 
 
 def labels_of(batch: dict[str, torch.Tensor], required: bool) -> torch.Tensor | None:

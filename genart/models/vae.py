@@ -18,7 +18,7 @@ from torch import nn
 from genart.config import Section
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, default_label, latents, make_grid
+from genart.models.sampling import check_images01, latents, make_grid, seed_labels
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (16, 32, 64, 128)
@@ -46,7 +46,7 @@ class VAEConfig(Section):
     # conditional DCGAN). A linear head on the encoder's features (cross-entropy, weight 1) names the genre for
     # `reconstruct(x)`, which gets no label. Needs a labelled dataset; false for unlabelled images. On its own the
     # label barely steers the decoder at 600 steps (z carries ~160 nats and the genre with it; bench_quality: 90 %
-    # of samples "noise"): `sample_class_weight` makes it count.
+    # of samples "noise"); `sample_class_weight` (below) was tried to make it count.
     conditional: bool = False
     label_embed_dim: int = Field(16, ge=1)  # conditional only: size of the genre embedding given to encoder and decoder
     # Conditional only: weight (nats per image) of a cross-entropy that trains the decoder so that its prior samples
@@ -66,6 +66,11 @@ class VAEConfig(Section):
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     grid_size: int = Field(32, ge=2)  # images in the grid at each checkpoint: half recons, half samples
     renamed = {"num_samples": "grid_size"}  # the old name of grid_size still loads
+
+    @property
+    def takes_labels(self) -> bool:
+        """Whether training needs labels and sampling takes them: a CVAE, or a genre prior (or both)."""
+        return self.conditional or self.prior == "genre"
 
 
 def _channels(cfg: VAEConfig, level: int) -> int:
@@ -226,7 +231,7 @@ class VAELoaded(GenerativeLoaded):
     def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: VAEConfig):
         super().__init__({"vae": nets["vae"]}, meta, checkpoint_hash)
         self.latent_dim = cfg.latent_dim
-        self.conditional = cfg.conditional or cfg.prior == "genre"  # labels choose the genre of a sample
+        self.conditional = cfg.takes_labels  # labels choose the genre of a sample
         self.decoder_labels = cfg.conditional  # the CVAE's decoder also takes them
 
     def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -263,9 +268,7 @@ class VAEFamily:
     def build(self, cfg: VAEConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
         check_conditional(cfg.conditional, num_labels)
-        if cfg.prior == "genre" and num_labels < 2:
-            raise UserError("model.prior=genre fits one Gaussian per genre and needs a labelled dataset with at least 2 "
-                            "classes (one folder per class); for unlabelled images use --set model.prior=standard")
+        check_conditional(cfg.prior == "genre", num_labels, "model.prior=genre", "model.prior=standard")
         return {"vae": VAE(cfg, image_size, max(num_labels, 1))}
 
     def trainable(self) -> tuple[str, ...]:
@@ -281,7 +284,7 @@ class VAEFamily:
         vae = nets["vae"]
         vae.train()
         x = batch["image"]  # (B, 3, H, W) in [-1, 1]
-        labels = labels_of(batch, required=cfg.conditional or cfg.prior == "genre")  # (B,) or None
+        labels = labels_of(batch, required=cfg.takes_labels)  # (B,) or None
         with precision.autocast():
             sample_term = cfg.conditional and cfg.sample_class_weight > 0
             x_hat, mu, logvar, logits, *sample_logits = vae(x, labels, sample_term)
@@ -327,8 +330,8 @@ class VAEFamily:
     def fixed_inputs(self, cfg: VAEConfig, image_size: int, num_labels: int, example_batch: dict) -> dict:
         half = cfg.grid_size // 2
         fixed = {"images": example_batch["image"][:half].detach().cpu().float(), "z": latents(range(half), cfg.latent_dim)}
-        if cfg.conditional or cfg.prior == "genre":  # samples: genres in turn, as `.sample` does
-            fixed["labels"] = torch.tensor([default_label(s, max(num_labels, 1)) for s in range(half)])
+        if cfg.takes_labels:  # samples: genres in turn, as `.sample` does
+            fixed["labels"] = torch.tensor(seed_labels(range(half), None, max(num_labels, 1)))
         if cfg.conditional:  # reconstructions: their images' own labels
             fixed["real_labels"] = example_batch["label"][:half].detach().cpu().long().clamp(min=0)
         return fixed
