@@ -331,12 +331,17 @@ def step_seconds(run_dir: str, batch_size: int) -> float:
     return total
 
 
-def side_by_side(left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str], path: str) -> str:
+def sample_grid(x: torch.Tensor) -> Image.Image:
+    """The first GRID_SAMPLES images of x (N, 3, H, W) in [0, 1] as a square grid, enlarged (nearest) to >= 256 px."""
     from genart.models.sampling import make_grid
 
-    grids = [make_grid(x[:GRID_SAMPLES], nrow=int(math.ceil(math.sqrt(min(len(x), GRID_SAMPLES))))) for x in (left, right)]
-    scale = max(1, 256 // grids[0].width)
-    grids = [g.resize((g.width * scale, g.height * scale), Image.Resampling.NEAREST) for g in grids]
+    grid = make_grid(x[:GRID_SAMPLES], nrow=int(math.ceil(math.sqrt(min(len(x), GRID_SAMPLES)))))
+    scale = max(1, 256 // grid.width)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str], path: str) -> str:
+    grids = [sample_grid(x) for x in (left, right)]
     gap, head = 16, 18
     sheet = Image.new("RGB", (sum(g.width for g in grids) + gap, max(g.height for g in grids) + head), "white")
     draw = ImageDraw.Draw(sheet)
@@ -360,8 +365,8 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
     ours = torch.cat([model.sample(seeds[i : i + 250]) for i in range(0, len(seeds), 250)])
     g = quality(judge, ours, real_feats, data_share, genres)
     if args.no_reference:  # tuning genart alone: its figures and grid, no ratios
-        grid = side_by_side(ours, ours[len(ours) // 2 :], (f"genart {family}", "genart (second half)"),
-                            os.path.join(args.out, f"{family}_genart.png"))
+        grid = os.path.join(args.out, f"{family}_genart.png")
+        sample_grid(ours).save(grid)
         return {"steps": steps, "global_batch": batch, "genart": {**g, **times, "final_metrics": summary["final_metrics"]},
                 "grid": grid}
     log(f"{family}: reference (pytorch/examples), {steps} steps, batch {batch}")
