@@ -6,9 +6,10 @@
 
 read -> decode + validate (tasks) -> model (actor pool, model loaded once per actor) -> encode + write (tasks);
 the driver only receives one small status per row. Memory stays bounded by the batch sizes, not the input size.
-Each job function builds its own chain. The model stage is `compute=ActorPoolStrategy(min_size, max_size)` (Ray
-Data's current form; map_batches' `concurrency=` is deprecated since 2.51): with min < max, Ray Data grows the pool
-while the model is the bottleneck and shrinks it when idle.
+stylize and score share one chain (_image_job); generate builds its own from indices. The model stage
+(RunOptions.model_stage) is `compute=ActorPoolStrategy(min_size, max_size)` (Ray Data's current form; map_batches'
+`concurrency=` is deprecated since 2.51): with min < max, Ray Data grows the pool while the model is the bottleneck
+and shrinks it when idle.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ class RunOptions(Options):
         """The model actors' runtime_env. Besides the thread counts, it keeps Ray Data from fusing the decode tasks
         into the actors (a different runtime_env): decoding must overlap the model, not queue before it."""
         return {"env_vars": {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}}
+
+    def model_stage(self, **constructor_kwargs) -> dict:
+        """map_batches arguments of a job's model stage: an actor pool of pool_size actors, each built with
+        `constructor_kwargs`, taking batch_size rows per call on its CPUs/GPUs with its own runtime_env.
+            ds.map_batches(stages.ScoreActor, **run.model_stage(checkpoint=ckpt, **run.actor_kwargs()))"""
+        import ray
+
+        low, high = self.pool_size
+        return dict(fn_constructor_kwargs=constructor_kwargs,
+                    compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                    batch_size=self.batch_size, batch_format="pyarrow",
+                    num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None,
+                    runtime_env=self.actor_env())
 
 
 def parse_concurrency(text: str | int) -> int | tuple[int, int]:
@@ -183,72 +197,41 @@ def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | No
         raise UserError(f"--tile-overlap {tile_overlap}: must be between 1 and half the tile ({tile // 2})")
     ext = output.IMAGE_EXT.get(fmt, ".png")
     options = {"max_side": max_side, "tile": tile or None, "tile_overlap": tile_overlap, "max_pixels": max_pixels}
-    _check_outside(src, out)
-    started = time.time()
-    from genart import models
-
-    info = _model_info(models.load(model, family=("style",), command="genart stylize"))
-    ckpt = info["checkpoint"]
-    work = _image_work("stylize", src, out, fmt, ext, options, run, info["hash"])
-    tally = output.Tally()
-    with pipeline_context():
-        import ray
-
-        if work.todo.units or work.todo.failures:
-            raw, _ = sources.read_images([src], the_plan=work.todo)
-            ds = raw.map_batches(stages.decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
-                                 fn_kwargs=dict(ext=ext, renames=work.renames, skip_ref=work.skip_ref(),
-                                                max_pixels=max_pixels, max_side=max_side))
-            low, high = run.pool_size
-            ds = ds.map_batches(
-                stages.StylizeActor,
-                fn_constructor_kwargs=dict(checkpoint=ckpt, tile=tile or None, overlap=tile_overlap, **run.actor_kwargs()),
-                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                batch_size=run.batch_size, batch_format="pyarrow",
-                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
-                runtime_env=run.actor_env(),
-            )
-            ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
-                                fn_kwargs={"out": out, "fmt": fmt})
-            drain(ds, tally, output.Progress("stylize", work.remaining, run.progress))
-    return _finish("stylize", out, fmt, tally, work.plan.num_inputs, work.already, started, info, options, src)
+    return _image_job("stylize", "style", model, src, out, fmt, ext, options, run, stages.StylizeActor,
+                      dict(tile=tile or None, overlap=tile_overlap), max_side=max_side)
 
 
 def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_PIXELS,
           run: RunOptions | None = None) -> dict:
     """Classify and embed every image under `src` with a critic: Parquet shards of (key, source, label, probs,
     embedding) in `out`."""
-    run = run or RunOptions(batch_size=64)
-    fmt, options = "parquet", {"max_pixels": max_pixels}
+    return _image_job("score", "critic", model, src, out, "parquet", None, {"max_pixels": max_pixels},
+                      run or RunOptions(batch_size=64), stages.ScoreActor, {})
+
+
+def _image_job(command: str, family: str, model: str, src: str, out: str, fmt: str, ext: str | None, options: dict,
+               run: RunOptions, actor: type, actor_options: dict, max_side: int | None = None) -> dict:
+    """stylize and score: every image under `src` through `actor` (a `family` model) into `out`.
+    read -> decode (tasks) -> the model (actor pool) -> write (tasks); a rerun with --resume skips what is written."""
     _check_outside(src, out)
     started = time.time()
     from genart import models
 
-    info = _model_info(models.load(model, family=("critic",), command="genart score"))
-    ckpt = info["checkpoint"]
-    work = _image_work("score", src, out, fmt, None, options, run, info["hash"])
+    info = _model_info(models.load(model, family=(family,), command=f"genart {command}"))
+    work = _image_work(command, src, out, fmt, ext, options, run, info["hash"])
     tally = output.Tally()
     with pipeline_context():
-        import ray
-
         if work.todo.units or work.todo.failures:
             raw, _ = sources.read_images([src], the_plan=work.todo)
             ds = raw.map_batches(stages.decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
-                                 fn_kwargs=dict(ext=None, renames=work.renames, skip_ref=work.skip_ref(),
-                                                max_pixels=max_pixels, max_side=None))
-            low, high = run.pool_size
-            ds = ds.map_batches(
-                stages.ScoreActor,
-                fn_constructor_kwargs=dict(checkpoint=ckpt, **run.actor_kwargs()),
-                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                batch_size=run.batch_size, batch_format="pyarrow",
-                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
-                runtime_env=run.actor_env(),
-            )
+                                 fn_kwargs=dict(ext=ext, renames=work.renames, skip_ref=work.skip_ref(),
+                                                max_pixels=options["max_pixels"], max_side=max_side))
+            ds = ds.map_batches(actor, **run.model_stage(checkpoint=info["checkpoint"], **actor_options,
+                                                         **run.actor_kwargs()))
             ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
                                 fn_kwargs={"out": out, "fmt": fmt})
-            drain(ds, tally, output.Progress("score", work.remaining, run.progress))
-    return _finish("score", out, fmt, tally, work.plan.num_inputs, work.already, started, info, options, src)
+            drain(ds, tally, output.Progress(command, work.remaining, run.progress))
+    return _finish(command, out, fmt, tally, work.plan.num_inputs, work.already, started, info, options, src)
 
 
 # ---------------------------------------------------------------- generate: indices in
@@ -300,16 +283,9 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
             if done:
                 skip_ref = ray.put(pa.array(sorted(done), pa.int64()))
                 ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref})
-            low, high = run.pool_size
-            ds = ds.map_batches(
-                stages.GenerateActor,
-                fn_constructor_kwargs=dict(checkpoint=ckpt, seed=seed, num=num, ext=ext, label=label_index,
-                                           truncation=truncation, **run.actor_kwargs()),
-                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                batch_size=run.batch_size, batch_format="pyarrow",
-                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
-                runtime_env=run.actor_env(),
-            )
+            ds = ds.map_batches(stages.GenerateActor, **run.model_stage(
+                checkpoint=ckpt, seed=seed, num=num, ext=ext, label=label_index, truncation=truncation,
+                **run.actor_kwargs()))
             ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
                                 fn_kwargs={"out": out, "fmt": fmt})
             drain(ds, tally, output.Progress("generate", num - len(done), run.progress))

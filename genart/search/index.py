@@ -234,16 +234,8 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
             raw, _ = sources.read_images([src], the_plan=todo)
             ds = raw.map_batches(decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
                                  fn_kwargs=dict(size=size, skip_ref=skip_ref, max_pixels=max_pixels))
-            low, high = run.pool_size
-            ds = ds.map_batches(
-                Embedder,
-                fn_constructor_kwargs=dict(features=spec.text, size=size, threads=run.threads,
-                                           use_gpu=run.gpus_per_worker > 0),
-                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                batch_size=run.batch_size, batch_format="pyarrow",
-                num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker or None,
-                runtime_env=run.actor_env(),
-            )
+            ds = ds.map_batches(Embedder, **run.model_stage(features=spec.text, size=size, threads=run.threads,
+                                                            use_gpu=run.gpus_per_worker > 0))
             ds = ds.map_batches(write_batch, batch_size=256, batch_format="pyarrow", fn_kwargs={"out": out})
             drain(ds, tally, output.Progress("index", len(planned) - len(done), run.progress))
     embedded = len(done) + tally.written
