@@ -567,21 +567,24 @@ def main() -> None:
         real_feats, _ = judge_outputs(judge, train_x)
         val_feats, val_probs = judge_outputs(judge, val_x)
         nv = count_name(len(val_x))
+
+        def val_accuracy(images01: torch.Tensor) -> float:  # the judge's accuracy on (a variant of) the val images
+            return round(float((judge_outputs(judge, images01)[1].argmax(1) == val_y.numpy()).mean()), 4)
+
         result["data"] = {"train_images": len(train_x), "val_images": len(val_x), "genres": genres,
                           "genre_share_train": {g: round(float(s), 4) for g, s in zip(genres, data_share)}}
         result["judge"] = {
             "architecture": "3 x (conv3x3-BN-ReLU-maxpool) 32/64/128 -> avgpool (128 features) -> linear",
             "training": f"flips + pixel noise sigma ~ U(0, {JUDGE_NOISE}) + Gaussian blur sigma ~ U(0, {JUDGE_BLUR}) px",
             "steps": args.judge_steps, "batch": 64, "seconds": round(time.perf_counter() - t, 1),
-            "val_accuracy": round(float((val_probs.argmax(1) == val_y.numpy()).mean()), 4),
+            "val_accuracy": val_accuracy(val_x),
             f"recognised_share{nv}_val": round(float((val_probs.max(1) >= RECOGNISED_PROB).mean()), 4),
             # robustness: the same val images with a little pixel noise (generators' grain); a big drop means the
             # judge files imperfect images by their grain rather than their shapes: read its genre shares with care
-            "val_accuracy_pixel_noise_0.05": round(float((judge_outputs(judge, (val_x + 0.05 * torch.randn(
-                val_x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1))[1].argmax(1) == val_y.numpy()).mean()), 4),
+            "val_accuracy_pixel_noise_0.05": val_accuracy((val_x + 0.05 * torch.randn(
+                val_x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)),
             # the same with a 0.8 px blur (a soft generator's edges): it must still name the genre
-            "val_accuracy_blur_0.8px": round(float((judge_outputs(judge, blur(val_x, torch.full((len(val_x),), 0.8)))[1]
-                                                    .argmax(1) == val_y.numpy()).mean()), 4),
+            "val_accuracy_blur_0.8px": val_accuracy(blur(val_x, torch.full((len(val_x),), 0.8))),
             # what real images score: the floor a perfect generator would reach (few val images: biased upward)
             f"fid{nv}_judge_val_vs_train": round(fid(real_feats, val_feats), 3),
         }
