@@ -96,11 +96,16 @@ class LocalCluster:
         raise AssertionError(f"ray start ({name}) failed {NODE_START_ATTEMPTS} times:\n{log_path.read_text()[-3000:]}")
 
     def _head_address(self) -> str:
-        """GCS address as the head advertises it (its node IP, which need not be 127.0.0.1), from its log."""
-        for line in (self.root / "head.log").read_text().splitlines():
-            if "ray start --address='" in line:
-                return line.split("--address='", 1)[1].split("'", 1)[0]
-        raise AssertionError("the Ray head did not say its address")
+        """GCS address as the head advertises it (its node IP, which need not be 127.0.0.1), from its log. Ray prints
+        it a few lines after "Ray runtime started", which may reach the log first: wait for it."""
+        log_path = self.root / "head.log"
+        deadline = time.monotonic() + 30
+        while True:
+            for line in log_path.read_text().splitlines():
+                if "ray start --address='" in line:
+                    return line.split("--address='", 1)[1].split("'", 1)[0]
+            assert time.monotonic() < deadline, f"the Ray head did not say its address:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.2)
 
     def _ray_env(self) -> dict:
         # No 30 s drain on SIGTERM at teardown: nothing here needs a graceful Serve hand-over. Ray Train gives a worker
