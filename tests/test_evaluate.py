@@ -271,10 +271,10 @@ def test_cache_key_holds_resolution_and_preprocessing_version(dataset, checkpoin
     from genart.evaluate.features import build_extractor
 
     extractor = build_extractor(f"critic:{checkpoints['critic']}", device="cpu")
-    key16 = reference.cache_key(dataset, extractor.identity, "all", None, 16)
-    assert reference.cache_key(dataset, extractor.identity, "all", None, 8) != key16
+    key16 = reference.cache_key(dataset, extractor.stats_key, "all", None, 16)
+    assert reference.cache_key(dataset, extractor.stats_key, "all", None, 8) != key16
     monkeypatch.setattr(reference, "PREPROCESS_VERSION", reference.PREPROCESS_VERSION + 1)
-    assert reference.cache_key(dataset, extractor.identity, "all", None, 16) != key16
+    assert reference.cache_key(dataset, extractor.stats_key, "all", None, 16) != key16
     monkeypatch.undo()
     # statistics made at another resolution are another file, never the 16 px one reused
     at16 = reference.get_local(dataset, "all", extractor, resolution=16, limit=10)
@@ -299,7 +299,9 @@ def test_critic_features_run_in_the_inference_setup_and_stay_fp32_on_cpu(checkpo
     assert features.dtype == np.float32
     np.testing.assert_array_equal(features, plain)
 
+    fp32_key = extractor.stats_key
     extractor.setup = InferenceSetup(autocast=True)  # bf16 autocast on the CPU, as a GPU setup enters it
+    assert extractor.stats_key != fp32_key  # bf16 features get reference statistics of their own
     low = extractor(pixels)
     assert low.dtype == np.float32 and not np.array_equal(low, plain)
     np.testing.assert_allclose(low, plain, atol=0.05 * float(np.abs(plain).max()) + 1e-3)

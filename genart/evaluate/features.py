@@ -70,7 +70,8 @@ def default_device() -> torch.device:
 
 
 class Extractor:
-    """Base: `name` (metric key suffix), `label` (what reports say), `identity` (cache key), `dim`, `resize`."""
+    """Base: `name` (metric key suffix), `label` (what reports say), `identity` (the network and its weights), `dim`,
+    `resize`, `precision` (what the passes run in)."""
 
     name = ""
     label = ""
@@ -78,6 +79,13 @@ class Extractor:
     dim = 0
     input_size = 0
     resize = ""
+    precision = "float32"
+
+    @property
+    def stats_key(self) -> str:
+        """What reference statistics depend on: the network and its precision (bf16 features on a GPU are not the fp32
+        ones a CPU makes). A search index checks `identity` alone: its cosine neighbours survive the precision."""
+        return f"{self.identity}:{self.precision}"
 
     def __call__(self, images) -> np.ndarray:
         """Images (anything `preprocess.to_pixels` takes) -> features (N, dim)."""
@@ -177,13 +185,13 @@ class CriticExtractor(Extractor):
 
     name = "critic"
 
-    def __init__(self, uri: str, device: torch.device | str | None = None):
+    def __init__(self, uri: str, device: torch.device | str | None = None, autocast: bool | None = None):
         from genart import models
 
         device = torch.device(device) if device is not None else default_device()
         # how the batch actors and Serve replicas run a model: on a GPU channels-last and bf16/fp16 autocast,
-        # on a CPU plain fp32 (features bit-identical to Loaded.embed's)
-        self.setup = InferenceSetup(use_gpu=device.type == "cuda")
+        # on a CPU plain fp32 (features bit-identical to Loaded.embed's). autocast=False: fp32 on a GPU too (metrics)
+        self.setup = InferenceSetup(use_gpu=device.type == "cuda", autocast=autocast)
         self.device = self.setup.device
         self.model = self.setup.place(models.load(uri, family="critic"))
         self.input_size = self.model.image_size
@@ -193,6 +201,10 @@ class CriticExtractor(Extractor):
         self.label = f"critic features: {digest[:12]}"
         self.dim = int(self(np.zeros((1, self.input_size, self.input_size, 3), np.uint8)).shape[1])
 
+    @property
+    def precision(self) -> str:
+        return self.setup.describe()["precision"]
+
     def __call__(self, images) -> np.ndarray:
         x = network_input(images, self.input_size)  # (N, 3, S, S) in [0, 1]; embed's own resize is then a no-op
         with self.setup.inference():  # autocast is per thread: entered here, in the thread that embeds
@@ -200,12 +212,15 @@ class CriticExtractor(Extractor):
                              self.device).numpy()  # (N, D)
 
 
-def build_extractor(spec: FeatureSpec | str | None, inception_weights: str | None = None, device=None) -> Extractor:
+def build_extractor(spec: FeatureSpec | str | None, inception_weights: str | None = None, device=None,
+                    metrics: bool = False) -> Extractor:
+    """metrics=True: fp32 passes on any device (Inception's always are), so FID and KID never depend on where the
+    features were made; otherwise the critic runs as the batch actors do (bf16 autocast on a GPU: search, audit)."""
     if not isinstance(spec, FeatureSpec):
         spec = parse_features(spec, inception_weights)
     if spec.kind == "inception":
         return InceptionExtractor(spec.uri, device)
-    return CriticExtractor(spec.uri, device)
+    return CriticExtractor(spec.uri, device, autocast=False if metrics else None)
 
 
 def check_features(spec: str | None, inception_weights: str | None = None) -> FeatureSpec:

@@ -38,7 +38,7 @@ class RealFeatures:
     """
 
     def __init__(self, spec: FeatureSpec, split_value: str | None, ids: set[str] | None, resolution: int):
-        self.extractor = build_extractor(spec)
+        self.extractor = build_extractor(spec, metrics=True)
         self.split_value, self.ids, self.resolution = split_value, ids, resolution
 
     def __call__(self, batch: pa.Table) -> dict:
@@ -52,7 +52,7 @@ class GeneratedFeatures:
     """Ray Data callable class: seed indices {id} -> {id, features}: each actor loads the generator and extractor once."""
 
     def __init__(self, model_uri: str, spec: FeatureSpec):
-        self.extractor = build_extractor(spec)
+        self.extractor = build_extractor(spec, metrics=True)
         self.model = models.load(model_uri, family=models.GENERATIVE, command="evaluate").to(getattr(self.extractor, "device", None))
 
     def __call__(self, batch: dict) -> dict:
@@ -98,7 +98,7 @@ def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real
 
     from genart import runtime
 
-    key = R.cache_key(data, extractor.identity, split, max_real, resolution)
+    key = R.cache_key(data, extractor.stats_key, split, max_real, resolution)
     ref = R.load_cached(data, extractor.name, key)
     if ref is not None:
         return ref
@@ -152,7 +152,7 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
     spec = parse_features(features, inception_weights)
     R.check_split(data, split)
     generator = models.load(model, family=models.GENERATIVE, command="evaluate").to("cpu")  # fail fast on a wrong checkpoint, and read its metadata
-    extractor = build_extractor(spec, device="cpu")  # ditto for missing weights; gives identity and dim
+    extractor = build_extractor(spec, device="cpu", metrics=True)  # ditto for missing weights; gives identity and dim
     if output:
         storage.check_writable(os.path.dirname(os.path.abspath(output)) if not storage.is_s3(output) else output.rsplit("/", 1)[0])
 

@@ -1,8 +1,8 @@
 """Reference statistics of a real dataset (feature mean, covariance, a random subset for KID / precision-recall),
 cached beside the dataset as `<data>/_genart_cache/ref-*.npz` and reused until the dataset or the extractor changes.
 
-The cache key hashes the dataset (manifest.json + shard names and sizes), the extractor identity (network, weights
-hash, input size, resize filter), the resolution real images are brought to (the generator's), the preprocessing
+The cache key hashes the dataset (manifest.json + shard names and sizes), the extractor (network, weights hash,
+input size, resize filter, precision), the resolution real images are brought to (the generator's), the preprocessing
 version, the split and the row limit. A read-only dataset location falls back to $GENART_CACHE_DIR
 (default ~/.cache/genart/reference).
 """
@@ -198,7 +198,7 @@ def compute_local(uri: str, split: str, extractor, limit: int | None, key: str, 
 
 def get_local(uri: str, split: str, extractor, resolution: int, limit: int | None = None) -> Reference:
     """Cached reference statistics of the split (every row unless `limit`), computed in-process on a miss."""
-    key = cache_key(uri, extractor.identity, split, limit, resolution)
+    key = cache_key(uri, extractor.stats_key, split, limit, resolution)
     ref = load_cached(uri, extractor.name, key)
     if ref is None:
         ref = compute_local(uri, split, extractor, limit, key, resolution)

@@ -41,7 +41,7 @@ def compare(ref: Reference, fake: np.ndarray, name: str, k: int = M.PR_K, kid_su
 def extractor_for(spec: str | None, inception_weights: str | None = None) -> Extractor:
     parsed = parse_features(spec, inception_weights)
     if parsed.text not in _extractors:
-        _extractors[parsed.text] = build_extractor(parsed)
+        _extractors[parsed.text] = build_extractor(parsed, metrics=True)
     return _extractors[parsed.text]
 
 
