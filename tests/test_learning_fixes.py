@@ -314,9 +314,15 @@ def test_vae_genre_prior_fits_each_genres_codes():
     for k in range(3):
         assert torch.allclose(z[labels == k].mean(0), torch.full((4,), 3.0 * k), atol=0.15)
         assert torch.allclose(z[labels == k].std(0), torch.full((4,), 0.5), atol=0.1)
-    fresh = GenrePrior(2, 4, decay=0.9)  # nothing observed yet: the standard prior
-    eps = torch.randn(5, 4, generator=gen)
-    assert torch.allclose(fresh.draw(eps, torch.zeros(5, dtype=torch.long)), eps, atol=1e-5)
+    fresh = GenrePrior(3, 4, decay=0.9)  # nothing observed yet: the standard prior
+    eps, zeros = torch.randn(5, 4, generator=gen), torch.zeros(5, dtype=torch.long)
+    assert torch.allclose(fresh.draw(eps, zeros), eps, atol=1e-5)
+    # the covariance roots are cached; a checkpoint load or an in-place write (DDP's buffer broadcast) renews them
+    fresh.load_state_dict(prior.state_dict())
+    assert torch.allclose(fresh.draw(eps, zeros), prior.draw(eps, zeros))
+    with torch.no_grad():
+        fresh.second.copy_(torch.eye(4).repeat(3, 1, 1) * 4 + fresh.mean[:, :, None] * fresh.mean[:, None, :])
+    assert torch.allclose(fresh.draw(eps, zeros), fresh.mean[0] + 2 * eps, atol=1e-4)
 
 
 def test_vae_genre_prior_samples_by_label_and_needs_labels(tmp_path):

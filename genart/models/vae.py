@@ -94,6 +94,7 @@ class GenrePrior(nn.Module):
         self.decay = decay
         self.register_buffer("mean", torch.zeros(num_labels, latent_dim))  # (K, D)
         self.register_buffer("second", torch.eye(latent_dim).repeat(num_labels, 1, 1))  # (K, D, D): E[z z^T]
+        self._root: tuple[tuple, torch.Tensor] | None = None  # (the moments' versions, square roots (K, D, D))
 
     @torch.no_grad()
     def observe(self, mu: torch.Tensor, labels: torch.Tensor) -> None:
@@ -104,14 +105,22 @@ class GenrePrior(nn.Module):
             self.mean[k].lerp_(codes.mean(dim=0), w)
             self.second[k].lerp_(codes.T @ codes / len(codes), w)
 
+    def roots(self) -> torch.Tensor:
+        """Square roots of the genres' covariances (K, D, D), root @ root^T = cov; cached until the moments change."""
+        # A tensor's version counter moves with every in-place write (observe, load_state_dict, DDP's buffer
+        # broadcast) and .to() makes new tensors: so the key catches every way the moments can change.
+        key = (self.mean._version, self.second._version, self.mean.data_ptr(), self.second.data_ptr())
+        if self._root is None or self._root[0] != key:
+            cov = self.second - self.mean[:, :, None] * self.mean[:, None, :]  # (K, D, D)
+            cov = (cov + cov.transpose(1, 2)) / 2
+            # eigen square root, clamped: a covariance from few codes can be a little indefinite; Cholesky would fail
+            vals, vecs = torch.linalg.eigh(cov)
+            self._root = key, vecs * vals.clamp(min=1e-6).sqrt()[:, None, :]
+        return self._root[1]
+
     def draw(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        mean = self.mean[labels]  # (N, D)
-        cov = self.second - self.mean[:, :, None] * self.mean[:, None, :]  # (K, D, D)
-        cov = (cov + cov.transpose(1, 2)) / 2
-        # eigen square root, clamped: a covariance from few codes can be a little indefinite; Cholesky would fail
-        vals, vecs = torch.linalg.eigh(cov)
-        root = vecs * vals.clamp(min=1e-6).sqrt()[:, None, :]  # (K, D, D): root @ root^T = cov
-        return mean + (root[labels] @ eps.float()[:, :, None]).squeeze(-1).to(eps.dtype)
+        root = self.roots()[labels]  # (N, D, D)
+        return self.mean[labels] + (root @ eps.float()[:, :, None]).squeeze(-1).to(eps.dtype)
 
 
 class VAE(nn.Module):
