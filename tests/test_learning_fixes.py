@@ -323,6 +323,10 @@ def test_vae_genre_prior_fits_each_genres_codes():
     with torch.no_grad():
         fresh.second.copy_(torch.eye(4).repeat(3, 1, 1) * 4 + fresh.mean[:, :, None] * fresh.mean[:, None, :])
     assert torch.allclose(fresh.draw(eps, zeros), fresh.mean[0] + 2 * eps, atol=1e-4)
+    with torch.inference_mode():  # a prior built there (buffers with no version counter) still draws, uncached
+        built = GenrePrior(3, 4, decay=0.9)
+        built.load_state_dict(prior.state_dict())
+        assert torch.allclose(built.draw(eps, zeros), prior.draw(eps, zeros))
 
 
 def test_vae_genre_prior_samples_by_label_and_needs_labels(tmp_path):

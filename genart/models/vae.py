@@ -108,15 +108,19 @@ class GenrePrior(nn.Module):
     def roots(self) -> torch.Tensor:
         """Square roots of the genres' covariances (K, D, D), root @ root^T = cov; cached until the moments change."""
         # A tensor's version counter moves with every in-place write (observe, load_state_dict, DDP's buffer
-        # broadcast) and .to() makes new tensors: so the key catches every way the moments can change.
-        key = (self.mean._version, self.second._version, self.mean.data_ptr(), self.second.data_ptr())
-        if self._root is None or self._root[0] != key:
-            cov = self.second - self.mean[:, :, None] * self.mean[:, None, :]  # (K, D, D)
-            cov = (cov + cov.transpose(1, 2)) / 2
-            # eigen square root, clamped: a covariance from few codes can be a little indefinite; Cholesky would fail
-            vals, vecs = torch.linalg.eigh(cov)
-            self._root = key, vecs * vals.clamp(min=1e-6).sqrt()[:, None, :]
-        return self._root[1]
+        # broadcast) and .to() makes new tensors: so the key catches every way the moments can change. Buffers made
+        # under torch.inference_mode keep no version counter: those are never cached.
+        moments = (self.mean, self.second)
+        key = None if any(t.is_inference() for t in moments) else tuple((t._version, t.data_ptr()) for t in moments)
+        if key is not None and self._root is not None and self._root[0] == key:
+            return self._root[1]
+        cov = self.second - self.mean[:, :, None] * self.mean[:, None, :]  # (K, D, D)
+        cov = (cov + cov.transpose(1, 2)) / 2
+        # eigen square root, clamped: a covariance from few codes can be a little indefinite; Cholesky would fail
+        vals, vecs = torch.linalg.eigh(cov)
+        root = vecs * vals.clamp(min=1e-6).sqrt()[:, None, :]
+        self._root = None if key is None else (key, root)
+        return root
 
     def draw(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         root = self.roots()[labels]  # (N, D, D)
