@@ -92,8 +92,14 @@ def test_stylize_survives_losing_a_worker_node(cluster, style_model, inputs, tmp
     cluster.kill("node_b")
     try:
         assert run.poll() is None and written_before < NUM_IMAGES, "the job finished before the node was lost"
-        code = run.wait(timeout=400)
+        try:
+            code = run.wait(timeout=400)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job hung after node_b was lost ({len(list(out.glob('*.png')))} of {NUM_IMAGES} "
+                                 f"written):\n{(tmp_path / 'disturbed.log').read_text()[-4000:]}\n{cluster.status()}")
     finally:
+        if run.poll() is None:
+            run.kill()  # a hung driver must not hold the cluster while it is restored
         cluster.restore()  # the shared cluster goes to the next test whole
     log = (tmp_path / "disturbed.log").read_text()
     assert code == 0, log[-3000:]
