@@ -112,8 +112,11 @@ class LocalCluster:
         # No 30 s drain on SIGTERM at teardown: nothing here needs a graceful Serve hand-over. Ray Train gives a worker
         # group 60 s to start; after a node is killed it first tries the old size and waits all of that out before
         # going elastic: 30 s is still ample for tiny workers on live nodes and halves that wait.
+        # The GCS marks a node dead after 5 failed health checks; each check waits 10 s by default. Three nodes share
+        # 2 cores here, and when a node is killed the survivor's raylet can stall longer than that while it starts
+        # workers: 30 s per check spares a live node, while a killed one refuses at once and is dropped as before.
         return clean_env(HOME=str(self.home), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                         RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
+                         RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30", RAY_health_check_timeout_ms="30000")
 
     def env(self, **extra: str) -> dict:
         """Environment for a driver subprocess: the cluster's token, sent in token mode (as Ray's client wants)."""
