@@ -150,8 +150,8 @@ class LocalCluster:
 
     def restore(self) -> None:
         """Make the cluster exactly head + workers again, so the next test starts whole: rejoin the lost worker nodes
-        or, if the cluster cannot be brought back (seen once in CI, cause unknown: the status went to stderr), start
-        a new one in its place (a new address: tests read `cluster.address` after restoring)."""
+        or, if the cluster cannot be brought back (seen once in CI, cause unknown), start a new one in its place and
+        say why on stderr (a new address: tests read `cluster.address` after restoring)."""
         try:
             self._rejoin()
         except (AssertionError, subprocess.TimeoutExpired) as failure:
