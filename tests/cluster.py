@@ -42,13 +42,17 @@ class LocalCluster:
         self.root = Path(root)
         self.home = self.root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
+        self.workers = dict(workers)
+        self.head_cpus = head_cpus
+        self.seen: set[int] = set()
+        self._new_session()
+
+    def _new_session(self) -> None:
+        """A fresh Ray temp dir and no nodes yet: before the first start, and before a rebuild."""
         # Short path: Ray's unix socket paths must stay under ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="gclu-", dir="/tmp")
         self.address = ""  # the GCS address, once the head is up
-        self.workers = dict(workers)
-        self.head_cpus = head_cpus
         self.nodes: dict[str, subprocess.Popen] = {}
-        self.seen: set[int] = set()
 
     # ------------------------------------------------------------ start / stop
 
@@ -157,8 +161,7 @@ class LocalCluster:
         except (AssertionError, subprocess.TimeoutExpired) as failure:
             print(f"LocalCluster: started afresh, since {failure}", file=sys.stderr)
             self.__exit__()
-            self.temp_dir = tempfile.mkdtemp(prefix="gclu-", dir="/tmp")
-            self.nodes, self.address = {}, ""
+            self._new_session()
             self.__enter__()
 
     def _rejoin(self) -> None:
@@ -166,22 +169,18 @@ class LocalCluster:
         cluster is exactly head + workers again (a killed node stays "alive" in the GCS until its heartbeats time
         out). A node that exits while rejoining is started again."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        seen: object = "nothing yet"
         while True:
             for name in self.workers:
                 if name not in self.nodes or self.nodes[name].poll() is not None:
                     self.start_worker(name)
-            try:
-                nodes = self.alive_nodes()
-                seen = nodes
-                if len(nodes) == 1 + len(self.workers) and all(sum(name in n for n in nodes) == 1 for name in self.workers):
-                    return
-            except (AssertionError, subprocess.TimeoutExpired) as e:
-                seen = f"no answer: {e}"
+            seen = self._try_alive_nodes()
+            if (isinstance(seen, list) and len(seen) == 1 + len(self.workers)
+                    and all(sum(name in n for n in seen) == 1 for name in self.workers)):
+                return
             assert time.monotonic() < deadline, f"the cluster never came back to head + workers\n{self.status(seen)}"
             time.sleep(1)
 
-    def status(self, nodes: object = None) -> str:
+    def status(self, nodes: list[dict] | str | None = None) -> str:
         """What a failing test should show: each `ray start`'s state and log tail, and the live nodes."""
         lines = [f"alive nodes: {nodes if nodes is not None else self._try_alive_nodes()}"]
         for name in ["head", *self.workers]:
@@ -192,7 +191,8 @@ class LocalCluster:
             lines.append(f"--- {name}: {state}\n{tail}")
         return "\n".join(lines)
 
-    def _try_alive_nodes(self) -> object:
+    def _try_alive_nodes(self) -> list[dict] | str:
+        """alive_nodes(), or why there was no answer."""
         try:
             return self.alive_nodes()
         except (AssertionError, subprocess.TimeoutExpired) as e:
