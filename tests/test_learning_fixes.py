@@ -369,6 +369,35 @@ def test_vae_decoder_sees_the_size_of_z():
     assert gap["group"] < 0.1 * gap["none"], gap
 
 
+def test_vae_film_decoder_starts_as_the_plain_decoder_and_lets_z_steer_every_layer():
+    """model.decoder_film: z gives a scale and shift per channel after each hidden up-convolution. It starts as the
+    identity (the plain decoder's weights decode the same), one training step moves it, and a checkpoint of one
+    decoder does not load into the other (a named UserError, not a half-loaded model)."""
+    from genart.models.checkpoint import load_nets
+    from genart.models.vae import FAMILY, VAE, VAEConfig
+
+    small = dict(latent_dim=8, base_channels=8, max_channels=16, prior="genre")
+    plain, film = VAE(VAEConfig(**small), 16, 3).eval(), VAE(VAEConfig(**small, decoder_film=True), 16, 3).eval()
+    missing = film.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("film.") for k in missing)
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(film.decode(z), plain.decode(z))
+    cfg = VAEConfig(**small, decoder_film=True)
+    nets = FAMILY.build(cfg, 16, 3)
+    opts = FAMILY.optimizers(cfg, nets)
+    batch = {"image": torch.rand(8, 3, 16, 16) * 2 - 1, "label": torch.arange(8) % 3}
+    FAMILY.train_step(cfg, nets, opts, batch, 0)
+    assert all(f.weight.abs().sum() > 0 for f in nets["vae"].film)
+    with torch.no_grad():  # z now reaches the hidden layers by two paths: the 4x4 start and the per-layer styles
+        moved = nets["vae"].decode(z)
+        for f in nets["vae"].film:
+            f.weight.zero_(), f.bias.zero_()
+        assert not torch.allclose(nets["vae"].decode(z), moved)
+    with pytest.raises(UserError, match="do not match the model its config describes"):
+        load_nets({"vae": VAE(VAEConfig(**small), 16, 3)}, {"vae": film.state_dict()}, "run/step-000001")
+
+
 def test_style_input_skip_can_change_black_and_white_pixels():
     from genart.models.style import TransformerNet
 

@@ -41,6 +41,12 @@ class VAEConfig(Section):
     # middling pictures. group: GroupNorm after each up-convolution (the old default) divides that size away: every
     # z, even 0, decodes at full contrast, so prior samples came out over-saturated (bench_quality: see README).
     decoder_norm: Literal["none", "group"] = "none"
+    # FiLM decoder (Perez et al. 2018; StyleGAN's style input): z (with the genre's embedding, if conditional) gives a
+    # per-channel scale and shift after each hidden up-convolution, so a picture's palette reaches every layer, not
+    # only through the 4x4 start. Starts as the identity (zero init). bench_quality at 600 steps, seeds 0 / 1: FID
+    # 24.2 / 23.7 against 28.3 / 27.8 and recognised share 0.74 / 0.73 against 0.69 / 0.72, but fewer stripes
+    # (rarest genre 0.43 / 0.49 against 0.58 / 0.62), so it stays off by default (README, "Sample quality").
+    decoder_film: bool = False
     # Class-conditional VAE (CVAE, Sohn et al. 2015): the genre's embedding joins z at the decoder's input and the
     # encoder's features; `sample(seeds, labels)` takes one label per seed (default seed % num_labels, as the
     # conditional DCGAN). A linear head on the encoder's features (cross-entropy, weight 1) names the genre for
@@ -159,6 +165,13 @@ class VAE(nn.Module):
             cin = cout
         dec += [nn.ConvTranspose2d(cin, 3, 4, 2, 1), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
+        self.film = None
+        if cfg.decoder_film:  # one (scale, shift) pair per hidden block, applied before its ReLU
+            widths = [m.out_channels for m in dec if isinstance(m, nn.ConvTranspose2d)][:-1]
+            self.film = nn.ModuleList(nn.Linear(cfg.latent_dim + embed, 2 * w) for w in widths)
+            for f in self.film:
+                nn.init.zeros_(f.weight)
+                nn.init.zeros_(f.bias)
         self.prior = GenrePrior(num_labels, cfg.latent_dim, cfg.prior_decay) if cfg.prior == "genre" else None
 
     def _with_label(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -177,8 +190,17 @@ class VAE(nn.Module):
         return mu, logvar.clamp(-10.0, 10.0)
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.from_latent(self._with_label(z, labels)).view(-1, self.top, 4, 4)  # (B, C, 4, 4)
-        return self.decoder(h)  # (B, 3, S, S)
+        zl = self._with_label(z, labels)
+        h = self.from_latent(zl).view(-1, self.top, 4, 4)  # (B, C, 4, 4)
+        if self.film is None:
+            return self.decoder(h)  # (B, 3, S, S)
+        styles = iter(self.film)
+        for layer in self.decoder:
+            if isinstance(layer, nn.ReLU):
+                scale, shift = next(styles)(zl)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+                h = h * (1 + scale) + shift
+            h = layer(h)
+        return h  # (B, 3, S, S)
 
     def genre(self, x: torch.Tensor) -> torch.Tensor:
         """The class head's genre for each image (B,): what `reconstruct` conditions on."""
