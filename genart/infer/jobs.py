@@ -198,7 +198,7 @@ def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | No
     ext = output.IMAGE_EXT.get(fmt, ".png")
     options = {"max_side": max_side, "tile": tile or None, "tile_overlap": tile_overlap, "max_pixels": max_pixels}
     return _image_job("stylize", "style", model, src, out, fmt, ext, options, run, stages.StylizeActor,
-                      dict(tile=tile or None, overlap=tile_overlap), max_side=max_side)
+                      dict(tile=tile or None, overlap=tile_overlap))
 
 
 def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_PIXELS,
@@ -210,9 +210,10 @@ def score(model: str, src: str, out: str, max_pixels: int = images.DEFAULT_MAX_P
 
 
 def _image_job(command: str, family: str, model: str, src: str, out: str, fmt: str, ext: str | None, options: dict,
-               run: RunOptions, actor: type, actor_options: dict, max_side: int | None = None) -> dict:
+               run: RunOptions, actor: type, actor_options: dict) -> dict:
     """stylize and score: every image under `src` through `actor` (a `family` model) into `out`.
-    read -> decode (tasks) -> the model (actor pool) -> write (tasks); a rerun with --resume skips what is written."""
+    read -> decode (tasks) -> the model (actor pool) -> write (tasks); a rerun with --resume skips what is written.
+    `options` are the job's recorded options (a resume must match them); the decode stage takes its limits from them."""
     _check_outside(src, out)
     started = time.time()
     from genart import models
@@ -225,7 +226,7 @@ def _image_job(command: str, family: str, model: str, src: str, out: str, fmt: s
             raw, _ = sources.read_images([src], the_plan=work.todo)
             ds = raw.map_batches(stages.decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
                                  fn_kwargs=dict(ext=ext, renames=work.renames, skip_ref=work.skip_ref(),
-                                                max_pixels=options["max_pixels"], max_side=max_side))
+                                                max_pixels=options["max_pixels"], max_side=options.get("max_side")))
             ds = ds.map_batches(actor, **run.model_stage(checkpoint=info["checkpoint"], **actor_options,
                                                          **run.actor_kwargs()))
             ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
