@@ -181,18 +181,25 @@ def test_elastic_training_survives_a_lost_node_and_grows_back(cluster, tmp_path)
     started = time.monotonic()
     run = subprocess.Popen(args, env=cluster.env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
-        _wait("2 workers and a registered checkpoint", lambda: _starts(log) == [(0, 2)] and _registered(run_dir), run, log)
+        # The first group may get 1 worker, when node_b's CPUs are still held by the prepare job's last tasks (seen
+        # once in CI): the elastic run grows to 2 as they free up. What follows counts from the first 2-worker group.
+        def paired() -> list[int]:  # [index of the first 2-worker start] once that group has checkpointed
+            starts = _starts(log)
+            k = next((i for i, (_, workers) in enumerate(starts) if workers == 2), None)
+            return [k] if k is not None and [c for c in _registered(run_dir) if c > starts[k][0]] else []
+
+        k = _wait("2 workers and a checkpoint of theirs", paired, run, log)[0]
         before_kill = _registered(run_dir)[-1]
         cluster.kill("node_b")
         killed_at = time.monotonic()
-        shrunk = _wait("a restart on 1 worker", lambda: [s for s in _starts(log)[1:] if s[1] == 1], run, log)[0]
+        shrunk = _wait("a restart on 1 worker", lambda: [s for s in _starts(log)[k + 1:] if s[1] == 1], run, log)[0]
         assert shrunk[0] >= before_kill, f"resumed from {shrunk[0]}, but step {before_kill} was checkpointed"
         _wait("a checkpoint made by the survivor", lambda: [s for s in _registered(run_dir) if s > shrunk[0]], run, log)
         shrink_s = time.monotonic() - killed_at
 
         cluster.start_worker("node_b")
         back_at = time.monotonic()
-        grown = _wait("a restart on 2 workers", lambda: [s for s in _starts(log)[2:] if s[1] == 2], run, log)[0]
+        grown = _wait("a restart on 2 workers", lambda: [s for s in _starts(log)[k + 2:] if s[1] == 2], run, log)[0]
         grow_s = time.monotonic() - back_at
         assert grown[0] > shrunk[0], "the grown group resumed from the survivor's checkpoint"
         _wait("a checkpoint after growing", lambda: [s for s in _registered(run_dir) if s > grown[0]], run, log)
@@ -206,7 +213,7 @@ def test_elastic_training_survives_a_lost_node_and_grows_back(cluster, tmp_path)
     out = log.read_text()
     assert code == 143, out[-3000:]
     starts = _starts(log)
-    assert [w for _, w in starts] == [2, 1, 2], starts
+    assert [w for _, w in starts[k:]] == [2, 1, 2] and all(w == 1 for _, w in starts[:k]), starts
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), "each step logged once: rows after a resume point replace the lost ones"
