@@ -392,7 +392,8 @@ def test_vae_film_decoder_starts_as_the_plain_decoder_and_lets_z_steer_every_lay
     with torch.no_grad():  # z now reaches the hidden layers by two paths: the 4x4 start and the per-layer styles
         moved = nets["vae"].decode(z)
         for f in nets["vae"].film:
-            f.weight.zero_(), f.bias.zero_()
+            f.weight.zero_()
+            f.bias.zero_()
         assert not torch.allclose(nets["vae"].decode(z), moved)
     with pytest.raises(UserError, match="do not match the model its config describes"):
         load_nets({"vae": VAE(VAEConfig(**small), 16, 3)}, {"vae": film.state_dict()}, "run/step-000001")
