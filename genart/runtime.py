@@ -101,6 +101,29 @@ class _DropNoise(logging.Filter):
 
 _DROP_NOISE = _DropNoise()  # one instance, so calling quiet_logs again adds no second filter
 
+# Ray Train's controller, in its own process; it logs every error of its control loop with a traceback.
+CONTROLLER_LOGGER = "ray.train.v2._internal.execution.controller.controller"
+
+
+class _WaitingForWorkers(logging.Filter):
+    """Ray Train V2 waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for its workers' placement group, then logs
+    WorkerGroupStartupTimeoutError with a 30-line traceback and tries again, without limit: a run that waits for
+    nodes or for other jobs' CPUs printed a traceback a minute and looked crashed. It is one line here instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__name__ == "WorkerGroupStartupTimeoutError":
+            workers = getattr(error, "num_workers", "the")
+            record.msg = (f"waiting for resources: {workers} training workers could not be placed yet (the cluster is "
+                          f"full or short of nodes); Ray Train keeps trying and starts when they fit. Ctrl-C stops; "
+                          f"running the command again resumes from the latest checkpoint")
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_WAITING_FOR_WORKERS = _WaitingForWorkers()
+
 
 def quiet_logs(*datasets, training: bool = False) -> None:
     """Keep the console for genart's own progress lines: everything genart tells Ray not to print is here.
@@ -108,7 +131,8 @@ def quiet_logs(*datasets, training: bool = False) -> None:
     Every process (the driver, and every Ray worker via a setup hook): Ray Data logs each dataset execution (several
     per training epoch) to the console; those lines stay in its log file (session_*/logs/ray-data). Train V2's
     placement-group cleaner polls the state API, which is absent without a dashboard, and warns on every poll; a
-    dead controller's group still goes when the cluster stops.
+    dead controller's group still goes when the cluster stops. Its controller's wait for workers is one line, not a
+    traceback a minute (_WaitingForWorkers).
     training=True (each Train worker, as its loop starts): no Ray Data INFO lines and no per-report Train lines.
     `datasets` (the splits handed to Train): no progress bars or execution banners, which every worker would print.
     """
@@ -123,6 +147,7 @@ def quiet_logs(*datasets, training: bool = False) -> None:
         if type(handler).__name__ != "SessionFileHandler":  # the console, not the session log file
             handler.addFilter(_DROP_NOISE)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(CONTROLLER_LOGGER).addFilter(_WAITING_FOR_WORKERS)
     if training:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         # Batches of a cached (materialized) split are read-only views of the object store; nothing writes into them.

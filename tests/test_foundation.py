@@ -111,3 +111,37 @@ def test_runtime_refuses_layouts_that_starve_ray_data(ray_session):
     with pytest.raises(UserError, match="Ray Data needs"):
         runtime.check_training_fits(int(total), 1.0)
     assert runtime.local_cpus() >= runtime.MIN_LOCAL_CPUS
+
+
+def test_a_run_waiting_for_workers_says_so_in_one_line_not_a_traceback(ray_session):
+    """Ray Train's controller logs its placement-group timeout (every 60 s while a run waits for room) with a
+    traceback; genart's log setup, which runs in every Ray worker process (the controller is one), makes it a line."""
+    import io
+    import logging
+
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    @ray_session.remote
+    def filtered_in_worker() -> bool:
+        return runtime._WAITING_FOR_WORKERS in logging.getLogger(runtime.CONTROLLER_LOGGER).filters
+
+    assert ray_session.get(filtered_in_worker.remote())
+
+    runtime.quiet_logs()
+    logger = logging.getLogger(runtime.CONTROLLER_LOGGER)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        for error in (WorkerGroupStartupTimeoutError(num_workers=2), RuntimeError("a real controller bug")):
+            try:
+                raise error
+            except Exception as exc:  # noqa: BLE001 - logged as Ray's controller logs it
+                logger.exception("Error in control loop iteration: %s", exc)
+    finally:
+        logger.removeHandler(handler)
+    waiting, bug = out.getvalue().split("ERROR ", 1)
+    assert waiting.startswith("WARNING waiting for resources: 2 training workers") and waiting.count("\n") == 1
+    assert "Traceback" not in waiting and "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in waiting
+    assert "a real controller bug" in bug and "Traceback" in bug  # anything else keeps its traceback
