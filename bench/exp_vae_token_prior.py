@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
@@ -39,6 +40,7 @@ from genart.models.autoregressive import AutoregressiveConfig, TokenModel, sampl
 from genart.models.sampling import latents, make_grid, seed_labels  # noqa: E402
 from genart.models.training import Precision  # noqa: E402
 from genart.models.vae import FAMILY as VAE_FAMILY, VAE, VAEConfig, _decode_prior  # noqa: E402
+from genart.train.augment import augment_batch  # noqa: E402
 
 
 class Residual(nn.Module):
@@ -109,11 +111,6 @@ def dihedral(x: torch.Tensor, views: str) -> list[torch.Tensor]:
     return turns + [v.flip(3) for v in turns]
 
 
-def flip_batch(x: torch.Tensor) -> torch.Tensor:
-    flip = torch.rand(len(x)) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
 def train_vae(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, seed: int) -> VAE:
     """The shipped VAE config in a plain loop over VAEFamily.train_step."""
     with open(os.path.join(bq.CONFIGS, "vae.yaml")) as f:
@@ -121,8 +118,10 @@ def train_vae(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, seed: in
     torch.manual_seed(seed)
     nets = {"vae": VAE(cfg, x.shape[-1], int(y.max()) + 1)}
     opts = VAE_FAMILY.optimizers(cfg, nets)
+    gen = torch.Generator().manual_seed(seed)
     for step, idx in enumerate(bq.batches(len(x), batch, steps, seed)):
-        VAE_FAMILY.train_step(cfg, nets, opts, {"image": flip_batch(x[idx]), "label": y[idx]}, step, Precision())
+        image = augment_batch(x[idx], "flip", gen)  # the family's default augmentation, as genart train applies it
+        VAE_FAMILY.train_step(cfg, nets, opts, {"image": image, "label": y[idx]}, step, Precision())
     return nets["vae"].eval()
 
 
@@ -130,8 +129,9 @@ def train_vq(x: torch.Tensor, steps: int, batch: int, codebook: int, seed: int) 
     torch.manual_seed(seed)
     vq = VQVAE(codebook)
     opt = torch.optim.Adam(vq.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
     for idx in bq.batches(len(x), batch, steps, seed):
-        xb = flip_batch(x[idx])
+        xb = augment_batch(x[idx], "flip", gen)
         recon, commit, _ = vq(xb)
         loss = (recon - xb).pow(2).mean() + 0.25 * commit
         opt.zero_grad(set_to_none=True)
@@ -164,7 +164,7 @@ def train_prior(tokens: torch.Tensor, labels: torch.Tensor, codebook: int, steps
 def genre_rows(x01: torch.Tensor, labels: torch.Tensor, genres: list[str], per_row: int = 12):
     """One row of samples per genre, enlarged 2x."""
     grid = make_grid(torch.cat([x01[labels == g][:per_row] for g in range(len(genres))]), nrow=per_row)
-    return grid.resize((grid.width * 2, grid.height * 2), 0)
+    return grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)
 
 
 def main() -> None:
@@ -194,7 +194,7 @@ def main() -> None:
     share = np.bincount(y.numpy(), minlength=len(genres)) / len(y)
     judge = bq.train_judge(x01, y, len(genres), args.judge_steps, 64)
     real_feats, _ = bq.judge_outputs(judge, x01)
-    stripes = x[y == genres.index("stripes")][:200] if "stripes" in genres else x[:200]
+    stripes = x[y == genres.index("stripes")][:200]  # training stripes, to see what each model reconstructs
     seeds = list(range(args.num_generated))
     labels = torch.tensor(seed_labels(seeds, None, len(genres)))
 
