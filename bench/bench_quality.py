@@ -1,9 +1,10 @@
-"""Sample quality of genart's DCGAN and VAE beside the pytorch/examples reference algorithms, and style-transfer quality.
+"""Sample quality of genart's DCGAN and VAE (and VQ-VAE) beside the pytorch/examples reference algorithms, and style-transfer quality.
 
     .venv/bin/python bench/bench_quality.py                      # the quickstart budget: dcgan 1500, vae 600, style 100 steps, batch 64, 1000 images
     .venv/bin/python bench/bench_quality.py --steps-dcgan 1500 --steps-vae 1500 --steps-style 1500 --out results/bench_quality_1500
     .venv/bin/python bench/bench_quality.py --steps-dcgan 20 --steps-vae 20 --steps-style 10 --num-generated 200 --images 300  # smoke, ~2.5 min
-(--only dcgan,vae skips the style network; --only style runs it alone.)
+(--only dcgan,vae skips the style network; --only style runs it alone; --only vae,vqvae adds the VQ-VAE family, 600 +
+4,000 prior steps, beside the same reference VAE trained as many steps: ~25 min more.)
 
 Same data (genart.data.synth -> genart prepare; the references read the same prepared train split), same steps, same
 global batch. genart trains through its real entry point (workflows/configs/*.yaml + train(), Ray Train, 1 worker);
@@ -373,10 +374,17 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str
 def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tensor, judge: Judge, real_feats: np.ndarray,
                    data_share: np.ndarray, genres: list[str]) -> dict:
     batch = args.batch_size  # x 1 worker = genart's global batch (the quickstart's 2 workers x 32 make 64)
-    steps = args.steps_dcgan if family == "dcgan" else args.steps_vae
+    steps = {"dcgan": args.steps_dcgan, "vae": args.steps_vae, "vqvae": args.steps_vqvae}[family]
+    extra = []
+    if family == "vqvae":  # the prior's learning-rate decay spans the steps left after the VQ-VAE's
+        from genart.train.config import load_config
+
+        start = load_config(os.path.join(CONFIGS, "vqvae.yaml"), []).model.prior_start_step
+        extra = [f"model.prior_steps={max(1, steps - start)}"]
     log(f"{family}: genart, {steps} steps, batch {batch}")
     model, summary, times = train_genart(family, data, runs, steps, ["data.image_size=32", f"data.batch_size={batch}",
-                                                                      f"scaling.cpus_per_worker={args.threads}", *args.overrides])
+                                                                      f"scaling.cpus_per_worker={args.threads}", *extra,
+                                                                      *args.overrides])
     seeds = list(range(args.num_generated))
     ours = torch.cat([model.sample(seeds[i : i + 250]) for i in range(0, len(seeds), 250)])
     g = quality(judge, ours, real_feats, data_share, genres)
@@ -386,13 +394,13 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
         return {"steps": steps, "global_batch": batch, "genart": {**g, **times, "final_metrics": summary["final_metrics"]},
                 "grid": grid}
     log(f"{family}: reference (pytorch/examples), {steps} steps, batch {batch}")
-    trainer = train_ref_dcgan if family == "dcgan" else train_ref_vae
+    trainer = train_ref_dcgan if family == "dcgan" else train_ref_vae  # the VQ-VAE's reference: the example's VAE
     theirs, ref_s = trainer(train_x, steps, batch, args.num_generated)
     r = quality(judge, theirs, real_feats, data_share, genres)
     n = count_name(args.num_generated)
     fid_key, rec_key = f"fid{n}_judge", f"recognised_share{n}_judge"
     titles = (f"genart {family} (.sample: {'EMA G, eval mode' if family == 'dcgan' else 'its prior'})",
-              f"pytorch/examples {family} ({'train-mode BN' if family == 'dcgan' else 'decode N(0, I)'})")
+              f"pytorch/examples {'dcgan' if family == 'dcgan' else 'vae'} ({'train-mode BN' if family == 'dcgan' else 'decode N(0, I)'})")
     grid = side_by_side(ours, theirs, titles,
                         os.path.join(args.out, f"{family}_genart_vs_reference.png"))
     return {
@@ -495,6 +503,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-dcgan", type=int, default=1500, help="training steps of both DCGANs (quickstart: 1500)")
     parser.add_argument("--steps-vae", type=int, default=600, help="training steps of both VAEs (quickstart: 600)")
+    parser.add_argument("--steps-vqvae", type=int, default=4600, help="training steps of the VQ-VAE family, its prior's "
+                        "included (vqvae.yaml: 600 + 4000), and of its reference VAE (--only ...,vqvae)")
     parser.add_argument("--steps-style", type=int, default=100, help="training steps of the style network (quickstart: 100)")
     parser.add_argument("--num-generated", "--num-samples", type=int, default=1000, help="images generated per generator for the metrics")
     parser.add_argument("--images", type=int, default=1000, help="synthetic images made (quickstart: 1000), 10%% val")
@@ -504,7 +514,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the reference loops = scaling.cpus_per_worker")
     parser.add_argument("--style-image", default="starry_night.jpg")
     parser.add_argument("--out", default="results/bench_quality", help="folder for the PNG grids")
-    parser.add_argument("--only", default="dcgan,vae,style", help="comma-separated subset of dcgan,vae,style")
+    parser.add_argument("--only", default="dcgan,vae,style", help="comma-separated subset of dcgan,vae,vqvae,style")
     parser.add_argument("--style-set", dest="style_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override of genart's style config, e.g. --style-set model.tone_weight=0")
     parser.add_argument("--content-size", type=int, default=CONTENT_SIZE, help="the paintings' prepared size (quickstart's content_size)")
@@ -514,9 +524,9 @@ def parse_args() -> argparse.Namespace:
                         help="extra override of genart's DCGAN/VAE configs, e.g. --set model.conditional=false")
     args = parser.parse_args()
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
-    unknown = set(args.only) - {"dcgan", "vae", "style"}
+    unknown = set(args.only) - {"dcgan", "vae", "vqvae", "style"}
     if unknown:
-        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; use dcgan, vae, style")
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; use dcgan, vae, vqvae, style")
     return args
 
 
@@ -589,7 +599,7 @@ def main() -> None:
             f"fid{nv}_judge_val_vs_train": round(fid(real_feats, val_feats), 3),
         }
         log(f"judge val accuracy {result['judge']['val_accuracy']}")
-        for family in ("dcgan", "vae"):
+        for family in ("dcgan", "vae", "vqvae"):
             if family in args.only:
                 result[family] = compare_family(family, args, synth, f"{root}/runs", train_x, judge, real_feats, data_share, genres)
                 log(f"{family}: {json.dumps({k: v for k, v in result[family].items() if k.endswith(('ratio', 'difference'))})}")

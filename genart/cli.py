@@ -138,8 +138,8 @@ def palette(data, colors, out, sample_pixels, seed, address):
 @click.option("--output", default=None, help="With --dry-run: parent folder of the dry run (default: a temporary folder).")
 @address_option
 def train(config_path, overrides, dry_run, output, address):
-    """Train a model (dcgan, vae, critic, style) with Ray Train: data-parallel workers, checkpoints, samples,
-    metrics.jsonl and loss.png in <run.storage>/<run.name>.
+    """Train a model (dcgan, vae, vqvae, autoregressive, critic, style) with Ray Train: data-parallel workers,
+    checkpoints, samples, metrics.jsonl and loss.png in <run.storage>/<run.name>.
 
     Re-running the same command resumes from the latest checkpoint. Example:
 
@@ -397,7 +397,7 @@ def serve(models, config_file, index_uri, host, port, overrides, address):
 
 
 @main.command()
-@click.option("--model", required=True, help="Generative (dcgan, vae, autoregressive) run folder (best checkpoint) or checkpoint folder, local or s3://.")
+@click.option("--model", required=True, help="Generative (dcgan, vae, vqvae, autoregressive) run folder (best checkpoint) or checkpoint folder, local or s3://.")
 @click.option("--data", required=True, help="Prepared dataset (`genart prepare`) to compare with, local or s3://.")
 @click.option("--num", type=int, default=1000, show_default=True, help="Images to generate (seeds 0..NUM-1).")
 @click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",

@@ -5,8 +5,9 @@ Like pytorch/examples' run_python_examples.sh: a quick end-to-end check, not a q
 in this process through the real CLI (click's runner), so Ray starts once. `train --dry-run` runs once, for dcgan,
 whose checkpoint generate, evaluate and audit load; the critic and style checkpoints the other steps load are tiny
 untrained ones from genart.models.tiny. A dry run is ~20-35 s of Ray Train starting its processes, CPU-bound (side
-by side they took longer), so the other families' dry runs are opt-in: --all-families runs all five and the later
-steps use their checkpoints (every family really trains in tests/test_train.py and tests/test_autoregressive.py).
+by side they took longer), so the other families' dry runs are opt-in: --all-families runs all six and the later
+steps use their checkpoints (every family really trains in tests/test_train.py, tests/test_autoregressive.py and
+tests/test_vqvae.py).
 Not run: serve (a long-lived server, covered by tests/test_serve.py) and submit/jobs (they need a Ray cluster).
 """
 
@@ -24,7 +25,7 @@ from click.testing import CliRunner
 from genart.cli import main as genart
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-FAMILIES = {"dcgan": "dcgan.yaml", "vae": "vae.yaml", "critic": "critic.yaml", "style": "style.yaml",
+FAMILIES = {"dcgan": "dcgan.yaml", "vae": "vae.yaml", "vqvae": "vqvae.yaml", "critic": "critic.yaml", "style": "style.yaml",
             "autoregressive": "autoregressive_transformer.yaml"}
 DRY_RUN = ("dcgan",)  # the families dry-run by default (--all-families: every one)
 

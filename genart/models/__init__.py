@@ -1,4 +1,4 @@
-"""Model families (dcgan, vae, autoregressive, critic, style), their registry, and `load` for inference from any checkpoint.
+"""Model families (dcgan, vae, vqvae, autoregressive, critic, style), their registry, and `load` for inference from any checkpoint.
 
     model = genart.models.load("runs/dcgan-demo")                 # best checkpoint of a run (local or s3://)
     images = model.sample([0, 1, 2])                              # (3, 3, H, W) in [0, 1]
@@ -19,7 +19,7 @@ from pydantic import Field
 from genart import storage
 from genart.config import validate
 from genart.errors import UserError
-from genart.models import autoregressive, critic, dcgan, style, vae
+from genart.models import autoregressive, critic, dcgan, style, vae, vqvae
 from genart.models.checkpoint import STATE, WEIGHTS, checkpoint_hash, load_nets, read_state, read_weights
 from genart.models.family import Family, Loaded
 from genart.models.autoregressive import AutoregressiveConfig
@@ -27,17 +27,19 @@ from genart.models.critic import CriticConfig
 from genart.models.dcgan import DCGANConfig
 from genart.models.style import StyleConfig
 from genart.models.vae import VAEConfig
+from genart.models.vqvae import VQVAEConfig
 
 REGISTRY: dict[str, Family] = {
     "dcgan": dcgan.FAMILY,
     "vae": vae.FAMILY,
+    "vqvae": vqvae.FAMILY,
     "autoregressive": autoregressive.FAMILY,
     "critic": critic.FAMILY,
     "style": style.FAMILY,
 }
 
 # The training config's `model:` section: the `family` key picks the class.
-ModelConfig = Annotated[Union[DCGANConfig, VAEConfig, AutoregressiveConfig, CriticConfig, StyleConfig], Field(discriminator="family")]
+ModelConfig = Annotated[Union[DCGANConfig, VAEConfig, VQVAEConfig, AutoregressiveConfig, CriticConfig, StyleConfig], Field(discriminator="family")]
 
 _STEP = re.compile(r"^step-(\d+)$")
 

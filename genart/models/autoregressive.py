@@ -199,9 +199,10 @@ class AutoregressiveLoaded(GenerativeLoaded):
     family = "autoregressive"
 
     def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: AutoregressiveConfig):
-        super().__init__({"model": nets["model"]}, meta, checkpoint_hash)
+        super().__init__(nets, meta, checkpoint_hash)  # "model", the token net (and the vqvae family's decoder)
         self.cfg, self.conditional = cfg, cfg.conditional
-        self.latent_dim = self.image_size**2  # one uniform per token
+        self.side = self.image_size  # tokens per row: one per pixel here
+        self.latent_dim = self.side**2  # one uniform per token
 
     @property
     def palette(self) -> torch.Tensor:
@@ -241,7 +242,8 @@ class AutoregressiveLoaded(GenerativeLoaded):
             raise UserError(f"complete: {len(seeds)} seeds for {len(prefix)} images; give one seed per image")
         rows = completion_rows(rows, self.image_size)
         noise = uniforms(seeds, self.latent_dim)
-        tokens = self._sample(noise, self._labels(seeds, labels), truncation, None, None, prefix[:, : rows * self.image_size])
+        keep = rows * self.side // self.image_size * self.side  # the tokens of the kept rows
+        tokens = self._sample(noise, self._labels(seeds, labels), truncation, None, None, prefix[:, :keep])
         return self._images(tokens)
 
     @torch.no_grad()

@@ -106,6 +106,17 @@ def check_images01(x: Any, what: str = "images") -> torch.Tensor:
     return x
 
 
+def through_square(x01: torch.Tensor, size: int, forward) -> torch.Tensor:
+    """`forward` ((N, 3, size, size) in [-1, 1] -> same) on the whole pictures (N, 3, H, W) in [0, 1], squashed to the
+    model's square and stretched back: a reconstruction keeps the frame it was given, not a crop. [0, 1] out."""
+    h, w = x01.shape[-2:]
+    small = nn.functional.interpolate(x01.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = (forward(small * 2 - 1).float() + 1) / 2
+    if (h, w) != out.shape[-2:]:
+        out = nn.functional.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+    return out.clamp(0, 1)
+
+
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, size, size): center-crop to a square, then antialiased bilinear (a no-op at that size).
 

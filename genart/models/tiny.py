@@ -23,6 +23,8 @@ TINY_MODEL = {
     "dcgan": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "label_embed_dim": 4, "grid_size": 4,
               "eval_samples": 8},
     "vae": {"latent_dim": 8, "base_channels": 4, "max_channels": 16, "grid_size": 4},
+    "vqvae": {"codebook_size": 8, "code_dim": 4, "channels": 8, "res_blocks": 1, "prior_start_step": 1,
+              "prior_embed_dim": 8, "prior_layers": 1, "prior_heads": 1, "prior_warmup_steps": 0, "grid_size": 4},
     "critic": {"base_channels": 4, "embed_dim": 8, "num_stages": 1},
     "style": {"channels": 4, "num_res_blocks": 0, "random_filters": 4, "style_size": 32, "grid_size": 2},
     "autoregressive": {"embed_dim": 8, "num_layers": 1, "num_heads": 1, "mlp_ratio": 1, "grid_size": 2,

@@ -18,7 +18,7 @@ from torch import nn
 from genart.config import Section
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, latents, make_grid, seed_labels
+from genart.models.sampling import check_images01, latents, make_grid, seed_labels, through_square
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (16, 32, 64, 128)
@@ -274,21 +274,15 @@ class VAELoaded(GenerativeLoaded):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> the decoded posterior mean, same shape (resized to image_size and back)."""
-        x = check_images01(x, "reconstruct")
-        h, w = x.shape[-2:]
-        # The whole picture (squashed to the model's square and stretched back), not a crop: a reconstruction keeps the
-        # frame it was given. Batch jobs and serving both come through here.
-        s = self.image_size
-        small = nn.functional.interpolate(x.to(self.device).float(), size=(s, s), mode="bilinear", antialias=True,
-                                          align_corners=False) * 2 - 1  # (N, 3, S, S) in [-1, 1]
+        """(N, 3, H, W) in [0, 1] -> the decoded posterior mean, same shape (resized to image_size and back). Batch
+        jobs and serving both come through here."""
         vae = self.nets["vae"]
-        labels = vae.genre(small) if self.decoder_labels else None  # no label comes with the picture: the encoder's guess
-        mu, _ = vae.encode(small, labels)
-        out = (vae.decode(mu, labels) + 1) / 2
-        if (h, w) != out.shape[-2:]:
-            out = nn.functional.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
-        return out.clamp(0, 1)
+
+        def forward(small: torch.Tensor) -> torch.Tensor:
+            labels = vae.genre(small) if self.decoder_labels else None  # no label comes with the picture: the encoder's guess
+            return vae.decode(vae.encode(small, labels)[0], labels)
+
+        return through_square(check_images01(x, "reconstruct").to(self.device), self.image_size, forward)
 
 
 class VAEFamily:

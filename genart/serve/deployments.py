@@ -107,8 +107,8 @@ def _configure_batch(batch_method, user_config: dict) -> None:
 
 @serve.deployment
 class GenerativeModel:
-    """A generative checkpoint (dcgan, vae, autoregressive): generate (batched by image count), interpolate,
-    reconstruct (vae), complete (autoregressive)."""
+    """A generative checkpoint (dcgan, vae, vqvae, autoregressive): generate (batched by image count), interpolate,
+    reconstruct (vae, vqvae), complete (autoregressive, vqvae)."""
 
     def __init__(self, checkpoint: str, settings: ServeArgs):
         from genart.models import GENERATIVE

@@ -328,23 +328,23 @@ async def interpolate(body: InterpolateBody, api=CurrentIngress):
     return _png_response(await asyncio.to_thread(_grid_png, frames, body.steps), **{"X-Genart-Model": name})
 
 
-@router.post("/v1/reconstruct", summary="A VAE's reconstruction of the uploaded image (PNG)",
+@router.post("/v1/reconstruct", summary="A VAE's or VQ-VAE's reconstruction of the uploaded image (PNG)",
              responses={200: {"content": {"image/png": {}}}})
 async def reconstruct(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512),
                       api=CurrentIngress):
-    name = (await api.resolve(model, ("vae",), "/v1/reconstruct"))["name"]
+    name = (await api.resolve(model, ("vae", "vqvae"), "/v1/reconstruct"))["name"]
     arr = await api.read_image(image, max_side)
     out = await api.await_model(api.handles[name].reconstruct.remote(arr), name)
     return _png_response(await asyncio.to_thread(_rgb_png, out), **{"X-Genart-Model": name})
 
 
-@router.post("/v1/complete", summary="An autoregressive model's completion of the uploaded image: its top rows "
+@router.post("/v1/complete", summary="An autoregressive (or vqvae) model's completion of the uploaded image: its top rows "
              "kept (default: half), the rest sampled (PNG at the model's size)",
              responses={200: {"content": {"image/png": {}}}})
 async def complete(image: UploadFile = File(...), model: str | None = Form(None), seed: int = Form(0),
                    label: int | str | None = Form(None), rows: int | None = Form(None), max_side: int = Form(512),
                    api=CurrentIngress):
-    card = await api.resolve(model, ("autoregressive",), "/v1/complete")
+    card = await api.resolve(model, ("autoregressive", "vqvae"), "/v1/complete")
     name = card["name"]
     if not 0 <= seed <= 2**32 - 1:
         raise ApiError(422, "invalid request", f"seed {seed} must be within 0..2**32-1")

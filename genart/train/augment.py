@@ -11,13 +11,15 @@ from typing import Literal
 
 import torch
 
-Augment = Literal["none", "flip", "crop", "crop_flip"]
+Augment = Literal["none", "flip", "crop", "crop_flip", "dihedral"]
 # Random crops are taken from the batch upscaled by this factor.
 CROP_SCALE = 1.125
 
 
 def augment_batch(images: torch.Tensor, mode: str, gen: torch.Generator, crop_size: int | None = None) -> torch.Tensor:
-    """Random crop from a CROP_SCALE upscale ("crop"), horizontal flip of half the images ("flip"), both, or none.
+    """Random crop from a CROP_SCALE upscale ("crop"), horizontal flip of half the images ("flip"), both, or none;
+    "dihedral": a random one of the eight quarter turns and mirror images of each (square) image, for data whose
+    look does not change with them (textures, the synthetic genres), never for photos or paintings.
 
     crop_size: random crop_size x crop_size windows at the images' own scale instead (no zoom), before any
     flip: a style net trained on small windows of large images learns at the pixel scale it will stylize at.
@@ -32,7 +34,10 @@ def augment_batch(images: torch.Tensor, mode: str, gen: torch.Generator, crop_si
         up = torch.nn.functional.interpolate(images, size=(big, big), mode="bilinear", antialias=True, align_corners=False)
         xs, ys = torch.randint(0, big - s + 1, (2, b), generator=gen).tolist()
         images = torch.stack([up[i, :, ys[i] : ys[i] + s, xs[i] : xs[i] + s] for i in range(b)])  # (B, 3, S, S)
-    if "flip" in mode:
+    if mode == "dihedral":  # a quarter turn k in 0..3 per image; the flip below makes the mirror images
+        turns = torch.randint(0, 4, (b,), generator=gen).tolist()
+        images = torch.stack([img.rot90(k, (1, 2)) if k else img for img, k in zip(images, turns)])
+    if "flip" in mode or mode == "dihedral":
         flip = (torch.rand(b, generator=gen) < 0.5).to(images.device)[:, None, None, None]
         images = torch.where(flip, images.flip(-1), images)
     return images

@@ -27,8 +27,9 @@ class DataSection(Section):
     path: str  # prepared dataset (`genart prepare`), local folder or s3:// prefix
     image_size: int | None = Field(None, ge=8)  # square side in px; None = the size the dataset was prepared at
     batch_size: int = Field(32, ge=1)  # images per step on EACH worker (global batch = batch_size x num_workers)
-    # none | flip | crop (random crop from a 112.5% upscale) | crop_flip; null = the family's default: flip for
-    # generators (crops would teach them zoomed images), crop_flip for the critic and style content.
+    # none | flip | crop (random crop from a 112.5% upscale) | crop_flip | dihedral (quarter turns and flips: only
+    # for data that looks the same turned, e.g. textures); null = the family's default: flip for generators (crops
+    # would teach them zoomed images), crop_flip for the critic and style content.
     # Digits, text and anything with a handedness want none or crop. true/false are read as null/none.
     augment: Augment | None = None
     # Train on random crop_size x crop_size windows of the image_size images, at their own scale (no zoom; before

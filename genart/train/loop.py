@@ -229,6 +229,7 @@ class _Window:
 
     def reset(self, started: float | None = None) -> None:
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # per metric: a family's metrics can change within a window (vqvae's prior)
         self.steps = 0
         self.started = time.perf_counter() if started is None else started
         self.measured = self.started
@@ -236,12 +237,13 @@ class _Window:
     def add(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.steps += 1
 
     def means(self, world: int) -> dict[str, float]:
         """Means over the window and over every worker (a small all-reduce, at the same steps on every rank)."""
         keys = list(self.sums)  # the family's order, the same on every rank
-        values = torch.tensor([self.sums[k] / max(1, self.steps) for k in keys], dtype=torch.float64)
+        values = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(values)  # gloo/nccl sum; the tensor is tiny
             values /= world
