@@ -19,7 +19,7 @@ from genart.errors import UserError
 from genart.data.synth import GENRES
 from genart.models.autoregressive import sample_tokens, uniforms
 from genart.models.tiny import tiny_config, tiny_nets
-from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+from helpers import check_served_generate, one_thread, served  # noqa: F401  (one_thread: autouse, one torch thread in this module)
 
 FAMILY = models.REGISTRY["autoregressive"]
 BACKBONES = ["transformer", "lstm"]
@@ -187,32 +187,15 @@ def test_served_generate_complete_and_interpolate(ray_session, tmp_path):
     import numpy as np
     import requests
     from PIL import Image
-    from ray import serve
 
-    from genart.runtime import free_port
-    from genart.serve.app import build
-    from genart.serve.run import start_http
     from genart.models.tiny import tiny_checkpoint
 
     genres = ["a", "b", "c"]
     ckpt = tiny_checkpoint(str(tmp_path / "ar"), "autoregressive", 8, genres, seed=3, embed_dim=16, num_heads=2, colors=8,
                            conditional=True)
-    host, port = start_http("127.0.0.1", free_port())
-    serve.run(build({"models": {"pixels": ckpt}, "api_key_env": "GENART_TEST_AR_NO_KEY",
-                     "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2}}),
-              name="t-ar", route_prefix="/t-ar")
-    base = f"http://{host}:{port}/t-ar"
-    try:
-        cards = requests.get(base + "/v1/models", timeout=30).json()["models"]
-        assert [(c["name"], c["family"], c["conditional"]) for c in cards] == [("pixels", "autoregressive", True)]
-        got = requests.post(base + "/v1/generate", json={"n": 2, "seed": 5, "label": "b", "format": "json"}, timeout=60)
-        assert got.status_code == 200, got.text
-        import base64
-
-        frames = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in got.json()["images"]]
-        model = models.load(ckpt)
-        expected = (model.sample([5, 6], labels=[1, 1]) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        assert np.array_equal(np.stack(frames), expected)
+    model = models.load(ckpt)
+    with served({"pixels": ckpt}, "t-ar") as base:
+        check_served_generate(base, model, "pixels")
 
         picture = np.zeros((20, 20, 3), np.uint8)
         picture[:, :, 0] = 255  # a red square
@@ -231,8 +214,6 @@ def test_served_generate_complete_and_interpolate(ray_session, tmp_path):
         assert junk.status_code == 400
         walk = requests.post(base + "/v1/interpolate", json={"seed_a": 1, "seed_b": 2, "steps": 3}, timeout=60)
         assert walk.status_code == 200 and Image.open(io.BytesIO(walk.content)).size[1] >= 8
-    finally:
-        serve.delete("t-ar")
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

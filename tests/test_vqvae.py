@@ -18,7 +18,7 @@ from genart import models
 from genart.models.tiny import tiny_config, tiny_nets
 from genart.models.vqvae import Codebook
 from genart.runtime import free_port
-from helpers import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+from helpers import check_served_generate, one_thread, served  # noqa: F401  (one_thread: autouse, one torch thread in this module)
 
 FAMILY = models.REGISTRY["vqvae"]
 
@@ -175,31 +175,15 @@ def test_fit_on_two_workers_then_load_sample_complete_reconstruct(tmp_path, ray_
 
 def test_served_generate_reconstruct_and_complete(ray_session, tmp_path):
     """Real HTTP against Serve: /v1/generate (the pixels of .sample), /v1/reconstruct and /v1/complete take a vqvae."""
-    import base64
-
     import requests
     from PIL import Image
-    from ray import serve
 
     from genart.models.tiny import tiny_checkpoint
-    from genart.serve.app import build
-    from genart.serve.run import start_http
 
     ckpt = tiny_checkpoint(str(tmp_path / "vq"), "vqvae", 16, ["a", "b", "c"], seed=3, train_steps=4, conditional=True)
-    host, port = start_http("127.0.0.1", free_port())
-    serve.run(build({"models": {"tokens": ckpt}, "api_key_env": "GENART_TEST_VQ_NO_KEY",
-                     "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2}}),
-              name="t-vq", route_prefix="/t-vq")
-    base = f"http://{host}:{port}/t-vq"
     model = models.load(ckpt)
-    try:
-        cards = requests.get(base + "/v1/models", timeout=30).json()["models"]
-        assert [(c["name"], c["family"], c["conditional"]) for c in cards] == [("tokens", "vqvae", True)]
-        got = requests.post(base + "/v1/generate", json={"n": 2, "seed": 5, "label": "b", "format": "json"}, timeout=60)
-        assert got.status_code == 200, got.text
-        frames = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in got.json()["images"]]
-        expected = (model.sample([5, 6], labels=[1, 1]) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        assert np.array_equal(np.stack(frames), expected)
+    with served({"tokens": ckpt}, "t-vq") as base:
+        check_served_generate(base, model, "tokens")
         picture = np.zeros((24, 40, 3), np.uint8)
         picture[:, :20] = (200, 30, 30)
         buf = io.BytesIO()
@@ -214,8 +198,6 @@ def test_served_generate_reconstruct_and_complete(ray_session, tmp_path):
         done = requests.post(base + "/v1/complete", files=upload, data={"seed": "1", "label": "c"}, timeout=60)
         assert done.status_code == 200, done.text
         assert np.asarray(Image.open(io.BytesIO(done.content))).shape == (16, 16, 3)
-    finally:
-        serve.delete("t-vq")
 
 
 def test_shipped_config_is_valid_and_its_phases_add_up():
