@@ -87,8 +87,8 @@ class Residual(nn.Module):
 class Codebook(nn.Module):
     """K entries of width D, each the EMA mean of the encoder outputs assigned to it (the paper's appendix).
 
-    Under DDP every rank adds the same all-reduced counts and sums, and restarts come from rank 0, so the codebook is
-    the same everywhere without DDP's buffer broadcast.
+    Under DDP every rank adds the same all-reduced counts and sums, and starts and restarts come from rank 0, so every
+    rank holds the same codebook at every step (DDP's buffer broadcast would repair a difference only a step late).
     """
 
     def __init__(self, size: int, dim: int, decay: float):
