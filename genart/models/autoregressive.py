@@ -201,7 +201,7 @@ class AutoregressiveLoaded(GenerativeLoaded):
     def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: AutoregressiveConfig):
         super().__init__(nets, meta, checkpoint_hash)  # "model", the token net (and the vqvae family's decoder)
         self.cfg, self.conditional = cfg, cfg.conditional
-        self.side = self.image_size  # tokens per row: one per pixel here
+        self.side = self.nets["model"].size  # tokens per row: one per pixel here, one per 4x4 patch in vqvae
         self.latent_dim = self.side**2  # one uniform per token
 
     @property
@@ -228,9 +228,12 @@ class AutoregressiveLoaded(GenerativeLoaded):
         noise = uniforms(seeds, self.latent_dim)
         return self._images(self._sample(noise, self._labels(seeds, labels), truncation, temperature, top_k, cache=cache))
 
+    def _tokens(self, x01: torch.Tensor) -> torch.Tensor:
+        return to_tokens(x01, self.palette)
+
     def tokens(self, images01: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) in [0, 1] -> (N, S*S) tokens after the training crop + resize to image_size."""
-        return to_tokens(resize(check_images01(images01, "tokens").to(self.device).float(), self.image_size), self.palette)
+        """(N, 3, h, w) in [0, 1] -> (N, side^2) tokens after the training crop + resize to image_size."""
+        return self._tokens(resize(check_images01(images01, "tokens").to(self.device).float(), self.image_size))
 
     @torch.no_grad()
     def complete(self, images01: torch.Tensor, seeds: list[int] | None = None, labels: list[int] | None = None,

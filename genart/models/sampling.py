@@ -7,6 +7,7 @@ turns seeds (and labels) into images.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import numpy as np
@@ -94,6 +95,14 @@ def make_grid(images01: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.
     grid = tv_grid(images01.detach().float().cpu().clamp(0, 1), nrow=max(1, nrow), padding=padding, pad_value=1.0)
     arr = (grid.numpy().transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)  # (H, W, 3)
     return Image.fromarray(arr, "RGB")
+
+
+def reconstruction_grid(real: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor) -> Image.Image:
+    """The checkpoint grid of a family that reconstructs (vae, vqvae): pairs of real / reconstruction, then samples;
+    all (N, 3, S, S) in [-1, 1]. An even number of columns keeps each pair on one row."""
+    nrow = max(1, int(math.ceil(math.sqrt(len(real) + len(samples)))))
+    pairs = torch.stack([real, recon], dim=1).flatten(0, 1)  # (2n, 3, S, S): real, recon, real, recon, ...
+    return make_grid((torch.cat([pairs, samples]).float() + 1) / 2, nrow=nrow + nrow % 2)
 
 
 def check_images01(x: Any, what: str = "images") -> torch.Tensor:

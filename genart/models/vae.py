@@ -18,7 +18,7 @@ from torch import nn
 from genart.config import Section
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, latents, make_grid, seed_labels, through_square
+from genart.models.sampling import check_images01, latents, reconstruction_grid, seed_labels, through_square
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (16, 32, 64, 128)
@@ -376,9 +376,7 @@ class VAEFamily:
             z = fixed["z"].to(device)
             labels = None if fixed.get("labels") is None else fixed["labels"].to(device)
             samples = _decode_prior(vae, z, labels, cfg.conditional)
-        nrow = max(1, int(math.ceil(math.sqrt(len(x) + len(samples)))))
-        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2n, 3, S, S): real, recon, real, recon, ...
-        return make_grid((torch.cat([pairs, samples]).float() + 1) / 2, nrow=nrow + nrow % 2)
+        return reconstruction_grid(x, recon, samples)
 
     def inference(self, cfg: VAEConfig, nets: dict, state: dict) -> VAELoaded:
         return VAELoaded({"vae": unwrap(nets["vae"])}, meta_from_state(state), state.get("checkpoint_hash", ""), cfg)

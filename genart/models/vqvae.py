@@ -29,7 +29,7 @@ from genart.errors import UserError
 from genart.models import autoregressive
 from genart.models.autoregressive import AutoregressiveConfig, AutoregressiveLoaded, TokenModel, sample_tokens, uniforms
 from genart.models.family import check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, default_label, make_grid, resize, through_square
+from genart.models.sampling import check_images01, default_label, reconstruction_grid, through_square
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (16, 32, 64)
@@ -189,16 +189,12 @@ class VQVAELoaded(AutoregressiveLoaded):
 
     def __init__(self, nets: dict, meta: dict, checkpoint_hash: str, cfg: VQVAEConfig):
         super().__init__({"model": nets["prior"], "vqvae": nets["vqvae"]}, meta, checkpoint_hash, cfg.prior_config())
-        self.side = self.image_size // DOWNSAMPLE
-        self.latent_dim = self.side**2  # one uniform per token
 
     def _images(self, tokens: torch.Tensor) -> torch.Tensor:
         return ((self.nets["vqvae"].decode(tokens).float() + 1) / 2).clamp(0, 1)
 
-    def tokens(self, images01: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) in [0, 1] -> (N, side^2) tokens after the training crop + resize to image_size."""
-        x = resize(check_images01(images01, "tokens").to(self.device).float(), self.image_size)
-        return self.nets["vqvae"].encode(x * 2 - 1)
+    def _tokens(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.nets["vqvae"].encode(x01 * 2 - 1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,9 +298,7 @@ class VQVAEFamily:
             tokens = sample_tokens(prior, fixed["noise"].to(device), None if labels is None else labels.to(device),
                                    cfg.temperature, cfg.top_k)
             samples = vqvae.decode(tokens)
-        nrow = max(1, int(math.ceil(math.sqrt(len(x) + len(samples)))))
-        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2n, 3, S, S): real, recon, real, recon, ...
-        return make_grid((torch.cat([pairs, samples]).float() + 1) / 2, nrow=nrow + nrow % 2)
+        return reconstruction_grid(x, recon, samples)
 
     def inference(self, cfg: VQVAEConfig, nets: dict, state: dict) -> VQVAELoaded:
         nets = {k: unwrap(v) for k, v in nets.items()}
