@@ -6,7 +6,7 @@ One run trains both, one after the other: steps [0, prior_start_step) train the 
 entries restarted at encoder outputs, straight-through gradients); from prior_start_step on the VQ-VAE is frozen
 and the prior learns the token maps of the training batches (raster order, the genre as start token). The VAE's
 Gaussian over a vector code draws the stripes genre as colour fields (README, "Sample quality"); token maps keep
-sharp bands, and a sequence model over them can draw them.
+the bands, and a sequence model over them can draw them.
 Loaded: `.sample(seeds, labels, truncation)`, `.interpolate`, `.complete(images)` (as the autoregressive family:
 it is one, over tokens instead of palette colours) and `.reconstruct(x)` (as the VAE).
 """
