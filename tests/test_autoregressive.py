@@ -17,7 +17,7 @@ from genart.cli import main
 from genart.data.palette import fit_palette, from_tokens, grid_palette, kmeans, read_palette, to_tokens
 from genart.errors import UserError
 from genart.data.synth import GENRES
-from genart.models.autoregressive import sample_tokens, uniforms
+from genart.models.autoregressive import drop_labels, pick, sample_tokens, uniforms
 from genart.models.tiny import tiny_config, tiny_nets
 from helpers import check_served_generate, one_thread, served  # noqa: F401  (one_thread: autouse, one torch thread in this module)
 
@@ -25,11 +25,11 @@ FAMILY = models.REGISTRY["autoregressive"]
 BACKBONES = ["transformer", "lstm"]
 
 
-def tiny_net(backbone: str, size: int = 8, labels: int = 3):
+def tiny_net(backbone: str, size: int = 8, labels: int = 3, **overrides):
     """(config, net) of genart.models.tiny at this module's widths, after a few real steps, so the weights are not
     the near-uniform initial ones."""
     cfg = tiny_config("autoregressive", backbone=backbone, embed_dim=16, num_layers=2, num_heads=2, colors=8,
-                      conditional=labels > 0)
+                      conditional=labels > 0, **overrides)
     nets = tiny_nets(cfg, size, GENRES[:labels], train_steps=3, inference=True)
     return cfg, nets["model"].eval()
 
@@ -50,6 +50,35 @@ def test_cached_sampling_equals_uncached(backbone, top_k):
             logits, state = net.step(cached[:, t - 1] if t else None, t, labels, state, 3)
             steps.append(logits)
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+
+
+def test_classifier_free_guidance_samples_from_the_guided_logits():
+    _, net = tiny_net("transformer", label_dropout=0.5)
+    with torch.no_grad():  # three steps leave the start tokens near their init: make the classes differ
+        net.start.weight.copy_(torch.randn(net.start.weight.shape, generator=torch.Generator().manual_seed(4)))
+    noise, labels = uniforms([3, 4, 5, 6], 64), torch.tensor([0, 1, 2, 0])
+    guided = sample_tokens(net, noise, labels, temperature=1.3, top_k=0, guidance=2.5)
+    assert torch.equal(guided, sample_tokens(net, noise, labels, temperature=1.3, top_k=0, guidance=2.5, cache=False))
+    with torch.no_grad():  # every token is the inverse-CDF pick from uncond + 2.5 (cond - uncond) given the ones before
+        cond, uncond = net(guided, labels), net(guided, torch.full_like(labels, net.null_label))
+    expected = [pick(uncond[:, t] + 2.5 * (cond[:, t] - uncond[:, t]), noise[:, t], 1.3, 0) for t in range(64)]
+    assert torch.equal(torch.stack(expected, 1), guided)
+    plain = sample_tokens(net, noise, labels, temperature=1.3, top_k=0)
+    assert torch.equal(sample_tokens(net, noise, labels, temperature=1.3, top_k=0, guidance=1.0), plain)
+    assert not torch.equal(guided, plain)
+
+    # training: about label_dropout of the labels become the "no class" token (the last start token), the rest stay
+    many = torch.arange(3000) % 3
+    dropped = drop_labels(net, many, 0.5)
+    null = dropped == net.null_label
+    assert net.null_label == 3 and net.start.num_embeddings == 4 and 0.45 < null.float().mean() < 0.55
+    assert torch.equal(dropped[~null], many[~null])
+    _, plain_net = tiny_net("transformer")  # trained without label dropout: no "no class" token, so no guidance
+    assert plain_net.null_label is None and torch.equal(drop_labels(plain_net, many, 0.5), many)
+    with pytest.raises(UserError, match="label_dropout"):
+        sample_tokens(plain_net, noise, labels, temperature=1.0, top_k=0, guidance=2.0)
+    with pytest.raises(ValueError, match="label_dropout > 0"):  # a config asking for guidance must train for it
+        tiny_config("autoregressive", conditional=True, guidance=2.0)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -141,7 +141,8 @@ def test_fit_on_two_workers_then_load_sample_complete_reconstruct(tmp_path, ray_
         # lr and a short EMA memory (dead entries restart within ~12 steps) for a codebook that settles in 60 steps
         "model": {"family": "vqvae", "codebook_size": 16, "code_dim": 8, "channels": 16, "res_blocks": 1, "lr": 5e-3,
                   "ema_decay": 0.8, "prior_start_step": 60, "prior_steps": 40, "prior_embed_dim": 16, "prior_layers": 1, "prior_heads": 2,
-                  "prior_warmup_steps": 5, "prior_dropout": 0.0, "conditional": True, "grid_size": 8},
+                  "prior_warmup_steps": 5, "prior_dropout": 0.0, "conditional": True, "grid_size": 8,
+                  "label_dropout": 0.2, "guidance": 1.5},  # classifier-free guidance: trained for, and sampled with
         "data": {"path": data, "batch_size": 16, "augment": "dihedral"},
         "train": {"max_steps": 100, "checkpoint_every_steps": 50, "log_every_steps": 10, "keep_last": 2},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
@@ -163,6 +164,7 @@ def test_fit_on_two_workers_then_load_sample_complete_reconstruct(tmp_path, ray_
     assert model.family == "vqvae" and model.num_labels == 5 and model.latent_dim == 16  # a 4x4 token map
     samples = model.sample([0, 1, 2, 3, 4])
     assert samples.shape == (5, 3, 16, 16) and torch.equal(samples, model.sample([0, 1, 2, 3, 4]))
+    assert model.nets["model"].null_label == 5  # the "no genre" start token after the five genres
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kept = model.complete(x, seeds=[7, 8], rows=16)  # every row kept: the reconstruction at the model's size
     assert torch.equal(kept, model.reconstruct(x))

@@ -15,7 +15,7 @@ from typing import Iterable, Literal
 
 import torch
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -52,6 +52,12 @@ class AutoregressiveConfig(Section):
     mlp_ratio: int = Field(4, ge=1)  # transformer MLP width / embed_dim
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout on attention, MLP and LSTM outputs while training
     conditional: bool = False  # a class token starts the sequence (needs a labelled dataset)
+    # Classifier-free guidance (Ho & Salimans 2022; Parti and LlamaGen for token models): training starts this share
+    # of the sequences with a "no class" token, so one net models p(x | class) and p(x); sampling then takes
+    # logits = uncond + guidance * (cond - uncond), which draws pictures more typical of their class. guidance 1 = off;
+    # above 1 needs a model trained with label_dropout > 0.
+    label_dropout: float = Field(0.0, ge=0, lt=1)
+    guidance: float = Field(1.0, ge=0)
     lr: float = Field(1e-3, gt=0)  # AdamW learning rate (after warm-up)
     warmup_steps: int = Field(100, ge=0)  # linear learning-rate warm-up from 0
     weight_decay: float = Field(0.01, ge=0)  # AdamW weight decay (matrices only, not embeddings or norms)
@@ -60,11 +66,24 @@ class AutoregressiveConfig(Section):
     grid_size: int = Field(16, ge=2)  # samples in the grid at each checkpoint (plus a row of completions)
     renamed = {"num_samples": "grid_size"}  # the old name of grid_size still loads
 
+    @model_validator(mode="after")
+    def _guidance_trained_for(self) -> "AutoregressiveConfig":
+        check_guidance(self.guidance, self.conditional, self.label_dropout)
+        return self
+
     def resolve_paths(self, data_path: str) -> "AutoregressiveConfig":
         """Training fills in the dataset's palette file, so the resolved config.yaml names the one it used."""
         if self.palette is not None:
             return self
         return self.model_copy(update={"palette": palette_path(data_path, self.colors)})
+
+
+def check_guidance(guidance: float, conditional: bool, label_dropout: float) -> None:
+    """Guidance mixes the class's logits with the "no class" ones: a config asking for it must train for it (checked
+    when the config loads, not at the first checkpoint grid)."""
+    if guidance != 1 and not (conditional and label_dropout > 0):
+        raise ValueError(f"guidance {guidance:g} needs conditional: true and label_dropout > 0 (e.g. 0.1); "
+                         "guidance 1 turns it off")
 
 
 class Block(nn.Module):
@@ -106,7 +125,9 @@ class TokenModel(nn.Module):
         # (K, 3) in [0, 1], saved with the weights; the lattice until training fills in its palette or a checkpoint loads
         self.register_buffer("palette", grid_palette(cfg.colors))
         self.token = nn.Embedding(cfg.colors, d)
-        self.start = nn.Embedding(num_labels if cfg.conditional else 1, d)  # the class token, or one start token
+        # the class tokens (plus a "no class" one, the last, when trained for guidance), or one start token
+        self.null_label = num_labels if cfg.conditional and cfg.label_dropout > 0 else None
+        self.start = nn.Embedding(num_labels + (self.null_label is not None) if cfg.conditional else 1, d)
         self.row, self.col = nn.Parameter(torch.zeros(image_size, d)), nn.Parameter(torch.zeros(image_size, d))
         if cfg.backbone == "transformer":
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
@@ -164,20 +185,40 @@ def pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k:
     return torch.searchsorted(cdf, (uniform.double() * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
+def drop_labels(net: TokenModel, labels: torch.Tensor | None, rate: float) -> torch.Tensor | None:
+    """While training for guidance: each label becomes the "no class" token with probability `rate`."""
+    null = unwrap(net).null_label
+    if labels is None or null is None or rate <= 0:
+        return labels
+    return labels.masked_fill(torch.rand(labels.shape, device=labels.device) < rate, null)
+
+
 @torch.no_grad()
 def sample_tokens(net: TokenModel, uniforms: torch.Tensor, labels: torch.Tensor | None, temperature: float, top_k: int,
-                  prefix: torch.Tensor | None = None, cache: bool = True) -> torch.Tensor:
+                  prefix: torch.Tensor | None = None, cache: bool = True, guidance: float = 1.0) -> torch.Tensor:
     """uniforms (N, L) in [0, 1) -> tokens (N, L). The first prefix.shape[1] tokens are given (completion).
-    cache=False re-runs the whole prefix for every position: the slow reference the cache must agree with."""
+    guidance != 1 runs each sequence twice, with its class and with the "no class" token, and samples from
+    uncond + guidance * (cond - uncond). cache=False re-runs the whole prefix for every position: the slow
+    reference the cache must agree with."""
     n, length = uniforms.shape
     tokens = torch.zeros(n, length, dtype=torch.long, device=uniforms.device)
     given = 0 if prefix is None else prefix.shape[1]
+    guided = labels is not None and guidance != 1
+    if guided:
+        if net.null_label is None:
+            raise UserError(f"guidance {guidance:g} needs a model trained with model.label_dropout > 0; this one was not "
+                            "(use guidance 1)")
+        labels = torch.cat([labels, torch.full_like(labels, net.null_label)])
+    copies = 2 if guided else 1
     state = None
     for t in range(length):
         if cache:
-            logits, state = net.step(tokens[:, t - 1] if t else None, t, labels, state, n)
+            logits, state = net.step(tokens[:, t - 1].repeat(copies) if t else None, t, labels, state, n * copies)
         else:
-            logits = net(tokens[:, : t + 1], labels)[:, t]
+            logits = net(tokens[:, : t + 1].repeat(copies, 1), labels)[:, t]
+        if guided:
+            cond, uncond = logits.float().chunk(2)
+            logits = uncond + guidance * (cond - uncond)
         tokens[:, t] = prefix[:, t] if t < given else pick(logits, uniforms[:, t], temperature, top_k)
     return tokens
 
@@ -211,22 +252,26 @@ class AutoregressiveLoaded(GenerativeLoaded):
     def _images(self, tokens: torch.Tensor) -> torch.Tensor:
         return from_tokens(tokens, self.palette, self.image_size).float()
 
-    def _sample(self, noise, labels, truncation, temperature, top_k, prefix=None, cache=True) -> torch.Tensor:
+    def _sample(self, noise, labels, truncation, temperature, top_k, prefix=None, cache=True, guidance=None) -> torch.Tensor:
         from genart.models.sampling import truncate
 
         temp = float(self.cfg.temperature if temperature is None else temperature) * float(truncate(torch.ones(1), truncation))
         k = self.cfg.top_k if top_k is None else int(top_k)
-        return sample_tokens(self.nets["model"], noise.to(self.device), labels, temp, k, prefix, cache)
+        scale = float(self.cfg.guidance if guidance is None else guidance)
+        return sample_tokens(self.nets["model"], noise.to(self.device), labels, temp, k, prefix, cache, scale)
 
     @torch.no_grad()
     def sample(self, seeds: list[int], labels: list[int] | None = None, truncation: float = 1.0,
-               temperature: float | None = None, top_k: int | None = None, cache: bool = True) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1], a pure function of (seed, label, truncation, temperature, top_k)."""
+               temperature: float | None = None, top_k: int | None = None, cache: bool = True,
+               guidance: float | None = None) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1], a pure function of (seed, label, truncation, temperature, top_k, guidance);
+        None = the model's config."""
         seeds = list(seeds)
         if not seeds:
             raise UserError("sample: give at least one seed")
         noise = uniforms(seeds, self.latent_dim)
-        return self._images(self._sample(noise, self._labels(seeds, labels), truncation, temperature, top_k, cache=cache))
+        return self._images(self._sample(noise, self._labels(seeds, labels), truncation, temperature, top_k, cache=cache,
+                                         guidance=guidance))
 
     def _tokens(self, x01: torch.Tensor) -> torch.Tensor:
         return to_tokens(x01, self.palette)
@@ -299,7 +344,7 @@ class AutoregressiveFamily:
         net = nets["model"]
         net.train()
         tokens = to_tokens((batch["image"] + 1) / 2, unwrap(net).palette)  # (B, L), from the images on the fly
-        labels = labels_of(batch, required=cfg.conditional)
+        labels = drop_labels(net, labels_of(batch, required=cfg.conditional), cfg.label_dropout)
         for group in opts["model"].param_groups:  # a pure function of the step: resumes need no scheduler state
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         with precision.autocast():
@@ -340,11 +385,12 @@ class AutoregressiveFamily:
         size = net.size
         with eval_mode(net):
             labels = fixed.get("labels")
-            samples = sample_tokens(net, fixed["noise"].to(device), None if labels is None else labels.to(device), cfg.temperature, cfg.top_k)
+            samples = sample_tokens(net, fixed["noise"].to(device), None if labels is None else labels.to(device), cfg.temperature,
+                                    cfg.top_k, guidance=cfg.guidance)
             real = to_tokens((fixed["images"].to(device) + 1) / 2, net.palette)  # (n, L)
             image_labels = fixed.get("image_labels")
             done = sample_tokens(net, fixed["noise"][: len(real)].to(device), None if image_labels is None else image_labels.to(device),
-                                 cfg.temperature, cfg.top_k, prefix=real[:, : (size // 2) * size])
+                                 cfg.temperature, cfg.top_k, prefix=real[:, : (size // 2) * size], guidance=cfg.guidance)
         nrow = int(math.ceil(math.sqrt(cfg.grid_size)))
         pictures = [from_tokens(t, net.palette, size) for t in (samples, real, done)]
         pad = nrow - len(samples) % nrow if len(samples) % nrow else 0

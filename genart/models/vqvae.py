@@ -19,7 +19,7 @@ from typing import Iterable, Literal
 import torch
 import torch.distributed as dist
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,7 +27,8 @@ from genart.config import Section
 from genart.data.palette import MAX_COLORS
 from genart.errors import UserError
 from genart.models import autoregressive
-from genart.models.autoregressive import AutoregressiveConfig, AutoregressiveLoaded, TokenModel, sample_tokens, uniforms
+from genart.models.autoregressive import (AutoregressiveConfig, AutoregressiveLoaded, TokenModel, check_guidance, drop_labels,
+                                          sample_tokens, uniforms)
 from genart.models.family import check_size, device_of, meta_from_state
 from genart.models.sampling import check_images01, default_label, reconstruction_grid, through_square
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
@@ -63,16 +64,24 @@ class VQVAEConfig(Section):
     prior_warmup_steps: int = Field(100, ge=0)
     prior_weight_decay: float = Field(0.01, ge=0)
     conditional: bool = False  # the genre starts each token sequence: samples per genre (needs labelled data)
+    label_dropout: float = Field(0.0, ge=0, lt=1)  # share of prior sequences started "no genre": needed for guidance
+    guidance: float = Field(1.0, ge=0)  # classifier-free guidance at sampling (1 = off; see AutoregressiveConfig)
     temperature: float = Field(1.0, gt=0)  # sampling temperature (x truncation at sample time; 0 truncation = argmax)
     top_k: int = Field(0, ge=0)  # sample from the k likeliest tokens only; 0 = all
     grid_size: int = Field(32, ge=2)  # grid at each checkpoint: half reconstructions, half samples
+
+    @model_validator(mode="after")
+    def _guidance_trained_for(self) -> "VQVAEConfig":
+        check_guidance(self.guidance, self.conditional, self.label_dropout)
+        return self
 
     def prior_config(self) -> AutoregressiveConfig:
         """The prior as the autoregressive family's config: a Transformer over `codebook_size` tokens."""
         return AutoregressiveConfig(colors=self.codebook_size, palette=autoregressive.GRID, embed_dim=self.prior_embed_dim,
                                     num_layers=self.prior_layers, num_heads=self.prior_heads, dropout=self.prior_dropout,
                                     conditional=self.conditional, lr=self.prior_lr, warmup_steps=self.prior_warmup_steps,
-                                    weight_decay=self.prior_weight_decay, temperature=self.temperature, top_k=self.top_k)
+                                    weight_decay=self.prior_weight_decay, temperature=self.temperature, top_k=self.top_k,
+                                    label_dropout=self.label_dropout, guidance=self.guidance)
 
 
 class Residual(nn.Module):
@@ -245,7 +254,7 @@ class VQVAEFamily:
             precision.step("vqvae", loss, opts["vqvae"])
             used = tokens.unique().numel()
             return finite({"loss": loss.item(), "recon_mse": mse.item(), "commit": commit.item(), "codes_used": float(used)}, "vqvae")
-        labels = labels_of(batch, required=cfg.conditional)
+        labels = drop_labels(nets["prior"], labels_of(batch, required=cfg.conditional), cfg.label_dropout)
         vqvae = unwrap(nets["vqvae"])  # frozen: no DDP forward, no gradients
         with eval_mode(vqvae):
             tokens = vqvae.encode(x)  # (B, L)
@@ -296,7 +305,7 @@ class VQVAEFamily:
             recon = vqvae.decode(vqvae.encode(x))
             labels = fixed.get("labels")
             tokens = sample_tokens(prior, fixed["noise"].to(device), None if labels is None else labels.to(device),
-                                   cfg.temperature, cfg.top_k)
+                                   cfg.temperature, cfg.top_k, guidance=cfg.guidance)
             samples = vqvae.decode(tokens)
         return reconstruction_grid(x, recon, samples)
 
