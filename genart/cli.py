@@ -227,16 +227,20 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses latent seed (SEED << 32) | i.")
 @click.option("--truncation", type=float, default=1.0, show_default=True, help="Scale latents toward the mean (1.0 = off).")
 @click.option("--label", default=None, help="Class name or index for a class-conditional model (default: the class follows each image's seed).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance of an autoregressive or vqvae model trained with model.label_dropout "
+                   "(1 = off; default: the model's config).")
 @click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True)
 @_run_options
-def generate(model, num, out, seed, truncation, label, fmt, batch_size, concurrency, gpus_per_worker, cpus_per_worker,
+def generate(model, num, out, seed, truncation, label, guidance, fmt, batch_size, concurrency, gpus_per_worker, cpus_per_worker,
              deterministic, autocast, resume, overwrite, address):
     """Generate --num images, deterministic by --seed whatever the batch size or number of actors."""
     from genart.infer import jobs, output
 
     run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
                      deterministic, autocast)
-    manifest = jobs.generate(model, num, out, seed=seed, truncation=truncation, label=label, fmt=fmt, run=run)
+    manifest = jobs.generate(model, num, out, seed=seed, truncation=truncation, label=label, fmt=fmt, run=run,
+                             guidance=guidance)
     click.echo(output.summary(manifest))
 
 

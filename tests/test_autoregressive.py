@@ -18,6 +18,7 @@ from genart.data.palette import fit_palette, from_tokens, grid_palette, kmeans, 
 from genart.errors import UserError
 from genart.data.synth import GENRES
 from genart.models.autoregressive import drop_labels, pick, sample_tokens, uniforms
+from genart.models.sampling import check_guidance
 from genart.models.tiny import tiny_config, tiny_nets
 from helpers import check_served_generate, one_thread, served  # noqa: F401  (one_thread: autouse, one torch thread in this module)
 
@@ -79,6 +80,11 @@ def test_classifier_free_guidance_samples_from_the_guided_logits():
         sample_tokens(plain_net, noise, labels, temperature=1.0, top_k=0, guidance=2.0)
     with pytest.raises(ValueError, match="label_dropout > 0"):  # a config asking for guidance must train for it
         tiny_config("autoregressive", conditional=True, guidance=2.0)
+    # the per-request rule (generate --guidance, /v1/generate): None = the model's own, 1 = off for any token model
+    assert check_guidance(None, "dcgan", False) is None and check_guidance(1, "autoregressive", False) == 1.0
+    for bad, family, trained in ((11, "vqvae", True), (-1, "vqvae", True), (1.5, "vae", True), (1.5, "autoregressive", False)):
+        with pytest.raises(UserError):
+            check_guidance(bad, family, trained)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

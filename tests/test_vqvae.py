@@ -6,7 +6,9 @@ augmentation it ships with, one real two-worker Ray Train fit, and real HTTP aga
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import math
 import os
 
@@ -15,7 +17,9 @@ import pytest
 import torch
 
 from genart import models
-from genart.models.tiny import tiny_config, tiny_nets
+from genart.errors import UserError
+from genart.models.checkpoint import read_state, save_checkpoint
+from genart.models.tiny import tiny_checkpoint, tiny_config, tiny_nets
 from genart.models.vqvae import Codebook
 from genart.runtime import free_port
 from helpers import check_served_generate, one_thread, served  # noqa: F401  (one_thread: autouse, one torch thread in this module)
@@ -176,17 +180,70 @@ def test_fit_on_two_workers_then_load_sample_complete_reconstruct(tmp_path, ray_
     assert model.reconstruct(wide).shape == wide.shape
 
 
-def test_served_generate_reconstruct_and_complete(ray_session, tmp_path):
-    """Real HTTP against Serve: /v1/generate (the pixels of .sample), /v1/reconstruct and /v1/complete take a vqvae."""
+@pytest.fixture(scope="module")
+def guided_ckpt(tmp_path_factory) -> str:
+    """A tiny conditional vqvae trained for guidance (label_dropout), its prior's embeddings scaled up and its codebook
+    entries spread out: four steps leave the embeddings near their init (guidance would change no token) and the
+    entries close together (different tokens would decode to the same pixels)."""
+    ckpt = tiny_checkpoint(str(tmp_path_factory.mktemp("vq") / "run"), "vqvae", 16, ["a", "b", "c"], seed=3, train_steps=4,
+                           conditional=True, label_dropout=0.3)
+    model, step = models.load(ckpt), os.path.join(ckpt, "step-000004")
+    with torch.no_grad():
+        model.nets["model"].start.weight.mul_(100)
+        model.nets["model"].token.weight.mul_(30)  # the output head too (tied): logits of a few units, not ~0
+        model.nets["vqvae"].codebook.entries.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    save_checkpoint(step, {"vqvae": model.nets["vqvae"], "prior": model.nets["model"]}, {}, read_state(step))
+    return ckpt
+
+
+def test_generate_job_takes_guidance(guided_ckpt, tmp_path, ray_session):
+    """`genart generate --guidance`: the images of .sample(guidance=...), recorded in images.jsonl; refused, before
+    any Ray job, for a model that was not trained for it or takes none."""
+    from genart.infer.jobs import RunOptions, generate
+
+    run = RunOptions(batch_size=4, concurrency=1, progress=False)
+    out = tmp_path / "g"
+    generate(guided_ckpt, 6, str(out), seed=2, label="b", guidance=2.5, run=run)
+    records = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and {r["guidance"] for r in records} == {2.5}
+    model = models.load(guided_ckpt)
+    seeds = [r["latent_seed"] for r in records]
+    want = (model.sample(seeds, labels=[1] * 6, guidance=2.5) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    from PIL import Image
+
+    got = np.stack([np.asarray(Image.open(out / r["file"])) for r in records])
+    assert np.array_equal(got, want)
+    assert not np.array_equal(want, (model.sample(seeds, labels=[1] * 6) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    plain = tiny_checkpoint(str(tmp_path / "plain"), "vqvae", 16, ["a", "b", "c"], conditional=True)
+    with pytest.raises(UserError, match="label_dropout > 0"):
+        generate(plain, 2, str(tmp_path / "p"), guidance=2.0, run=run)
+    dcgan = tiny_checkpoint(str(tmp_path / "dcgan"), "dcgan", 16, latent_dim=8, base_channels=4)
+    with pytest.raises(UserError, match="takes no guidance"):
+        generate(dcgan, 2, str(tmp_path / "d"), guidance=1.5, run=run)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "d").exists()
+
+
+def test_served_generate_reconstruct_and_complete(ray_session, tmp_path, guided_ckpt):
+    """Real HTTP against Serve: /v1/generate (the pixels of .sample, with and without a per-request guidance),
+    /v1/reconstruct and /v1/complete take a vqvae."""
     import requests
     from PIL import Image
 
-    from genart.models.tiny import tiny_checkpoint
-
-    ckpt = tiny_checkpoint(str(tmp_path / "vq"), "vqvae", 16, ["a", "b", "c"], seed=3, train_steps=4, conditional=True)
+    ckpt = guided_ckpt
     model = models.load(ckpt)
     with served({"tokens": ckpt}, "t-vq") as base:
         check_served_generate(base, model, "tokens")
+        assert requests.get(base + "/v1/models", timeout=30).json()["models"][0]["guidance_trained"] is True
+        guided = requests.post(base + "/v1/generate", json={"n": 8, "seed": 5, "label": "b", "guidance": 2.5, "format": "json"},
+                               timeout=60)
+        assert guided.status_code == 200 and guided.json()["guidance"] == 2.5, guided.text
+        frames = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in guided.json()["images"]])
+        seeds = list(range(5, 13))
+        want = (model.sample(seeds, labels=[1] * 8, guidance=2.5) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        plain = (model.sample(seeds, labels=[1] * 8) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(frames, want) and not np.array_equal(frames, plain)
+        too_much = requests.post(base + "/v1/generate", json={"n": 1, "guidance": 11}, timeout=60)
+        assert too_much.status_code == 422, too_much.text
         picture = np.zeros((24, 40, 3), np.uint8)
         picture[:, :20] = (200, 30, 30)
         buf = io.BytesIO()

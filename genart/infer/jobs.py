@@ -246,7 +246,7 @@ def _drop_done(batch, skip_ref):
 
 
 def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 1.0, label: str | None = None,
-             fmt: str = "png", run: RunOptions | None = None) -> dict:
+             fmt: str = "png", run: RunOptions | None = None, guidance: float | None = None) -> dict:
     """Generate `num` images; image i of seed S comes from latent seed (S << 32) | i, whatever the batching."""
     import pyarrow as pa
 
@@ -255,7 +255,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
         raise UserError(f"--num {num}: must be >= 1")
     if not 0 <= seed < 2**31:
         raise UserError(f"--seed {seed}: must be between 0 and 2**31 - 1")
-    from genart.models.sampling import check_truncation, parse_label, seed_labels
+    from genart.models.sampling import check_guidance, check_truncation, parse_label, seed_labels
 
     check_truncation(truncation, "--truncation")
     if fmt not in ("png", "parquet"):
@@ -267,10 +267,13 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     info = _model_info(loaded)
     ckpt = info["checkpoint"]
     conditional, names = bool(getattr(loaded, "conditional", False)), loaded.label_names
+    guidance = check_guidance(guidance, loaded.family, getattr(loaded, "guidance_trained", False), "--guidance")
     del loaded
     label_index = parse_label(label, names, conditional, "--label")
     ext = ".png"
     options = {"num": num, "seed": seed, "truncation": truncation, "label": label_index}
+    if guidance is not None:  # only when asked: runs without it keep their manifests' options (and resume)
+        options["guidance"] = guidance
     output.start(out, {"command": "generate", "input": None, "format": fmt, "model_hash": info["hash"], "options": options},
                  run.resume, run.overwrite)
     name_of = {stages.image_name(seed, i, num, ext): i for i in range(num)} if run.resume else {}
@@ -286,7 +289,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
                 ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref})
             ds = ds.map_batches(stages.GenerateActor, **run.model_stage(
                 checkpoint=ckpt, seed=seed, num=num, ext=ext, label=label_index, truncation=truncation,
-                **run.actor_kwargs()))
+                guidance=guidance, **run.actor_kwargs()))
             ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
                                 fn_kwargs={"out": out, "fmt": fmt})
             drain(ds, tally, output.Progress("generate", num - len(done), run.progress))
@@ -301,7 +304,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
             lab = seed_labels([z], label_index, len(names))[0] if conditional else None
             lines.append(json.dumps({"file": stages.image_name(seed, i, num, ext), "seed": seed, "index": i,
                                      "latent_seed": z, "label": lab, "label_name": None if lab is None else names[lab],
-                                     "truncation": truncation}))
+                                     "truncation": truncation, **({} if guidance is None else {"guidance": guidance})}))
         extra["images.jsonl"] = "\n".join(lines) + "\n"
     return _finish("generate", out, fmt, tally, num, len(done), started, info, options, None, extra)
 

@@ -68,7 +68,7 @@ class AutoregressiveConfig(Section):
 
     @model_validator(mode="after")
     def _guidance_trained_for(self) -> "AutoregressiveConfig":
-        check_guidance(self.guidance, self.conditional, self.label_dropout)
+        check_trained_for_guidance(self.guidance, self.conditional, self.label_dropout)
         return self
 
     def resolve_paths(self, data_path: str) -> "AutoregressiveConfig":
@@ -78,7 +78,7 @@ class AutoregressiveConfig(Section):
         return self.model_copy(update={"palette": palette_path(data_path, self.colors)})
 
 
-def check_guidance(guidance: float, conditional: bool, label_dropout: float) -> None:
+def check_trained_for_guidance(guidance: float, conditional: bool, label_dropout: float) -> None:
     """Guidance mixes the class's logits with the "no class" ones: a config asking for it must train for it (checked
     when the config loads, not at the first checkpoint grid)."""
     if guidance != 1 and not (conditional and label_dropout > 0):
@@ -244,6 +244,11 @@ class AutoregressiveLoaded(GenerativeLoaded):
         self.cfg, self.conditional = cfg, cfg.conditional
         self.side = self.nets["model"].size  # tokens per row: one per pixel here, one per 4x4 patch in vqvae
         self.latent_dim = self.side**2  # one uniform per token
+
+    @property
+    def guidance_trained(self) -> bool:
+        """Trained with a "no class" start token: sampling can take guidance above 1."""
+        return self.nets["model"].null_label is not None
 
     @property
     def palette(self) -> torch.Tensor:

@@ -46,6 +46,26 @@ def check_truncation(truncation: float, what: str = "truncation") -> None:
         raise UserError(f"{what} {truncation!r}: must be between 0.0 (the mean image) and 1.0 (off)")
 
 
+GUIDED_FAMILIES = ("autoregressive", "vqvae")  # token models: classifier-free guidance mixes two logits
+MAX_GUIDANCE = 10.0
+
+
+def check_guidance(guidance: float | None, family: str, trained: bool, what: str = "guidance") -> float | None:
+    """The one rule for a per-request guidance scale (None = the model's own): token families only, and above 1
+    only for a model trained for it (model.label_dropout > 0). Jobs check it before starting Ray, Serve before a
+    replica is called."""
+    if guidance is None:
+        return None
+    scale = float(guidance)
+    if not 0.0 <= scale <= MAX_GUIDANCE:
+        raise UserError(f"{what} {guidance!r}: must be between 0 and {MAX_GUIDANCE:g} (1 = off)")
+    if family not in GUIDED_FAMILIES:
+        raise UserError(f"{what}: a {family} model takes no guidance; the {' and '.join(GUIDED_FAMILIES)} families do")
+    if scale != 1 and not trained:
+        raise UserError(f"{what} {scale:g} needs a model trained with model.label_dropout > 0 (and conditional); this one was not")
+    return scale
+
+
 def default_label(seed: int, num_labels: int) -> int:
     """The class a class-conditional model draws for `seed` when no label is given: the class follows the seed."""
     return int(seed) % num_labels

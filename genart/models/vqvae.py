@@ -27,8 +27,8 @@ from genart.config import Section
 from genart.data.palette import MAX_COLORS
 from genart.errors import UserError
 from genart.models import autoregressive
-from genart.models.autoregressive import (AutoregressiveConfig, AutoregressiveLoaded, TokenModel, check_guidance, drop_labels,
-                                          sample_tokens, uniforms)
+from genart.models.autoregressive import (AutoregressiveConfig, AutoregressiveLoaded, TokenModel, check_trained_for_guidance,
+                                          drop_labels, sample_tokens, uniforms)
 from genart.models.family import check_size, device_of, meta_from_state
 from genart.models.sampling import check_images01, default_label, reconstruction_grid, through_square
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
@@ -72,7 +72,7 @@ class VQVAEConfig(Section):
 
     @model_validator(mode="after")
     def _guidance_trained_for(self) -> "VQVAEConfig":
-        check_guidance(self.guidance, self.conditional, self.label_dropout)
+        check_trained_for_guidance(self.guidance, self.conditional, self.label_dropout)
         return self
 
     def prior_config(self) -> AutoregressiveConfig:

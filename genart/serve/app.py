@@ -53,6 +53,8 @@ def model_card(name: str, uri: str) -> dict:
         "image_size": state.get("image_size"),
         "labels": list(state.get("label_names") or []),
         "conditional": bool(config.get("conditional")),  # only generators have the key
+        # token models trained with a "no class" start token: /v1/generate takes guidance above 1
+        "guidance_trained": bool(config.get("conditional")) and float(config.get("label_dropout") or 0) > 0,
         "generative": family in generative_families(),  # makes images from seeds: /v1/generate, /v1/interpolate
     }
 

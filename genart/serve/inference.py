@@ -23,6 +23,7 @@ class GenerateJob:
     seeds: tuple[int, ...]
     labels: tuple[int, ...] | None = None
     truncation: float = 1.0
+    guidance: float | None = None  # token models only (checked by the ingress); None = the model's own
 
     @property
     def size(self) -> int:
@@ -42,15 +43,16 @@ def to_batch01(images: list[np.ndarray], device: torch.device | str = "cpu") -> 
 
 
 def generate(model, jobs: list[GenerateJob]) -> list[np.ndarray]:
-    """Many requests in as few forward passes as possible: one per distinct (truncation, labels given?) group."""
+    """Many requests in as few forward passes as possible: one per distinct (truncation, guidance, labels given?) group."""
     out: list[np.ndarray | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        groups[(job.truncation, job.labels is None)].append(i)
-    for (truncation, no_labels), members in groups.items():
+        groups[(job.truncation, job.guidance, job.labels is None)].append(i)
+    for (truncation, guidance, no_labels), members in groups.items():
         seeds = [s for i in members for s in jobs[i].seeds]
         labels = None if no_labels else [v for i in members for v in jobs[i].labels]
-        images = to_uint8(model.sample(seeds, labels=labels, truncation=truncation))  # (sum n, H, W, 3)
+        extra = {} if guidance is None else {"guidance": guidance}
+        images = to_uint8(model.sample(seeds, labels=labels, truncation=truncation, **extra))  # (sum n, H, W, 3)
         start = 0
         for i in members:
             out[i] = images[start:start + jobs[i].size]

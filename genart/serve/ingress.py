@@ -29,7 +29,7 @@ from genart.data.images import Reject, cap_side, decode_image, encode_png
 from genart.errors import UserError, one_line
 from genart.models import generative_families
 from genart.models.autoregressive import completion_rows
-from genart.models.sampling import parse_label
+from genart.models.sampling import MAX_GUIDANCE, check_guidance, parse_label
 from genart.serve.config import MAX_N, ServeArgs
 from genart.serve.guards import BearerAuth, BodyLimit, Deadline
 from genart.serve.inference import GenerateJob
@@ -57,6 +57,8 @@ class GenerateBody(StrictBody):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     truncation: float = Field(1.0, ge=0.0, le=1.0)  # 1.0 = off, 0.0 = the mean image
     label: int | str | None = None  # class index or name, for class-conditional models
+    # classifier-free guidance of a token model trained for it (None = the model's own; 1 = off)
+    guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
     format: Literal["png", "json"] | None = None  # png grid (default) or JSON with base64 PNGs
 
 
@@ -223,7 +225,7 @@ class Ingress:
     def root_card(name: str) -> dict:
         """A style found under style_root: listed by name, loaded (and hashed) only by the replica that serves it."""
         return {"name": name, "family": "style", "checkpoint_hash": None, "step": None, "image_size": None,
-                "labels": [], "conditional": False, "generative": False}
+                "labels": [], "conditional": False, "generative": False, "guidance_trained": False}
 
     @staticmethod
     def checked(card: dict, rule, *args):
@@ -304,14 +306,15 @@ async def list_models(api=CurrentIngress):
 async def generate(body: GenerateBody, request: Request, api=CurrentIngress):
     card = await api.resolve(body.model, GENERATIVE, "/v1/generate")
     name, label = card["name"], api.label_index(card, body.label)
+    guidance = api.checked(card, check_guidance, body.guidance, card["family"], card["guidance_trained"])
     seeds = tuple(range(body.seed, body.seed + body.n))
-    job = GenerateJob(seeds, None if label is None else (label,) * body.n, body.truncation)
+    job = GenerateJob(seeds, None if label is None else (label,) * body.n, body.truncation, guidance)
     frames = await api.await_model(api.handles[name].generate.remote(job), name)  # (n, H, W, 3)
     accepts_json = "application/json" in request.headers.get("accept", "")
     if body.format == "json" or (body.format is None and accepts_json):
         images = await asyncio.to_thread(lambda: [_b64png(f) for f in frames])
         return {"model": name, "family": card["family"], "checkpoint_hash": card["checkpoint_hash"],
-                "seeds": list(seeds), "label": label, "truncation": body.truncation, "images": images}
+                "seeds": list(seeds), "label": label, "truncation": body.truncation, "guidance": guidance, "images": images}
     grid = await asyncio.to_thread(_grid_png, frames, math.ceil(math.sqrt(body.n)))
     return _png_response(grid, **{"X-Genart-Model": name, "X-Genart-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
