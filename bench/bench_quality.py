@@ -388,6 +388,12 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
     seeds = list(range(args.num_generated))
     ours = torch.cat([model.sample(seeds[i : i + 250]) for i in range(0, len(seeds), 250)])
     g = quality(judge, ours, real_feats, data_share, genres)
+    if family == "vqvae" and args.guidance:  # the same weights at each classifier-free guidance scale
+        g["by_guidance"] = {}
+        for scale in args.guidance:
+            guided = torch.cat([model.sample(seeds[i : i + 250], guidance=scale) for i in range(0, len(seeds), 250)])
+            g["by_guidance"][str(scale)] = quality(judge, guided, real_feats, data_share, genres)
+            sample_grid(guided).save(os.path.join(args.out, f"vqvae_guidance_{scale:g}.png"))
     if args.no_reference:  # tuning genart alone: its figures and grid, no ratios
         grid = os.path.join(args.out, f"{family}_genart.png")
         sample_grid(ours).save(grid)
@@ -519,6 +525,9 @@ def parse_args() -> argparse.Namespace:
                         help="extra override of genart's style config, e.g. --style-set model.tone_weight=0")
     parser.add_argument("--content-size", type=int, default=CONTENT_SIZE, help="the paintings' prepared size (quickstart's content_size)")
     parser.add_argument("--content-crop", type=int, default=CONTENT_CROP, help="style training windows, 0 = whole images (content_crop)")
+    parser.add_argument("--guidance", type=lambda s: [float(v) for v in s.split(",")], default=[],
+                        help="comma-separated classifier-free guidance scales to score the VQ-VAE at too (train it with "
+                             "--set model.label_dropout=0.1)")
     parser.add_argument("--no-reference", action="store_true", help="train and score genart's side only (for tuning; no ratios)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override of genart's DCGAN/VAE configs, e.g. --set model.conditional=false")
