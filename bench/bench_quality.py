@@ -386,12 +386,16 @@ def compare_family(family: str, args, data: str, runs: str, train_x: torch.Tenso
                                                                       f"scaling.cpus_per_worker={args.threads}", *extra,
                                                                       *args.overrides])
     seeds = list(range(args.num_generated))
-    ours = torch.cat([model.sample(seeds[i : i + 250]) for i in range(0, len(seeds), 250)])
+
+    def draw(guidance: float | None = None) -> torch.Tensor:  # seeds 0..N-1 in chunks of 250
+        return torch.cat([model.sample(seeds[i : i + 250], guidance=guidance) for i in range(0, len(seeds), 250)])
+
+    ours = draw()
     g = quality(judge, ours, real_feats, data_share, genres)
     if family == "vqvae" and args.guidance:  # the same weights at each classifier-free guidance scale
         g["by_guidance"] = {}
         for scale in args.guidance:
-            guided = torch.cat([model.sample(seeds[i : i + 250], guidance=scale) for i in range(0, len(seeds), 250)])
+            guided = draw(scale)
             g["by_guidance"][str(scale)] = quality(judge, guided, real_feats, data_share, genres)
             sample_grid(guided).save(os.path.join(args.out, f"vqvae_guidance_{scale:g}.png"))
     if args.no_reference:  # tuning genart alone: its figures and grid, no ratios

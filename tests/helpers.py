@@ -40,9 +40,8 @@ def served(checkpoints: dict[str, str], name: str) -> Iterator[str]:
         serve.delete(name)
 
 
-def check_served_generate(base: str, model, name: str) -> None:
-    """/v1/models lists `name` as the conditional model `model` (labels a, b, c), and /v1/generate (2 images, seed 5,
-    label "b") returns the very pixels of `model.sample([5, 6], labels=[1, 1])`."""
+def generated_frames(base: str, **body):
+    """POST /v1/generate with `body` (format json) -> (its JSON reply, the images as (n, H, W, 3) uint8)."""
     import base64
     import io
 
@@ -50,10 +49,21 @@ def check_served_generate(base: str, model, name: str) -> None:
     import requests
     from PIL import Image
 
+    got = requests.post(base + "/v1/generate", json={**body, "format": "json"}, timeout=60)
+    assert got.status_code == 200, got.text
+    reply = got.json()
+    return reply, np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in reply["images"]])
+
+
+def check_served_generate(base: str, model, name: str) -> None:
+    """/v1/models lists `name` as the conditional model `model` (labels a, b, c), and /v1/generate (2 images, seed 5,
+    label "b") returns the very pixels of `model.sample([5, 6], labels=[1, 1])`."""
+    import numpy as np
+    import requests
+
+    from genart.serve.inference import to_uint8
+
     cards = requests.get(base + "/v1/models", timeout=30).json()["models"]
     assert [(c["name"], c["family"], c["conditional"]) for c in cards] == [(name, model.family, True)]
-    got = requests.post(base + "/v1/generate", json={"n": 2, "seed": 5, "label": "b", "format": "json"}, timeout=60)
-    assert got.status_code == 200, got.text
-    frames = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in got.json()["images"]]
-    expected = (model.sample([5, 6], labels=[1, 1]) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(np.stack(frames), expected)
+    _, frames = generated_frames(base, n=2, seed=5, label="b")
+    assert np.array_equal(frames, to_uint8(model.sample([5, 6], labels=[1, 1])))

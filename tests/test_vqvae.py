@@ -6,7 +6,6 @@ augmentation it ships with, one real two-worker Ray Train fit, and real HTTP aga
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import math
@@ -21,8 +20,9 @@ from genart.errors import UserError
 from genart.models.checkpoint import read_state, save_checkpoint
 from genart.models.tiny import tiny_checkpoint, tiny_config, tiny_nets
 from genart.models.vqvae import Codebook
+from genart.serve.inference import to_uint8
 from genart.runtime import free_port
-from helpers import check_served_generate, one_thread, served  # noqa: F401  (one_thread: autouse, one torch thread in this module)
+from helpers import check_served_generate, generated_frames, one_thread, served  # noqa: F401  (one_thread: autouse, one torch thread in this module)
 
 FAMILY = models.REGISTRY["vqvae"]
 
@@ -208,18 +208,20 @@ def test_generate_job_takes_guidance(guided_ckpt, tmp_path, ray_session):
     assert len(records) == 6 and {r["guidance"] for r in records} == {2.5}
     model = models.load(guided_ckpt)
     seeds = [r["latent_seed"] for r in records]
-    want = (model.sample(seeds, labels=[1] * 6, guidance=2.5) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    want = to_uint8(model.sample(seeds, labels=[1] * 6, guidance=2.5))
     from PIL import Image
 
     got = np.stack([np.asarray(Image.open(out / r["file"])) for r in records])
     assert np.array_equal(got, want)
-    assert not np.array_equal(want, (model.sample(seeds, labels=[1] * 6) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    assert not np.array_equal(want, to_uint8(model.sample(seeds, labels=[1] * 6)))
     plain = tiny_checkpoint(str(tmp_path / "plain"), "vqvae", 16, ["a", "b", "c"], conditional=True)
     with pytest.raises(UserError, match="label_dropout > 0"):
         generate(plain, 2, str(tmp_path / "p"), guidance=2.0, run=run)
     dcgan = tiny_checkpoint(str(tmp_path / "dcgan"), "dcgan", 16, latent_dim=8, base_channels=4)
     with pytest.raises(UserError, match="takes no guidance"):
         generate(dcgan, 2, str(tmp_path / "d"), guidance=1.5, run=run)
+    with pytest.raises(UserError, match="takes no guidance"):  # the same rule in .sample itself
+        models.load(dcgan).sample([0], guidance=1.5)
     assert not (tmp_path / "p").exists() and not (tmp_path / "d").exists()
 
 
@@ -234,13 +236,11 @@ def test_served_generate_reconstruct_and_complete(ray_session, tmp_path, guided_
     with served({"tokens": ckpt}, "t-vq") as base:
         check_served_generate(base, model, "tokens")
         assert requests.get(base + "/v1/models", timeout=30).json()["models"][0]["guidance_trained"] is True
-        guided = requests.post(base + "/v1/generate", json={"n": 8, "seed": 5, "label": "b", "guidance": 2.5, "format": "json"},
-                               timeout=60)
-        assert guided.status_code == 200 and guided.json()["guidance"] == 2.5, guided.text
-        frames = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in guided.json()["images"]])
+        reply, frames = generated_frames(base, n=8, seed=5, label="b", guidance=2.5)
+        assert reply["guidance"] == 2.5
         seeds = list(range(5, 13))
-        want = (model.sample(seeds, labels=[1] * 8, guidance=2.5) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        plain = (model.sample(seeds, labels=[1] * 8) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        want = to_uint8(model.sample(seeds, labels=[1] * 8, guidance=2.5))
+        plain = to_uint8(model.sample(seeds, labels=[1] * 8))
         assert np.array_equal(frames, want) and not np.array_equal(frames, plain)
         too_much = requests.post(base + "/v1/generate", json={"n": 1, "guidance": 11}, timeout=60)
         assert too_much.status_code == 422, too_much.text

@@ -267,7 +267,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     info = _model_info(loaded)
     ckpt = info["checkpoint"]
     conditional, names = bool(getattr(loaded, "conditional", False)), loaded.label_names
-    guidance = check_guidance(guidance, loaded.family, getattr(loaded, "guidance_trained", False), "--guidance")
+    guidance = check_guidance(guidance, loaded.family, loaded.guidance_trained, "--guidance")
     del loaded
     label_index = parse_label(label, names, conditional, "--label")
     ext = ".png"

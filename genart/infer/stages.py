@@ -247,9 +247,8 @@ class GenerateActor(ModelActor):
             seeds = [latent_seed(seed, i) for i in indices]
             labels = self.labels_for(seeds)
             with self.inference():
-                guidance = self.options.get("guidance")
-                extra = {} if guidance is None else {"guidance": guidance}
-                out = self.model.sample(seeds, labels=labels, truncation=self.options["truncation"], **extra).float().cpu()
+                out = self.model.sample(seeds, labels=labels, truncation=self.options["truncation"],
+                                        guidance=self.options.get("guidance")).float().cpu()
             keep = set(wanted)
             for j, i in enumerate(indices):
                 if i not in keep:

@@ -14,7 +14,7 @@ from torch import nn
 
 from genart.config import Section
 from genart.errors import UserError
-from genart.models.sampling import latents, parse_label, seed_labels, slerp, truncate
+from genart.models.sampling import check_guidance, latents, parse_label, seed_labels, slerp, truncate
 from genart.models.training import Precision
 
 
@@ -69,6 +69,7 @@ class GenerativeLoaded(Loaded):
 
     latent_dim: int = 0
     conditional: bool = False
+    guidance_trained: bool = False  # can sample with classifier-free guidance above 1 (token models trained for it)
 
     def _generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -85,11 +86,14 @@ class GenerativeLoaded(Loaded):
         return torch.tensor(index, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
-    def sample(self, seeds: list[int], labels: list[int] | None = None, truncation: float = 1.0) -> torch.Tensor:
+    def sample(self, seeds: list[int], labels: list[int] | None = None, truncation: float = 1.0,
+               guidance: float | None = None) -> torch.Tensor:
         """Images for `seeds`: (N, 3, H, W) in [0, 1]; the same seed (and label) always gives the same image.
 
         Class-conditional models take one label per seed; without labels, seed s gets `default_label(s, num_labels)` (s % num_labels).
+        `guidance` is the token families' (None: the model's own); any other value is a UserError here.
         """
+        check_guidance(guidance, self.family, self.guidance_trained)
         seeds = list(seeds)
         if not seeds:
             raise UserError("sample: give at least one seed")

@@ -51,8 +51,7 @@ def generate(model, jobs: list[GenerateJob]) -> list[np.ndarray]:
     for (truncation, guidance, no_labels), members in groups.items():
         seeds = [s for i in members for s in jobs[i].seeds]
         labels = None if no_labels else [v for i in members for v in jobs[i].labels]
-        extra = {} if guidance is None else {"guidance": guidance}
-        images = to_uint8(model.sample(seeds, labels=labels, truncation=truncation, **extra))  # (sum n, H, W, 3)
+        images = to_uint8(model.sample(seeds, labels=labels, truncation=truncation, guidance=guidance))  # (sum n, H, W, 3)
         start = 0
         for i in members:
             out[i] = images[start:start + jobs[i].size]
