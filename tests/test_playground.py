@@ -19,14 +19,19 @@ SCREENSHOT_DIR = Path(os.environ.get("GENART_SCREENSHOT_DIR", "")) if os.environ
 
 @pytest.fixture(scope="module")
 def page_app(ray_session, tmp_path_factory, search_index):
-    """The app with a tiny model of every family, a search index, and an API key the page has to ask for."""
+    """The app with a tiny model of every family (and a token model trained for guidance), a search index, and an API
+    key the page has to ask for."""
     from ray import serve
 
     from genart.serve.app import build
     from genart.serve.run import start_http
-    from genart.models.tiny import serving_checkpoints
+    from genart.data.synth import GENRES
+    from genart.models.tiny import serving_checkpoints, tiny_checkpoint
 
-    models = serving_checkpoints(str(tmp_path_factory.mktemp("playground-models")), critic_steps=10)
+    root = str(tmp_path_factory.mktemp("playground-models"))
+    models = serving_checkpoints(root, critic_steps=10)
+    models["vq"] = tiny_checkpoint(f"{root}/vq", "vqvae", 16, list(GENRES), seed=6, conditional=True, label_dropout=0.2,
+                                   guidance=1.5)
     host, port = start_http("127.0.0.1", free_port())
     name, key = "t-play", secrets.token_urlsafe(16)
     os.environ[KEY_ENV] = key
@@ -60,7 +65,7 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
     page.wait_for_selector("#auth", state="hidden", timeout=60_000)
     page.wait_for_function("document.querySelectorAll('#gen-model option').length >= 2", timeout=60_000)
     models = page.eval_on_selector_all("#gen-model option", "os => os.map(o => o.value)")
-    assert models == ["dcgan", "vae"]
+    assert models == ["dcgan", "vae", "vq"]
     assert page.eval_on_selector_all("#style-model option", "os => os.map(o => o.value)") == ["starry", "wave"]
 
     # generate a grid: a conditional model shows its class picker
@@ -71,6 +76,20 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
                            timeout=60_000)
     assert _natural_width(page, "#gen-img") == 4 * 34 + 2  # 16 images, 4 per row
     assert "seeds 42" in page.inner_text("#gen-cap")
+
+    # no guidance control for a model that takes none; for the token model trained for it, the slider starts at the
+    # model's own scale and the request carries the chosen one
+    assert page.is_hidden("#guidance-wrap")
+    page.select_option("#gen-model", "vq")
+    assert page.is_visible("#guidance-wrap") and page.input_value("#guidance") == "1.5"
+    page.eval_on_selector("#guidance", "el => { el.value = '2.5'; el.dispatchEvent(new Event('input')); }")
+    assert page.inner_text("#guid-out") == "2.50"
+    with page.expect_request("**/v1/generate") as request:
+        page.click("#generate")
+    assert request.value.post_data_json["guidance"] == 2.5
+    page.wait_for_function("document.getElementById('gen-cap').textContent.includes('guidance 2.50')", timeout=60_000)
+    assert _natural_width(page, "#gen-img") == 4 * 18 + 2  # 16 px images
+    page.select_option("#gen-model", "dcgan")
 
     # upload a photo, stylize it, ask the critic
     page.set_input_files("#photo", str(PHOTOS / "figures.jpg"))

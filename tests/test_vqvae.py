@@ -235,7 +235,8 @@ def test_served_generate_reconstruct_and_complete(ray_session, tmp_path, guided_
     model = models.load(ckpt)
     with served({"tokens": ckpt}, "t-vq") as base:
         check_served_generate(base, model, "tokens")
-        assert requests.get(base + "/v1/models", timeout=30).json()["models"][0]["guidance_trained"] is True
+        card = requests.get(base + "/v1/models", timeout=30).json()["models"][0]
+        assert card["guidance_trained"] is True and card["guidance"] == 1.0  # trained for it, samples unguided by default
         reply, frames = generated_frames(base, n=8, seed=5, label="b", guidance=2.5)
         assert reply["guidance"] == 2.5
         seeds = list(range(5, 13))

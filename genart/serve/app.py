@@ -55,6 +55,7 @@ def model_card(name: str, uri: str) -> dict:
         "conditional": bool(config.get("conditional")),  # only generators have the key
         # token models trained with a "no class" start token: /v1/generate takes guidance above 1
         "guidance_trained": bool(config.get("conditional")) and float(config.get("label_dropout") or 0) > 0,
+        "guidance": float(config.get("guidance") or 1.0),  # the model's own scale: what a request without one gets
         "generative": family in generative_families(),  # makes images from seeds: /v1/generate, /v1/interpolate
     }
 

@@ -225,7 +225,7 @@ class Ingress:
     def root_card(name: str) -> dict:
         """A style found under style_root: listed by name, loaded (and hashed) only by the replica that serves it."""
         return {"name": name, "family": "style", "checkpoint_hash": None, "step": None, "image_size": None,
-                "labels": [], "conditional": False, "generative": False, "guidance_trained": False}
+                "labels": [], "conditional": False, "generative": False, "guidance_trained": False, "guidance": 1.0}
 
     @staticmethod
     def checked(card: dict, rule, *args):

@@ -76,6 +76,12 @@ function updateLabels() {
   const conditional = Boolean(m && m.conditional && m.labels.length);
   $("label-wrap").hidden = !conditional;
   if (conditional) fillSelect($("gen-label"), ["(by seed)", ...m.labels]);
+  // token models trained with a "no class" token take a guidance scale; the slider starts at the model's own
+  $("guidance-wrap").hidden = !(m && m.guidance_trained);
+  if (m && m.guidance_trained) {
+    $("guidance").value = m.guidance;
+    $("guid-out").value = Number($("guidance").value).toFixed(2);
+  }
 }
 
 function generateBody() {
@@ -87,6 +93,7 @@ function generateBody() {
   };
   const label = $("gen-label").value;
   if (!$("label-wrap").hidden && label && label !== "(by seed)") body.label = label;
+  if (!$("guidance-wrap").hidden) body.guidance = Number($("guidance").value);
   return body;
 }
 
@@ -97,7 +104,8 @@ async function generate() {
     method: "POST", headers: { "Content-Type": "application/json", Accept: "image/png" }, body: JSON.stringify(body),
   });
   showImage($("gen-img"), await response.blob());
-  $("gen-cap").textContent = `${body.model} · seeds ${body.seed}–${body.seed + body.n - 1} · ${Math.round(performance.now() - t0)} ms`;
+  const guided = body.guidance === undefined ? "" : ` · guidance ${body.guidance.toFixed(2)}`;
+  $("gen-cap").textContent = `${body.model} · seeds ${body.seed}–${body.seed + body.n - 1}${guided} · ${Math.round(performance.now() - t0)} ms`;
 }
 
 async function interpolate() {
@@ -228,6 +236,7 @@ async function checkHealth() {
 function wire() {
   $("n").addEventListener("input", () => { $("n-out").value = $("n").value; });
   $("truncation").addEventListener("input", () => { $("trunc-out").value = Number($("truncation").value).toFixed(2); });
+  $("guidance").addEventListener("input", () => { $("guid-out").value = Number($("guidance").value).toFixed(2); });
   $("dice").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 1e6); });
   $("gen-model").addEventListener("change", updateLabels);
   $("generate").addEventListener("click", (e) => busy(e.currentTarget, generate));
