@@ -221,7 +221,7 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
 
 
 @main.command()
-@click.option("--model", required=True, help="dcgan or vae checkpoint: a run folder or a step-* folder, local or s3://.")
+@click.option("--model", required=True, help="Generative (dcgan, vae, vqvae, autoregressive) checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--num", type=int, required=True, help="Number of images.")
 @click.option("--output", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses latent seed (SEED << 32) | i.")
@@ -349,7 +349,7 @@ def recommend(index_uri, liked, k, diversity, sheet):
 
 
 @main.command()
-@click.option("--model", required=True, help="dcgan or vae run folder (best checkpoint) or checkpoint folder, local or s3://.")
+@click.option("--model", required=True, help="Generative (dcgan, vae, vqvae, autoregressive) run folder (best checkpoint) or checkpoint folder, local or s3://.")
 @click.option("--data", required=True, help="The prepared dataset it was trained on (`genart prepare`, with a val split).")
 @click.option("--num", type=int, default=256, show_default=True, help="Samples to draw (seeds 0..NUM-1).")
 @click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",

@@ -62,7 +62,8 @@ class Loaded:
 
 
 class GenerativeLoaded(Loaded):
-    """Shared by dcgan and vae: `.sample(seeds, labels, truncation)` and `.interpolate(seed_a, seed_b, steps)`.
+    """Shared by every generative family (dcgan, vae, and the token families): `.sample(seeds, labels, truncation,
+    guidance)` and `.interpolate(seed_a, seed_b, steps)`.
 
     Subclasses set `latent_dim`, `conditional` and implement `_generate(z (N, D), labels (N,) | None) -> (N, 3, H, W) [-1, 1]`.
     """

@@ -52,7 +52,7 @@ class StrictBody(BaseModel):
 
 
 class GenerateBody(StrictBody):
-    model: str | None = None  # a dcgan or vae model name (default: the first one)
+    model: str | None = None  # a generative model's name (default: the first one)
     n: int = Field(8, ge=1, le=MAX_N)  # images; seeds are seed .. seed + n - 1
     seed: int = Field(0, ge=0, le=2**32 - 1)
     truncation: float = Field(1.0, ge=0.0, le=1.0)  # 1.0 = off, 0.0 = the mean image
