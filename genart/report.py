@@ -21,6 +21,12 @@ class Section:
     images: list[tuple[str, str]] = field(default_factory=list)  # (path, caption); paths local to the machine
     table: list[list[str]] = field(default_factory=list)  # first row is the header
     links: list[tuple[str, str]] = field(default_factory=list)  # (path, label)
+    # small pixel pictures (sample grids of 32 px images) shown this many times their size, nearest-neighbour, while
+    # that stays within ZOOM_MAX_WIDTH; larger images (loss curves) keep the default layout
+    zoom: int = 1
+
+
+ZOOM_MAX_WIDTH = 560  # px: two zoomed grids or a grid and a loss curve side by side in the 1100 px column
 
 
 STYLE = """
@@ -29,6 +35,7 @@ h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2.2rem; border-bot
 .grid { display: flex; flex-wrap: wrap; gap: 1rem; }
 figure { margin: 0; max-width: 340px; }
 figure img { max-width: 340px; min-width: 96px; image-rendering: pixelated; border: 1px solid #ddd; }  /* 32 px samples shown at 3x */
+figure.zoom, figure.zoom img { max-width: none; }
 figcaption { font-size: .85rem; color: #555; }
 table { border-collapse: collapse; } td, th { padding: .2rem .8rem; border-bottom: 1px solid #eee; text-align: left; }
 code { background: #f4f4f4; padding: 0 .3rem; }
@@ -37,6 +44,20 @@ code { background: #f4f4f4; padding: 0 .3rem; }
 
 def _rel(path: str, root: str) -> str:
     return html.escape(os.path.relpath(path, root).replace(os.sep, "/"), quote=True)
+
+
+def _zoomed_width(path: str, zoom: int) -> int | None:
+    """The display width of a `zoom`ed image, or None to leave it to the style sheet (no zoom, too wide, unreadable)."""
+    if zoom <= 1:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # reads the header only
+            width = img.width * zoom
+    except OSError:
+        return None
+    return width if width <= ZOOM_MAX_WIDTH else None
 
 
 def render(root: str, title: str, intro: str, sections: list[Section]) -> str:
@@ -56,7 +77,9 @@ def render(root: str, title: str, intro: str, sections: list[Section]) -> str:
             parts.append("<div class='grid'>")
             for path, caption in sec.images:
                 src = _rel(path, root)
-                parts.append(f"<figure><a href='{src}'><img src='{src}' alt='{html.escape(caption, quote=True)}'></a>"
+                width = _zoomed_width(path, sec.zoom)
+                figure, size = ("<figure class='zoom'>", f" width='{width}'") if width else ("<figure>", "")
+                parts.append(f"{figure}<a href='{src}'><img src='{src}'{size} alt='{html.escape(caption, quote=True)}'></a>"
                              f"<figcaption>{html.escape(caption)}</figcaption></figure>")
             parts.append("</div>")
         if sec.links:

@@ -85,6 +85,7 @@ def test_quickstart_report_opens_with_every_image(quickstart, browser):
     try:
         page.goto((out / "index.html").as_uri())
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth])")
+        shown = dict(page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.clientWidth])"))
         links = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
         headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
     finally:
@@ -95,6 +96,11 @@ def test_quickstart_report_opens_with_every_image(quickstart, browser):
     for href in links:
         assert (out / href).exists(), f"dead link in the report: {href}"
     assert any("Stylized" in h for h in headings) and any("Training: dcgan" in h for h in headings)
+    # small pixel pictures are shown enlarged (nearest-neighbour), the sample grid at 2x, a single sample at 3x
+    natural = dict(images)
+    grid = next(src for src in natural if src.startswith("runs/dcgan/samples/"))
+    sample = next(src for src in natural if src.startswith("samples/"))
+    assert (shown[grid], shown[sample]) == (2 * natural[grid], 3 * natural[sample])
 
 
 @pytest.mark.slow
@@ -103,6 +109,7 @@ def test_quickstart_rerun_resumes_without_training_again(quickstart, capsys):
     qs = load_workflow("quickstart")
     summary = qs.run(str(WORKFLOWS / "quickstart.yaml"), str(out), tuple(QUICK))
     assert not any(run["trained"] for run in summary["runs"].values())
+    assert "(resumed: critic, dcgan, vae, style trained by an earlier run)" in (out / "index.html").read_text()
     assert summary["jobs"]["stylize"]["already_done"] == summary["jobs"]["stylize"]["inputs"]
     assert "nothing to do" in capsys.readouterr().out
 

@@ -129,11 +129,11 @@ def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) ->
         value = best.get("value")
         text = (f"{result['step']} steps; best checkpoint {best.get('checkpoint', '-')} by {best.get('metric', '-')} = "
                 f"{value:.4g}" if isinstance(value, float) else f"{result['step']} steps")
-        sections.append(report.Section(f"Training: {family}", text, images=images,
+        sections.append(report.Section(f"Training: {family}", text, images=images, zoom=2,
                                        links=[(result["run_dir"], "run folder"), (result["metrics"], "metrics.jsonl")]))
     generated = sorted(p for p in os.listdir(f"{out}/samples") if p.endswith(".png"))
     sections.append(report.Section("Generated samples (DCGAN, seed 0)", f"{len(generated)} images from `genart generate`.",
-                                   images=[(f"{out}/samples/{p}", p) for p in generated[:12]]))
+                                   images=[(f"{out}/samples/{p}", p) for p in generated[:12]], zoom=3))
     stylized = []
     for root, _, files in os.walk(f"{out}/stylized"):
         stylized.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(".png"))
@@ -141,7 +141,9 @@ def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) ->
                                    images=[(p, os.path.relpath(p, f"{out}/stylized")) for p in stylized[:12]]))
     sections.append(report.Section("Critic's labels for the GAN samples", "From `genart score` (a critic trained on the synthetic genres).",
                                    table=_score_table(f"{out}/scores/samples")))
-    intro = (f"Made by <code>workflows/quickstart.py</code> in {seconds:.0f} s. "
+    resumed = [family for family, result in runs.items() if not result.get("trained", True)]
+    how = f" (resumed: {', '.join(resumed)} trained by an earlier run)" if resumed else ""
+    intro = (f"Made by <code>workflows/quickstart.py</code> in {seconds:.0f} s{how}. "
              f"Serve these models with <code>{serve_command(out, runs)}</code>.")
     return report.write_report(out, "genart quickstart", intro, sections)
 
