@@ -10,6 +10,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -164,6 +165,23 @@ def test_truncation_and_precision_helpers():
     assert torch.equal(truncate(z, 1.0), z) and torch.equal(truncate(z, 0.5), z * 0.5)
     assert not Precision(amp=True, device="cpu").enabled  # amp only ever on CUDA
     assert Precision(amp=False, device="cuda").autocast().__class__.__name__ == "nullcontext"
+
+
+def test_reconstruction_grid_puts_samples_on_rows_of_their_own():
+    """The vae / vqvae checkpoint grid: real | reconstruction pairs on whole rows, a gap, then the samples from a
+    fresh row (before, samples began in the middle of a row of pairs and a reader could not tell them apart)."""
+    from genart.models.sampling import reconstruction_grid
+
+    real, recon = torch.full((3, 3, 8, 8), -1.0), torch.full((3, 3, 8, 8), 0.0)  # black, grey
+    samples = torch.full((3, 3, 8, 8), 1.0) * torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # red
+    grid = np.asarray(reconstruction_grid(real, recon, samples))
+    ncol, tile = 4, 10  # ceil(sqrt(3 + 3)) = 3, made even; 8 px + 2 px padding
+    top = 2 * tile + 2  # 6 pair images in rows of 4: two rows
+    assert grid.shape == (top + 4 + tile + 2, ncol * tile + 2, 3)
+    assert (grid[2:10, 2:10] == 0).all() and (grid[2:10, 12:20] == 128).all()  # real, then its reconstruction
+    assert (grid[top : top + 4] == 255).all()  # the gap: half a tile of white
+    first_sample = grid[top + 4 + 2 : top + 4 + 10, 2:10]
+    assert (first_sample == [255, 0, 0]).all()  # samples start at the left of their own row
 
 
 def test_conditional_dcgan_labels():

@@ -88,6 +88,7 @@ def test_quickstart_report_opens_with_every_image(quickstart, browser):
         shown = dict(page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.clientWidth])"))
         links = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
         headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
+        captions = page.eval_on_selector_all("figcaption", "els => els.map(e => e.textContent)")
     finally:
         page.close()
     assert len(images) >= 4 * 2 + 8 + 1  # a grid + loss curve per family, generated samples, stylized images
@@ -101,6 +102,9 @@ def test_quickstart_report_opens_with_every_image(quickstart, browser):
     grid = next(src for src in natural if src.startswith("runs/dcgan/samples/"))
     sample = next(src for src in natural if src.startswith("samples/"))
     assert (shown[grid], shown[sample]) == (2 * natural[grid], 3 * natural[sample])
+    # and their captions say how a grid is laid out
+    assert any("one genre per row: circles, gradient, grid, noise, stripes" in c for c in captions)
+    assert any("top: real | reconstruction pairs; below: samples" in c for c in captions)
 
 
 @pytest.mark.slow

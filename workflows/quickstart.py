@@ -120,10 +120,16 @@ def _score_table(scores_dir: str) -> list[list[str]]:
 
 
 def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) -> str:
+    from genart.data.read import label_names
+
+    genres = ", ".join(label_names(f"{out}/data/synth"))
+    layout = {"dcgan": f"one genre per row: {genres}, then again",  # how each checkpoint grid is laid out
+              "vae": f"top: real | reconstruction pairs; below: samples, a genre each in turn ({genres})"}
     sections = []
     for family, result in runs.items():
         samples = sorted(os.listdir(result["samples"])) if os.path.isdir(result["samples"]) else []
-        images = [(os.path.join(result["samples"], samples[-1]), f"{family}: {samples[-1]}")] if samples else []
+        how = f" ({layout[family]})" if family in layout else ""
+        images = [(os.path.join(result["samples"], samples[-1]), f"{family}: {samples[-1]}{how}")] if samples else []
         images.append((result["loss_curve"], f"{family}: loss curve"))
         best = result.get("best") or {}
         value = best.get("value")

@@ -118,11 +118,20 @@ def make_grid(images01: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.
 
 
 def reconstruction_grid(real: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor) -> Image.Image:
-    """The checkpoint grid of a family that reconstructs (vae, vqvae): pairs of real / reconstruction, then samples;
-    all (N, 3, S, S) in [-1, 1]. An even number of columns keeps each pair on one row."""
-    nrow = max(1, int(math.ceil(math.sqrt(len(real) + len(samples)))))
+    """The checkpoint grid of a family that reconstructs (vae, vqvae), all (N, 3, S, S) in [-1, 1]: pairs of real /
+    reconstruction fill the top rows (an even number of columns keeps each pair on one row), then, after a gap of
+    half a tile, the samples start a row of their own, so a reader can tell the two apart."""
+    ncol = int(math.ceil(math.sqrt(len(real) + len(samples))))
+    ncol += ncol % 2
     pairs = torch.stack([real, recon], dim=1).flatten(0, 1)  # (2n, 3, S, S): real, recon, real, recon, ...
-    return make_grid((torch.cat([pairs, samples]).float() + 1) / 2, nrow=nrow + nrow % 2)
+    blocks = [make_grid((x.float() + 1) / 2, nrow=ncol) for x in (pairs, samples) if len(x)]
+    gap = real.shape[-2] // 2
+    sheet = Image.new("RGB", (max(b.width for b in blocks), sum(b.height for b in blocks) + gap * (len(blocks) - 1)), "white")
+    y = 0
+    for block in blocks:
+        sheet.paste(block, (0, y))
+        y += block.height + gap
+    return sheet
 
 
 def check_images01(x: Any, what: str = "images") -> torch.Tensor:
