@@ -50,7 +50,7 @@ set_option = click.option(
 
 @main.command()
 @click.argument("srcs", nargs=-1, required=True, metavar="SRC...")
-@click.option("--out", "dest", required=True, help="Destination folder or s3:// prefix for the Parquet dataset.")
+@click.option("--out", "--output", "dest", required=True, help="Destination folder or s3:// prefix for the Parquet dataset.")
 @click.option("--size", type=int, default=None, help="Resize to SIZE x SIZE px (default: keep the normalised original size).")
 @click.option("--resize", "resize_mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="How --size makes images square: center-crop, or pad with white.")
@@ -95,7 +95,7 @@ def datasets() -> None:
 
 
 @datasets.command("synth")
-@click.option("--out", required=True, help="Folder to write <genre>/<genre>-NNNNN.png into.")
+@click.option("--out", "--output", "out", required=True, help="Folder to write <genre>/<genre>-NNNNN.png into.")
 @click.option("--num", type=int, default=500, show_default=True, help="Number of images, spread over the genres.")
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in px.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -112,7 +112,7 @@ def datasets_synth(out, num, size, seed):
 @main.command()
 @click.option("--data", required=True, help="Prepared dataset (`genart prepare`), local folder or s3:// prefix.")
 @click.option("--colors", type=int, default=16, show_default=True, help="Palette size K (2-512).")
-@click.option("--out", default=None, help="Palette file to write (default: DATASET/palette-K.json, where training looks).")
+@click.option("--out", "--output", "out", default=None, help="Palette file to write (default: DATASET/palette-K.json, where training looks).")
 @click.option("--sample-pixels", type=int, default=200_000, show_default=True, help="Pixels sampled from the train split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Pixel sample and k-means seed.")
 @address_option
@@ -135,7 +135,7 @@ def palette(data, colors, out, sample_pixels, seed, address):
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
 @set_option
 @click.option("--dry-run", is_flag=True, help="One worker, two steps, the smallest model of the family: check the setup.")
-@click.option("--output", default=None, help="With --dry-run: parent folder of the dry run (default: a temporary folder).")
+@click.option("--output", "--out", "output", default=None, help="With --dry-run: parent folder of the dry run (default: a temporary folder).")
 @address_option
 def train(config_path, overrides, dry_run, output, address):
     """Train a model (dcgan, vae, vqvae, autoregressive, critic, style) with Ray Train: data-parallel workers,
@@ -200,7 +200,7 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
 @main.command()
 @click.option("--model", required=True, help="Style checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
-@click.option("--output", "out", required=True, help="Folder or s3:// prefix; outputs keep their input's relative path.")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix; outputs keep their input's relative path.")
 @click.option("--max-side", type=int, default=None, help="Downscale so the longer side is at most N px (default: keep size).")
 @click.option("--tile", type=int, default=1024, show_default=True, help="Stylise images larger than N px in N x N tiles (0: never).")
 @click.option("--tile-overlap", type=int, default=None, help="Tile overlap in px (default: N/8, at least twice the net's reach).")
@@ -223,7 +223,7 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
 @main.command()
 @click.option("--model", required=True, help="Generative (dcgan, vae, vqvae, autoregressive) checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--num", type=int, required=True, help="Number of images.")
-@click.option("--output", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl.")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses latent seed (SEED << 32) | i.")
 @click.option("--truncation", type=float, default=1.0, show_default=True, help="Scale latents toward the mean (1.0 = off).")
 @click.option("--label", default=None, help="Class name or index for a class-conditional model (default: the class follows each image's seed).")
@@ -247,7 +247,7 @@ def generate(model, num, out, seed, truncation, label, guidance, fmt, batch_size
 @main.command()
 @click.option("--model", required=True, help="Critic checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
-@click.option("--output", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards.")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards.")
 @click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (default: Pillow's 89.5 MP).")
 @_run_options
 def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, deterministic, autocast,
@@ -267,7 +267,7 @@ def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker,
 
 @main.command("index")
 @click.option("--input", "src", required=True, help="Prepared dataset, folder, .zip/.tar archive, Parquet or s3:// prefix of images.")
-@click.option("--output", "out", required=True, help="Index folder or s3:// prefix (vectors, faiss.index, metadata.parquet).")
+@click.option("--output", "--out", "out", required=True, help="Index folder or s3:// prefix (vectors, faiss.index, metadata.parquet).")
 @click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
               help="Feature network: InceptionV3 pool features, or a trained critic's embedding.")
 @click.option("--inception-weights", default=None, metavar="PATH",
@@ -357,7 +357,7 @@ def recommend(index_uri, liked, k, diversity, sheet):
 @click.option("--inception-weights", default=None, metavar="PATH", help="torchvision inception_v3 state_dict file.")
 @click.option("--quantile", type=float, default=0.99, show_default=True,
               help="A sample is a copy when closer to a training image than this share of val images are.")
-@click.option("--output", "out", default="audit", show_default=True, help="Folder for summary.json, histogram.png, pairs.png.")
+@click.option("--output", "--out", "out", default="audit", show_default=True, help="Folder for summary.json, histogram.png, pairs.png.")
 def audit(model, data, num, features, inception_weights, quantile, out):
     """Memorisation audit: each sample's nearest training image in embedding and pixel space, against the
     train-to-val baseline of the dataset itself (Somepalli et al. 2023). Prints the JSON summary."""
@@ -412,7 +412,7 @@ def serve(models, config_file, index_uri, host, port, overrides, address):
               help="Dataset split the real images come from.")
 @click.option("--max-real", type=int, default=None, help="Use at most this many real images (a fixed random subset).")
 @click.option("--k", "k", type=int, default=3, show_default=True, help="Neighbourhood size of precision/recall's k-NN manifolds.")
-@click.option("--output", default=None, metavar="FILE", help="Also write the JSON report here (local or s3://).")
+@click.option("--output", "--out", "output", default=None, metavar="FILE", help="Also write the JSON report here (local or s3://).")
 @click.option("--concurrency", type=int, default=None,
               help="Most feature actors per pool (default: one per GPU, else half the CPUs, at most 8).")
 @address_option

@@ -145,3 +145,26 @@ def test_a_run_waiting_for_workers_says_so_in_one_line_not_a_traceback(ray_sessi
     assert waiting.startswith("WARNING waiting for resources: 2 training workers") and waiting.count("\n") == 1
     assert "Traceback" not in waiting and "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in waiting
     assert "a real controller bug" in bug and "Traceback" in bug  # anything else keeps its traceback
+
+
+def test_every_command_that_writes_takes_both_out_and_output():
+    """`prepare --out` and `generate --output` were both idioms in this CLI: a user's guess of either now works."""
+    import click
+
+    from genart.cli import main
+
+    def commands(group: click.Group, prefix: str = ""):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", cmd
+
+    writers = {}
+    for name, cmd in commands(main):
+        for param in cmd.params:
+            flags = set(getattr(param, "opts", []))
+            if flags & {"--out", "--output"}:
+                writers[name] = flags
+    assert {"prepare", "datasets synth", "palette", "generate", "stylize", "score", "index", "audit"} <= set(writers)
+    assert all({"--out", "--output"} <= flags for flags in writers.values()), writers
