@@ -196,6 +196,19 @@ def guided_ckpt(tmp_path_factory) -> str:
     return ckpt
 
 
+def test_model_card_says_whether_and_how_a_model_is_guided(tmp_path):
+    """/v1/models' card: guidance_trained by the same rule the nets use, and the model's own scale, 0 included (an
+    `or 1.0` once turned a config's guidance 0, sampling from the "no class" logits alone, into 1)."""
+    from genart.serve.app import model_card
+
+    unguided = tiny_checkpoint(str(tmp_path / "plain"), "vqvae", 16, ["a", "b"], conditional=True)
+    zero = tiny_checkpoint(str(tmp_path / "zero"), "vqvae", 16, ["a", "b"], conditional=True, label_dropout=0.2, guidance=0.0)
+    assert (model_card("plain", unguided)["guidance_trained"], model_card("plain", unguided)["guidance"]) == (False, 1.0)
+    card = model_card("zero", zero)
+    assert (card["guidance_trained"], card["guidance"]) == (True, 0.0)
+    assert models.load(zero).guidance_trained is True and models.load(unguided).guidance_trained is False
+
+
 def test_generate_job_takes_guidance(guided_ckpt, tmp_path, ray_session):
     """`genart generate --guidance`: the images of .sample(guidance=...), recorded in images.jsonl; refused, before
     any Ray job, for a model that was not trained for it or takes none."""

@@ -23,7 +23,7 @@ from genart.config import Section
 from genart.data.palette import MAX_COLORS, MIN_COLORS, from_tokens, grid_palette, palette_path, read_palette, to_tokens
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, default_label, latents, make_grid, resize
+from genart.models.sampling import check_images01, default_label, latents, make_grid, resize, trained_for_guidance
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (8, 16, 24, 32, 48, 64)
@@ -81,7 +81,7 @@ class AutoregressiveConfig(Section):
 def check_trained_for_guidance(guidance: float, conditional: bool, label_dropout: float) -> None:
     """Guidance mixes the class's logits with the "no class" ones: a config asking for it must train for it (checked
     when the config loads, not at the first checkpoint grid)."""
-    if guidance != 1 and not (conditional and label_dropout > 0):
+    if guidance != 1 and not trained_for_guidance(conditional, label_dropout):
         raise ValueError(f"guidance {guidance:g} needs conditional: true and label_dropout > 0 (e.g. 0.1); "
                          "guidance 1 turns it off")
 
@@ -126,7 +126,7 @@ class TokenModel(nn.Module):
         self.register_buffer("palette", grid_palette(cfg.colors))
         self.token = nn.Embedding(cfg.colors, d)
         # the class tokens (plus a "no class" one, the last, when trained for guidance), or one start token
-        self.null_label = num_labels if cfg.conditional and cfg.label_dropout > 0 else None
+        self.null_label = num_labels if trained_for_guidance(cfg.conditional, cfg.label_dropout) else None
         self.start = nn.Embedding(num_labels + (self.null_label is not None) if cfg.conditional else 1, d)
         self.row, self.col = nn.Parameter(torch.zeros(image_size, d)), nn.Parameter(torch.zeros(image_size, d))
         if cfg.backbone == "transformer":

@@ -50,6 +50,12 @@ GUIDED_FAMILIES = ("autoregressive", "vqvae")  # token models: classifier-free g
 MAX_GUIDANCE = 10.0
 
 
+def trained_for_guidance(conditional: bool | None, label_dropout: float | None) -> bool:
+    """Whether a token model learnt a "no class" start token, so it can sample with guidance above 1: conditional, and
+    trained with some labels dropped. The one rule that configs, loaded nets and Serve's model cards apply."""
+    return bool(conditional) and float(label_dropout or 0) > 0
+
+
 def check_guidance(guidance: float | None, family: str, trained: bool, what: str = "guidance") -> float | None:
     """The one rule for a per-request guidance scale (None = the model's own): token families only, and above 1
     only for a model trained for it (model.label_dropout > 0). Jobs check it before starting Ray, Serve before a

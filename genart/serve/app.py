@@ -33,6 +33,7 @@ def model_card(name: str, uri: str) -> dict:
     from genart import storage
     from genart.models import find_checkpoint, model_section
     from genart.models.checkpoint import STATE, checkpoint_hash
+    from genart.models.sampling import trained_for_guidance
 
     checkpoint = find_checkpoint(uri)
     try:
@@ -54,8 +55,8 @@ def model_card(name: str, uri: str) -> dict:
         "labels": list(state.get("label_names") or []),
         "conditional": bool(config.get("conditional")),  # only generators have the key
         # token models trained with a "no class" start token: /v1/generate takes guidance above 1
-        "guidance_trained": bool(config.get("conditional")) and float(config.get("label_dropout") or 0) > 0,
-        "guidance": float(config.get("guidance") or 1.0),  # the model's own scale: what a request without one gets
+        "guidance_trained": trained_for_guidance(config.get("conditional"), config.get("label_dropout")),
+        "guidance": float(config.get("guidance", 1.0)),  # the model's own scale: what a request without one gets
         "generative": family in generative_families(),  # makes images from seeds: /v1/generate, /v1/interpolate
     }
 
