@@ -35,7 +35,7 @@ h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2.2rem; border-bot
 .grid { display: flex; flex-wrap: wrap; gap: 1rem; }
 figure { margin: 0; max-width: 340px; }
 figure img { max-width: 340px; min-width: 96px; image-rendering: pixelated; border: 1px solid #ddd; }  /* 32 px samples shown at 3x */
-figure.zoom, figure.zoom img { max-width: none; }
+figure.zoom img { max-width: none; }
 figcaption { font-size: .85rem; color: #555; }
 table { border-collapse: collapse; } td, th { padding: .2rem .8rem; border-bottom: 1px solid #eee; text-align: left; }
 code { background: #f4f4f4; padding: 0 .3rem; }
@@ -78,7 +78,9 @@ def render(root: str, title: str, intro: str, sections: list[Section]) -> str:
             for path, caption in sec.images:
                 src = _rel(path, root)
                 width = _zoomed_width(path, sec.zoom)
-                figure, size = ("<figure class='zoom'>", f" width='{width}'") if width else ("<figure>", "")
+                # the figure as wide as its picture, so a long caption wraps under it instead of widening it
+                figure, size = ((f"<figure class='zoom' style='max-width: {width + 2}px'>", f" width='{width}'") if width
+                                else ("<figure>", ""))
                 parts.append(f"{figure}<a href='{src}'><img src='{src}'{size} alt='{html.escape(caption, quote=True)}'></a>"
                              f"<figcaption>{html.escape(caption)}</figcaption></figure>")
             parts.append("</div>")
