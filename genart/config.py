@@ -131,7 +131,8 @@ def validate(cls: type[C], data: dict, source: str = "config") -> C:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif "input" in err and err["type"] not in ("missing",):
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            # a whole section's input (a rule across its keys) would print every key: the message names the keys
             msg = f"{msg} (got {err['input']!r})"
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise UserError(f"{source}: {loc}: {msg}{more}") from None

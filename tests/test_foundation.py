@@ -168,3 +168,17 @@ def test_every_command_that_writes_takes_both_out_and_output():
                 writers[name] = flags
     assert {"prepare", "datasets synth", "palette", "generate", "stylize", "score", "index", "audit"} <= set(writers)
     assert all({"--out", "--output"} <= flags for flags in writers.values()), writers
+
+
+def test_a_rule_across_a_sections_keys_is_one_short_line():
+    """A model rule over several keys (guidance needs label_dropout) names them; it does not print the whole section."""
+    from pathlib import Path
+
+    from genart.train.config import load_config
+
+    config = Path(__file__).resolve().parents[1] / "workflows" / "configs" / "vqvae.yaml"
+    with pytest.raises(UserError) as exc:
+        load_config(str(config), ["model.guidance=2"])
+    message = str(exc.value)
+    assert "model: " in message and "guidance 2 needs conditional: true and label_dropout > 0" in message
+    assert "{" not in message and "\n" not in message
