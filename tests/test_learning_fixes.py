@@ -208,6 +208,24 @@ def test_mode_seeking_term_keeps_one_labels_pictures_apart():
     assert spread[2.0] > 1.5 * spread[0.0], spread
 
 
+def test_mode_seeking_cap_stops_pushing_pairs_already_as_varied_as_the_data():
+    """Uncapped, the term pays for distance without end, and saturated colour is the cheapest distance (flat neon
+    gradients). With a cap, a pair whose image / latent distance ratio is past it gets no gradient; one under it does."""
+    from genart.models.dcgan import mode_seeking_loss
+
+    z = torch.zeros(4, 8)
+    z[2:] = 1.0  # latent distance 1 for both pairs (0, 2) and (1, 3)
+    fake = torch.zeros(4, 3, 4, 4)
+    fake[2] = 0.9  # pair (0, 2): ratio 0.9, past a cap of 0.5
+    fake[3] = 0.2  # pair (1, 3): ratio 0.2, under it
+    for cap, pushed in ((0.5, {1, 3}), (0.0, {0, 1, 2, 3})):
+        x = fake.clone().requires_grad_(True)
+        mode_seeking_loss(x, z, cap).backward()
+        moved = {i for i in range(4) if float(x.grad[i].abs().sum()) > 0}
+        assert moved == pushed, (cap, moved)
+    assert float(mode_seeking_loss(fake, z, 0.5)) == pytest.approx((1 / 0.5 + 1 / 0.2) / 2, rel=1e-3)
+
+
 # ---------------------------------------------------------------- 5. VAE likelihood
 
 

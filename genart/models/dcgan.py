@@ -59,6 +59,11 @@ class DCGANConfig(Section):
     # Mode-seeking term (MSGAN, Mao et al. 2019): G is also asked to map two latents of the same label to images as
     # far apart as the latents are, so each label keeps drawing varied pictures instead of one favourite. 0 = off.
     mode_seeking: float = Field(0.0, ge=0)
+    # Each pair's image / latent distance ratio counts only up to this cap (DSGAN's tau, Yang et al. 2019): a pair
+    # already as varied as two real pictures of one genre gets no further push. Uncapped, the term keeps paying for
+    # distance past the data's own variety, and the cheapest distance is saturated colour: flat neon gradients and
+    # speckle. 0 = no cap.
+    mode_seeking_cap: float = Field(0.0, ge=0)
     # DiffAugment policy: the same differentiable transforms on real and generated images before D (Zhao et al.
     # 2020). Small datasets otherwise let D memorise the real images within a few hundred steps. [] = off.
     diff_augment: list[Literal["color", "translation", "cutout"]] = ["color", "translation", "cutout"]
@@ -174,6 +179,20 @@ class Discriminator(nn.Module):
         return out, None if self.classify is None else self.classify(pooled / h[0, 0].numel())
 
 
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
+    """MSGAN's term over the pairs (i, i + B/2), which share a label: the mean over pairs of 1 / ratio, where ratio is
+    the pair's mean absolute pixel distance per unit of latent distance, counted up to `cap` (0 = no cap).
+
+    Per pair, not per batch, so that a capped pair stops pulling while the pairs still too alike keep theirs."""
+    half = fake.shape[0] // 2
+    image = (fake[:half] - fake[half : 2 * half]).abs().flatten(1).mean(1).float()  # (half,)
+    latent = (z[:half] - z[half : 2 * half]).abs().mean(1).float()
+    ratio = image / latent
+    if cap > 0:
+        ratio = ratio.clamp(max=cap)  # past the cap: no gradient
+    return (1 / (ratio + 1e-5)).mean()
+
+
 def _losses(kind: str, real_logits: torch.Tensor | None, fake_logits: torch.Tensor) -> torch.Tensor:
     """D loss when real_logits is given, else G loss."""
     if real_logits is None:
@@ -281,9 +300,7 @@ class DCGANFamily:
             if g_classes is not None:
                 loss_g = loss_g + cfg.class_weight * F.cross_entropy(g_classes.float(), fake_labels)
             if cfg.mode_seeking > 0 and half > 0:
-                # image distance per latent distance over the pairs (i, i + half); its inverse is minimised
-                ratio = (fake[:half] - fake[half : 2 * half]).abs().mean() / (z[:half] - z[half : 2 * half]).abs().mean()
-                loss_g = loss_g + cfg.mode_seeking / (ratio.float() + 1e-5)
+                loss_g = loss_g + cfg.mode_seeking * mode_seeking_loss(fake, z, cfg.mode_seeking_cap)
         opts["generator"].zero_grad(set_to_none=True)
         precision.step("generator", loss_g, opts["generator"])
 
