@@ -61,8 +61,8 @@ class DCGANConfig(Section):
     mode_seeking: float = Field(0.0, ge=0)
     # Each pair's image / latent distance ratio counts only up to this cap (DSGAN's tau, Yang et al. 2019): a pair
     # already as varied as two real pictures of one genre gets no further push. Uncapped, the term keeps paying for
-    # distance past the data's own variety, and the cheapest distance is saturated colour: flat neon gradients and
-    # speckle. 0 = no cap.
+    # distance past the data's own variety, and the cheapest distance is saturated colour: flat neon gradients.
+    # 0 = no cap.
     mode_seeking_cap: float = Field(0.0, ge=0)
     # DiffAugment policy: the same differentiable transforms on real and generated images before D (Zhao et al.
     # 2020). Small datasets otherwise let D memorise the real images within a few hundred steps. [] = off.
