@@ -1,6 +1,6 @@
 """Sample quality of genart's DCGAN and VAE (and VQ-VAE) beside the pytorch/examples reference algorithms, and style-transfer quality.
 
-    .venv/bin/python bench/bench_quality.py                      # the quickstart budget: dcgan 1500, vae 600, style 100 steps, batch 64, 1000 images
+    .venv/bin/python bench/bench_quality.py                      # the quickstart budget: dcgan 3000, vae 600, style 100 steps, batch 64, 1000 images
     .venv/bin/python bench/bench_quality.py --steps-dcgan 1500 --steps-vae 1500 --steps-style 1500 --out results/bench_quality_1500
     .venv/bin/python bench/bench_quality.py --steps-dcgan 20 --steps-vae 20 --steps-style 10 --num-generated 200 --images 300  # smoke, ~2.5 min
 (--only dcgan,vae skips the style network; --only style runs it alone; --only vae,vqvae adds the VQ-VAE family, 600 +
@@ -511,7 +511,7 @@ def bench_style(args, paintings: str, runs: str) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps-dcgan", type=int, default=1500, help="training steps of both DCGANs (quickstart: 1500)")
+    parser.add_argument("--steps-dcgan", type=int, default=3000, help="training steps of both DCGANs (quickstart: 3000)")
     parser.add_argument("--steps-vae", type=int, default=600, help="training steps of both VAEs (quickstart: 600)")
     parser.add_argument("--steps-vqvae", type=int, default=4600, help="training steps of the VQ-VAE family, its prior's "
                         "included (vqvae.yaml: 600 + 4000), and of its reference VAE (--only ...,vqvae)")

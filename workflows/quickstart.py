@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Steps(config.Section):
-    dcgan: int = Field(1500, ge=1)
+    dcgan: int = Field(3000, ge=1)
     vae: int = Field(600, ge=1)
     critic: int = Field(100, ge=1)
     style: int = Field(100, ge=1)
