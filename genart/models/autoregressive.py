@@ -11,7 +11,7 @@ Loaded: `.sample(seeds)`, `.complete(images, seeds)` (top rows given, the rest s
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -322,6 +322,7 @@ class AutoregressiveFamily:
     generative = True
     best_metric = ("val_bits_per_dim", "min")
     default_augment = "flip"  # no crops: the model must learn the pictures as they are
+    recent_batches = 0  # before_checkpoint needs no training batches
 
     def build(self, cfg: AutoregressiveConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
@@ -359,7 +360,7 @@ class AutoregressiveFamily:
         precision.step("model", loss, opts["model"])
         return finite({"loss": loss.item(), "bits_per_dim": float(bits_per_dim(loss.detach()))}, "autoregressive")
 
-    def before_checkpoint(self, cfg, nets: dict) -> None:
+    def before_checkpoint(self, cfg, nets: dict, recent: Sequence[dict] = ()) -> None:
         """Nothing to bring up to date: the trained net is the inference net."""
 
     def evaluate(self, cfg: AutoregressiveConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:

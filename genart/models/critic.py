@@ -7,7 +7,7 @@ Loaded: `.predict(x) -> probs (N, K)`, `.embed(x) -> (N, embed_dim)`, `.predict_
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from genart.config import Section
 from genart.errors import UserError
 from genart.models.family import Loaded, device_of, meta_from_state
 from genart.models.sampling import check_images01, resize
-from genart.models.training import Precision, eval_mode, finite, labels_of, unwrap
+from genart.models.training import Precision, eval_mode, finite, labels_of, recalibrate_batchnorm, unwrap
 
 
 class CriticConfig(Section):
@@ -132,6 +132,7 @@ class CriticFamily:
     generative = False
     best_metric = ("val_accuracy", "max")
     default_augment = "crop_flip"
+    recent_batches = 8  # before_checkpoint re-measures BatchNorm statistics on the latest 8 training batches
 
     def build(self, cfg: CriticConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         if num_labels < 2:
@@ -164,8 +165,13 @@ class CriticFamily:
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return finite({"loss": loss.item(), "accuracy": accuracy.item()}, "critic")
 
-    def before_checkpoint(self, cfg, nets: dict) -> None:
-        """Nothing to bring up to date: the trained nets are the inference nets."""
+    def before_checkpoint(self, cfg: CriticConfig, nets: dict, recent: Sequence[dict] = ()) -> None:
+        """BatchNorm's running statistics, re-measured on the latest training batches with the weights being saved
+        (precise BN; Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"). The running averages trail the weights,
+        and at lr 1e-3 the weights move fast: one quickstart's eval-mode critic named 92 % of its own training grids
+        "circles" (eval-mode accuracy on its training images 0.80, train-mode 0.97); re-measured, 0.998."""
+        if cfg.norm == "batch" and recent:
+            recalibrate_batchnorm(nets["critic"], [(batch["image"],) for batch in recent])
 
     def evaluate(self, cfg: CriticConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:
         """val_loss, val_accuracy, and val_accuracy_class_<i> per class seen in the validation data."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -241,6 +241,7 @@ class DCGANFamily:
     # visibly sharper step 1500. For a real ranking set eval.every_checkpoints and eval.best_metric (fid1k_critic).
     best_metric = ("step", "max")
     default_augment = "flip"  # no crops: the generator must learn the pictures as they are
+    recent_batches = 0  # before_checkpoint needs no training batches
     # fixed latents whose batches re-measure the EMA generator's BatchNorm statistics before every checkpoint
     bn_batches, bn_batch_size = 8, 64
 
@@ -316,7 +317,7 @@ class DCGANFamily:
             "dcgan",
         )
 
-    def before_checkpoint(self, cfg: DCGANConfig, nets: dict) -> None:
+    def before_checkpoint(self, cfg: DCGANConfig, nets: dict, recent: Sequence[dict] = ()) -> None:
         """The EMA generator's BatchNorm statistics, measured on its own averaged weights (fixed latents)."""
         ema = nets["generator_ema"]
         device = device_of(nets)

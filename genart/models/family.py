@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -121,6 +121,7 @@ class Family(Protocol):
     generative: bool  # images from seeds: its Loaded has .sample(seeds, labels, truncation) and .interpolate
     best_metric: tuple[str, str]  # (metric from evaluate(), "min" | "max") that picks best.json
     default_augment: str  # data.augment when the config leaves it null (genart.train.augment)
+    recent_batches: int  # how many of this rank's latest training batches before_checkpoint receives (0: none)
 
     def build(self, cfg: Any, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]: ...
 
@@ -132,8 +133,9 @@ class Family(Protocol):
         self, cfg: Any, nets: dict, opts: dict, batch: dict[str, torch.Tensor], step: int, precision: Precision | None = None
     ) -> dict[str, float]: ...
 
-    def before_checkpoint(self, cfg: Any, nets: dict[str, nn.Module]) -> None:
-        """Rank 0, before validation, sample grids and saving: bring inference-only state up to date."""
+    def before_checkpoint(self, cfg: Any, nets: dict[str, nn.Module], recent: Sequence[dict] = ()) -> None:
+        """Rank 0, before validation, sample grids and saving: bring inference-only state up to date. `recent`: the
+        latest training batches (up to recent_batches of them), e.g. to re-measure BatchNorm statistics."""
 
     def evaluate(self, cfg: Any, nets: dict, batches: Iterable[dict]) -> dict[str, float]: ...
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -187,6 +187,7 @@ class StyleFamily:
     generative = False
     best_metric = ("val_loss", "min")
     default_augment = "crop_flip"  # content crops
+    recent_batches = 0  # before_checkpoint needs no training batches
 
     def build(self, cfg: StyleConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         transformer = TransformerNet(cfg.channels, cfg.num_res_blocks, cfg.input_skip)
@@ -226,7 +227,7 @@ class StyleFamily:
         precision.step("transformer", terms["loss"], opts["transformer"])
         return finite({(k if k == "loss" else f"{k}_loss"): v.item() for k, v in terms.items()}, "style")
 
-    def before_checkpoint(self, cfg, nets: dict) -> None:
+    def before_checkpoint(self, cfg, nets: dict, recent: Sequence[dict] = ()) -> None:
         """Nothing to bring up to date: the trained nets are the inference nets."""
 
     def evaluate(self, cfg: StyleConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:

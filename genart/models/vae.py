@@ -8,7 +8,7 @@ Loaded: `.sample(seeds, labels)`, `.interpolate(seed_a, seed_b, steps, label)`, 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -293,6 +293,7 @@ class VAEFamily:
     generative = True
     best_metric = ("val_loss", "min")
     default_augment = "flip"  # no crops: the decoder must learn the pictures as they are
+    recent_batches = 0  # before_checkpoint needs no training batches
 
     def build(self, cfg: VAEConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
@@ -331,7 +332,7 @@ class VAEFamily:
             unwrap(vae).prior.observe(mu, labels)
         return finite({k: terms[k].item() for k in ("loss", "recon_mse", "kl", "sigma", "class_loss", "sample_class_loss") if k in terms}, "vae")
 
-    def before_checkpoint(self, cfg, nets: dict) -> None:
+    def before_checkpoint(self, cfg, nets: dict, recent: Sequence[dict] = ()) -> None:
         """Nothing to bring up to date: the trained nets are the inference nets."""
 
     def evaluate(self, cfg: VAEConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:

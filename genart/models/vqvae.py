@@ -14,7 +14,7 @@ it is one, over tokens instead of palette colours) and `.reconstruct(x)` (as the
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -224,6 +224,7 @@ class VQVAEFamily:
     # No crops (the decoder must learn the pictures as they are). Data whose genres keep their look under quarter
     # turns (the synthetic genres, textures) can set data.augment=dihedral: the prior then sees eight views.
     default_augment = "flip"
+    recent_batches = 0  # before_checkpoint needs no training batches
 
     def build(self, cfg: VQVAEConfig, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]:
         check_size(self.name, image_size, SIZES)
@@ -269,7 +270,7 @@ class VQVAEFamily:
         precision.step("prior", loss, opts["prior"])
         return finite({"prior_loss": loss.item()}, "vqvae prior")
 
-    def before_checkpoint(self, cfg, nets: dict) -> None:
+    def before_checkpoint(self, cfg, nets: dict, recent: Sequence[dict] = ()) -> None:
         """Nothing to bring up to date: the trained nets are the inference nets."""
 
     def evaluate(self, cfg: VQVAEConfig, nets: dict, batches: Iterable[dict]) -> dict[str, float]:

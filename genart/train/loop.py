@@ -10,12 +10,14 @@ log rows included; the others report checkpoint=None.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import shutil
 import sys
 import tempfile
 import time
+from typing import Iterable
 
 import torch
 
@@ -73,11 +75,13 @@ def train_loop_per_worker(config: dict) -> None:
     fixed = _fixed_inputs(family, cfg, image_size, label_names, val.example(label_names)) if rank == 0 else None
 
     window = _Window()
+    recent = collections.deque(maxlen=family.recent_batches)  # the latest batches, for family.before_checkpoint
     stop = outputs.stop_request(run_dir)
     step, stopping = start_step, False
     while step < cfg.train.max_steps and not stopping:
         # [4] Train step: the family's own (forward, losses, backward, optimizer steps); it returns scalar metrics.
         batch = next(batches)
+        recent.append(batch)
         if rank == 0 and fixed is None:
             fixed = _fixed_inputs(family, cfg, image_size, label_names, {**batch, "label_names": label_names})
         window.add(family.train_step(cfg.model, nets, opts, batch, step, precision))
@@ -107,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
         elif rank == 0:
             meta = {"family": cfg.model.family, "config": cfg.model_dump(mode="json"), "image_size": image_size,
                     "label_names": label_names, "precision": precision.state_dict(), "rng_ranks": rng_ranks}
-            with _saved_checkpoint(family, cfg, nets, opts, val, row, meta) as (checkpoint, ranked_row):
+            with _saved_checkpoint(family, cfg, nets, opts, val, row, meta, recent) as (checkpoint, ranked_row):
                 ray.train.report(ranked_row, checkpoint=checkpoint, checkpoint_dir_name=outputs.checkpoint_name(step))
             _after_checkpoint(files, family, cfg, nets, fixed, row)
         else:
@@ -147,7 +151,8 @@ def _fixed_inputs(family, cfg: TrainConfig, image_size: int, label_names: list[s
 
 
 @contextlib.contextmanager
-def _saved_checkpoint(family, cfg: TrainConfig, nets: dict, opts: dict, val: ValSplit, row: dict, meta: dict):
+def _saved_checkpoint(family, cfg: TrainConfig, nets: dict, opts: dict, val: ValSplit, row: dict, meta: dict,
+                      recent: Iterable[dict] = ()):
     """Rank 0: validate (into row), save every net + optimizer + RNG into a temp folder; yields (Checkpoint, the row
     Ray ranks it by) for ray.train.report, and removes the folder once Ray has copied it to storage."""
     import ray.train
@@ -157,7 +162,8 @@ def _saved_checkpoint(family, cfg: TrainConfig, nets: dict, opts: dict, val: Val
     step = row["step"]
     local = tempfile.mkdtemp(prefix="genart-ckpt-")
     try:
-        family.before_checkpoint(cfg.model, {k: unwrap(v) for k, v in nets.items()})  # e.g. EMA BatchNorm statistics
+        # e.g. the EMA generator's or the critic's BatchNorm statistics
+        family.before_checkpoint(cfg.model, {k: unwrap(v) for k, v in nets.items()}, list(recent))
         row.update(_validate(family, cfg, nets, val))
         save_checkpoint(local, nets, opts, {**meta, "step": step, "metrics": dict(row)})
         row.update(_run_eval(cfg, local, step))
