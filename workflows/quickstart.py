@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Steps(config.Section):
     dcgan: int = Field(3000, ge=1)
     vae: int = Field(600, ge=1)
-    critic: int = Field(100, ge=1)
+    critic: int = Field(300, ge=1)
     style: int = Field(100, ge=1)
 
 
