@@ -121,7 +121,7 @@ class Family(Protocol):
     generative: bool  # images from seeds: its Loaded has .sample(seeds, labels, truncation) and .interpolate
     best_metric: tuple[str, str]  # (metric from evaluate(), "min" | "max") that picks best.json
     default_augment: str  # data.augment when the config leaves it null (genart.train.augment)
-    recent_batches: int  # how many of this rank's latest training batches before_checkpoint receives (0: none)
+    recent_batches: int  # how many of rank 0's latest training batches before_checkpoint receives (0: none)
 
     def build(self, cfg: Any, image_size: int, num_labels: int, inference: bool = False) -> dict[str, nn.Module]: ...
 

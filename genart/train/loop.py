@@ -75,7 +75,8 @@ def train_loop_per_worker(config: dict) -> None:
     fixed = _fixed_inputs(family, cfg, image_size, label_names, val.example(label_names)) if rank == 0 else None
 
     window = _Window()
-    recent = collections.deque(maxlen=family.recent_batches)  # the latest batches, for family.before_checkpoint
+    # The latest batches, for family.before_checkpoint, which runs on rank 0 only: other ranks keep none
+    recent = collections.deque(maxlen=family.recent_batches if rank == 0 else 0)
     stop = outputs.stop_request(run_dir)
     step, stopping = start_step, False
     while step < cfg.train.max_steps and not stopping:
