@@ -56,6 +56,22 @@ def test_mixed_plan_keeps_every_input_once(synth_dir):
     assert mixed(plan).units == shuffled.units  # deterministic
 
 
+def test_mixed_order_does_not_depend_on_the_folder(tmp_path, synth_dir):
+    """The same images prepared in another folder come out in the same order: the order was hashed from absolute
+    paths, so two quickstarts with different --out trained different models from one seed."""
+    import shutil
+
+    from genart.data import sources
+    from genart.data.prepare import mixed
+
+    order = lambda root: [r for u in mixed(sources.plan([root])).units for r in u.rel_paths]  # noqa: E731
+    copy = shutil.copytree(synth_dir, tmp_path / "elsewhere" / "synth")
+    assert order(str(copy)) == order(synth_dir)
+    shutil.make_archive(str(tmp_path / "a" / "synth"), "zip", synth_dir)
+    shutil.make_archive(str(tmp_path / "b" / "synth"), "zip", synth_dir)
+    assert order(str(tmp_path / "a" / "synth.zip")) == order(str(tmp_path / "b" / "synth.zip"))
+
+
 def test_cached_train_split_is_shuffled_globally(tmp_path, synth_dir, ray_session):
     """Even a dataset whose shard is class-sorted (written by another tool) reaches training mixed."""
     from genart.data import prepare as prep

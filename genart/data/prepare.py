@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import posixpath
 import time
 import uuid
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ def mixed(plan: sources.Plan) -> sources.Plan:
     of a split and every streamed block would hold one class. Plain files and zip members are re-chunked in the
     order of their hashed names; a tar stream or a Parquet file stays one unit (its rows keep their order) and
     only takes a hashed place among the units. Costs nothing at run time: no image bytes are shuffled.
+    The names hashed are relative to their source (and an archive's own name, not its folder): the same images
+    prepared in another folder come out in the same order, so a seeded run on them trains the same model.
     """
     plain, zips, whole = [], {}, []
     for unit in plan.units:
@@ -95,11 +98,11 @@ def mixed(plan: sources.Plan) -> sources.Plan:
             whole.append(unit)
     units = list(whole)
     for kind, uri, members in [("files", "", plain)] + [("zip", u, m) for u, m in zips.items()]:
-        members = sorted(members, key=lambda m: _hashed(f"{uri}!{m[0]}"))
+        members = sorted(members, key=lambda m: _hashed(f"{posixpath.basename(uri)}!{m[1]}"))
         for i in range(0, len(members), sources.FILES_PER_UNIT):
             chunk = members[i : i + sources.FILES_PER_UNIT]
             units.append(sources.Unit(kind, uri, [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]))
-    units.sort(key=lambda u: _hashed(f"{u.kind}:{u.uri}:{u.items[0] if u.items else ''}"))
+    units.sort(key=lambda u: _hashed(f"{u.kind}:{posixpath.basename(u.uri)}:{(u.rel_paths or [''])[0]}"))
     return dataclasses.replace(plan, units=units)
 
 
