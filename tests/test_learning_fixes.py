@@ -92,6 +92,9 @@ def test_cached_train_split_is_shuffled_globally(tmp_path, synth_dir, ray_sessio
     labels = [int(v) for v in datasets["train"].to_pandas()["label"]]
     assert sorted(labels) == sorted(on_disk) and len(labels) == 100  # every row once, none lost or repeated
     assert len(set(labels[:16])) >= 4 and _label_runs(labels) > 30, labels
+    ids = lambda ds: list(ds.to_pandas()["image"].map(lambda a: a.tobytes()))  # noqa: E731
+    first = ids(datasets["train"])
+    assert ids(_datasets(cfg, 16, 100, has_val=False)[0]["train"]) == first  # train.seed fixes the order: same run
 
 
 # ---------------------------------------------------------------- 2. EMA BatchNorm statistics

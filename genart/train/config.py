@@ -54,7 +54,9 @@ class TrainSection(Section):
     checkpoint_every_steps: int = Field(250, ge=1)  # checkpoint + sample grid + validation every N steps (and at the end)
     keep_last: int = Field(3, ge=1)  # Ray keeps the keep_last best checkpoints (by best metric; else newest) + the latest
     log_every_steps: int = Field(25, ge=1)  # progress line + metrics.jsonl row every N steps
-    seed: int = Field(0, ge=0)  # initial weights and noise; data order is not fixed by it
+    # initial weights, noise and a cached split's order: same prepared data + seed = the same run (a streamed split's
+    # block order is not fixed; float rounding in multi-threaded ops can still differ)
+    seed: int = Field(0, ge=0)
     # mixed precision on GPUs: auto/true = bf16 autocast (fp16 + loss scaling where bf16 is missing), false = fp32;
     # always fp32 on CPUs (auto says nothing there, true adds a note)
     amp: bool | Literal["auto"] = "auto"
