@@ -12,6 +12,8 @@ final checkpoint draws N samples (seeds 0..N-1; conditional models take genre se
 trained here on the real 16 px images, gives FID (fid1k_judge), the recognised share and each genre's share of
 the samples ("sorted into every genre": rarest_genre_ratio >= 0.6). The autoregressive models also report their
 val bits/dim. Prints one JSON object on stdout; `families.png` (a row of samples per family) goes to --out.
+The VQ-VAE is not among them: it trains in two stages (codes, then a prior over them) whose split one time budget
+does not decide; `bench_quality.py --only vqvae` measures it at its shipped 600 + 4,000 steps, beside the VAE.
 """
 
 from __future__ import annotations
