@@ -61,8 +61,9 @@ def recalibrate_batchnorm(net: nn.Module, inputs: Iterable[tuple]) -> None:
     was_training = net.training
     net.train()
     try:
-        for args in inputs:
-            net(*args)
+        with torch.no_grad():  # statistics only: no autograd graph for nets whose weights still require grad
+            for args in inputs:
+                net(*args)
     finally:
         for m in norms:
             m.momentum = momenta[m]
