@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -215,13 +214,7 @@ class LocalCluster:
         for name in list(self.nodes)[::-1]:
             proc = self.nodes[name]
             self.processes(name)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
+            ray_procs.stop_group(proc)
         time.sleep(1)
         ray_procs.kill_all(ray_procs.still_alive(self.seen) | ray_procs.mentioning(self.temp_dir))
         # Keep Ray's own logs beside the test's (pytest keeps the last runs' tmp dirs): a failure can be read later.

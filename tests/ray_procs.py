@@ -4,6 +4,8 @@ line names a private temp dir (Ray's raylet, GCS, agents and workers all carry t
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 
@@ -69,10 +71,21 @@ def describe(pids: set[int]) -> list[str]:
 
 
 def kill_all(pids: set[int]) -> None:
-    import signal
-
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True (a `ray start --block` head or node) and its group:
+    SIGTERM and a minute to shut down, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

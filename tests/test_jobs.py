@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,9 @@ from genart import ray_jobs
 from genart.errors import UserError
 from genart.runtime import free_port
 
+sys.path.insert(0, os.path.dirname(__file__))
+import ray_procs  # noqa: E402
+
 BIN = Path(sys.executable).parent
 GENART = str(BIN / "genart")
 RAY = str(BIN / "ray")
@@ -34,19 +36,6 @@ def _clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(extra)
     return env
-
-
-def _procs_mentioning(text: str) -> list[int]:
-    """Pids whose command line mentions `text` (our head's private temp dir): what the head left behind."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
 
 
 @dataclass
@@ -94,21 +83,11 @@ def head(tmp_path_factory):
         assert answer.status_code == 401
         yield Head(url=url, home=home, token_file=token_file)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        ray_procs.stop_group(proc)
         log.close()
         time.sleep(1)
-        leftovers = _procs_mentioning(temp_dir)
-        for pid in leftovers:  # only processes of this head: they name its private temp dir
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        leftovers = ray_procs.mentioning(temp_dir)  # only processes of this head: they name its private temp dir
+        ray_procs.kill_all(leftovers)
         subprocess.run(["rm", "-rf", temp_dir], check=False)
         assert not leftovers, f"Ray processes outlived the head: {leftovers}"
 
