@@ -16,6 +16,8 @@ configs' data.augment); reference DCGAN = netG in train mode (batch-statistics B
 A judge CNN defined here (not genart's critic) is trained on the real train images; in its penultimate features:
 FID to the real train split, the share of samples it recognises (max softmax >= RECOGNISED_PROB) and genre coverage
 (rarest_genre_ratio = min over genres of sample share / data share). Names carry the sample count (fid1k_judge).
+The judge must put every picture in some genre and files colour mottle as stripes, so stripes_banded_share counts,
+of the samples it names stripes, those drawn as parallel bands (structure-tensor coherence; real stripes: 1.0).
 Goals: FID ratio genart/reference <= 0.8, rarest_genre_ratio >= 0.6, style edge_correlation >= 0.35.
 Prints one JSON object on stdout (everything else, Ray's worker output included, goes to stderr); grids go to --out.
 """
@@ -44,6 +46,7 @@ CONFIGS = os.path.join(ROOT, "workflows", "configs")
 RECOGNISED_PROB = 0.9  # a sample is "recognised" when the judge's top softmax probability is at least this
 JUDGE_NOISE = 0.1  # the judge's training noise, max sigma in [0, 1] pixel units
 JUDGE_BLUR = 1.0  # the judge's training blur, max Gaussian sigma in pixels at 32 px (scaled with the side)
+BANDED_COHERENCE = 0.5  # rendered stripes score >= 0.9 (nine in ten), discs, bars and noise fields ~0.1-0.2 (medians)
 GOALS = {"fid_ratio_max": 0.8, "rarest_genre_ratio_min": 0.6, "edge_correlation_min": 0.35}
 GRID_SAMPLES = 64
 STYLIZE_MAX_SIDE = 256  # quickstart's stylize_max_side
@@ -181,7 +184,30 @@ def quality(judge: Judge, samples: torch.Tensor, real_feats: np.ndarray, data_sh
         f"recognised_share{n}_judge": round(float((probs.max(1) >= RECOGNISED_PROB).mean()), 4),
         f"rarest_genre_ratio{n}_judge": round(float((share / data_share).min()), 4),
         f"genre_share{n}_judge": {g: round(float(s), 4) for g, s in zip(genres, share)},
+        f"stripes_banded_share{n}_judge": banded_share(samples, probs, genres),
     }
+
+
+def coherence(x01: torch.Tensor) -> torch.Tensor:
+    """How much every edge of an image runs one way: the coherence of its colour structure tensor (Di Zenzo 1986),
+    (B, 3, H, W) in [0, 1] -> (B,) in [0, 1]. ~1 for parallel bands (and linear blends), ~0.1 for discs, crossing
+    bars, noise fields and colour mottle."""
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+    b, c, h, w = x01.shape
+    g = F.conv2d(x01.reshape(b * c, 1, h, w).float(), torch.stack([sobel, sobel.T])[:, None]).reshape(b, c, 2, h - 2, w - 2)
+    gx, gy = g[:, :, 0], g[:, :, 1]
+    jxx, jyy, jxy = (gx * gx).sum((1, 2, 3)), (gy * gy).sum((1, 2, 3)), (gx * gy).sum((1, 2, 3))
+    return torch.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (jxx + jyy).clamp(min=1e-8)
+
+
+def banded_share(x01: torch.Tensor, probs: np.ndarray, genres: list[str]) -> float | None:
+    """Of the images the judge names stripes, the share drawn as parallel bands (coherence >= BANDED_COHERENCE).
+    The judge must put every picture in some genre, and it files patchy colour mottle as stripes (a person would not):
+    this counts what a person sees in the stripes row. None when no image is named stripes."""
+    named = probs.argmax(1) == genres.index("stripes")
+    if not named.any():
+        return None
+    return round(float((coherence(x01[torch.from_numpy(named)]) >= BANDED_COHERENCE).float().mean()), 4)
 
 
 # ---------------------------------------------------------------- reference DCGAN (pytorch/examples dcgan/main.py at 32 px)
@@ -610,6 +636,8 @@ def main() -> None:
             "val_accuracy_blur_0.8px": val_accuracy(blur(val_x, torch.full((len(val_x),), 0.8))),
             # what real images score: the floor a perfect generator would reach (few val images: biased upward)
             f"fid{nv}_judge_val_vs_train": round(fid(real_feats, val_feats), 3),
+            # the real stripes' own figure: what stripes_banded_share of a generator compares with
+            f"stripes_banded_share{nv}_val": banded_share(val_x, val_probs, genres),
         }
         log(f"judge val accuracy {result['judge']['val_accuracy']}")
         for family in ("dcgan", "vae", "vqvae"):

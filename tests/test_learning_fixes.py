@@ -566,19 +566,53 @@ def test_data_seeds_differ_across_ranks_and_resumes():
     assert counts[True] == 0
 
 
-def test_bench_judge_blur_is_a_gaussian_blur_per_image():
-    """bench_quality's judge trains on blurred copies (a judge trained on sharp pictures alone filed real circles
-    blurred by 0.8 px as "noise"): each image gets its own sigma, and it is torchvision's Gaussian blur."""
+def _bench_quality():
     import importlib.util
-
-    from torchvision.transforms.functional import gaussian_blur
 
     spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_judge_blur_is_a_gaussian_blur_per_image():
+    """bench_quality's judge trains on blurred copies (a judge trained on sharp pictures alone filed real circles
+    blurred by 0.8 px as "noise"): each image gets its own sigma, and it is torchvision's Gaussian blur."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    bench = _bench_quality()
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.0, 0.5, 1.0])
     out = bench.blur(x, sigma)
     assert torch.allclose(out[0], x[0], atol=1e-6)  # sigma 0: unchanged
     for i in (1, 2):
         assert torch.allclose(out[i], gaussian_blur(x[i], 5, float(sigma[i])), atol=1e-5)
+
+
+def test_bench_banded_share_tells_bands_from_mottle():
+    """The judge files colour mottle as stripes; bench_quality's banded share counts only parallel bands: every
+    rendered stripes image, few discs, grids or noise fields, and not the same stripes cut into 8x8 tiles and shuffled."""
+    from genart.data import synth
+
+    bench = _bench_quality()
+
+    def rendered(genre: str) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.array(synth.render(genre, i, 32))).permute(2, 0, 1).float() / 255
+                            for i in range(40)])
+
+    stripes = rendered("stripes")
+    assert (bench.coherence(stripes) >= bench.BANDED_COHERENCE).all()
+    for genre in ("circles", "grid", "noise"):
+        # a grid whose bars mostly run one way can pass (about one in ten): the share counts only images named stripes
+        assert (bench.coherence(rendered(genre)) < bench.BANDED_COHERENCE).float().mean() >= 0.8, genre
+    tiles = stripes.unfold(2, 8, 8).unfold(3, 8, 8).reshape(40, 3, 16, 8, 8)  # (B, C, tile, 8, 8), tiles row-major
+    order = torch.randperm(40 * 16, generator=torch.Generator().manual_seed(0))
+    mottle = tiles.permute(0, 2, 1, 3, 4).reshape(-1, 3, 8, 8)[order].reshape(40, 4, 4, 3, 8, 8)
+    mottle = mottle.permute(0, 3, 1, 4, 2, 5).reshape(40, 3, 32, 32)  # tiles from many stripes images, reassembled
+    assert (bench.coherence(mottle) >= bench.BANDED_COHERENCE).float().mean() <= 0.1
+    genres = ["circles", "stripes"]
+    named = np.tile([[0.1, 0.9]], (80, 1))  # the judge names all 80 stripes
+    assert bench.banded_share(torch.cat([stripes, mottle]), named, genres) == pytest.approx(
+        float((bench.coherence(torch.cat([stripes, mottle])) >= bench.BANDED_COHERENCE).float().mean()))
+    assert 0.45 <= bench.banded_share(torch.cat([stripes, mottle]), named, genres) <= 0.55
+    assert bench.banded_share(stripes, np.tile([[0.9, 0.1]], (40, 1)), genres) is None  # none named stripes
