@@ -611,8 +611,8 @@ def test_bench_banded_share_tells_bands_from_mottle():
     mottle = mottle.permute(0, 3, 1, 4, 2, 5).reshape(40, 3, 32, 32)  # tiles from many stripes images, reassembled
     assert (bench.coherence(mottle) >= bench.BANDED_COHERENCE).float().mean() <= 0.1
     genres = ["circles", "stripes"]
-    named = np.tile([[0.1, 0.9]], (80, 1))  # the judge names all 80 stripes
-    assert bench.banded_share(torch.cat([stripes, mottle]), named, genres) == pytest.approx(
-        float((bench.coherence(torch.cat([stripes, mottle])) >= bench.BANDED_COHERENCE).float().mean()))
-    assert 0.45 <= bench.banded_share(torch.cat([stripes, mottle]), named, genres) <= 0.55
+    both = torch.cat([stripes, mottle])
+    share = bench.banded_share(both, np.tile([[0.1, 0.9]], (80, 1)), genres)  # the judge names all 80 stripes
+    assert share == pytest.approx(float((bench.coherence(both) >= bench.BANDED_COHERENCE).float().mean()))
+    assert 0.45 <= share <= 0.55
     assert bench.banded_share(stripes, np.tile([[0.9, 0.1]], (40, 1)), genres) is None  # none named stripes
