@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from genart.train.augment import blur  # noqa: E402  (the judge's training blur; genart's critic trains with the same)
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 CONFIGS = os.path.join(ROOT, "workflows", "configs")
 
@@ -126,17 +127,6 @@ class Judge(nn.Module):
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x01))
-
-
-def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur of each image (B, 3, H, W) with its own sigma (B,) in pixels (0 = unchanged), 5-tap, reflected."""
-    b, c, h, w = x.shape
-    taps = torch.arange(-2, 3, dtype=x.dtype)  # (5,)
-    kernel = torch.exp(-taps[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))  # (B, 5)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B * 3, 5)
-    flat = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="reflect")
-    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)  # along H
-    return F.conv2d(flat, kernel[:, None, None, :], groups=b * c).reshape(b, c, h, w)  # along W
 
 
 def train_judge(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, batch_size: int) -> Judge:

@@ -66,14 +66,15 @@ def test_quickstart_makes_every_promised_artifact(quickstart):
         assert is_png(grids[-1].read_bytes())
     # generate -> stylize -> score: nothing lost, nothing failed.
     jobs = summary["jobs"]
-    assert jobs["generate"]["written"] == 8 and jobs["generate"]["errors"] == 0
+    for family in ("dcgan", "vae"):  # both generators draw samples, and the critic names every one
+        assert jobs[f"generate_{family}"]["written"] == 8 and jobs[f"generate_{family}"]["errors"] == 0
+        assert jobs[f"score_{family}"]["written"] == 8 and jobs[f"score_{family}"]["errors"] == 0
     archive_members = len(__import__("zipfile").ZipFile(out / "data" / "to_stylize.zip").namelist())
     assert jobs["stylize"]["inputs"] == archive_members and jobs["stylize"]["written"] == archive_members
     stylized = [p for p in (out / "stylized").rglob("*.png")]
     assert len(stylized) == archive_members
     # The critic scored exactly the stylized images: the job's own files in that folder are not inputs.
     assert jobs["score_stylized"]["inputs"] == archive_members and jobs["score_stylized"]["errors"] == 0
-    assert jobs["score_samples"]["written"] == 8
     assert json.loads((out / "summary.json").read_text())["jobs"] == jobs
     assert yaml.safe_load((out / "quickstart.yaml").read_text())["steps"]["dcgan"] == 6
 
@@ -89,9 +90,10 @@ def test_quickstart_report_opens_with_every_image(quickstart, browser):
         links = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
         headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
         captions = page.eval_on_selector_all("figcaption", "els => els.map(e => e.textContent)")
+        rows = page.eval_on_selector_all("tr", "els => els.map(r => [...r.children].map(c => c.textContent))")
     finally:
         page.close()
-    assert len(images) >= 4 * 2 + 8 + 1  # a grid + loss curve per family, generated samples, stylized images
+    assert len(images) >= 4 * 2 + 2 * 8 + 1  # a grid + loss curve per family, each generator's samples, stylized images
     broken = [src for src, width in images if not width]
     assert not broken, f"images that did not load: {broken}"
     for href in links:
@@ -105,6 +107,11 @@ def test_quickstart_report_opens_with_every_image(quickstart, browser):
     # and their captions say how a grid is laid out
     assert any("one genre per row: circles, gradient, grid, noise, stripes" in c for c in captions)
     assert any("top: real | reconstruction pairs; below: samples" in c for c in captions)
+    # each sample says the genre it was drawn as and what the critic named it; a table counts the agreement
+    assert sum(c.startswith(("circles -> ", "gradient -> ")) for c in captions) >= 2 * 2
+    assert any("Does the critic see the genre drawn?" in h for h in headings)
+    assert rows[0] == ["drawn as", "dcgan", "vae"] and rows[-1][0] == "all"
+    assert all(cell.split(" ")[2] == "8" for cell in rows[-1][1:]), rows[-1]  # "k / 8 ...": every sample counted
 
 
 @pytest.mark.slow

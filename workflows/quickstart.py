@@ -4,11 +4,12 @@
     python workflows/quickstart.py --out /tmp/qs --set steps.dcgan=40  # a shorter run
 
 Steps: sample data -> prepare -> train DCGAN, VAE, critic and one style network -> sample grid ->
-stylize a small archive -> score it with the critic -> results/quickstart/index.html.
+stylize a small archive -> score it and the samples with the critic -> results/quickstart/index.html.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import zipfile
@@ -88,43 +89,72 @@ def make_archive(out: str) -> str:
     return path
 
 
+GENERATORS = ("dcgan", "vae")  # the families whose samples the quickstart draws and has the critic name
+
+
 def batch_jobs(cfg: QuickstartConfig, out: str) -> list[tuple[str, Callable[[], dict]]]:
-    """generate -> stylize an archive -> score the stylized images and the GAN samples with the critic."""
+    """generate from each generator -> stylize an archive -> score the stylized images and the samples with the critic."""
     from genart.infer import jobs
 
     run = jobs.RunOptions(resume=True, progress=False)
-    return [
-        ("generate", lambda: jobs.generate(f"{out}/runs/dcgan", cfg.generate, f"{out}/samples", seed=0, run=run)),
-        ("stylize", lambda: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
-                                         max_side=cfg.stylize_max_side, tile=None, run=run)),
-        ("score_stylized", lambda: jobs.score(f"{out}/runs/critic", f"{out}/stylized", f"{out}/scores/stylized", run=run)),
-        ("score_samples", lambda: jobs.score(f"{out}/runs/critic", f"{out}/samples", f"{out}/scores/samples", run=run)),
-    ]
+    critic = f"{out}/runs/critic"
+    todo = [(f"generate_{family}", lambda family=family: jobs.generate(f"{out}/runs/{family}", cfg.generate,
+                                                                       f"{out}/samples/{family}", seed=0, run=run))
+            for family in GENERATORS]
+    todo += [("stylize", lambda: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
+                                              max_side=cfg.stylize_max_side, tile=None, run=run)),
+             ("score_stylized", lambda: jobs.score(critic, f"{out}/stylized", f"{out}/scores/stylized", run=run))]
+    todo += [(f"score_{family}", lambda family=family: jobs.score(critic, f"{out}/samples/{family}",
+                                                                  f"{out}/scores/samples/{family}", run=run))
+             for family in GENERATORS]
+    return todo
 
 
 def serve_command(out: str, families: Iterable[str]) -> str:
     return "genart serve " + " ".join(f"--model {family}={out}/runs/{family}" for family in families)
 
 
-def _score_table(scores_dir: str) -> list[list[str]]:
+def named_samples(out: str, family: str) -> list[dict]:
+    """Each generated sample of `family` with the genre it was drawn as and the critic's label for it, in file order."""
     import pyarrow.parquet as pq
 
-    rows = []
-    for shard in sorted(p for p in os.listdir(scores_dir) if p.endswith(".parquet")):
-        rows.extend(pq.read_table(os.path.join(scores_dir, shard)).to_pylist())
-    table = [["image", "critic's label", "probability"]]
-    for row in sorted(rows, key=lambda r: r.get("key") or "")[:24]:
-        probs = row.get("probs") or []
-        table.append([row.get("key", ""), row.get("label_name", ""), f"{max(probs):.2f}" if probs else ""])
+    asked = {}
+    with open(f"{out}/samples/{family}/images.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            asked[row["file"]] = row.get("label_name")
+    scores = f"{out}/scores/samples/{family}"
+    named = {}
+    for shard in sorted(p for p in os.listdir(scores) if p.endswith(".parquet")):
+        for row in pq.read_table(os.path.join(scores, shard), columns=["key", "label_name", "probs"]).to_pylist():
+            named[row["key"]] = (row["label_name"], max(row["probs"]))
+    return [{"file": f, "asked": asked[f], "named": named[f][0], "p": named[f][1]} for f in sorted(asked) if f in named]
+
+
+def agreement_table(samples: dict[str, list[dict]], genres: list[str]) -> list[list[str]]:
+    """Per genre drawn, per generator: how many samples the critic names that genre, and what it names the rest."""
+    def cell(rows: list[dict]) -> str:
+        if not rows:
+            return "-"
+        agree = sum(r["named"] == r["asked"] for r in rows)
+        others = collections.Counter(r["named"] for r in rows if r["named"] != r["asked"]).most_common(2)
+        rest = f" (else {', '.join(f'{name} {n}' for name, n in others)})" if others else ""
+        return f"{agree} / {len(rows)}{rest}"
+
+    table = [["drawn as"] + list(samples)]
+    for genre in genres:
+        table.append([genre] + [cell([r for r in rows if r["asked"] == genre]) for rows in samples.values()])
+    table.append(["all"] + [cell(rows) for rows in samples.values()])
     return table
 
 
 def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) -> str:
     from genart.data.read import label_names
 
-    genres = ", ".join(label_names(f"{out}/data/synth"))
-    layout = {"dcgan": f"one genre per row: {genres}, then again",  # how each checkpoint grid is laid out
-              "vae": f"top: real | reconstruction pairs; below: samples, a genre each in turn ({genres})"}
+    genres = label_names(f"{out}/data/synth")
+    listed = ", ".join(genres)
+    layout = {"dcgan": f"one genre per row: {listed}, then again",  # how each checkpoint grid is laid out
+              "vae": f"top: real | reconstruction pairs; below: samples, a genre each in turn ({listed})"}
     sections = []
     for family, result in runs.items():
         samples = sorted(os.listdir(result["samples"])) if os.path.isdir(result["samples"]) else []
@@ -137,16 +167,24 @@ def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) ->
                 f"{value:.4g}" if isinstance(value, float) else f"{result['step']} steps")
         sections.append(report.Section(f"Training: {family}", text, images=images, zoom=2,
                                        links=[(result["run_dir"], "run folder"), (result["metrics"], "metrics.jsonl")]))
-    generated = sorted(p for p in os.listdir(f"{out}/samples") if p.endswith(".png"))
-    sections.append(report.Section("Generated samples (DCGAN, seed 0)", f"{len(generated)} images from `genart generate`.",
-                                   images=[(f"{out}/samples/{p}", p) for p in generated[:12]], zoom=3))
+    samples = {family: named_samples(out, family) for family in GENERATORS}
+    for family, rows in samples.items():
+        sections.append(report.Section(
+            f"Generated samples ({family}, seed 0)",
+            f"{len(rows)} images from `genart generate`, the genres in turn; each caption: the genre the sample was "
+            "drawn as, then the critic's label and its probability.",
+            images=[(f"{out}/samples/{family}/{r['file']}", f"{r['asked']} -> {r['named']} {r['p']:.2f}")
+                    for r in rows[:12]], zoom=3))
     stylized = []
     for root, _, files in os.walk(f"{out}/stylized"):
         stylized.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(".png"))
     sections.append(report.Section(f"Stylized archive ({cfg.style_image})", "Each image keeps its size and aspect ratio.",
                                    images=[(p, os.path.relpath(p, f"{out}/stylized")) for p in stylized[:12]]))
-    sections.append(report.Section("Critic's labels for the GAN samples", "From `genart score` (a critic trained on the synthetic genres).",
-                                   table=_score_table(f"{out}/scores/samples")))
+    sections.append(report.Section(
+        "Does the critic see the genre drawn?",
+        "Of each generator's samples drawn as a genre, how many the critic (trained on the real images) names that "
+        "genre, and what it names the rest: a genre the critic rarely names is one the generator has not learned.",
+        table=agreement_table(samples, genres)))
     resumed = [family for family, result in runs.items() if not result.get("trained", True)]
     how = f" (resumed: {', '.join(resumed)} trained by an earlier run)" if resumed else ""
     intro = (f"Made by <code>workflows/quickstart.py</code> in {seconds:.0f} s{how}. "

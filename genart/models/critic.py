@@ -21,6 +21,7 @@ from genart.errors import UserError
 from genart.models.family import Loaded, device_of, meta_from_state
 from genart.models.sampling import check_images01, resize
 from genart.models.training import Precision, eval_mode, finite, labels_of, recalibrate_batchnorm, unwrap
+from genart.train.augment import degrade
 
 
 class CriticConfig(Section):
@@ -33,6 +34,14 @@ class CriticConfig(Section):
     lr: float = Field(1e-3, gt=0)  # AdamW learning rate
     weight_decay: float = Field(1e-4, ge=0)  # AdamW weight decay
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
+    # Robustness for scoring generated pictures: each training image gets pixel noise (sigma ~ U(0, train_noise), in
+    # [0, 1] units) and a Gaussian blur (sigma ~ U(0, train_blur) px at 32 px, scaled with the side). Trained on clean
+    # images alone, the quickstart's critic named the VAE's soft circles and noise fields "stripes" (26 of 26) and
+    # half the DCGAN's grainy noise fields too: it judged grain and softness, not the genre. The same recipe as
+    # bench_quality's judge. It costs a point or two of clean val accuracy (quickstart 0.96 against 0.98; MNIST's
+    # best 0.989 against 0.990); 0 and 0 train on the pictures as they are.
+    train_noise: float = Field(0.1, ge=0, le=1)
+    train_blur: float = Field(1.0, ge=0, le=4)
 
 
 class Critic(nn.Module):
@@ -153,7 +162,7 @@ class CriticFamily:
         precision = precision or Precision()
         critic = nets["critic"]
         critic.train()
-        x = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        x = degrade(batch["image"], cfg.train_noise, cfg.train_blur)  # (B, 3, H, W) in [-1, 1]
         labels = labels_of(batch, required=True)  # (B,)
         with precision.autocast():
             logits = critic(x)  # (B, K)

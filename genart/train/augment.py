@@ -1,6 +1,7 @@
 """Train-time augmentation, on the workers, one implementation for cached and streamed splits.
 
     images = augment_batch(batch["image"], "flip", generator)        # (B, 3, S, S) -> (B, 3, S, S)
+    images = degrade(images, noise=0.1, blur_px=1.0)                  # a critic's robustness to generated pictures
 Generative families default to "flip": a zoom-and-crop would teach the generator zoomed, softened pictures and
 then be scored against un-augmented ones. Classifiers and style content default to "crop_flip".
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch.nn import functional as F
 
 Augment = Literal["none", "flip", "crop", "crop_flip", "dihedral"]
 # Random crops are taken from the batch upscaled by this factor.
@@ -40,6 +42,30 @@ def augment_batch(images: torch.Tensor, mode: str, gen: torch.Generator, crop_si
     if "flip" in mode or mode == "dihedral":
         flip = (torch.rand(b, generator=gen) < 0.5).to(images.device)[:, None, None, None]
         images = torch.where(flip, images.flip(-1), images)
+    return images
+
+
+def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each image (B, 3, H, W) with its own sigma (B,) in pixels (0 = unchanged), 5-tap, reflected."""
+    b, c, h, w = x.shape
+    taps = torch.arange(-2, 3, dtype=x.dtype, device=x.device)  # (5,)
+    kernel = torch.exp(-taps[None] ** 2 / (2 * sigma.to(x).clamp(min=1e-3)[:, None] ** 2))  # (B, 5)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B * 3, 5)
+    flat = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)  # along H
+    return F.conv2d(flat, kernel[:, None, None, :], groups=b * c).reshape(b, c, h, w)  # along W
+
+
+def degrade(images: torch.Tensor, noise: float, blur_px: float) -> torch.Tensor:
+    """Pixel noise of a random strength (sigma ~ U(0, noise) in [0, 1] pixel units) and then a Gaussian blur of a
+    random strength (sigma ~ U(0, blur_px) px at 32 px, the same share of the side at other sizes) on each image of
+    (B, 3, S, S) in [-1, 1]: the grain and softness every generator's samples have and clean training pictures lack."""
+    b, device = len(images), images.device
+    if noise > 0:
+        sigma = torch.rand(b, 1, 1, 1, device=device) * (2 * noise)  # [0, 1] units -> [-1, 1] units
+        images = (images + sigma * torch.randn_like(images)).clamp(-1, 1)
+    if blur_px > 0:
+        images = blur(images, torch.rand(b, device=device) * blur_px * images.shape[-1] / 32)
     return images
 
 
