@@ -616,7 +616,8 @@ def _rendered(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 def test_critic_trained_with_grain_and_blur_names_soft_pictures():
     """Trained on clean pictures alone, the quickstart's critic named the VAE's soft circles and noise fields
     "stripes" (26 of 26): it judged softness, not the genre. With its default train_noise / train_blur it names
-    blurred pictures of every genre far more often (the bench's judge is trained the same way)."""
+    blurred pictures of every genre far more often (the bench's judge is trained the same way; seeds 0-2 of this
+    setup: 0.78-0.84 against 0.52-0.56)."""
     from genart.train.augment import blur
 
     fam = models.REGISTRY["critic"]
@@ -626,10 +627,10 @@ def test_critic_trained_with_grain_and_blur_names_soft_pictures():
     accuracy = {}
     for noise, blur_px in ((0.0, 0.0), (0.1, 1.0)):
         torch.manual_seed(0)
-        cfg = fam.config_cls(base_channels=16, embed_dim=64, train_noise=noise, train_blur=blur_px)
+        cfg = fam.config_cls(base_channels=8, embed_dim=32, train_noise=noise, train_blur=blur_px)
         nets, gen = fam.build(cfg, 32, 5), torch.Generator().manual_seed(0)
         opts = fam.optimizers(cfg, nets)
-        for step in range(200):
+        for step in range(150):
             idx = torch.randint(0, len(x), (32,), generator=gen)
             fam.train_step(cfg, nets, opts, {"image": x[idx], "label": y[idx]}, step)
         with torch.no_grad():
