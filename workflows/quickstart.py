@@ -116,17 +116,16 @@ def serve_command(out: str, families: Iterable[str]) -> str:
 
 def named_samples(out: str, family: str) -> list[dict]:
     """Each generated sample of `family` with the genre it was drawn as and the critic's label for it, in file order."""
-    import pyarrow.parquet as pq
+    from genart.infer import output
 
     asked = {}
     with open(f"{out}/samples/{family}/images.jsonl") as f:
         for line in f:
             row = json.loads(line)
             asked[row["file"]] = row.get("label_name")
-    scores = f"{out}/scores/samples/{family}"
     named = {}
-    for shard in sorted(p for p in os.listdir(scores) if p.endswith(".parquet")):
-        for row in pq.read_table(os.path.join(scores, shard), columns=["key", "label_name", "probs"]).to_pylist():
+    for shard in output.shards(f"{out}/scores/samples/{family}"):  # the score job's own shards, as it lists them
+        for row in output.read_shard(shard, ["key", "label_name", "probs"]).to_pylist():
             named[row["key"]] = (row["label_name"], max(row["probs"]))
     return [{"file": f, "asked": asked[f], "named": named[f][0], "p": named[f][1]} for f in sorted(asked) if f in named]
 
