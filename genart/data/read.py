@@ -47,8 +47,6 @@ def training_dataset(uri: str, split: str | None = "train", image_size: int | No
     No augmentation here: training augments batches on the workers (genart.train.augment), one implementation
     whether the split is cached or streamed.
     """
-    import ray
-
     manifest = read_manifest(uri)
     available = manifest["splits"].get(split, 0) if split else manifest["counts"]["written"]
     if available == 0:
@@ -56,9 +54,6 @@ def training_dataset(uri: str, split: str | None = "train", image_size: int | No
     size = image_size or manifest.get("image_size")
     if not size:
         raise UserError(f"{uri} keeps original sizes; set data.image_size to train on it")
-    files = parquet_files(uri)
-    fs, _ = storage.arrow_fs(uri)
-    paths = [storage.arrow_fs(f)[1] for f in files]
 
     def decode_batch(batch: pa.Table) -> dict:
         if split:
@@ -70,12 +65,26 @@ def training_dataset(uri: str, split: str | None = "train", image_size: int | No
             "label": np.array([-1 if lab is None else lab for lab in labels], dtype=np.int64),
         }
 
-    runtime.streaming_context()
-    # One read task per shard, so no task holds more than one shard's bytes.
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "split"], override_num_blocks=len(paths))
+    ds = read_shards(uri, parquet_files(uri), ["image", "label", "split"])
     # Output blocks of ~16 MB keep the stream fine-grained enough for Ray Data's memory budget to bite.
     rows_per_batch = max(1, min(256, (16 << 20) // (3 * size * size * 4)))
     return ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=rows_per_batch)
+
+
+def read_shards(uri: str, files: list[str], columns: list[str]):
+    """Ray Dataset of `columns` of the prepared dataset `uri`'s Parquet `files`: one read task per shard, so no task
+    holds more than one shard's bytes. Ray's own progress bars stay off (genart's lines count the images)."""
+    import ray
+
+    runtime.streaming_context()  # also picks Ray Data's V1 Parquet reader (see there why)
+    fs, _ = storage.arrow_fs(uri)
+    paths = [storage.arrow_fs(f)[1] for f in files]
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # the dataset copies the context as it is made
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs, columns=columns, override_num_blocks=len(paths))
+    finally:
+        ctx.enable_progress_bars = saved
 
 
 def num_labels(uri: str) -> int:

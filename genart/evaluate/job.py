@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from genart import models, storage
+from genart.data.read import read_shards
 from genart.errors import UserError
 from genart.evaluate import reference as R
 from genart.evaluate import registry
@@ -94,20 +95,13 @@ def _drain(ds, progress: Progress):
 def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real: int | None, max_actors: int | None,
                    resolution: int, progress: bool = True) -> R.Reference:
     """Cached reference statistics, or a Ray Data job over the dataset's shards on a miss."""
-    import ray
-
-    from genart import runtime
-
     key = R.cache_key(data, extractor.stats_key, split, max_real, resolution)
     ref = R.load_cached(data, extractor.name, key)
     if ref is not None:
         return ref
     split_value = R.check_split(data, split)
     ids = R.chosen_ids(data, split_value, max_real)
-    runtime.streaming_context()
-    fs, _ = storage.arrow_fs(data)
-    paths = [storage.arrow_fs(f)[1] for f in R.parquet_files(data)]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "split"], override_num_blocks=len(paths))
+    ds = read_shards(data, R.parquet_files(data), ["id", "image", "split"])
     ds = ds.map_batches(RealFeatures, fn_constructor_args=(_spec_for_actors(spec), split_value, ids, resolution),
                         batch_size=REAL_BATCH, batch_format="pyarrow", **_actor_args(max_actors))
     acc = R.Accumulator()
