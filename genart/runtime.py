@@ -49,6 +49,10 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
         except ConnectionError as exc:
             raise UserError(f"cannot connect to Ray at {address}: {one_line(exc, with_type=False)}") from None
     else:
+        # Ray Train's preemption watcher polls for node drains (spot instances, autoscaler scale-down). The embedded
+        # instance is this machine alone, which no one drains: it would only cost an actor process per run and
+        # print Ray's core_worker error about its restartable constructor arguments (ray-project/ray#53727).
+        runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         # address="local": never attach by accident to some other cluster found in /tmp/ray.
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
     stop_on_sigterm()

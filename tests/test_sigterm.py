@@ -250,6 +250,8 @@ def test_train_sigterm_checkpoints_and_rerun_resumes(train_data, tmp_path):
         out = rerun.output()
         assert code == 0, out[-3000:]
         assert f"is missing; resuming from step-{stopped:06d}" in out, out[-3000:]
+        # the embedded instance runs no preemption watcher (runtime.init), so no Ray error line about it either
+        assert "PreemptionWatcher" not in out, out[-3000:]
         assert not rerun.leftovers(), "\n".join(ray_procs.describe(rerun.leftovers()))
     finally:
         rerun.cleanup()
