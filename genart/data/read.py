@@ -65,20 +65,20 @@ def training_dataset(uri: str, split: str | None = "train", image_size: int | No
             "label": np.array([-1 if lab is None else lab for lab in labels], dtype=np.int64),
         }
 
-    ds = parquet_dataset(uri, parquet_files(uri), ["image", "label", "split"])
+    ds = parquet_dataset(uri, ["image", "label", "split"])
     # Output blocks of ~16 MB keep the stream fine-grained enough for Ray Data's memory budget to bite.
     rows_per_batch = max(1, min(256, (16 << 20) // (3 * size * size * 4)))
     return ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=rows_per_batch)
 
 
-def parquet_dataset(uri: str, files: list[str], columns: list[str]):
-    """Ray Dataset of `columns` of the prepared dataset `uri`'s Parquet `files`: one read task per shard, so no task
+def parquet_dataset(uri: str, columns: list[str]):
+    """Ray Dataset of `columns` of the prepared dataset `uri`'s Parquet shards: one read task per shard, so no task
     holds more than one shard's bytes. Ray's own progress bars stay off (genart's lines count the images)."""
     import ray
 
     runtime.streaming_context()  # also picks Ray Data's V1 Parquet reader (see there why)
     fs, _ = storage.arrow_fs(uri)
-    paths = [storage.arrow_fs(f)[1] for f in files]
+    paths = [storage.arrow_fs(f)[1] for f in parquet_files(uri)]
     ctx = ray.data.DataContext.get_current()
     saved, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # the dataset copies the context as it is made
     try:

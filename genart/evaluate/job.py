@@ -101,7 +101,7 @@ def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real
         return ref
     split_value = R.check_split(data, split)
     ids = R.chosen_ids(data, split_value, max_real)
-    ds = parquet_dataset(data, R.parquet_files(data), ["id", "image", "split"])
+    ds = parquet_dataset(data, ["id", "image", "split"])
     ds = ds.map_batches(RealFeatures, fn_constructor_args=(_spec_for_actors(spec), split_value, ids, resolution),
                         batch_size=REAL_BATCH, batch_format="pyarrow", **_actor_args(max_actors))
     acc = R.Accumulator()
