@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RESULTS ?= results/quickstart
 
-.PHONY: setup browser quickstart smoke test test-fast bench lint clean
+.PHONY: setup browser quickstart smoke test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,8 @@ browser:
 quickstart: setup
 	$(BIN)/python workflows/quickstart.py --out $(RESULTS)
 
-# Every subcommand once on 40 synthetic 16 px images (train as a dcgan --dry-run; workflows/smoke.py --all-families
-# dry-runs every family), PASS/FAIL per step.
+# The pipeline's subcommands once (not serve, recommend, submit, jobs) on 40 synthetic 16 px images (train as a
+# dcgan --dry-run; workflows/smoke.py --all-families dry-runs every family), PASS/FAIL per step.
 smoke: setup
 	$(BIN)/python workflows/smoke.py
 

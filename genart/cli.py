@@ -40,9 +40,12 @@ def main() -> None:
 address_option = click.option(
     "--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: start an embedded local Ray)."
 )
-set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.max_steps=100."
-)
+
+
+def set_option(example: str):
+    """The repeatable `--set KEY=VALUE` option, with an example key of the command's own config."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help=f"Override a config key, e.g. --set {example}.")
 
 
 # ---------------------------------------------------------------- data
@@ -133,7 +136,7 @@ def palette(data, colors, out, sample_pixels, seed, address):
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
-@set_option
+@set_option("train.max_steps=100")
 @click.option("--dry-run", is_flag=True, help="One worker, two steps, the smallest model of the family: check the setup.")
 @click.option("--output", "--out", "output", default=None, help="With --dry-run: parent folder of the dry run (default: a temporary folder).")
 @address_option
@@ -384,7 +387,7 @@ def audit(model, data, num, features, inception_weights, quantile, out):
               help="A `genart index` folder (local or s3://) to serve /v1/similar and /v1/recommend from.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on (0.0.0.0: every interface).")
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
-@set_option
+@set_option("max_upload_mb=50")
 @address_option
 def serve(models, config_file, index_uri, host, port, overrides, address):
     """Serve models over HTTP (API + playground page at /) until Ctrl-C.

@@ -1,4 +1,4 @@
-"""`make smoke`: every genart subcommand once on a few synthetic images, on one embedded local Ray, PASS/FAIL per step.
+"""`make smoke`: the pipeline's genart subcommands once on a few synthetic images, on one embedded local Ray, PASS/FAIL per step.
 
     python workflows/smoke.py [--out DIR] [--keep-going] [--all-families]
 Like pytorch/examples' run_python_examples.sh: a quick end-to-end check, not a quality test. Each command runs
@@ -8,7 +8,8 @@ untrained ones from genart.models.tiny. A dry run is ~20-35 s of Ray Train start
 by side they took longer), so the other families' dry runs are opt-in: --all-families runs all six and the later
 steps use their checkpoints (every family really trains in tests/test_train.py, tests/test_autoregressive.py and
 tests/test_vqvae.py).
-Not run: serve (a long-lived server, covered by tests/test_serve.py) and submit/jobs (they need a Ray cluster).
+Not run: serve (a long-lived server, covered by tests/test_serve.py), recommend (it takes ids a person picked from
+an index; covered by tests/test_search.py) and submit/jobs (they need a Ray cluster).
 """
 
 from __future__ import annotations

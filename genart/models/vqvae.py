@@ -61,8 +61,8 @@ class VQVAEConfig(Section):
     prior_heads: int = Field(4, ge=1)  # its attention heads (prior_embed_dim divisible by it)
     prior_dropout: float = Field(0.1, ge=0, lt=1)  # dropout in the prior while training: 200 pictures a genre over-fit
     prior_lr: float = Field(1e-3, gt=0)  # AdamW, after warm-up
-    prior_warmup_steps: int = Field(100, ge=0)
-    prior_weight_decay: float = Field(0.01, ge=0)
+    prior_warmup_steps: int = Field(100, ge=0)  # the prior's linear learning-rate warm-up, in prior steps
+    prior_weight_decay: float = Field(0.01, ge=0)  # AdamW weight decay on the prior (matrices only, not embeddings or norms)
     conditional: bool = False  # the genre starts each token sequence: samples per genre (needs labelled data)
     label_dropout: float = Field(0.0, ge=0, lt=1)  # share of prior sequences started "no genre": needed for guidance
     guidance: float = Field(1.0, ge=0)  # classifier-free guidance at sampling (1 = off; see AutoregressiveConfig)
