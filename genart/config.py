@@ -6,6 +6,7 @@ A job's run options (`Options`: prepare's, the batch jobs') are pydantic too, ch
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, TypeVar
@@ -21,7 +22,8 @@ C = TypeVar("C", bound=BaseModel)
 class Section(BaseModel):
     """Base of every config section: unknown keys are rejected, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # coerce_numbers_to_str: `name: 2024` (YAML or --set) is the text "2024" for a str key, not a type error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True)
     # Keys renamed since configs and checkpoints were written, old name -> field: the old name still loads.
     renamed: ClassVar[dict[str, str]] = {}
 
@@ -74,6 +76,9 @@ class Options(BaseModel):
         return f"{where}: {err['msg']} (got {err.get('input')!r})"
 
 
+YAML11_NUMBER = re.compile(r"[-+]?0[0-9]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?|[-+]?[0-9.]*_[0-9_.]*")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=c` -> (["a", "b"], value); the value is parsed as YAML so `3`, `true`, `[1,2]` get their types."""
     key, sep, raw = item.partition("=")
@@ -82,6 +87,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
+        value = raw
+    # PyYAML reads YAML 1.1, where yes/no/on/off are booleans and 0755, 1:30 and 1_000 are numbers (0755 octal: 493).
+    # Those stay the text typed, as YAML 1.2 reads them; pydantic still turns the text into a bool or int for a
+    # bool or int key, and a str key (run.name=0755) keeps it as written.
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and YAML11_NUMBER.fullmatch(raw.strip()):
         value = raw
     return key.strip().split("."), value
 

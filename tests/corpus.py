@@ -49,6 +49,13 @@ def _bomb(side: int = 20000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
+def _ico(png: bytes) -> bytes:
+    """An ICO file whose one directory entry says 256 x 256 and holds `png` (Pillow decodes it inside open())."""
+    import struct
+
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+
+
 def files() -> dict[str, tuple[bytes, str | None]]:
     """relative path -> (bytes, expected reject reason prefix, or None when the file must be kept)."""
     good_jpeg = _save(_picture(1), "JPEG", quality=90)
@@ -78,6 +85,7 @@ def files() -> dict[str, tuple[bytes, str | None]]:
         "birds/truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], "corrupt or truncated image"),
         "birds/truncated.png": (_png(_picture(8))[:-40], "corrupt or truncated image"),
         "birds/bomb.png": (_bomb(), "too many pixels"),
+        "birds/bomb.ico": (_ico(_bomb()), "not an image"),  # ICO is no accepted format: its bomb would decode in open()
     }
 
 

@@ -214,6 +214,9 @@ def test_prepare_cli_errors_leave_destination_untouched(tmp_path, synth_dir, ray
     empty.mkdir()
     result = runner.invoke(main, ["prepare", str(empty), "--out", dest])
     assert result.exit_code == 2 and "no input files" in result.output
+    for flag, value in (("--shard-rows", "0"), ("--max-pixels", "-1")):  # refused before Ray starts
+        result = runner.invoke(main, ["prepare", synth_dir, "--out", dest, flag, value])
+        assert result.exit_code == 2 and flag in result.output and not os.path.exists(dest), result.output
 
     ok = runner.invoke(main, ["prepare", synth_dir, "--out", dest, "--size", "16"])
     assert ok.exit_code == 0, ok.output
@@ -314,3 +317,112 @@ def test_synth_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path)) == ["circles", "gradient", "grid", "noise", "stripes"]
     assert len(os.listdir(tmp_path / "grid")) == 2
+
+
+def _read_all(plan) -> list[dict]:
+    """Every record the plan's units yield, read in this process (what the Ray read tasks run)."""
+    from genart.data import sources
+
+    return [row for unit in plan.units for table in sources.read_unit(unit) for row in table.to_pylist()]
+
+
+def test_photos_beside_an_earlier_jobs_output_stay_inputs(tmp_path):
+    """A manifest.json only shapes its own folder: photos next to an earlier job's Parquet output are still read."""
+    import pyarrow as pa
+
+    from genart.data import sources
+
+    root = tmp_path / "mix"
+    (root / "photos").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(root / "photos" / f"p{i}.png")
+    (root / "scores").mkdir()
+    (root / "scores" / "manifest.json").write_text("{}")
+    (root / "scores" / "errors.jsonl").write_text("")
+    pq.write_table(pa.table({"source": ["x"], "label": ["circles"]}), root / "scores" / "part-0.parquet")
+    plan = sources.plan([str(root)])
+    assert plan.num_inputs == 4  # three photos + one Parquet row (reported later: it holds no image bytes)
+    assert sorted(r for u in plan.units if u.kind == "files" for r in u.rel_paths) == [
+        "photos/p0.png", "photos/p1.png", "photos/p2.png"]
+
+
+def test_repeated_archive_member_names_are_one_input_and_reported_copies(tmp_path):
+    """`tar -r` appends a second a.png: one input per name, each further copy a reported reject, and every
+    planned input still yields exactly one record (before: 'lost track of inputs' after the whole job)."""
+    import io
+    import tarfile
+    import warnings
+    import zipfile
+
+    from genart.data import sources
+    from genart.infer import naming
+
+    png = corpus._png(Image.new("RGB", (8, 8), (9, 9, 9)))
+    tar_path, zip_path = tmp_path / "dup.tar", tmp_path / "dup.zip"
+    with tarfile.open(tar_path, "w") as tf:
+        for name in ("a.png", "a.png", "b.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tf.addfile(info, io.BytesIO(png))
+    with warnings.catch_warnings(), zipfile.ZipFile(zip_path, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns "Duplicate name": that is the point here
+        for name in ("a.png", "a.png", "b.png"):
+            zf.writestr(name, png)
+    for path in (tar_path, zip_path):
+        plan = sources.plan([str(path)])
+        assert plan.num_inputs == 3 and [f["reason"][:26] for f in plan.failures] == ["duplicate member name in t"]
+        records = _read_all(plan)
+        assert sorted(r["rel_path"] for r in records) == ["a.png", "b.png"] and all(r["data"] for r in records)
+        names = naming.planned_names(plan)  # what a job names its outputs by: three distinct sources
+        assert len({source for source, _ in names}) == 3
+
+
+def test_parquet_rows_keep_distinct_identities_and_a_damaged_file_is_reported(tmp_path):
+    import pyarrow as pa
+
+    from genart.data import sources
+    from genart.infer import naming
+
+    pngs = [corpus._png(Image.effect_noise((32, 32), 40 + i).convert("RGB")) for i in range(64)]
+    # A provenance tag in `source` (every row "wikiart") and integer labels: a user's Parquet, not genart's.
+    tagged = tmp_path / "tagged.parquet"
+    pq.write_table(pa.table({"image": pngs[:3], "source": ["wikiart"] * 3, "label_name": [1, 2, 1]}), tagged)
+    plan = sources.plan([str(tagged)])
+    records = _read_all(plan)
+    assert len({r["source"] for r in records}) == 3 and [r["label_name"] for r in records] == ["1", "2", "1"]
+    assert [s for s, _ in naming.planned_names(plan)] == [r["source"] for r in records]
+    # genart's own prepared data names rows by their original, distinct sources, as before.
+    named = tmp_path / "named.parquet"
+    pq.write_table(pa.table({"image": pngs[:2], "source": ["raw/a.png", "raw/b.png"]}), named)
+    assert [r["source"] for r in _read_all(sources.plan([str(named)]))] == ["raw/a.png", "raw/b.png"]
+
+    # Damaged data pages (the footer intact, so planning sees 64 rows): 64 reported rejects, no exception.
+    damaged = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"image": pngs}), damaged, compression="snappy")
+    raw = bytearray(damaged.read_bytes())
+    for i in range(200, 4000):
+        raw[i] ^= 0x5A
+    damaged.write_bytes(bytes(raw))
+    plan = sources.plan([str(damaged)])
+    records = _read_all(plan)
+    assert plan.num_inputs == 64 and len(records) == 64, len(records)
+    assert all(r["error"] and r["error"].startswith("unreadable parquet file") for r in records)
+    assert sorted(s for s, _ in naming.planned_names(plan)) == sorted(r["source"] for r in records)
+
+
+def test_files_over_the_byte_cap_are_rejected_unread(tmp_path):
+    """A zip member bigger than any image the pixel cap allows is a reject, not gigabytes in a worker's memory."""
+    import zipfile
+
+    from genart.data import sources
+
+    cap = images.file_byte_cap(1000)  # 8 bytes a pixel + 1 MiB
+    assert cap == 8000 + (1 << 20) and images.file_byte_cap(None) is None
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.png", b"\0" * (cap + 1))  # ~1 KB compressed
+        zf.writestr("ok.png", corpus._png(Image.new("RGB", (8, 8))))
+    plan = sources.plan([str(tmp_path / "bomb.zip")])
+    records = {r["rel_path"]: r for unit in plan.units for t in sources.read_unit(unit, max_bytes=cap)
+               for r in t.to_pylist()}
+    assert records["zeros.png"]["data"] is None and records["zeros.png"]["error"].startswith("file too large")
+    assert records["ok.png"]["data"] and records["ok.png"]["error"] is None

@@ -30,6 +30,20 @@ def test_yaml_then_overrides_with_types(tmp_path):
     assert "max_steps: 5" in config.to_yaml(cfg)
 
 
+def test_set_reads_values_as_yaml_1_2_would():
+    """PyYAML is YAML 1.1: `--set run.name=0755` was the int 493, `name=2024` and `name=no` were type errors."""
+    from genart.train.config import load_config
+
+    assert [config.parse_override(f"a={v}")[1] for v in ("3", "0.5", "true", "[1, 2]", "0755", "1:30", "no", "on")] == [
+        3, 0.5, True, [1, 2], "0755", "1:30", "no", "on"]
+    base = ["model.family=critic", "data.path=x"]
+    assert load_config(None, [*base, "run.name=0755"]).run.name == "0755"
+    assert load_config(None, [*base, "run.name=2024"]).run.name == "2024"
+    assert load_config(None, [*base, "run.name=no"]).run.name == "no"
+    assert load_config(None, [*base, "train.seed=012"]).train.seed == 12  # an int key still reads the digits
+    assert load_config(None, [*base, "data.path=123"]).data.path == "123"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

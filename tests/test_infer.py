@@ -187,6 +187,10 @@ def test_tiled_stylize_matches_untiled(tmp_path, ckpts, ray_session):
     x = images.to_tensor01([images.decode_image(open(PHOTO, "rb").read())])
     whole = np.asarray(images.from_tensor01(model.stylize(x))[0])
     assert tiled_px.shape == whole.shape == (512, 768, 3)
+    # --tile 0 (the CLI's "never tile") is the whole image at once through the pipeline too.
+    untiled = str(tmp_path / "untiled")
+    assert stylize(ckpts["style"], str(src), untiled, tile=0, run=RunOptions(progress=False))["counts"]["written"] == 1
+    assert _psnr(np.asarray(images.decode_image(storage.read_bytes(storage.join(untiled, "figures.png")))), whole) > 45
     psnr = _psnr(tiled_px, whole)
     # Per-tile statistics (what naive tiling does) for comparison: visibly worse.
     naive = tiling.tiled(model.stylize, x[0], 256, 52, layers=None)

@@ -100,6 +100,15 @@ def test_idx_planning_pairs_and_label_options(tmp_path):
     assert all(r["error"] is None for r in records)
     assert np.array_equal(np.asarray(images.decode_image(records[4321]["data"]))[..., 0], pixels[4321])
     assert sources.plan([images_path], labels="none").label_names == []
+    # What stylize and score name their outputs by, and what a --resume skips, are the reader's own sources
+    # (before, idx units were opened as Parquet there: a stylize of MNIST files died at planning).
+    from genart.infer import naming
+
+    assert naming.planned_names(plan) == [(r["source"], r["rel_path"]) for r in records]
+    done = {records[7]["source"], records[3000]["source"]}
+    left = naming.prune_plan(plan, lambda source, rel: source not in done)
+    assert sum(u.count for u in left.units) == 5000 - 2
+    assert {r["source"] for u in left.units for t in sources.read_unit(u) for r in t.to_pylist()} & done == set()
     # No labels file: unlabelled images. A labels file alone: one clear reject.
     lonely = write_idx(tmp_path / "b", "x", pixels[:3], None)
     assert sources.plan([lonely]).label_names == [] and sources.plan([lonely]).num_inputs == 3

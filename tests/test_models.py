@@ -204,7 +204,7 @@ def test_one_label_rule():
 
     names = ["stripes", "circles", "grid"]
     assert [parse_label(v, names) for v in ("grid", 2, "2", None)] == [2, 2, 2, None]
-    for bad in ("cubism", 3, "3", -1, True, 1.5):
+    for bad in ("cubism", 3, "3", -1, True, 1.5, "²", "9" * 5000):  # "²".isdigit(), yet int() refuses it
         with pytest.raises(UserError, match="stripes, circles, grid"):
             parse_label(bad, names)
     with pytest.raises(UserError, match="not class-conditional"):

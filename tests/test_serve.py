@@ -208,6 +208,15 @@ def test_cli_settings_from_model_flags_and_serve_config(tmp_path):
     assert settings_from(None, index="indexes/art").models == {}  # an index alone is something to serve
     with pytest.raises(UserError, match="index"):
         settings_from(None, overrides=("index=  ",))
+    # Hand-written files a user gets wrong are one-line errors, not a TypeError or AttributeError.
+    (tmp_path / "empty_models.yaml").write_text("models:\nstyle_root: runs\n")
+    assert settings_from(str(tmp_path / "empty_models.yaml"), ("a=/ckpt/a",)).models == {"a": "/ckpt/a"}
+    (tmp_path / "list_models.yaml").write_text("models: [a, b]\n")
+    with pytest.raises(UserError, match="models must map names"):
+        settings_from(str(tmp_path / "list_models.yaml"))
+    (tmp_path / "bare_apps.yaml").write_text("applications:\n  - genart\n")
+    with pytest.raises(UserError, match="no application with import_path"):
+        settings_from(str(tmp_path / "bare_apps.yaml"))
 
 
 def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):

@@ -185,6 +185,38 @@ def test_best_json_follows_rays_checkpoint_ranking(tmp_path):
     assert checkpoint_config(vae).checkpoint_score_attribute == "eval_fid32_critic"
 
 
+def test_a_checkpoint_whose_files_were_never_written_gets_its_row_back_on_resume(tmp_path):
+    """Killed after Ray stored step-000200 and before rank 0 wrote that step's metrics row and best.json: the resume
+    puts back the row the checkpoint was saved with (eval scores included), and it competes for best.json."""
+    run = str(tmp_path / "run")
+    first = outputs.RunFiles(run, start_step=0)
+    for row in ({"step": 50, "loss": 1.0}, {"step": 100, "loss": 0.9, "val_loss": 0.8}, {"step": 150, "loss": 0.7}):
+        first.add_metrics(row)
+    first.flush_metrics()
+    first.update_best(100, {"val_loss": 0.8}, "val_loss", "min")
+    resumed = outputs.RunFiles(run, start_step=200)
+    saved = {"step": 200, "loss": 0.6, "val_loss": 0.5, "eval_fid32_critic": 40.0}
+    assert resumed.recover_row(200, saved, "val_loss", "min")
+    assert [r["step"] for r in outputs.read_metrics(run)] == [50, 100, 150, 200]
+    assert outputs.read_metrics(run)[-1]["eval_fid32_critic"] == 40.0
+    assert outputs.read_best(run)["checkpoint"] == "step-000200"
+    assert not outputs.RunFiles(run, start_step=200).recover_row(200, saved, "val_loss", "min")  # once only
+    assert not outputs.RunFiles(run, start_step=0).recover_row(0, {}, "val_loss", "min")  # a fresh run
+
+
+def test_evaluation_runs_on_its_schedule_not_on_a_stop_checkpoint(tmp_path, monkeypatch):
+    """A SIGTERM's checkpoint at step 137 (checkpoints every 250) must be saved within the grace period: no eval."""
+    from genart.train import loop, trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "evaluator", lambda: lambda ckpt, data, cfg: calls.append(ckpt) or {"fid8_critic": 1.0})
+    cfg = make_cfg("vae", str(tmp_path), str(tmp_path), "v", eval={"every_checkpoints": 2},
+                   train={"checkpoint_every_steps": 250, "max_steps": 1000})
+    ran = {step: bool(loop._run_eval(cfg, f"ckpt-{step}", step)) for step in (137, 250, 500, 750, 900, 1000)}
+    assert ran == {137: False, 250: False, 500: True, 750: False, 900: False, 1000: True}
+    assert loop._run_eval(cfg, "c", 500) == {"eval_fid8_critic": 1.0}
+
+
 def test_elastic_num_workers_maps_to_train_v2(tmp_path):
     cfg = make_cfg("critic", str(tmp_path), str(tmp_path), "c", scaling={"num_workers": [1, 3]})
     ray_scaling = scaling_config(cfg)

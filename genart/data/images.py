@@ -21,10 +21,21 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default limit (~ a 9459 x 9459 image)
-# Formats that decode in pure Pillow; never EPS/PS (Ghostscript) or other formats that shell out.
+
+
+def file_byte_cap(max_pixels: int | None) -> int | None:
+    """The largest file that can hold an image within `max_pixels`: its raw 16-bit RGBA pixels (8 bytes each) plus
+    1 MiB of headers and metadata. Readers reject bigger files and archive members unread, so a small zip cannot
+    unpack gigabytes into a worker's memory before the pixel cap sees them."""
+    return 8 * max_pixels + (1 << 20) if max_pixels else None
+
+
+# Formats that decode in pure Pillow and read only their header in Image.open, so the pixel cap below runs before
+# any decoding; never EPS/PS (Ghostscript) or other formats that shell out, nor ICO (Pillow decodes an ICO's embedded
+# PNG inside open(), whatever size it holds: a 10 MB upload could ask for gigabytes).
 Image.init()
 SAFE_FORMATS = tuple(
-    f for f in ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "QOI") if f in Image.OPEN
+    f for f in ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "QOI") if f in Image.OPEN
 )
 WHITE = (255, 255, 255)
 

@@ -60,8 +60,8 @@ class PrepareOptions(Options):
     # "dirs" | "none" | None (dirs when SRC has subfolders)
     labels: Annotated[Literal["dirs", "none"] | None, Rule("--labels {value}: must be dirs or none")] = None
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0), Rule("--val-fraction {value}: must be in [0, 1)")] = 0.05
-    shard_rows: int = 10_000
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    shard_rows: Annotated[int, Field(ge=1), Rule("--shard-rows {value}: must be at least 1")] = 10_000
+    max_pixels: Annotated[int, Field(ge=1), Rule("--max-pixels {value}: must be at least 1")] = images.DEFAULT_MAX_PIXELS
     overwrite: bool = False
     near_dedup: bool = False  # drop near duplicates; False reports them in near_duplicates.jsonl and keeps them
     near_threshold: Annotated[  # largest Hamming distance of perceptual hashes that makes a near-duplicate pair
@@ -181,7 +181,7 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
             storage.write_bytes(storage.join(reject_dir, hashlib.sha1(body).hexdigest() + ".jsonl"), body)
         return pa.Table.from_pylist(rows, schema=SCHEMA)
 
-    raw, _ = sources.read_images(srcs, the_plan=plan)
+    raw, _ = sources.read_images(srcs, max_bytes=images.file_byte_cap(opts.max_pixels), the_plan=plan)
     fs, staging_path = storage.arrow_fs(storage.join(staging, "parts"))
     ds = raw.map_batches(process, batch_size=32, batch_format="pyarrow")
     ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=opts.shard_rows, max_rows_per_file=opts.shard_rows)

@@ -8,6 +8,7 @@ or the reason it could not be read. Every planned input yields exactly one recor
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gzip
@@ -42,6 +43,7 @@ IDX_MAX_BYTES = 4 << 30  # decompressed pixel bytes of one idx file
 DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl", "near_duplicates.jsonl")
 JOB_SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json")
 FILES_PER_UNIT = 64
+TABLE_BYTES = 64 << 20  # a reader hands its records on once they hold this many bytes, whatever their count
 PARQUET_ROWS_PER_BATCH = 64
 
 RAW_SCHEMA = pa.schema(
@@ -115,15 +117,7 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
     if not storage.isdir(src):
         rel = posixpath.basename(src.rstrip("/"))
         return _plan_file(src, rel, None, labels, failures)
-    files = storage.find(src)
-    outputs = {posixpath.dirname(f) for f, _ in files if posixpath.basename(f) == "manifest.json"}
-    if outputs:
-        shards = [(f, s) for f, s in files if _has_ext(f, PARQUET_EXT)]
-        # A prepared dataset or a job's Parquet output: its shards are the inputs. A job's image output: its
-        # images, without the job's own files.
-        sidecars = set(DATASET_SIDECARS + JOB_SIDECARS)
-        files = shards or [(f, s) for f, s in files
-                           if not (posixpath.basename(f) in sidecars and posixpath.dirname(f) in outputs)]
+    files = _without_output_files(storage.find(src))
     rels = [storage.relative(src, f) for f, _ in files]
     use_dirs = labels == "dirs" or (labels is None and any("/" in r for r in rels))
     paired = {c for f, _ in files if _is_idx(f, IDX_IMAGES) for c in _idx_partners(f)}  # labels files in use
@@ -145,14 +139,47 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
     return units
 
 
+def _without_output_files(files: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Inside a folder genart wrote (it holds a manifest.json): a prepared dataset or a job's Parquet output is
+    its shards; a job's image output is its images, without the job's own files. Files outside such folders
+    (photos beside an earlier job's output, say) stay inputs."""
+    outputs = sorted({posixpath.dirname(f) for f, _ in files if posixpath.basename(f) == "manifest.json"},
+                     key=len, reverse=True)
+    if not outputs:
+        return files
+
+    def owner(f: str) -> str | None:  # the innermost output folder holding f
+        return next((o for o in outputs if f.startswith(o + "/")), None)
+
+    with_shards = {owner(f) for f, _ in files if _has_ext(f, PARQUET_EXT)} - {None}
+    sidecars = set(DATASET_SIDECARS + JOB_SIDECARS)
+    kept = []
+    for f, size in files:
+        home = owner(f)
+        if home is None:
+            kept.append((f, size))
+        elif home in with_shards:
+            if _has_ext(f, PARQUET_EXT):
+                kept.append((f, size))
+        elif not (posixpath.basename(f) in sidecars and posixpath.dirname(f) == home):
+            kept.append((f, size))
+    return kept
+
+
 def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failures: list[dict]) -> list[Unit]:
     """Units for one file: an archive (its members), a Parquet file, or a single image. `label` is inherited."""
     if _has_ext(uri, ZIP_EXT) or _has_ext(uri, TAR_EXT):
         try:
-            names = _zip_names(uri) if _has_ext(uri, ZIP_EXT) else _tar_names(uri)
+            listed = _zip_names(uri) if _has_ext(uri, ZIP_EXT) else _tar_names(uri)
         except Exception as exc:  # noqa: BLE001 - a broken archive is one reported input, not a crash
             failures.append({"source": uri, "reason": f"unreadable archive: {one_line(exc)}"})
             return []
+        # A name can repeat (`tar -r`/`-u` append new copies): one input per name, each further copy a reject.
+        names = list(dict.fromkeys(listed))
+        for name, count in collections.Counter(listed).items():
+            failures.extend({"source": f"{uri}!{name} (copy {copy})",
+                             "reason": "duplicate member name in the archive: one copy of each name is read"}
+                            for copy in range(2, count + 1))
         inner = _strip_common_root(names)
         dirs = labels == "dirs" or (labels is None and any("/" in n for n in inner))
         labs = [label or _label_of(n, dirs) for n in inner]
@@ -321,6 +348,11 @@ def _too_big(size: int, max_bytes: int | None) -> str | None:
     return f"file too large: {size} bytes > cap {max_bytes}" if max_bytes and size > max_bytes else None
 
 
+def _full(rows: list[dict]) -> bool:
+    """Whether a reader should hand its records on now: by count, or by bytes (files and members can be large)."""
+    return len(rows) >= FILES_PER_UNIT or sum(len(r["data"] or b"") for r in rows) >= TABLE_BYTES
+
+
 def _read_files(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     fs, _ = storage.fsspec_fs(unit.items[0])
     rows = []
@@ -331,12 +363,17 @@ def _read_files(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
             rows.append(_record(uri, rel, label, None if error else fs.cat_file(path), error))
         except Exception as exc:  # noqa: BLE001 - an unreadable file is a reported reject
             rows.append(_record(uri, rel, label, error=f"unreadable file: {one_line(exc)}"))
-    yield _table(rows)
+        if _full(rows):
+            yield _table(rows)
+            rows = []
+    if rows:
+        yield _table(rows)
 
 
 def _read_zip(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     fs, path = storage.fsspec_fs(unit.uri)
-    rows = []
+    rows: list[dict] = []
+    done = 0
     try:
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             for name, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
@@ -346,12 +383,15 @@ def _read_zip(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
                     rows.append(_record(source, rel, label, None if error else zf.read(name), error))
                 except Exception as exc:  # noqa: BLE001 - bad CRC, bad compression, encrypted member
                     rows.append(_record(source, rel, label, error=f"unreadable archive member: {one_line(exc)}"))
-    except Exception as exc:  # noqa: BLE001 - archive vanished or broke between plan and read
-        done = {r["source"] for r in rows}
-        for name, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
-            if f"{unit.uri}!{name}" not in done:
-                rows.append(_record(f"{unit.uri}!{name}", rel, label, error=f"unreadable archive: {one_line(exc)}"))
-    yield _table(rows)
+                done += 1
+                if _full(rows):
+                    yield _table(rows)
+                    rows = []
+    except Exception as exc:  # noqa: BLE001 - archive vanished or broke between plan and read: the rest are reported
+        for name, rel, label in list(zip(unit.items, unit.rel_paths, unit.labels))[done:]:
+            rows.append(_record(f"{unit.uri}!{name}", rel, label, error=f"unreadable archive: {one_line(exc)}"))
+    if rows:
+        yield _table(rows)
 
 
 def _read_tar(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
@@ -374,7 +414,7 @@ def _read_tar(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
                     rows.append(_record(source, rel, label, data, error))
                 except Exception as exc:  # noqa: BLE001
                     rows.append(_record(source, rel, label, error=f"unreadable archive member: {one_line(exc)}"))
-                if len(rows) >= FILES_PER_UNIT:
+                if _full(rows):
                     yield _table(rows)
                     rows = []
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt stream: the rest are reported below
@@ -389,36 +429,73 @@ def _read_tar(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
 IMAGE_COLUMNS = ("image", "bytes", "data", "content", "img")
 
 
+def _strings(column: pa.ChunkedArray) -> list[str | None]:
+    """A name column as strings (a user's Parquet may hold ints there); nulls stay None."""
+    return [None if v is None else str(v) for v in column.to_pylist()]
+
+
+def row_names(unit: Unit) -> tuple[list[str], list[str]]:
+    """(source, rel_path) of a Parquet unit's rows by position: "file#row"."""
+    return [f"{unit.uri}#{i}" for i in range(unit.rows)], [f"{unit.rel_paths[0]}#{i}" for i in range(unit.rows)]
+
+
+def parquet_names(unit: Unit, pf: pq.ParquetFile) -> tuple[str | None, list[str], list[str]]:
+    """(image column or None, source, rel_path) of every row of a Parquet unit, reading only the name columns.
+
+    A row's source is its `source` value when that column names every row once (a prepared dataset's original
+    paths, a job's outputs); otherwise, as when `source` is a provenance tag ("wikiart" on every row), it is
+    "file#row", so no two inputs ever share an identity (and an output name)."""
+    schema = pf.schema_arrow
+    binary = [n for n in schema.names
+              if pa.types.is_binary(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)]
+    image_col = next((c for c in IMAGE_COLUMNS if c in binary), binary[0] if binary else None)
+    rel0 = unit.rel_paths[0]
+    by_row, rel_by_row = row_names(unit)
+    if image_col is None:
+        return None, by_row, rel_by_row
+    cols = [c for c in ("source", "rel_path") if c in schema.names]
+    table = pf.read(columns=cols) if cols else None
+    named = _strings(table.column("source")) if "source" in cols else []
+    unique = bool(named) and None not in named and len(set(named)) == len(named)
+    srcs = named if unique else by_row
+    if "rel_path" in cols:
+        rels = [r or rel_by_row[i] for i, r in enumerate(_strings(table.column("rel_path")))]
+    elif named:
+        rels = [posixpath.basename(n) if n else rel_by_row[i] for i, n in enumerate(named)]
+    else:
+        stem = posixpath.splitext(rel0)[0]
+        rels = [f"{stem}/{i:08d}" for i in range(unit.rows)]
+    return image_col, srcs, rels
+
+
 def _read_parquet(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     fs, path = storage.arrow_fs(unit.uri)
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        schema = pf.schema_arrow
-        binary = [n for n in schema.names if pa.types.is_binary(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)]
-        image_col = next((c for c in IMAGE_COLUMNS if c in binary), binary[0] if binary else None)
-        if image_col is None:
-            rel = unit.rel_paths[0]
-            yield _table([_record(f"{unit.uri}#{i}", f"{rel}#{i}", None, error="parquet file has no image-bytes column") for i in range(unit.rows)])
-            return
-        cols = [image_col] + [c for c in ("source", "rel_path", "label_name") if c in schema.names]
-        offset = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_BATCH, columns=cols):
-            data = batch.column(image_col).to_pylist()
-            n = len(data)
-            sources = batch.column("source").to_pylist() if "source" in cols else [f"{unit.uri}#{offset + i}" for i in range(n)]
-            if "rel_path" in cols:
-                rels = batch.column("rel_path").to_pylist()
-            elif "source" in cols:
-                rels = [posixpath.basename(str(s)) for s in sources]
-            else:
-                rels = [f"{posixpath.splitext(unit.rel_paths[0])[0]}/{offset + i:08d}" for i in range(n)]
-            labels = batch.column("label_name").to_pylist() if "label_name" in cols else [None] * n
-            rows = []
-            for src, rel, label, blob in zip(sources, rels, labels, data):
-                error = _too_big(len(blob or b""), max_bytes)
-                rows.append(_record(src, rel, label, None if error else blob, error))
-            offset += n
-            yield _table(rows)
+    srcs, rels = row_names(unit)  # until the name columns are read (a file that cannot be opened keeps these)
+    offset = 0
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            image_col, srcs, rels = parquet_names(unit, pf)
+            if image_col is None:
+                yield _table([_record(s, r, None, error="parquet file has no image-bytes column")
+                              for s, r in zip(srcs, rels)])
+                return
+            has_labels = "label_name" in pf.schema_arrow.names
+            cols = [image_col] + (["label_name"] if has_labels else [])
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_BATCH, columns=cols):
+                data = batch.column(image_col).to_pylist()
+                n = len(data)
+                labels = _strings(batch.column("label_name")) if has_labels else [None] * n
+                rows = []
+                for i, (label, blob) in enumerate(zip(labels, data)):
+                    error = _too_big(len(blob or b""), max_bytes)
+                    rows.append(_record(srcs[offset + i], rels[offset + i], label, None if error else blob, error))
+                offset += n
+                yield _table(rows)
+    except Exception as exc:  # noqa: BLE001 - corrupt pages or a file changed since planning: the rest are reported
+        reason = f"unreadable parquet file: {one_line(exc)}"
+        if offset < unit.rows:
+            yield _table([_record(srcs[i], rels[i], None, error=reason) for i in range(offset, unit.rows)])
 
 
 def _read_idx(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:

@@ -191,7 +191,7 @@ def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | No
         raise UserError(f"--format {fmt}: must be png, jpeg, webp or parquet")
     if max_side is not None and max_side < 8:
         raise UserError(f"--max-side {max_side}: must be >= 8")
-    if tile is not None and tile < 32:
+    if tile and tile < 32:  # 0 (or None): never tile
         raise UserError(f"--tile {tile}: must be >= 32 (or 0 for no tiling)")
     if tile_overlap is not None and tile and not 0 < tile_overlap < tile // 2 + 1:
         raise UserError(f"--tile-overlap {tile_overlap}: must be between 1 and half the tile ({tile // 2})")
@@ -223,7 +223,8 @@ def _image_job(command: str, family: str, model: str, src: str, out: str, fmt: s
     tally = output.Tally()
     with pipeline_context():
         if work.todo.units or work.todo.failures:
-            raw, _ = sources.read_images([src], the_plan=work.todo)
+            raw, _ = sources.read_images([src], max_bytes=images.file_byte_cap(options["max_pixels"]),
+                                         the_plan=work.todo)
             ds = raw.map_batches(stages.decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
                                  fn_kwargs=dict(ext=ext, renames=work.renames, skip_ref=work.skip_ref(),
                                                 max_pixels=options["max_pixels"], max_side=options.get("max_side")))

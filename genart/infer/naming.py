@@ -12,7 +12,6 @@ import posixpath
 import re
 import unicodedata
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genart import storage
@@ -91,33 +90,27 @@ def planned_names(plan: sources.Plan) -> list[tuple[str, str]]:
     for unit in plan.units:
         if unit.kind == "files":
             pairs.extend(zip(unit.items, unit.rel_paths))
-        elif unit.kind in ("zip", "tar"):
-            pairs.extend((f"{unit.uri}!{name}", rel) for name, rel in zip(unit.items, unit.rel_paths))
-        else:
+        elif unit.kind == "parquet":
             pairs.extend(_parquet_names(unit))
+        else:  # archive members and idx images, named as `sources.read_unit` names them
+            prefix = _item_prefix(unit)
+            pairs.extend((prefix + item, rel) for item, rel in zip(unit.items, unit.rel_paths))
     return pairs
 
 
+def _item_prefix(unit: sources.Unit) -> str:
+    """What goes before an item to make its source: nothing for a file, "archive!" for a member, "idx#" for an image."""
+    return {"files": "", "idx": f"{unit.uri}#"}.get(unit.kind, f"{unit.uri}!")
+
+
 def _parquet_names(unit: sources.Unit) -> list[tuple[str, str]]:
-    """Mirror of `sources._read_parquet`'s naming, reading only the name columns of the file."""
+    """The names `sources._read_parquet` gives the unit's rows (the same function), reading only name columns."""
     fs, path = storage.arrow_fs(unit.uri)
-    rel0 = unit.rel_paths[0]
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        schema = pf.schema_arrow
-        has_image = any(pa.types.is_binary(fld.type) or pa.types.is_large_binary(fld.type) for fld in schema)
-        if not has_image:
-            return [(f"{unit.uri}#{i}", f"{rel0}#{i}") for i in range(unit.rows)]
-        cols = [c for c in ("source", "rel_path") if c in schema.names]
-        if not cols:
-            stem = posixpath.splitext(rel0)[0]
-            return [(f"{unit.uri}#{i}", f"{stem}/{i:08d}") for i in range(unit.rows)]
-        table = pf.read(columns=cols)
-    srcs = table.column("source").to_pylist() if "source" in cols else [f"{unit.uri}#{i}" for i in range(unit.rows)]
-    if "rel_path" in cols:
-        rels = table.column("rel_path").to_pylist()
-    else:
-        rels = [posixpath.basename(str(s)) for s in srcs]
+    try:
+        with fs.open_input_file(path) as f:
+            _, srcs, rels = sources.parquet_names(unit, pq.ParquetFile(f))
+    except Exception:  # noqa: BLE001 - a damaged file: the reader reports each of its rows under these names
+        srcs, rels = sources.row_names(unit)
     return list(zip(srcs, rels))
 
 
@@ -131,7 +124,7 @@ def prune_plan(plan: sources.Plan, keep) -> sources.Plan:
         if unit.kind == "parquet":
             units.append(unit)
             continue
-        prefix = "" if unit.kind == "files" else f"{unit.uri}!"
+        prefix = _item_prefix(unit)
         idx = [i for i, (item, rel) in enumerate(zip(unit.items, unit.rel_paths)) if keep(prefix + item, rel)]
         if idx:
             units.append(sources.Unit(unit.kind, unit.uri, [unit.items[i] for i in idx], [unit.rel_paths[i] for i in idx],

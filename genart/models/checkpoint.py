@@ -193,6 +193,16 @@ def load_nets(nets: dict[str, nn.Module], tensors_by_net: dict[str, dict[str, to
             raise UserError(f"checkpoint {where}: {name} weights do not match the model its config describes ({first})") from None
 
 
+def record_metrics(dir: str, metrics: dict) -> None:
+    """Add metrics measured once the checkpoint was saved (evaluation scores load it) to its state.json row, so a
+    resume can recover the whole row."""
+    path = Path(dir) / STATE
+    state = json.loads(path.read_text())
+    state["metrics"] = {**state.get("metrics", {}), **metrics}
+    text = json.dumps(_jsonable(state), indent=1)
+    _atomic(path, lambda p: Path(p).write_text(text))
+
+
 def restore_training(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], precision: Any = None,
                      rank: int = 0) -> dict:
     """Resume: load nets, optimizer states, GradScaler states and `rank`'s RNG states from a local checkpoint.

@@ -92,7 +92,9 @@ def parse_label(label: int | str | None, names: list[str], conditional: bool = T
         raise UserError(f"{what}: this model is not class-conditional; leave {what} out")
     if isinstance(label, str) and label in names:
         return names.index(label)
-    index = int(label) if isinstance(label, str) and label.isdigit() else label
+    # ASCII digits only, and few: str.isdigit() also takes '²' (int() refuses it) and ints have a digit limit.
+    digits = isinstance(label, str) and label.isascii() and label.isdigit() and len(label) <= 9
+    index = int(label) if digits else label
     if isinstance(index, (int, np.integer)) and not isinstance(index, bool) and 0 <= index < len(names):
         return int(index)
     raise UserError(f"{what} {label!r}: not a class of this model; use one of {', '.join(names)} "

@@ -231,7 +231,7 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
 
         if todo.units or todo.failures:
             skip_ref = ray.put(done) if done and any(u.kind == "parquet" for u in todo.units) else None
-            raw, _ = sources.read_images([src], the_plan=todo)
+            raw, _ = sources.read_images([src], max_bytes=images.file_byte_cap(max_pixels), the_plan=todo)
             ds = raw.map_batches(decode_batch, batch_size=run.batch_size, batch_format="pyarrow",
                                  fn_kwargs=dict(size=size, skip_ref=skip_ref, max_pixels=max_pixels))
             ds = ds.map_batches(Embedder, **run.model_stage(features=spec.text, size=size, threads=run.threads,

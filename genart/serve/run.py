@@ -26,8 +26,11 @@ def settings_from(config: str | None = None, models: tuple[str, ...] = (), overr
     data: dict = {}
     source = "serve args"
     if config:
-        data, source = _app_args(read_yaml(config)), config
-    data.setdefault("models", {})
+        data, source = _app_args(read_yaml(config), config), config
+    if data.get("models") is None:  # absent, or `models:` left empty in the file
+        data["models"] = {}
+    if not isinstance(data["models"], dict):
+        raise UserError(f"{source}: models must map names to checkpoints (name: CHECKPOINT), not {data['models']!r}")
     if index:
         data["index"] = index
     for item in models:
@@ -38,14 +41,17 @@ def settings_from(config: str | None = None, models: tuple[str, ...] = (), overr
     return parse_args(apply_overrides(data, overrides), source=source)
 
 
-def _app_args(doc: dict) -> dict:
-    """A full Serve config (applications: [...]) -> the args of its genart app; anything else is taken as args."""
+def _app_args(doc: dict, source: str) -> dict:
+    """A full Serve config (applications: [...]) -> the args of its genart app; any other mapping is taken as args."""
     if "applications" not in doc:
         return doc
     for app in doc.get("applications") or []:
-        if app.get("import_path") == IMPORT_PATH:
-            return dict(app.get("args") or {})
-    raise UserError(f"the Serve config has no application with import_path {IMPORT_PATH}")
+        if isinstance(app, dict) and app.get("import_path") == IMPORT_PATH:
+            args = app.get("args") or {}
+            if not isinstance(args, dict):
+                raise UserError(f"{source}: the args of {IMPORT_PATH} must be a mapping")
+            return dict(args)
+    raise UserError(f"{source}: the Serve config has no application with import_path {IMPORT_PATH}")
 
 
 def start_http(host: str, port: int, request_timeout_s: float | None = None, access_log: bool = True) -> tuple[str, int]:

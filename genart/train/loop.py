@@ -60,8 +60,10 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cudnn.benchmark = True  # autotuned conv kernels, as the inference actors use (fixed shapes)
 
     # [2] Resume from the newest complete checkpoint, if there is one (nets, optimizers, GradScalers, RNG streams).
-    start_step = _resume(run_dir, cfg.train.seed, nets, opts, precision, rank)
+    start_step, resumed_row = _resume(run_dir, cfg.train.seed, nets, opts, precision, rank)
     files = outputs.RunFiles(run_dir, start_step) if rank == 0 else None
+    if files is not None:  # an attempt killed after storing its checkpoint, before writing that step's files
+        files.recover_row(start_step, resumed_row, *best_metric(cfg))
     val = ValSplit() if rank == 0 else None
     if rank == 0:
         verb = f"resumed from {outputs.checkpoint_name(start_step)}" if start_step else "started"
@@ -126,10 +128,10 @@ def train_loop_per_worker(config: dict) -> None:
     # prints the run summary (trainer.summarize).
 
 
-def _resume(run_dir: str, seed: int, nets: dict, opts: dict, precision: Precision, rank: int) -> int:
-    """Restore the checkpoint to resume from into nets, opts and precision; returns its step (0: a fresh run).
-    Seeds this rank's noise stream unless the checkpoint held it."""
-    start_step, restored_rng = 0, False
+def _resume(run_dir: str, seed: int, nets: dict, opts: dict, precision: Precision, rank: int) -> tuple[int, dict]:
+    """Restore the checkpoint to resume from into nets, opts and precision; returns its step (0: a fresh run) and
+    the metrics row it was saved with. Seeds this rank's noise stream unless the checkpoint held it."""
+    start_step, restored_rng, row = 0, False, {}
     checkpoint = _resume_checkpoint(run_dir)
     if checkpoint:
         from genart.models.checkpoint import restore_training
@@ -138,9 +140,10 @@ def _resume(run_dir: str, seed: int, nets: dict, opts: dict, precision: Precisio
             # nets, optimizers, GradScalers, and this rank's own RNG streams (every rank's are saved)
             state = restore_training(local, nets, opts, precision, rank=rank)
         start_step, restored_rng = int(state["step"]), bool(state.get("rng_restored"))
+        row = dict(state.get("metrics") or {})
     if not restored_rng:  # a fresh run (or an old checkpoint with one RNG): different noise per rank
         set_seed(_seed(seed, "noise", rank, start_step))
-    return start_step
+    return start_step, row
 
 
 def _fixed_inputs(family, cfg: TrainConfig, image_size: int, label_names: list[str], example: dict | None) -> dict | None:
@@ -158,7 +161,7 @@ def _saved_checkpoint(family, cfg: TrainConfig, nets: dict, opts: dict, val: Val
     Ray ranks it by) for ray.train.report, and removes the folder once Ray has copied it to storage."""
     import ray.train
 
-    from genart.models.checkpoint import save_checkpoint
+    from genart.models.checkpoint import record_metrics, save_checkpoint
 
     step = row["step"]
     local = tempfile.mkdtemp(prefix="genart-ckpt-")
@@ -167,7 +170,10 @@ def _saved_checkpoint(family, cfg: TrainConfig, nets: dict, opts: dict, val: Val
         family.before_checkpoint(cfg.model, {k: unwrap(v) for k, v in nets.items()}, list(recent))
         row.update(_validate(family, cfg, nets, val))
         save_checkpoint(local, nets, opts, {**meta, "step": step, "metrics": dict(row)})
-        row.update(_run_eval(cfg, local, step))
+        scores = _run_eval(cfg, local, step)
+        if scores:
+            row.update(scores)
+            record_metrics(local, scores)
         # Ray keeps checkpoints by this score (CheckpointConfig in trainer.py): one without it ranks last (NaN),
         # here only; metrics.jsonl keeps the row as measured.
         metric, _ = best_metric(cfg)
@@ -271,9 +277,11 @@ def _validate(family, cfg: TrainConfig, nets: dict, val: ValSplit) -> dict:
 
 def _run_eval(cfg: TrainConfig, local_checkpoint: str, step: int) -> dict:
     """genart.evaluate's scores on every eval.every_checkpoints-th checkpoint (and the last), as eval_* metrics."""
-    every = cfg.eval.every_checkpoints
-    nth_checkpoint = step // cfg.train.checkpoint_every_steps
-    if every <= 0 or (nth_checkpoint % every and step != cfg.train.max_steps):
+    every, interval = cfg.eval.every_checkpoints, cfg.train.checkpoint_every_steps
+    # Only on the regular schedule: a checkpoint taken off it (a SIGTERM's, at step 137 of 250) must be stored
+    # within the stop's grace period, not after a thousand generated images.
+    scheduled = step % interval == 0 and (step // interval) % every == 0
+    if every <= 0 or not (scheduled or step == cfg.train.max_steps):
         return {}
     from genart.train.trainer import evaluator
 

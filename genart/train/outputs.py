@@ -67,6 +67,17 @@ class RunFiles:
 
     # -------------------------------------------------------------- metrics
 
+    def recover_row(self, step: int, row: dict, metric: str | None, mode: str) -> bool:
+        """Resuming from checkpoint `step` whose metrics row never reached metrics.jsonl (the attempt was killed
+        between Ray storing the checkpoint and rank 0 writing that step's files): put the row the checkpoint was
+        saved with back, and let it compete for best.json. True if a row was recovered."""
+        if not step or not row or any(r.get("step") == step for r in self.rows):
+            return False
+        self.rows.append({**row, "step": step})
+        self.flush_metrics()
+        self.update_best(step, row, metric, mode)
+        return True
+
     def add_metrics(self, row: dict) -> None:
         self.rows.append(row)
 
