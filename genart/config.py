@@ -6,7 +6,6 @@ A job's run options (`Options`: prepare's, the batch jobs') are pydantic too, ch
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, TypeVar
@@ -76,9 +75,6 @@ class Options(BaseModel):
         return f"{where}: {err['msg']} (got {err.get('input')!r})"
 
 
-YAML11_NUMBER = re.compile(r"[-+]?0[0-9]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?|[-+]?[0-9.]*_[0-9_.]*")
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=c` -> (["a", "b"], value); the value is parsed as YAML so `3`, `true`, `[1,2]` get their types."""
     key, sep, raw = item.partition("=")
@@ -88,14 +84,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    # PyYAML reads YAML 1.1, where yes/no/on/off are booleans and 0755, 1:30 and 1_000 are numbers (0755 octal: 493).
-    # Those stay the text typed, as YAML 1.2 reads them; pydantic still turns the text into a bool or int for a
-    # bool or int key, and a str key (run.name=0755) keeps it as written.
+    # PyYAML reads YAML 1.1, where yes/no/on/off are booleans and 0755 (octal: 493), 1:30 (90) and 1_000 are
+    # numbers. Such values stay the text typed: pydantic turns it into a bool or int for a bool or int key (0755 ->
+    # 755), and a str key (run.name=0755) keeps it as written.
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and YAML11_NUMBER.fullmatch(raw.strip()):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and _yaml11_number(raw.strip()):
         value = raw
     return key.strip().split("."), value
+
+
+def _yaml11_number(text: str) -> bool:
+    """Whether YAML 1.1 alone reads `text` as a number: a leading zero (octal), a colon (base 60) or an underscore."""
+    digits = text.lstrip("+-")
+    return ":" in digits or "_" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1].isdigit())
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
