@@ -21,8 +21,11 @@ from genart.errors import UserError, one_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Left out of the uploaded working_dir: environments, history, outputs and caches are large and never needed
-# by a job (Ray also skips whatever .gitignore lists).
-WORKING_DIR_EXCLUDES = [".venv", ".git", "results", "runs", "__pycache__"]
+# by a job (Ray also skips whatever .gitignore lists). gitignore patterns: "/out/" is the top folder only (a bare
+# "data" would drop the genart/data package too, so data/ is uploaded: a job may read a small prepared set from it);
+# _genart_cache holds evaluation reference statistics (~115 MB each with Inception), rebuilt where they are needed.
+WORKING_DIR_EXCLUDES = [".venv", ".git", "results", "runs", "__pycache__", "_genart_cache", "/out/", "/indexes/",
+                        "/audit/"]
 TERMINAL_STATUSES = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Seconds to wait for the head to answer at all before saying it is unreachable.
 CONNECT_TIMEOUT_S = 10.0
@@ -232,12 +235,9 @@ def follow(jobs: JobsClient, job_id: str) -> int:
         with jobs.errors(job_id):
             try:
                 asyncio.run(stream())
-            except RuntimeError as exc:
-                if "closed unexpectedly" not in str(exc):
-                    raise
-                raise UserError(
-                    f"lost the log stream from Ray at {jobs.url}; see `genart jobs status {job_id}`"
-                ) from None
+            except RuntimeError as exc:  # the SDK's websocket closed or failed: the job itself may be fine
+                _say(f"lost the log stream from Ray at {jobs.url} ({one_line(exc)}); waiting for the job to end "
+                     f"(`genart jobs logs {job_id}` shows its logs)")
         # The stream closes when the job ends; the status can lag a moment behind.
         info = jobs.info(job_id)
         while str(info.status) not in TERMINAL_STATUSES:

@@ -25,7 +25,7 @@ MANIFESTS = {  # file -> (kind, CRD file, where the RayCluster spec sits inside 
 }
 # The args genart.serve.app:build reads (the contract with the serving code).
 SERVE_ARG_KEYS = {"models", "index", "max_upload_mb", "max_pixels", "request_timeout_s", "max_queued_requests", "autoscaling",
-                  "api_key_env"}
+                  "api_key_env", "num_gpus_per_replica", "num_cpus_per_replica"}
 
 
 def load(path: Path) -> dict:
@@ -197,6 +197,10 @@ def test_serve_config_passes_rays_serve_schema():
     assert set(app["args"]) == SERVE_ARG_KEYS
     assert set(app["args"]["autoscaling"]) == {"min_replicas", "max_replicas", "target_ongoing_requests"}
     assert all(isinstance(uri, str) and uri for uri in app["args"]["models"].values())
+    from genart.serve.config import parse_args
+
+    settings = parse_args(app["args"])  # genart's own schema: the replicas get a share of a GPU node's GPU
+    assert 0 < settings.num_gpus_per_replica * len(settings.models) <= 1
 
 
 def test_rayservice_runs_the_same_serve_app():

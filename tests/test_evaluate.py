@@ -91,6 +91,8 @@ def test_metrics_match_plain_numpy_scipy():
         moments.update(chunk)
     assert M.frechet_distance(x.mean(0), np.cov(x, rowvar=False), moments.mean, moments.cov) == pytest.approx(reference_fid(x, y), rel=1e-3)
     assert M.mmd2_unbiased(x, y) == pytest.approx(reference_mmd2(x, y), rel=1e-3)
+    wide = rng.standard_normal((20, 256))  # fewer samples than features: sqrtm's round-off once gave -3.6e-05
+    assert M.fid(wide, wide) >= 0.0
     # one subset holding every row of each set: KID is then exactly the unbiased MMD^2 of the two sets
     kid_mean, kid_std = M.kid(x[:50], y, num_subsets=1, subset_size=50, max_fraction=1.0)
     assert kid_mean == pytest.approx(reference_mmd2(x[:50], y), rel=1e-3) and kid_std == 0.0
@@ -305,6 +307,24 @@ def test_critic_features_run_in_the_inference_setup_and_stay_fp32_on_cpu(checkpo
     low = extractor(pixels)
     assert low.dtype == np.float32 and not np.array_equal(low, plain)
     np.testing.assert_allclose(low, plain, atol=0.05 * float(np.abs(plain).max()) + 1e-3)
+    assert build_extractor(f"critic:{checkpoints['critic']}", device="cpu", metrics=True).exact
+
+
+def test_metric_features_turn_tf32_off_on_cuda_and_restore_it():
+    """The switch a GPU's metric passes go through (the settings exist without a GPU; the passes do not run here)."""
+    from genart.evaluate.features import exact_fp32
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"
+        with exact_fp32(torch.device("cuda")):
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+        with exact_fp32(torch.device("cpu")):  # nothing to change on a CPU
+            assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 # ---------------------------------------------------------------- cache, score_checkpoint, CLI (real Ray Data)

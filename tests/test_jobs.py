@@ -303,3 +303,12 @@ def test_entrypoint_and_runtime_env(tmp_path):
                            "pip": ["genart==0.1.0"]}
     with pytest.raises(UserError, match="not a folder"):
         ray_jobs.build_runtime_env(tmp_path / "nope")
+    # Matched as Ray matches them (gitwildmatch, relative to the working dir): outputs and caches stay home,
+    # the package and a small prepared dataset go up.
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    spec = PathSpec.from_lines("gitwildmatch", ray_jobs.WORKING_DIR_EXCLUDES)
+    left_out = ["data/synth/_genart_cache/ref-inception-abc.npz", "indexes/synth/vectors.npy", "out/samples/a.png",
+                "audit/dcgan/pairs.png", "results/quickstart/index.html", ".venv/bin/python"]
+    uploaded = ["genart/data/sources.py", "genart/infer/output.py", "data/synth/part-00000.parquet", "workflows/x.py"]
+    assert [p for p in left_out if not spec.match_file(p)] == [] and [p for p in uploaded if spec.match_file(p)] == []

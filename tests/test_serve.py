@@ -187,6 +187,8 @@ def test_autoscaling_follows_rays_guidance_and_batches_come_from_user_config():
     assert explicit.model_target == 4 and explicit.model_max_ongoing == 6
     with pytest.raises(UserError, match="max_ongoing_requests"):
         parse_args({"models": {"a": "x"}, "autoscaling": {"target_ongoing_requests": 8}, "max_ongoing_requests": 4})
+    with pytest.raises(UserError, match="max_ongoing_requests"):  # against the default target, max_batch_size
+        parse_args({"models": {"a": "x"}, "max_batch_size": 16, "max_ongoing_requests": 4})
     from genart.serve.deployments import CriticModel, GenerativeModel, StyleModels
 
     for deployment in (GenerativeModel, CriticModel, StyleModels):
@@ -615,7 +617,8 @@ def test_serve_config_file_deploys_like_serve_deploy(http, tiny_models):
     app_cfg = next(a for a in doc["applications"] if a["import_path"] == "genart.serve.app:build")
     app_cfg.update(name="t-config", route_prefix="/t-config")
     app_cfg["args"].update(models={"dcgan": tiny_models["dcgan"], "starry": tiny_models["starry"]}, index=None,
-                           api_key_env=NO_KEY_ENV)  # search is tested over a real index in test_serve_search.py
+                           api_key_env=NO_KEY_ENV,  # search is tested over a real index in test_serve_search.py
+                           num_gpus_per_replica=0)  # the file's GPU share, on a machine without GPUs
     doc["applications"] = [app_cfg]
     schema = ServeDeploySchema.model_validate(doc)
     _get_global_client().deploy_apps(schema)

@@ -215,6 +215,8 @@ def test_evaluation_runs_on_its_schedule_not_on_a_stop_checkpoint(tmp_path, monk
     ran = {step: bool(loop._run_eval(cfg, f"ckpt-{step}", step)) for step in (137, 250, 500, 750, 900, 1000)}
     assert ran == {137: False, 250: False, 500: True, 750: False, 900: False, 1000: True}
     assert loop._run_eval(cfg, "c", 500) == {"eval_fid8_critic": 1.0}
+    off = make_cfg("vae", str(tmp_path), str(tmp_path), "v", eval={"every_checkpoints": 0})  # the default: no eval
+    assert [loop._run_eval(off, "c", step) for step in (10, 20)] == [{}, {}] and len(calls) == 3
 
 
 def test_elastic_num_workers_maps_to_train_v2(tmp_path):

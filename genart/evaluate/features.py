@@ -9,6 +9,7 @@ Inception weights are never downloaded: they come from a file or torchvision's d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -67,6 +68,24 @@ def parse_features(spec: str | None, inception_weights: str | None = None) -> Fe
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device):
+    """fp32 that is fp32: on CUDA, torch lets cuDNN convolutions (and may let matmuls) run in TF32 on Ampere and
+    later GPUs, ~3 significant digits; metric features would then differ from a CPU's under the same cache key.
+    IEEE fp32 while features are made (torch 2.9+'s fp32_precision settings), restored after (they are
+    process-wide)."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 class Extractor:
@@ -174,7 +193,8 @@ class InceptionExtractor(Extractor):
     def __call__(self, images) -> np.ndarray:
         x = network_input(images, INCEPTION_SIZE).to(self.device)  # (N, 3, 299, 299) in [0, 1]
         x = (x - self._mean) / self._std
-        return self.net(x).float().cpu().numpy()  # (N, 2048)
+        with exact_fp32(self.device):
+            return self.net(x).float().cpu().numpy()  # (N, 2048)
 
 
 # ---------------------------------------------------------------- critic embedding
@@ -192,6 +212,7 @@ class CriticExtractor(Extractor):
         # how the batch actors and Serve replicas run a model: on a GPU channels-last and bf16/fp16 autocast,
         # on a CPU plain fp32 (features bit-identical to Loaded.embed's). autocast=False: fp32 on a GPU too (metrics)
         self.setup = InferenceSetup(use_gpu=device.type == "cuda", autocast=autocast)
+        self.exact = autocast is False  # metrics: no TF32 either
         self.device = self.setup.device
         self.model = self.setup.place(models.load(uri, family="critic"))
         self.input_size = self.model.image_size
@@ -207,7 +228,8 @@ class CriticExtractor(Extractor):
 
     def __call__(self, images) -> np.ndarray:
         x = network_input(images, self.input_size)  # (N, 3, S, S) in [0, 1]; embed's own resize is then a no-op
-        with self.setup.inference():  # autocast is per thread: entered here, in the thread that embeds
+        exact = exact_fp32(self.device) if self.exact else contextlib.nullcontext()
+        with self.setup.inference(), exact:  # autocast is per thread: entered here, in the thread that embeds
             return in_passes(lambda chunk: self.model.embed(self.setup.to_device(chunk)).float().cpu(), x,
                              self.device).numpy()  # (N, D)
 

@@ -89,7 +89,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         if imag > 1e-3:
             warnings.warn(f"frechet_distance: sqrtm left an imaginary component of {imag:.3g}; too few samples for the feature size?")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    # A distance: round-off in sqrtm can leave -1e-5 for identical sets, which a report would print as negative.
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)))
 
 
 def fid(real: np.ndarray, fake: np.ndarray) -> float:

@@ -100,10 +100,11 @@ class ServeArgs(Section):
 
     @model_validator(mode="after")
     def _queues(self) -> "ServeArgs":
-        target = self.autoscaling.target_ongoing_requests
-        if self.max_ongoing_requests is not None and target is not None and self.max_ongoing_requests < target:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
-                             f"autoscaling.target_ongoing_requests ({target:g}); Ray suggests ~20-50 % above it")
+        target = self.model_target  # the explicit target, or its default, max_batch_size
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < target:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= the model replicas' "
+                             f"target_ongoing_requests ({target:g}: autoscaling.target_ongoing_requests, else "
+                             f"max_batch_size); Ray suggests ~20-50 % above it")
         return self
 
     @property

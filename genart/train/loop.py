@@ -278,10 +278,12 @@ def _validate(family, cfg: TrainConfig, nets: dict, val: ValSplit) -> dict:
 def _run_eval(cfg: TrainConfig, local_checkpoint: str, step: int) -> dict:
     """genart.evaluate's scores on every eval.every_checkpoints-th checkpoint (and the last), as eval_* metrics."""
     every, interval = cfg.eval.every_checkpoints, cfg.train.checkpoint_every_steps
+    if every <= 0:
+        return {}
     # Only on the regular schedule: a checkpoint taken off it (a SIGTERM's, at step 137 of 250) must be stored
     # within the stop's grace period, not after a thousand generated images.
     scheduled = step % interval == 0 and (step // interval) % every == 0
-    if every <= 0 or not (scheduled or step == cfg.train.max_steps):
+    if not (scheduled or step == cfg.train.max_steps):
         return {}
     from genart.train.trainer import evaluator
 
