@@ -18,6 +18,7 @@ from genart import storage
 from genart.cli import main
 from genart.data import images, prepare as prep
 from genart.data.read import read_manifest, training_dataset
+from genart.errors import UserError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import corpus  # noqa: E402
@@ -426,3 +427,26 @@ def test_files_over_the_byte_cap_are_rejected_unread(tmp_path):
                for r in t.to_pylist()}
     assert records["zeros.png"]["data"] is None and records["zeros.png"]["error"].startswith("file too large")
     assert records["ok.png"]["data"] and records["ok.png"]["error"] is None
+
+
+def test_images_outside_the_class_folders_are_counted_and_refused_by_label_models(tmp_path, ray_session):
+    """A loose file beside the class folders has no label: the manifest counts it, and a model that trains on
+    labels says so before any worker starts (each worker used to stop at the first label -1, retried 3 times)."""
+    from genart.train.config import load_config
+    from genart.train.trainer import check
+
+    src = tmp_path / "raw"
+    for i, folder in enumerate(("cats", "dogs", "cats", "dogs", ".")):
+        (src / folder).mkdir(parents=True, exist_ok=True)
+        Image.effect_noise((16, 16), 30 + 10 * i).convert("RGB").save(src / folder / f"p{i}.png")
+    dest = str(tmp_path / "ds")
+    manifest = prep.prepare([str(src)], dest, prep.PrepareOptions(size=16, val_fraction=0.0), progress=False)
+    assert manifest["unlabelled"] == 1 and manifest["labels"] == {"cats": 0, "dogs": 1}
+    cfg = load_config(None, ["model.family=critic", f"data.path={dest}", "data.batch_size=2", "scaling.num_workers=1"])
+    with pytest.raises(UserError, match="1 images of .* are outside its class folders"):
+        check(cfg)
+    # Checked at the size the net trains on (crops): the style network's two stride-2 stages need multiples of 4.
+    style = load_config(None, ["model.family=style", "model.loss_network=random", f"data.path={dest}",
+                               "data.batch_size=2", "scaling.num_workers=1", "data.crop_size=14"])
+    with pytest.raises(UserError, match="data.crop_size=14: the style network trains on sides that are multiples of 4"):
+        check(style)

@@ -21,6 +21,7 @@ from PIL import Image
 from genart import models, storage
 from genart.cli import main
 from genart.data import images
+from genart.errors import UserError
 from genart.infer import RunOptions, generate, naming, stylize, tiling
 from genart.models.tiny import tiny_checkpoint
 
@@ -113,6 +114,26 @@ def test_output_names_cannot_escape():
     assert naming.output_key("cats/a.jpeg", ".webp") == "cats/a.webp"
     renames = naming.unique_keys([("s1", "a.png"), ("s2", "A.png"), ("s0", "a.png"), ("s3", "b.png")])
     assert renames == {"s1": "a~2.png", "s2": "a~3.png"}  # the smallest source keeps the plain name
+
+
+def test_a_workflow_rerun_after_retraining_redoes_the_step_instead_of_refusing(tmp_path):
+    """--resume refuses outputs of another run (a new model hash); a workflow's redo_changed starts the step over,
+    keeping files that are not the job's own out of it (they still stop the job)."""
+    from genart.infer import output
+
+    out = str(tmp_path / "samples")
+    before = {"command": "generate", "input": None, "format": "png", "model_hash": "aaa", "options": {}}
+    output.start(out, before, resume=True, overwrite=False)
+    (tmp_path / "samples" / "seed0-000000.png").write_bytes(b"old")
+    (tmp_path / "samples" / "manifest.json").write_text("{}")
+    after = {**before, "model_hash": "bbb"}
+    with pytest.raises(UserError, match="model_hash: 'aaa' then, 'bbb' now"):
+        output.start(out, after, resume=True, overwrite=False)
+    output.start(out, before, resume=True, overwrite=False, redo_changed=True)  # same run: resumed, files kept
+    assert (tmp_path / "samples" / "seed0-000000.png").exists()
+    output.start(out, after, resume=True, overwrite=False, redo_changed=True)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["run.json"]
+    assert json.loads((tmp_path / "samples" / "run.json").read_text())["model_hash"] == "bbb"
 
 
 def test_tile_blend_weights_are_a_partition_of_unity():

@@ -195,6 +195,11 @@ def test_audit_flags_a_memorising_generator_not_a_fresh_one(tmp_path, critic, ra
     clean = audit(fresh, data, num=64, features=f"critic:{critic}", out=str(tmp_path / "audit-f"))
     assert copied["copy_share"] >= 0.9, copied["spaces"]
     assert clean["copy_share"] <= 0.1, clean["spaces"]
+    # Generators train on mirror images too: one that draws its training images mirrored is copying as well.
+    pixels = np.stack([real_pixels(r["image"], 16) for r in train])
+    mirrored = audit(_memorised_generator(tmp_path / "mirrored", pixels[:, :, ::-1].copy()), data, num=64,
+                     features=f"critic:{critic}")
+    assert mirrored["copy_share"] >= 0.9 and mirrored["closest"][0]["mirrored"], mirrored["spaces"]
     print("audit copy shares: memorised", copied["spaces"], "fresh", clean["spaces"])
     assert copied["closest"][0]["train_id"] in {r["id"] for r in train}
     assert copied["val_images"] >= 20 and copied["train_images"] >= 90

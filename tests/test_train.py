@@ -6,6 +6,7 @@ Five real fits in total (each ~1 minute here); the config-error tests need no fi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -202,6 +203,28 @@ def test_a_checkpoint_whose_files_were_never_written_gets_its_row_back_on_resume
     assert outputs.read_best(run)["checkpoint"] == "step-000200"
     assert not outputs.RunFiles(run, start_step=200).recover_row(200, saved, "val_loss", "min")  # once only
     assert not outputs.RunFiles(run, start_step=0).recover_row(0, {}, "val_loss", "min")  # a fresh run
+
+
+def test_a_run_resumes_after_an_upgrade_added_model_keys_and_a_broken_state_is_one_line(tmp_path):
+    """A checkpoint written before a model key existed (dcgan's mode_seeking_cap) resumes with the key's default;
+    a changed key is still refused, and a truncated state.json is a UserError, not a JSONDecodeError."""
+    from genart.train.trainer import _check_resumable
+
+    cfg = make_cfg("dcgan", str(tmp_path), str(tmp_path), "d")
+    run_dir = tmp_path / "d"
+    (run_dir / "step-000010").mkdir(parents=True)
+    model = cfg.model.model_dump(mode="json")
+    model.pop("mode_seeking_cap")
+    state = {"config": {"model": model}, "image_size": 16, "label_names": []}
+    (run_dir / "step-000010" / "state.json").write_text(json.dumps(state))
+    _check_resumable(cfg, str(run_dir), "step-000010", 16, [])
+    state["config"]["model"]["latent_dim"] = model["latent_dim"] + 1
+    (run_dir / "step-000010" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="model.latent_dim: .* was trained with"):
+        _check_resumable(cfg, str(run_dir), "step-000010", 16, [])
+    (run_dir / "step-000010" / "state.json").write_text('{"config": {"mo')
+    with pytest.raises(UserError, match="not valid JSON"):
+        _check_resumable(cfg, str(run_dir), "step-000010", 16, [])
 
 
 def test_evaluation_runs_on_its_schedule_not_on_a_stop_checkpoint(tmp_path, monkeypatch):

@@ -79,6 +79,20 @@ def test_codebook_entries_follow_their_vectors_and_dead_ones_restart():
     assert (nearest < 1.0).all(), nearest  # none left at the old clusters, ~20 away
 
 
+def test_codebook_runs_in_fp32_under_autocast():
+    """A GPU trains (and serves) under bf16 autocast: the codebook's distances and EMA step stay fp32 (its EMA step
+    used to fail on a bf16 matmul result at step 0, and bf16 distances pick wrong entries)."""
+    torch.manual_seed(0)
+    book = Codebook(16, 4, decay=0.5)
+    flat = clustered(256, seed=1)
+    book.update(flat, torch.zeros(256, dtype=torch.long))
+    exact = book.assign(flat)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same casting rule for matmul as CUDA's
+        assert torch.equal(book.assign(flat), exact)
+        book.update(flat, exact)
+    assert book.entries.dtype == book.sums.dtype == torch.float32
+
+
 def test_dihedral_augment_draws_all_eight_views():
     from genart.train.augment import augment_batch
 
@@ -104,7 +118,7 @@ def test_window_means_each_metric_over_the_steps_that_reported_it():
         window.add({"loss": value})
     for value in (4.0, 5.0, 6.0):
         window.add({"prior_loss": value})
-    assert window.means(world=1) == {"loss": 2.0, "prior_loss": 5.0}
+    assert window.means(world=1, device=torch.device("cpu")) == {"loss": 2.0, "prior_loss": 5.0}
 
 
 def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -206,6 +206,21 @@ def test_cluster_stylize_on_s3_reports_rejects_and_resumes(ray_session, s3_serve
 # ---------------------------------------------------------------- train_then_deploy
 
 
+def test_a_served_checkpoint_pruned_by_keep_last_keeps_its_recorded_value(tmp_path, capsys):
+    """Training on past the deployed step prunes its folder (keep_last) while the replicas still serve it: its
+    recorded value is compared, where reading its weights used to stop the workflow; with no record it is left out."""
+    ttd = load_workflow("train_then_deploy")
+    cfg = ttd.TrainThenDeployConfig()
+    gone = str(tmp_path / "runs" / "dcgan-a" / "step-000600")
+    serving = {"checkpoint": gone, "checkpoint_hash": "abc"}
+    settings = {"metric": cfg.selection.metric}
+    previous = {"evaluated_with": settings, "rows": [{"checkpoint": gone, "checkpoint_hash": "abc", "value": 0.5}]}
+    rows = ttd.evaluate_all(cfg, {}, settings, previous, serving)
+    assert rows == [{"candidate": "(serving now)", "checkpoint": gone, "checkpoint_hash": "abc", "step": None, "value": 0.5}]
+    assert ttd.evaluate_all(cfg, {}, {"metric": "other"}, previous, serving) == []
+    assert "cannot be compared" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_train_then_deploy_picks_the_best_and_keeps_it(ray_session, synth_dir, tmp_path, capsys):
     from ray import serve

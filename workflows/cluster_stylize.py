@@ -92,7 +92,7 @@ def stylize_archive(cfg: ClusterStylizeConfig, run_dir: str) -> dict:
 
     s = cfg.stylize
     run = jobs.RunOptions(batch_size=s.batch_size, concurrency=s.concurrency, gpus_per_worker=s.gpus_per_worker,
-                          cpus_per_worker=s.cpus_per_worker, resume=True)
+                          cpus_per_worker=s.cpus_per_worker, resume=True, redo_changed=True)
     manifest = jobs.stylize(run_dir, cfg.uri(cfg.archive), cfg.uri(cfg.output), fmt=s.format, max_side=s.max_side,
                             tile=s.tile, run=run)
     click.echo(jobs.output.summary(manifest))

@@ -80,12 +80,13 @@ def make_archive(out: str) -> str:
     """A small zip of photos and paintings to stylize, as a user would hand one over."""
     path = f"{out}/data/to_stylize.zip"
     if not os.path.exists(path):
-        with zipfile.ZipFile(path, "w") as zf:
+        with zipfile.ZipFile(path + ".tmp", "w") as zf:  # renamed once whole: a cut-off zip is never reused
             for folder in (assets.PHOTOS, assets.PAINTINGS):
                 for root, _, files in os.walk(folder):
                     for name in sorted(files)[:2]:
                         full = os.path.join(root, name)
                         zf.write(full, os.path.relpath(full, folder.parent))
+        os.replace(path + ".tmp", path)
     return path
 
 
@@ -96,7 +97,7 @@ def batch_jobs(cfg: QuickstartConfig, out: str) -> list[tuple[str, Callable[[], 
     """generate from each generator -> stylize an archive -> score the stylized images and the samples with the critic."""
     from genart.infer import jobs
 
-    run = jobs.RunOptions(resume=True, progress=False)
+    run = jobs.RunOptions(resume=True, redo_changed=True, progress=False)  # retrained models: their steps are redone
     critic = f"{out}/runs/critic"
     todo = [(f"generate_{family}", lambda family=family: jobs.generate(f"{out}/runs/{family}", cfg.generate,
                                                                        f"{out}/samples/{family}", seed=0, run=run))

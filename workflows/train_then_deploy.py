@@ -163,10 +163,15 @@ def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: di
     todo = [(name, storage.join(run["run_dir"], ckpt), step) for name, run in runs.items()
             for step, ckpt in outputs.list_checkpoints(run["run_dir"], complete=True)]
     if serving and serving["checkpoint"] not in {uri for _, uri, _ in todo}:
-        todo.append(("(serving now)", serving["checkpoint"], None))
+        # keep_last may have pruned the served checkpoint since it was deployed: its recorded value still counts
+        if storage.exists(serving["checkpoint"]) or (serving["checkpoint"], serving["checkpoint_hash"]) in known:
+            todo.append(("(serving now)", serving["checkpoint"], None))
+        else:
+            click.echo(f"note: the served {serving['checkpoint']} is gone from its run and was not evaluated with "
+                       f"these settings; it cannot be compared, so the winner replaces it")
     rows = []
     for name, uri, step in todo:
-        digest = weights_hash(uri)
+        digest = weights_hash(uri) if step is not None or storage.exists(uri) else serving["checkpoint_hash"]
         value = known.get((uri, digest))
         if value is None:
             value = evaluate(uri, cfg)
@@ -293,7 +298,7 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
                        f"deployed from {out}; it cannot be evaluated, so the winner replaces it")
     selection = {"metric": cfg.selection.metric, "features": cfg.selection.features, "evaluated_with": settings,
                  "winner": best, "serving_before": serving, "decision": decision, "rows": rows,
-                 "deployed": previous.get("deployed") if decision == "keep" else None}
+                 "deployed": previous.get("deployed")}  # what is live; replaced below only when a deploy happens
     if decision != "keep" and cfg.audit.enabled:
         with flow.step(f"audit {best['checkpoint']} for copied training images"):
             selection["audit"] = audit_gate(cfg, best["checkpoint"], out)

@@ -200,6 +200,7 @@ class StagedRow:
     sha256: str
     phash: str
     split: str
+    labelled: bool  # label not null
     shard: int  # index of its staging shard
 
 
@@ -259,6 +260,8 @@ def _manifest(fates: Fates, plan: sources.Plan, opts: PrepareOptions, num_shards
         "counts": fates.counts(plan.num_inputs),
         "labels": {name: i for i, name in enumerate(plan.label_names)},
         "splits": {"train": splits.get("train", 0), "val": splits.get("val", 0)},
+        # images outside the class folders of a labelled dataset (label null): models that need labels refuse them
+        "unlabelled": sum(1 for r in fates.kept if not r.labelled) if plan.label_names else 0,
         "image_size": opts.size,
         "resize_mode": opts.resize_mode if opts.size else None,
         "val_fraction": opts.val_fraction,
@@ -275,10 +278,11 @@ def _manifest(fates: Fates, plan: sources.Plan, opts: PrepareOptions, num_shards
 
 def _staged_rows(parts: list[str], fs) -> list[StagedRow]:
     rows = []
-    columns = ["id", "source", "sha256", "phash", "split"]
+    columns = ["id", "source", "sha256", "phash", "split", "label"]
     for index, part in enumerate(parts):
         table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs, columns=columns)
-        rows.extend(StagedRow(*values, shard=index) for values in zip(*(table.column(c).to_pylist() for c in columns)))
+        rows.extend(StagedRow(*values[:-1], labelled=values[-1] is not None, shard=index)
+                    for values in zip(*(table.column(c).to_pylist() for c in columns)))
     return rows
 
 

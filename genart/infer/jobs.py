@@ -42,6 +42,8 @@ class RunOptions(Options):
     cpus_per_worker: Annotated[float, Field(gt=0), WORKER_RULE] = 1.0  # CPUs per model actor (= its torch threads)
     resume: bool = False
     overwrite: bool = False
+    # with resume (workflows): outputs of another run (a retrained model, other options) are replaced, not refused
+    redo_changed: bool = False
     progress: bool = True
     deterministic: bool = False  # outputs independent of batching (slower kernels; see stages.ModelActor)
     autocast: bool | None = None  # bf16/fp16 autocast; None = on with GPUs, off on CPUs
@@ -175,7 +177,7 @@ def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, opt
     renames = naming.unique_keys(pairs)
     keys = {source: renames.get(source, key) for source, key in pairs}
     output.start(out, {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options},
-                 run.resume, run.overwrite)
+                 run.resume, run.overwrite, run.redo_changed)
     done = output.done_keys(out, fmt) if run.resume else set()
     already = sum(1 for key in keys.values() if key in done)
     todo = naming.prune_plan(plan, lambda s, r: keys.get(s) not in done) if done else plan
@@ -276,7 +278,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     if guidance is not None:  # only when asked: runs without it keep their manifests' options (and resume)
         options["guidance"] = guidance
     output.start(out, {"command": "generate", "input": None, "format": fmt, "model_hash": info["hash"], "options": options},
-                 run.resume, run.overwrite)
+                 run.resume, run.overwrite, run.redo_changed)
     name_of = {stages.image_name(seed, i, num, ext): i for i in range(num)} if run.resume else {}
     done = [name_of[k] for k in output.done_keys(out, fmt) if k in name_of] if run.resume else []
     tally = output.Tally()

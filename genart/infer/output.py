@@ -40,19 +40,22 @@ def _is_ours(rel: str) -> bool:
             or rel.lower().endswith(tuple(IMAGE_EXT.values())))
 
 
-def start(out: str, run: dict, resume: bool, overwrite: bool) -> None:
+def start(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool = False) -> None:
     """Check the output root and record the run (`run.json`); raise UserError before any work if it is in the way.
 
     `run` (command, input, model hash, options) must equal the stored one to --resume: outputs made with other
-    options or another model must never be mixed in.
+    options or another model must never be mixed in. redo_changed (workflows): such a resume starts over instead,
+    as a rerun after retraining should.
     """
     if resume and overwrite:
         raise UserError("pass either --resume (finish the run at --output) or --overwrite (start over), not both")
     manifest_uri, run_uri = storage.join(out, "manifest.json"), storage.join(out, "run.json")
     has_manifest, has_run = storage.exists(manifest_uri), storage.exists(run_uri)
     files = [(u, storage.relative(out, u)) for u, _ in storage.find(out)] if storage.exists(out) else []
+    stored = json.loads(storage.read_text(run_uri)) if has_run else None
+    if resume and redo_changed and (has_run or has_manifest) and stored != run:
+        resume, overwrite = False, True
     if resume and (has_run or has_manifest):
-        stored = json.loads(storage.read_text(run_uri)) if has_run else None
         if stored != run:
             diff = first_difference(stored or {}, run)
             raise UserError(f"--resume: {out} was written by a different run ({diff}); rerun with the same "

@@ -109,13 +109,21 @@ class Codebook(nn.Module):
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))  # entries set from a first batch
 
     def assign(self, flat: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N,) index of each vector's nearest entry."""
-        dist_sq = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.entries.T + self.entries.pow(2).sum(1)[None]
-        return dist_sq.argmin(1)
+        """(N, D) -> (N,) index of each vector's nearest entry. In fp32 under autocast too: bf16 distances would
+        pick wrong entries."""
+        with torch.autocast(flat.device.type, enabled=False):
+            flat = flat.float()
+            dist_sq = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.entries.T + self.entries.pow(2).sum(1)[None]
+            return dist_sq.argmin(1)
 
     @torch.no_grad()
     def update(self, flat: torch.Tensor, tokens: torch.Tensor) -> None:
-        """One EMA step with a batch's encoder outputs (N, D) and their assignments (N,)."""
+        """One EMA step with a batch's encoder outputs (N, D) and their assignments (N,), in fp32 (the buffers' type)
+        whatever autocast the training step runs under."""
+        with torch.autocast(flat.device.type, enabled=False):
+            self._update(flat.float(), tokens)
+
+    def _update(self, flat: torch.Tensor, tokens: torch.Tensor) -> None:
         if not bool(self.started):  # start at encoder outputs: entries far from every output would never be picked
             self.entries.copy_(flat[torch.randint(0, len(flat), (self.size,), device=flat.device)])
             _from_rank0(self.entries)

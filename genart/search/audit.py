@@ -2,8 +2,8 @@
 
     genart audit --model runs/dcgan --data data/synth --num 500 --features critic:runs/critic --output audit/dcgan
 
-Each sample's nearest training image is found in embedding space (features centred on the training mean, unit
-length) and in pixel space (the generator's resolution). Distances are relative, the nearest one over the mean of
+Each sample's nearest training image, as it is or mirrored (generators train on both), is found in embedding space
+(features centred on the training mean, unit length) and in pixel space (the generator's resolution). Distances are relative, the nearest one over the mean of
 the next RELATIVE_K (Carlini et al. 2023): a flat picture near many training images scores ~1, a copy ~0. What is "too close" is calibrated on the dataset's own val
 split, which the generator never saw: the val images' nearest-training-image similarities are the baseline
 (Somepalli et al., CVPR 2023, "Diffusion Art or Digital Forgery?"). A sample closer to a training image than the
@@ -93,13 +93,16 @@ def audit(model: str, data: str, num: int = 256, features: str | None = "incepti
                               for i in range(0, num, SAMPLE_BATCH)])  # (N, R, R, 3)
     train_ids, train = _real(data, "train", size, max_real)
     _, val = _real(data, "val", size, max_real)
+    # Every generative family trains on mirror images too (flip augmentation, the default), so a memorised picture
+    # can come out mirrored: samples (and the val baseline, alike) are compared with both orientations.
+    seen = np.concatenate([train, train[:, :, ::-1]])
     extractor = build_extractor(features, inception_weights)
-    train_f = _features(extractor, train)
-    mean = train_f.mean(axis=0)
+    seen_f = _features(extractor, seen)
+    mean = seen_f.mean(axis=0)
     spaces = {
         "embedding": (_centered(_features(extractor, samples), mean), _centered(_features(extractor, val), mean),
-                      _centered(train_f, mean)),
-        "pixel": (_flat(samples), _flat(val), _flat(train)),
+                      _centered(seen_f, mean)),
+        "pixel": (_flat(samples), _flat(val), _flat(seen)),
     }
     report = {"model": gen.meta.get("checkpoint"), "model_hash": gen.checkpoint_hash, "data": data, "num": num,
               "features": extractor.describe(), "quantile": quantile, "train_images": len(train),
@@ -121,14 +124,15 @@ def audit(model: str, data: str, num: int = 256, features: str | None = "incepti
         }
     report["copy_share"] = round(float(copied.mean()), 4)
     order = np.argsort(nearest["pixel"][0])[:PAIRS_SHOWN]  # the closest pairs in pixels: what a viewer calls a copy
-    report["closest"] = [{"seed": int(i), "train_id": train_ids[int(nearest["pixel"][1][i])],
+    report["closest"] = [{"seed": int(i), "train_id": train_ids[int(nearest["pixel"][1][i]) % len(train)],
+                          "mirrored": bool(nearest["pixel"][1][i] >= len(train)),
                           "pixel_relative": round(float(nearest["pixel"][0][i]), 6),
                           "pixel_rms": round(float(nearest["pixel"][4][i]), 6),
                           "embedding_relative": round(float(nearest["embedding"][0][i]), 6), "copy": bool(copied[i])}
                          for i in order]
     if out:
         storage.write_bytes(storage.join(out, "histogram.png"), _histogram(nearest, quantile))
-        storage.write_bytes(storage.join(out, "pairs.png"), _pairs(samples, train, nearest["pixel"], order))
+        storage.write_bytes(storage.join(out, "pairs.png"), _pairs(samples, seen, nearest["pixel"], order))
         storage.write_text(storage.join(out, "summary.json"), json.dumps(report, indent=2) + "\n")
         report["output"] = out
     return report

@@ -97,11 +97,11 @@ def train_loop_per_worker(config: dict) -> None:
         # Everything below runs on every rank at the same steps (steps count alike everywhere), because it holds
         # collectives: the stop broadcast, the RNG gather, the metric all-reduce, and ray.train.report.
         # A preempted driver asked for a checkpoint now (trainer._checkpoint_on_sigterm): save one and return.
-        stopping = _stop_requested(stop, rank, world)
+        stopping = _stop_requested(stop, rank, world, device)
         at_checkpoint = at_checkpoint or stopping
         # Every rank's RNG streams go into the checkpoint, so a resumed rank draws the noise it would have drawn.
         rng_ranks = _gather_rng(world) if at_checkpoint else None
-        row = {"step": step, **window.means(world), "images_per_second": window.rate(cfg.data.batch_size * world),
+        row = {"step": step, **window.means(world, device), "images_per_second": window.rate(cfg.data.batch_size * world),
                "start_step": start_step}
         if not at_checkpoint:
             # Log rows go to metrics.jsonl and the progress line only, not through ray.train.report: a report
@@ -201,9 +201,10 @@ def _resume_checkpoint(run_dir: str):
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def _stop_requested(marker: str, rank: int, world: int) -> bool:
-    """Whether the stop marker exists, as rank 0 sees it, on every rank (they must all stop at the same step)."""
-    wanted = torch.tensor([1.0 if rank == 0 and storage.exists(marker) else 0.0])
+def _stop_requested(marker: str, rank: int, world: int, device: torch.device) -> bool:
+    """Whether the stop marker exists, as rank 0 sees it, on every rank (they must all stop at the same step).
+    The flag lives on the training device: NCCL (GPU workers) moves CUDA tensors only, gloo CPU ones."""
+    wanted = torch.tensor([1.0 if rank == 0 and storage.exists(marker) else 0.0], device=device)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.broadcast(wanted, src=0)
     return bool(wanted.item())
@@ -253,14 +254,15 @@ class _Window:
             self.counts[key] = self.counts.get(key, 0) + 1
         self.steps += 1
 
-    def means(self, world: int) -> dict[str, float]:
-        """Means over the window and over every worker (a small all-reduce, at the same steps on every rank)."""
+    def means(self, world: int, device: torch.device) -> dict[str, float]:
+        """Means over the window and over every worker (a small all-reduce, at the same steps on every rank), made on
+        the training device: NCCL (GPU workers) reduces CUDA tensors only, gloo CPU ones."""
         keys = list(self.sums)  # the family's order, the same on every rank
-        values = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=device)
         if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(values)  # gloo/nccl sum; the tensor is tiny
+            torch.distributed.all_reduce(values)  # a sum; the tensor is tiny
             values /= world
-        return {k: round(float(v), 6) for k, v in zip(keys, values)}
+        return {k: round(float(v), 6) for k, v in zip(keys, values.cpu())}
 
     def rate(self, images_per_step: int) -> float:
         self.measured = time.perf_counter()

@@ -15,7 +15,7 @@ import time
 
 from genart import config as config_lib
 from genart import runtime, storage
-from genart.errors import UserError
+from genart.errors import UserError, one_line
 from genart.train import outputs
 from genart.train.config import TrainConfig
 
@@ -208,12 +208,22 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
     if family.needs_labels and len(label_names) < 2:
         raise UserError(f"data.path: {cfg.model.family} needs a labelled dataset (one folder per class, >= 2 classes); "
                         f"{cfg.data.path} has {len(label_names)} labels")
-    family.build(cfg.model, int(image_size), len(label_names))  # the family's own checks (check_size, labels), as UserErrors
+    uses_labels = family.needs_labels or getattr(cfg.model, "takes_labels", getattr(cfg.model, "conditional", False))
+    if uses_labels and manifest.get("unlabelled"):  # else every worker (and retry) stops at the first label -1
+        raise UserError(f"data.path: {manifest['unlabelled']} images of {cfg.data.path} are outside its class folders "
+                        f"(no label), and this {cfg.model.family} trains on labels; put them in a class folder and "
+                        f"prepare again")
     crop = cfg.data.crop_size
     if crop is not None and (crop > image_size or family.supported_sizes is not None):
         # a fixed-size generator/decoder must see whole images of its own size; only size-free nets train on windows
         why = f"larger than data.image_size={image_size}" if crop > image_size else f"{cfg.model.family} trains on whole images"
         raise UserError(f"data.crop_size={crop}: {why}")
+    # the family's own checks (check_size, labels, the critic's stages), as UserErrors, at the size it trains on
+    trained = int(crop or image_size)
+    family.build(cfg.model, trained, len(label_names))
+    if cfg.model.family == "style" and trained % 4:  # its two stride-2 stages; training does not pad (inference does)
+        raise UserError(f"data.{'crop_size' if crop else 'image_size'}={trained}: the style network trains on sides "
+                        f"that are multiples of 4 (e.g. {trained - trained % 4})")
 
     notes = []
     if cfg.train.amp is True and not cfg.scaling.use_gpu:
@@ -285,8 +295,16 @@ def _check_eval(cfg: TrainConfig) -> None:
 def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: int, label_names: list[str]) -> None:
     """Resuming must keep what shapes the weights (model config, image size, labels): checked here, once, instead of
     failing in every worker (and every retry) when the checkpoint does not load."""
-    state = json.loads(storage.read_text(storage.join(run_dir, latest, "state.json")))
+    try:
+        state = json.loads(storage.read_text(storage.join(run_dir, latest, "state.json")))
+    except ValueError as exc:
+        raise UserError(f"{run_dir}/{latest}/state.json is not valid JSON ({one_line(exc, with_type=False)}); "
+                        f"remove that checkpoint folder to resume from the one before") from None
     old = type(cfg.model).current_keys((state.get("config") or {}).get("model") or {})  # renamed keys: today's names
+    try:  # keys added since the run started take their defaults, as its resumed steps will
+        old = type(cfg.model).model_validate(old).model_dump(mode="json")
+    except (ValueError, UserError):
+        pass  # a key since removed: compared as stored, so the message names it
     new = cfg.model.model_dump(mode="json")
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     where = f"{run_dir} ({latest})"
