@@ -3,11 +3,12 @@
     genart audit --model runs/dcgan --data data/synth --num 500 --features critic:runs/critic --output audit/dcgan
 
 Each sample's nearest training image, as it is or mirrored (generators train on both), is found in embedding space
-(features centred on the training mean, unit length) and in pixel space (the generator's resolution). Distances are relative, the nearest one over the mean of
-the next RELATIVE_K (Carlini et al. 2023): a flat picture near many training images scores ~1, a copy ~0. What is "too close" is calibrated on the dataset's own val
-split, which the generator never saw: the val images' nearest-training-image similarities are the baseline
-(Somepalli et al., CVPR 2023, "Diffusion Art or Digital Forgery?"). A sample closer to a training image than the
-`quantile` of that baseline, in either space, counts as a copy; `copy_share` is their share of the samples.
+(features centred on the training mean, unit length) and in pixel space (the generator's resolution). Distances
+are relative, the nearest one over the mean of the next RELATIVE_K (Carlini et al. 2023): a flat picture near many
+training images scores ~1, a copy ~0. What is "too close" is calibrated on the dataset's own val split, which the
+generator never saw: the val images' nearest-training-image similarities are the baseline (Somepalli et al., CVPR
+2023, "Diffusion Art or Digital Forgery?"). A sample closer to a training image than the `quantile` of that
+baseline, in either space, counts as a copy; `copy_share` is their share of the samples.
 Writes summary.json, histogram.png (samples vs the val baseline) and pairs.png (the closest sample/training pairs).
 """
 
