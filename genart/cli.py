@@ -41,6 +41,9 @@ address_option = click.option(
     "--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: start an embedded local Ray)."
 )
 
+max_pixels_option = click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+                                 help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+
 
 def set_option(example: str):
     """The repeatable `--set KEY=VALUE` option, with an example key of the command's own config."""
@@ -61,8 +64,7 @@ def set_option(example: str):
               help="Label by first-level folder (default when SRC has subfolders) or not at all.")
 @click.option("--val-fraction", type=float, default=0.05, show_default=True, help="Share of images in the val split.")
 @click.option("--shard-rows", type=int, default=10_000, show_default=True, help="Rows per Parquet shard.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@max_pixels_option
 @click.option("--near-dedup", is_flag=True,
               help="Drop near duplicates (re-encoded, resized, slightly cropped copies); default: only report them.")
 @click.option("--near-threshold", type=int, default=None,
@@ -209,8 +211,7 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
 @click.option("--tile", type=int, default=1024, show_default=True, help="Stylise images larger than N px in N x N tiles (0: never).")
 @click.option("--tile-overlap", type=int, default=None, help="Tile overlap in px (default: N/8, at least twice the net's reach).")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "parquet"]), default="png", show_default=True)
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@max_pixels_option
 @_run_options
 def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batch_size, concurrency, gpus_per_worker,
             cpus_per_worker, deterministic, autocast, resume, overwrite, address):
@@ -253,8 +254,7 @@ def generate(model, num, out, seed, truncation, label, guidance, fmt, batch_size
 @click.option("--model", required=True, help="Critic checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
 @click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@max_pixels_option
 @_run_options
 def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, deterministic, autocast,
           resume, overwrite, address):
@@ -280,8 +280,7 @@ def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker,
               help="torchvision inception_v3 state_dict (.pth or .safetensors); default: torchvision's download cache.")
 @click.option("--nn", "nn_kind", type=click.Choice(["auto", "flat", "hnsw"]), default="auto", show_default=True,
               help="faiss index: exact (flat), HNSW, or auto (exact up to 50,000 vectors).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Reject images with more pixels (default: Pillow's 89.5 MP).")
+@max_pixels_option
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per model call.")
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Embedding actors (each loads the model once).")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per embedding actor.")

@@ -162,16 +162,18 @@ def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: di
              if previous.get("evaluated_with", previous.get("scored_with")) == settings}  # older runs wrote scored_with
     todo = [(name, storage.join(run["run_dir"], ckpt), step) for name, run in runs.items()
             for step, ckpt in outputs.list_checkpoints(run["run_dir"], complete=True)]
+    pruned = None  # the served checkpoint, if keep_last has pruned it since it was deployed
     if serving and serving["checkpoint"] not in {uri for _, uri, _ in todo}:
-        # keep_last may have pruned the served checkpoint since it was deployed: its recorded value still counts
-        if storage.exists(serving["checkpoint"]) or (serving["checkpoint"], serving["checkpoint_hash"]) in known:
+        if not storage.exists(serving["checkpoint"]):
+            pruned = serving["checkpoint"]
+        if pruned is None or (pruned, serving["checkpoint_hash"]) in known:  # its recorded value still counts
             todo.append(("(serving now)", serving["checkpoint"], None))
         else:
-            click.echo(f"note: the served {serving['checkpoint']} is gone from its run and was not evaluated with "
-                       f"these settings; it cannot be compared, so the winner replaces it")
+            click.echo(f"note: the served {pruned} is gone from its run and was not evaluated with these settings; "
+                       f"it cannot be compared, so the winner replaces it")
     rows = []
     for name, uri, step in todo:
-        digest = weights_hash(uri) if step is not None or storage.exists(uri) else serving["checkpoint_hash"]
+        digest = serving["checkpoint_hash"] if uri == pruned else weights_hash(uri)
         value = known.get((uri, digest))
         if value is None:
             value = evaluate(uri, cfg)

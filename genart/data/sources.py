@@ -143,13 +143,18 @@ def _without_output_files(files: list[tuple[str, int]]) -> list[tuple[str, int]]
     """Inside a folder genart wrote (it holds a manifest.json): a prepared dataset or a job's Parquet output is
     its shards; a job's image output is its images, without the job's own files. Files outside such folders
     (photos beside an earlier job's output, say) stay inputs."""
-    outputs = sorted({posixpath.dirname(f) for f, _ in files if posixpath.basename(f) == "manifest.json"},
-                     key=len, reverse=True)
+    outputs = {posixpath.dirname(f) for f, _ in files if posixpath.basename(f) == "manifest.json"}
     if not outputs:
         return files
 
-    def owner(f: str) -> str | None:  # the innermost output folder holding f
-        return next((o for o in outputs if f.startswith(o + "/")), None)
+    def owner(f: str) -> str | None:  # the innermost output folder holding f: up its folders, one set lookup each
+        folder = posixpath.dirname(f)
+        while folder not in outputs:
+            parent = posixpath.dirname(folder)
+            if parent == folder:
+                return None
+            folder = parent
+        return folder
 
     with_shards = {owner(f) for f, _ in files if _has_ext(f, PARQUET_EXT)} - {None}
     sidecars = set(DATASET_SIDECARS + JOB_SIDECARS)

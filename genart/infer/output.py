@@ -52,7 +52,7 @@ def start(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool
     manifest_uri, run_uri = storage.join(out, "manifest.json"), storage.join(out, "run.json")
     has_manifest, has_run = storage.exists(manifest_uri), storage.exists(run_uri)
     files = [(u, storage.relative(out, u)) for u, _ in storage.find(out)] if storage.exists(out) else []
-    stored = json.loads(storage.read_text(run_uri)) if has_run else None
+    stored = json.loads(storage.read_text(run_uri)) if resume and has_run else None
     if resume and redo_changed and (has_run or has_manifest) and stored != run:
         resume, overwrite = False, True
     if resume and (has_run or has_manifest):
