@@ -279,8 +279,9 @@ def test_corrupt_checkpoints(vae_run, tmp_path):
 
     bad = tmp_path / "step-000001"
     shutil.copytree(vae_run / "step-000001", bad)
-    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(UserError, match="safetensors"):
+    size = (bad / "model.safetensors").stat().st_size
+    (bad / "model.safetensors").write_bytes(b"\x00" * size)  # the recorded size, unreadable content
+    with pytest.raises(UserError, match="not a readable safetensors file"):
         models.load(str(bad))
     (bad / "model.safetensors").unlink()
     with pytest.raises(UserError, match="model.safetensors"):
@@ -294,6 +295,43 @@ def test_corrupt_checkpoints(vae_run, tmp_path):
     (tmp_path / "other" / "state.json").write_text(json.dumps(state))
     with pytest.raises(UserError, match="do not match"):
         models.load(str(tmp_path / "other"))
+
+
+def test_a_checkpoint_cut_short_is_never_picked(vae_run, tmp_path):
+    """Ray's upload copies a checkpoint's files in any order, so a copy cut short can hold a state.json ahead of a
+    missing or truncated file. A resume skips it (every file counts); loading skips it only when the weights are
+    short (sampling needs no optim.pt); naming it is a one-line error. A checkpoint written before sizes were
+    recorded still counts when its weights are there."""
+    import shutil
+
+    from genart.models.checkpoint import incomplete
+    from genart.train import outputs
+
+    run = tmp_path / "run"
+    shutil.copytree(vae_run, run)
+    shutil.copytree(run / "step-000001", run / "step-000002")
+    assert outputs.list_checkpoints(str(run), complete=True) == [(1, "step-000001"), (2, "step-000002")]
+    optim = run / "step-000002" / "optim.pt"
+    size = optim.stat().st_size
+    optim.write_bytes(optim.read_bytes()[:100])
+    assert incomplete(str(run / "step-000002")) == f"optim.pt is 100 bytes, state.json records {size}"
+    assert outputs.list_checkpoints(str(run), complete=True) == [(1, "step-000001")]
+    assert models.find_checkpoint(str(run), "latest").endswith("step-000002")  # its weights are whole
+    (run / "step-000002" / "model.safetensors").unlink()
+    assert models.find_checkpoint(str(run), "latest").endswith("step-000001")
+    with pytest.raises(UserError, match=r"corrupt checkpoint: .*step-000002: no model.safetensors; use another"):
+        models.load(str(run / "step-000002"))
+    with pytest.raises(UserError, match=r"corrupt checkpoint: .*step-000002: no model.safetensors"):
+        models.find_checkpoint(str(run), "step-000002")
+    (run / "best.json").write_text(json.dumps({"checkpoint": "step-000002"}))
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        models.find_checkpoint(str(run))
+    old = run / "step-000001" / "state.json"
+    state = json.loads(old.read_text())
+    state.pop("files")
+    old.write_text(json.dumps(state))
+    assert incomplete(str(run / "step-000001")) is None
+    assert models.load(str(run), which="latest").meta["checkpoint"].endswith("step-000001")
 
 
 class _Evil:

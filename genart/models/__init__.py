@@ -20,7 +20,7 @@ from genart import storage
 from genart.config import validate
 from genart.errors import UserError
 from genart.models import autoregressive, critic, dcgan, style, vae, vqvae
-from genart.models.checkpoint import STATE, WEIGHTS, checkpoint_hash, load_nets, read_state, read_weights
+from genart.models.checkpoint import STATE, WEIGHTS, checkpoint_hash, incomplete, load_nets, read_state, read_weights
 from genart.models.family import Family, Loaded
 from genart.models.autoregressive import AutoregressiveConfig
 from genart.models.critic import CriticConfig
@@ -67,8 +67,6 @@ def model_section(config: dict) -> dict:
     return config
 
 
-def _has_state(uri: str) -> bool:
-    return storage.exists(storage.join(uri, STATE))
 
 
 def _checked_name(name: str, where: str) -> str:
@@ -79,16 +77,23 @@ def _checked_name(name: str, where: str) -> str:
 
 def find_checkpoint(uri: str, which: str = "best") -> str:
     """A checkpoint folder -> itself; a run folder -> best.json's checkpoint (which="best", if present) or the
-    latest `step-*` folder with a state.json (which="latest", or no best.json); which="step-000100" picks that one."""
+    latest complete `step-*` folder (which="latest", or no best.json); which="step-000100" picks that one. A checkpoint
+    whose upload was cut short (`checkpoint.incomplete`) is never picked, and naming one is an error."""
     uri = str(uri).rstrip("/") or "/"
-    if _has_state(uri):
+    if storage.exists(storage.join(uri, STATE)):
+        reason = incomplete(uri, (WEIGHTS,))
+        if reason:
+            raise UserError(f"corrupt checkpoint: {uri}: {reason}; use another checkpoint")
         return uri
     if not storage.isdir(uri):
         raise UserError(f"checkpoint not found: {uri}; give a run folder or a checkpoint folder (step-*/)")
     if which not in ("best", "latest"):
         target = storage.join(uri, _checked_name(which, f"checkpoint {which!r}"))
-        if not _has_state(target):
+        reason = incomplete(target, (WEIGHTS,))
+        if reason == f"no {STATE}":
             raise UserError(f"checkpoint {which} not found in {uri}")
+        if reason:
+            raise UserError(f"corrupt checkpoint: {target}: {reason}; use another checkpoint")
         return target
     best = storage.join(uri, "best.json")
     if which == "best" and storage.exists(best):
@@ -97,14 +102,14 @@ def find_checkpoint(uri: str, which: str = "best") -> str:
         except (ValueError, KeyError, TypeError):
             raise UserError(f"corrupt {best}: expected {{\"checkpoint\": \"step-...\"}}; fix or delete it") from None
         target = storage.join(uri, _checked_name(name, best))
-        if not _has_state(target):
+        if incomplete(target, (WEIGHTS,)):
             raise UserError(f"{best} names {name}, which is not a complete checkpoint; use which='latest'")
         return target
     candidates = []
     for child in storage.listdir(uri):
         name = child.rstrip("/").rsplit("/", 1)[-1]
         match = _STEP.match(name)
-        if match and _has_state(child):
+        if match and incomplete(child, (WEIGHTS,)) is None:
             candidates.append((int(match.group(1)), child))
     if not candidates:
         raise UserError(f"no checkpoint in {uri}: expected step-*/state.json folders (has training saved one yet?)")

@@ -83,8 +83,9 @@ def save_checkpoint(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, 
     """Write a checkpoint into the local folder `dir`; returns the sha256 of model.safetensors.
 
     `state` needs family, step and config (the model section, or the whole training config with a `model:` key);
-    image_size and label_names should be there too. state.json is written last: its presence marks a complete
-    checkpoint. `state["precision"]` (a Precision.state_dict(), if given) goes into optim.pt. Nets with
+    image_size and label_names should be there too. state.json is written last and records the other files' sizes:
+    `incomplete` trusts a copy only when they match (Ray's upload copies files in any order, so state.json alone
+    can arrive before the weights). `state["precision"]` (a Precision.state_dict(), if given) goes into optim.pt. Nets with
     `persist_in_checkpoint = False` (e.g. style's loss network) are rebuilt, not saved, but their
     `checkpoint_info()` is recorded under state["net_info"].
     """
@@ -112,10 +113,36 @@ def save_checkpoint(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, 
         state["rng_ranks"] = [j for j, _ in ranks]
         optim["rng_ranks"] = [t for _, t in ranks]
     _atomic(folder / OPTIM, lambda p: torch.save(optim, p))
-    full = {**state, "net_info": net_info, "rng": state.get("rng") or rng_json, "nets": sorted(nets)}
+    files = {name: (folder / name).stat().st_size for name in (WEIGHTS, OPTIM)}
+    full = {**state, "net_info": net_info, "rng": state.get("rng") or rng_json, "nets": sorted(nets), "files": files}
     text = json.dumps(_jsonable(full), indent=1)
     _atomic(folder / STATE, lambda p: Path(p).write_text(text))
     return checkpoint_hash(str(folder))
+
+
+def incomplete(dir: str, files: tuple[str, ...] | None = None) -> str | None:
+    """Why the checkpoint folder `dir` (local or s3://) cannot be trusted, or None if it holds its state.json and
+    `files` (None: every file the state lists; loading for inference asks for (WEIGHTS,) only) at the sizes written.
+    Ray's upload copies a checkpoint's files in any order, so one cut short can have a state.json ahead of a missing
+    or truncated weights file. Checkpoints saved before sizes were recorded need their weights file."""
+    sizes = {storage.relative(dir, uri): size for uri, size in storage.find(dir)}
+    if STATE not in sizes:
+        return f"no {STATE}"
+    try:
+        state = json.loads(storage.read_text(storage.join(dir, STATE)))
+    except (ValueError, UserError) as exc:  # half-copied, or removed since the listing
+        return f"{STATE} is not valid JSON ({one_line(exc, with_type=False)})"
+    if not isinstance(state, dict):
+        return f"{STATE} is not a JSON object"
+    recorded = state.get("files")
+    if not isinstance(recorded, dict):
+        recorded = {WEIGHTS: None}
+    for name in recorded if files is None else files:
+        if name not in sizes:
+            return f"no {name}"
+        if recorded.get(name) is not None and sizes[name] != recorded[name]:
+            return f"{name} is {sizes[name]} bytes, {STATE} records {recorded[name]}"
+    return None
 
 
 def checkpoint_hash(dir: str) -> str:

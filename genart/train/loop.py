@@ -184,7 +184,7 @@ def _saved_checkpoint(family, cfg: TrainConfig, nets: dict, opts: dict, val: Val
 
 def _resume_checkpoint(run_dir: str):
     """The checkpoint to resume from: Ray's latest, unless it is gone from storage (or Ray knows none), then the
-    newest complete one in the run folder (state.json is written last, so a half-uploaded one is never picked)."""
+    newest complete one in the run folder (`checkpoint.incomplete`: a half-uploaded one is never picked)."""
     import ray.train
 
     latest = ray.train.get_checkpoint()

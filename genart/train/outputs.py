@@ -31,13 +31,15 @@ def stop_request(run_dir: str) -> str:
 
 
 def list_checkpoints(run_dir: str, complete: bool = False) -> list[tuple[int, str]]:
-    """(step, name) of every `step-*` folder in the run, oldest first; complete=True: only those with a state.json
-    (written last, so a checkpoint whose upload was cut short is left out)."""
+    """(step, name) of every `step-*` folder in the run, oldest first; complete=True: only those whose files are all
+    there at their recorded sizes (`checkpoint.incomplete`), so a checkpoint whose upload was cut short is left out."""
+    from genart.models.checkpoint import incomplete  # torch: only when checkpoints are checked
+
     found = []
     for uri in storage.listdir(run_dir):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         match = CHECKPOINT_DIR.match(name)
-        if match and (not complete or storage.exists(storage.join(uri, "state.json"))):
+        if match and (not complete or incomplete(uri) is None):
             found.append((int(match.group(1)), name))
     return sorted(found)
 
