@@ -113,7 +113,25 @@ def test_output_names_cannot_escape():
     assert naming.safe_rel("manifest.json") == "_manifest.json"
     assert naming.output_key("cats/a.jpeg", ".webp") == "cats/a.webp"
     renames = naming.unique_keys([("s1", "a.png"), ("s2", "A.png"), ("s0", "a.png"), ("s3", "b.png")])
-    assert renames == {"s1": "a~2.png", "s2": "a~3.png"}  # the smallest source keeps the plain name
+    assert renames == {"s0": "a.png", "s1": "a~2.png", "s2": "a~3.png"}  # the smallest source keeps the plain name
+
+
+def test_a_resume_never_hands_an_input_another_inputs_output_name():
+    """Inputs added (or removed) between a run and its --resume must not move the `~N` names: the written
+    outputs keep their inputs, and a new input never counts as done because of another input's picture."""
+    first = naming.unique_keys([("b", "x.png"), ("c", "x.png")])
+    assert first == {"b": "x.png", "c": "x~2.png"}
+    # "a" sorts first and would take x.png; "d" brings its own x~2.png, which "c" holds
+    later = [("a", "x.png"), ("b", "x.png"), ("c", "x.png"), ("d", "x~2.png")]
+    resumed = naming.unique_keys(later, fixed=first, done={"x.png", "x~2.png"})
+    assert resumed == {"a": "x~3.png", "b": "x.png", "c": "x~2.png", "d": "x~2~2.png"}
+    # "c" is gone: its x~2.png stays its own; a newcomer named x.png is renamed past every name held or written
+    again = naming.unique_keys([("b", "x.png"), ("e", "x.png")], fixed=resumed, done={"x.png", "x~2.png", "x~4.png"})
+    assert again == {"b": "x.png", "e": "x~5.png"}
+    # one input wrote x.png alone; now two share it and nothing says which one wrote it
+    with pytest.raises(UserError, match="--resume: x.png was written before other inputs came to share its name"):
+        naming.unique_keys([("a", "x.png"), ("b", "x.png")], fixed={}, done={"x.png"})
+    assert naming.unique_keys([("a", "x.png"), ("b", "x.png")], fixed={}, done=set()) == {"a": "x.png", "b": "x~2.png"}
 
 
 def test_a_workflow_rerun_after_retraining_redoes_the_step_instead_of_refusing(tmp_path):
@@ -166,6 +184,33 @@ def test_stylize_folder_cli(tmp_path, ckpts, ray_session):
     assert other.exit_code == 2 and "different run" in other.output
     nested = CliRunner().invoke(main, ["stylize", "--model", ckpts["style"], "--input", src, "--output", f"{src}/styled"])
     assert nested.exit_code == 2 and "inside --input" in nested.output
+
+
+def test_stylize_resume_keeps_output_names_when_inputs_are_added(tmp_path, ckpts, ray_session):
+    """b.jpg and b.png both become b.png. b.bmp, added before --resume, sorts first, so it would have taken b.png
+    and been skipped as done (b.jpg's picture) while b.png's was written again; it gets a name of its own, and the
+    two written pictures keep theirs."""
+    src, out = tmp_path / "in", str(tmp_path / "out")
+    src.mkdir()
+    seeds = {"b.jpg": 1, "b.png": 2, "b.bmp": 3}
+    for name in ("b.png", "b.jpg"):
+        _picture(seeds[name], (40, 32)).save(src / name)
+    args = ["stylize", "--model", ckpts["style"], "--input", str(src), "--output", out, "--batch-size", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    before = _outputs(out)
+    assert sorted(before) == ["b.png", "b~2.png"]
+    _picture(seeds["b.bmp"], (40, 32)).save(src / "b.bmp")
+    result = CliRunner().invoke(main, args + ["--resume"])
+    assert result.exit_code == 0, result.output
+    after = _outputs(out)
+    assert sorted(after) == ["b.png", "b~2.png", "b~3.png"]
+    assert all(after[k] == before[k] for k in before)  # not rewritten: still the same inputs' pictures
+    assert after["b~3.png"] not in before.values()  # b.bmp's own picture (before: b.png's, written again)
+    names = json.loads((tmp_path / "out" / "names.json").read_text())
+    assert names == {str(src / "b.jpg"): "b.png", str(src / "b.png"): "b~2.png", str(src / "b.bmp"): "b~3.png"}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["written_this_run"] == 1 and manifest["counts"]["already_done"] == 2
 
 
 def test_stylize_s3_prefix(ckpts, s3_bucket, ray_session):

@@ -61,11 +61,9 @@ def upload(base, path, data: bytes, **form):
 
 
 def deploy(name: str, args: dict) -> None:
-    from ray import serve
+    from genart.serve.run import deploy as deploy_app
 
-    from genart.serve.app import build
-
-    serve.run(build(args), name=name, route_prefix=f"/{name}")
+    deploy_app(args, name=name, route_prefix=f"/{name}")
 
 
 def wait_healthy(url: str, timeout_s: float = 300) -> None:
@@ -629,6 +627,30 @@ def test_serve_config_file_deploys_like_serve_deploy(http, tiny_models):
         assert upload(f"{http}/t-config", "/v1/stylize", png(30, 20), model="starry").status_code == 200
     finally:
         serve.delete("t-config")
+
+
+def test_weights_that_do_not_load_fail_the_deploy_with_the_replicas_reason(http, tmp_path):
+    """Before deploying, a checkpoint's state.json is read, not its weights: weights that do not fit its config
+    fail in the replicas, where Serve's own error ("Failed to update the deployments [...]") names no reason and
+    `genart serve` printed a traceback. The deploy is a UserError (one line, exit 2) with the replicas' reason."""
+    import json
+
+    from ray import serve
+
+    from genart.models.tiny import tiny_checkpoint
+
+    run = tiny_checkpoint(str(tmp_path / "vae"), "vae", 32, seed=1)
+    state_file = next(Path(run).glob("step-*/state.json"))
+    state = json.loads(state_file.read_text())
+    model = state["config"].get("model", state["config"])
+    model["latent_dim"] += 3
+    state_file.write_text(json.dumps(state))
+    try:
+        with pytest.raises(UserError, match=r"^deployment generator-bad failed to start: checkpoint .*step-000000: "
+                                            r"vae weights do not match .*\(size mismatch for "):
+            deploy("t-bad", {"models": {"bad": run}, "api_key_env": NO_KEY_ENV})
+    finally:
+        serve.delete("t-bad")
 
 
 @pytest.mark.slow

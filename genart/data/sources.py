@@ -41,7 +41,7 @@ IDX_MAX_BYTES = 4 << 30  # decompressed pixel bytes of one idx file
 # Files a prepared dataset keeps beside its shards, and files a batch job writes at its output root: never inputs
 # (so one job's output folder can be the next one's input, e.g. stylize -> score).
 DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl", "near_duplicates.jsonl")
-JOB_SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json")
+JOB_SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json", "names.json")
 FILES_PER_UNIT = 64
 TABLE_BYTES = 64 << 20  # a reader hands its records on once they hold this many bytes, whatever their count
 PARQUET_ROWS_PER_BATCH = 64

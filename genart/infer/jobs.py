@@ -174,11 +174,13 @@ def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, opt
     """Plan the inputs, name their outputs, start (or resume) the output folder, and leave out what is written."""
     plan = sources.plan([src])
     pairs = [(source, naming.output_key(rel, ext)) for source, rel in naming.planned_names(plan)]
-    renames = naming.unique_keys(pairs)
-    keys = {source: renames.get(source, key) for source, key in pairs}
     output.start(out, {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options},
                  run.resume, run.overwrite, run.redo_changed)
     done = output.done_keys(out, fmt) if run.resume else set()
+    fixed = naming.read_names(out) if run.resume else {}  # gone if start() began the run over
+    renames = naming.unique_keys(pairs, fixed, done)
+    naming.write_names(out, fixed, renames)
+    keys = {source: renames.get(source, key) for source, key in pairs}
     already = sum(1 for key in keys.values() if key in done)
     todo = naming.prune_plan(plan, lambda s, r: keys.get(s) not in done) if done else plan
     return _ImageWork(plan, todo, renames, done, already)

@@ -8,6 +8,7 @@ backslashes, NUL and control characters are removed here, once, for every job.
 from __future__ import annotations
 
 import collections
+import json
 import posixpath
 import re
 import unicodedata
@@ -16,9 +17,11 @@ import pyarrow.parquet as pq
 
 from genart import storage
 from genart.data import sources
+from genart.errors import UserError
 
 # Files a job writes at the top of its output root: an input may never be named like them.
 SIDECARS = sources.JOB_SIDECARS
+NAMES = "names.json"  # {source: key} of every input that shares its plain key with another: kept across resumes
 MAX_COMPONENT_BYTES = 200  # below the 255-byte limit of common filesystems, leaving room for "~N" and ".tmp-xxxx"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]")
 
@@ -54,31 +57,68 @@ def output_key(rel_path: str | None, ext: str | None) -> str:
     return posixpath.join(folder, stem + ext)
 
 
-def unique_keys(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """(source, key) for every input -> {source: new key} for the inputs whose key another input also has.
+def unique_keys(pairs: list[tuple[str, str]], fixed: dict[str, str] | None = None,
+                done: set[str] | frozenset = frozenset()) -> dict[str, str]:
+    """(source, key) for every input -> {source: its key} for every input whose plain key is not simply its own.
 
-    The input with the smallest source keeps the plain key; the others get `stem~2.ext`, `stem~3.ext`...
+    Of inputs that share a key, the smallest source keeps it; the others get `stem~2.ext`, `stem~3.ext`...
     Keys compare case-insensitively, so the output is also safe on case-insensitive filesystems.
+    Resuming, `fixed` is the map the run's earlier starts wrote (`NAMES`) and `done` the keys already written:
+    inputs in `fixed` keep their keys, and no other input takes one of those or a written `~N` key, so an output
+    written before is never taken for another input's. A written key now shared by inputs that did not share it
+    before is a UserError: which of them wrote it cannot be told.
     """
+    fixed = fixed or {}
+    reserved = {key.lower() for key in fixed.values()}
     groups: dict[str, list[str]] = collections.defaultdict(list)
-    for source, key in pairs:
-        groups[key.lower()].append(source)
-    taken = set(groups)
     key_of = dict(pairs)
-    renames: dict[str, str] = {}
+    for source, key in pairs:
+        if source not in fixed:
+            groups[key.lower()].append(source)
+    written = {key.lower() for key in done}
+    taken = {key.lower() for _, key in pairs} | reserved | written
+    assigned = {source: key for source, key in fixed.items() if source in key_of}
     for lowered, group in groups.items():
-        if len(group) < 2:
-            continue
         group = sorted(set(group))
-        stem, ext = posixpath.splitext(key_of[group[0]])
+        keeps_plain = lowered not in reserved
+        if len(group) < 2 and keeps_plain:
+            continue
+        plain = key_of[group[0]]
+        if keeps_plain and lowered in written:
+            raise UserError(f"--resume: {plain} was written before other inputs came to share its name "
+                            f"({', '.join(group[:3])}); move the new inputs elsewhere or pass --overwrite")
+        if keeps_plain:
+            assigned[group[0]] = plain
+            group = group[1:]
+        stem, ext = posixpath.splitext(plain)
         n = 2
-        for source in group[1:]:
+        for source in group:
             while f"{stem}~{n}{ext}".lower() in taken:
                 n += 1
-            renames[source] = f"{stem}~{n}{ext}"
-            taken.add(renames[source].lower())
-            n += 1
-    return renames
+            assigned[source] = f"{stem}~{n}{ext}"
+            taken.add(assigned[source].lower())
+    return assigned
+
+
+def read_names(out: str) -> dict[str, str]:
+    """The `NAMES` map an earlier start of the run at `out` wrote ({} if none)."""
+    uri = storage.join(out, NAMES)
+    if not storage.exists(uri):
+        return {}
+    try:
+        names = json.loads(storage.read_text(uri))
+    except ValueError:
+        names = None
+    if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+        raise UserError(f"--resume: {uri} is not a JSON object of input -> output name; pass --overwrite to start over")
+    return names
+
+
+def write_names(out: str, fixed: dict[str, str], assigned: dict[str, str]) -> None:
+    """Record every shared or renamed input's key, the earlier starts' too, for the next resume."""
+    names = {**fixed, **assigned}
+    if names and names != fixed:
+        storage.write_text(storage.join(out, NAMES), json.dumps(names, indent=0, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- the names of every planned input

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genart import storage
-from genart.errors import UserError, one_line
+from genart.errors import LINE_LIMIT, UserError, one_line
 from genart.models.training import unwrap
 
 WEIGHTS, OPTIM, STATE = "model.safetensors", "optim.pt", "state.json"
@@ -215,9 +215,10 @@ def load_nets(nets: dict[str, nn.Module], tensors_by_net: dict[str, dict[str, to
             raise UserError(f"checkpoint {where} has no weights for {name!r}; it was written by a different model")
         try:
             net.load_state_dict(tensors_by_net[name], strict=True)
-        except RuntimeError as exc:
-            first = one_line(exc, with_type=False)
-            raise UserError(f"checkpoint {where}: {name} weights do not match the model its config describes ({first})") from None
+        except RuntimeError as exc:  # torch's first line only says "Error(s) in loading state_dict": name the first
+            detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), one_line(exc, with_type=False))
+            raise UserError(f"checkpoint {where}: {name} weights do not match the model its config describes "
+                            f"({detail[:LINE_LIMIT]})") from None
 
 
 def record_metrics(dir: str, metrics: dict) -> None:

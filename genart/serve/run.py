@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 
 from genart.config import apply_overrides, read_yaml
-from genart.errors import UserError
+from genart.errors import LINE_LIMIT, UserError, one_line
 from genart.serve.config import ServeArgs, parse_args
 
 APP_NAME = "genart"
@@ -101,22 +102,57 @@ def serve_forever(settings: ServeArgs, host: str, port: int, address: str | None
 
 
 def _deploy_and_wait(settings: ServeArgs, host: str, port: int) -> None:
-    from ray import serve
-
-    from genart.serve.app import build
-
     # Serve's own proxy timeout is a backstop a little past the app's (which answers 504 with a JSON reason).
     real_host, real_port = start_http(host, port, settings.request_timeout_s + 5, settings.access_log)
     if (real_host, real_port) != (host, port):
         print(f"note: Serve was already running on {real_host}:{real_port}; using that (restart Ray to change it)")
     key_env = settings.api_key_env
-    serve.run(build(settings), name=APP_NAME, route_prefix="/")
+    deploy(settings)
     shown = "127.0.0.1" if real_host in ("0.0.0.0", "::") else real_host
     search = " and a search index" if settings.index else ""
     print(f"genart is serving {len(settings.models)} model(s){search} at http://{shown}:{real_port}/  (API docs: /docs)")
     print(f"API key: {'required (from $' + key_env + ')' if os.environ.get(key_env) else 'not required (set $' + key_env + ' to require one)'}")
     print("Ctrl-C to stop.", flush=True)
     wait_for_ctrl_c()
+
+
+def deploy(settings: ServeArgs | dict, name: str = APP_NAME, route_prefix: str = "/") -> None:
+    """serve.run the app and wait until it runs. A deployment whose replicas cannot start (e.g. a checkpoint whose
+    weights do not load, which reading its state.json beforehand cannot tell) is a UserError with their reason:
+    Serve's own error names no reason, only the deployment."""
+    from ray import serve
+
+    from genart.serve.app import build
+
+    try:
+        serve.run(build(settings), name=name, route_prefix=route_prefix)
+    except RuntimeError as exc:
+        raise _deploy_failure(exc, name) from None
+
+
+def _deploy_failure(exc: RuntimeError, app: str) -> UserError:
+    """serve.run's failure -> one line with the reason a deployment's replicas gave, read from Serve's status."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[app].deployments
+    except Exception:  # noqa: BLE001 - no status to read: say what serve.run said
+        deployments = {}
+    for name, status in deployments.items():
+        reason = _error_line(status.message or "")
+        if reason:
+            return UserError(f"deployment {name} failed to start: {reason}")
+    return UserError(f"the app failed to deploy: {one_line(exc, with_type=False)}")
+
+
+def _error_line(message: str) -> str | None:
+    """The exception in a replica's traceback: a UserError's text, else the last "SomeError: ..." line."""
+    lines = [line.strip() for line in message.splitlines()]
+    for line in lines:
+        if "UserError: " in line:
+            return line.split("UserError: ", 1)[1][:LINE_LIMIT]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return errors[-1][:LINE_LIMIT] if errors else None
 
 
 def wait_for_ctrl_c() -> None:
