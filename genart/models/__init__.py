@@ -67,8 +67,6 @@ def model_section(config: dict) -> dict:
     return config
 
 
-
-
 def _checked_name(name: str, where: str) -> str:
     if not storage.is_safe_name(name):  # a checkpoint folder name, never a path
         raise UserError(f"{where}: {name!r} is not a checkpoint folder name (expected e.g. step-000100)")
