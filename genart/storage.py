@@ -42,6 +42,14 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def within(uri: str, folder: str) -> bool:
+    """Whether `uri` is `folder` or lies below it, on the same store."""
+    if is_s3(uri) != is_s3(folder):
+        return False
+    path, root = fsspec_fs(uri)[1].rstrip("/"), fsspec_fs(folder)[1].rstrip("/")
+    return path == root or path.startswith(root + "/")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URI (always with '/')."""
     uri = str(uri)

@@ -24,6 +24,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import corpus  # noqa: E402
 
 
+JOB_MANIFEST = json.dumps({"command": "stylize", "counts": {"inputs": 2, "written": 2, "errors": 0}})
+
+
 def _rows(dest: str) -> list[dict]:
     fs, _ = storage.arrow_fs(dest)
     rows = []
@@ -303,8 +306,9 @@ def test_a_job_output_folder_is_an_input_without_its_own_files(tmp_path):
     (out / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(out / "a" / "x.png")
     Image.new("RGB", (8, 8)).save(out / "y.png")
-    for name in ("manifest.json", "run.json", "errors.jsonl"):
+    for name in ("run.json", "errors.jsonl"):
         (out / name).write_text("{}")
+    (out / "manifest.json").write_text(JOB_MANIFEST)
     plan = sources.plan([str(out)])
     rels = sorted(r for unit in plan.units for r in unit.rel_paths)
     assert rels == ["a/x.png", "y.png"] and plan.num_inputs == 2
@@ -338,7 +342,7 @@ def test_photos_beside_an_earlier_jobs_output_stay_inputs(tmp_path):
     for i in range(3):
         Image.new("RGB", (8, 8)).save(root / "photos" / f"p{i}.png")
     (root / "scores").mkdir()
-    (root / "scores" / "manifest.json").write_text("{}")
+    (root / "scores" / "manifest.json").write_text(JOB_MANIFEST)
     (root / "scores" / "errors.jsonl").write_text("")
     pq.write_table(pa.table({"source": ["x"], "label": ["circles"]}), root / "scores" / "part-0.parquet")
     plan = sources.plan([str(root)])
@@ -450,3 +454,129 @@ def test_images_outside_the_class_folders_are_counted_and_refused_by_label_model
                                "data.batch_size=2", "scaling.num_workers=1", "data.crop_size=14"])
     with pytest.raises(UserError, match="data.crop_size=14: the style network trains on sides that are multiples of 4"):
         check(style)
+
+
+def test_planning_skips_what_is_not_a_picture_of_the_dataset_and_says_so(tmp_path):
+    """A zip made on a Mac holds __MACOSX/ with a ._copy of every image: as a folder it became a class of its own
+    and merged the real ones into one ('art'). Dot-files and dot-folders (.DS_Store, .ipynb_checkpoints/) are
+    not read either, and each is a reported reject, not a silent drop."""
+    import zipfile
+
+    from genart.data import sources
+
+    archive = tmp_path / "art.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for label in ("cats", "dogs"):
+            z.writestr(f"art/{label}/a.png", corpus._png(Image.new("RGB", (8, 8))))
+            z.writestr(f"__MACOSX/art/{label}/._a.png", b"\x00\x05\x16\x07 AppleDouble")
+    plan = sources.plan([str(archive)])
+    assert plan.label_names == ["cats", "dogs"] and plan.num_inputs == 4
+    assert sorted(f["source"].split("!")[1] for f in plan.failures) == ["__MACOSX/art/cats/._a.png", "__MACOSX/art/dogs/._a.png"]
+    assert {f["reason"] for f in plan.failures} == {sources.HIDDEN_REASON}
+
+    folder = tmp_path / "photos"
+    for rel in ("cats/a.png", "cats/.ipynb_checkpoints/a-checkpoint.png", "dogs/b.png", ".DS_Store"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / rel, "PNG")
+    plan = sources.plan([str(folder)])
+    assert plan.label_names == ["cats", "dogs"] and plan.num_inputs == 4 and len(plan.failures) == 2
+    assert sorted(r for u in plan.units for r in u.rel_paths) == ["cats/a.png", "dogs/b.png"]
+
+
+def test_sources_given_twice_or_nested_are_refused_and_so_is_an_output_inside_a_source(tmp_path):
+    """Overlapping sources planned every shared file twice (both copies written, or a crash after the whole
+    run), and `prepare data --out data/prepared` read its own earlier shards on a rerun."""
+    from genart.data import sources
+
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "cats" / "a.png")
+    data, cats = str(tmp_path / "data"), str(tmp_path / "data" / "cats")
+    for srcs in ([data, cats], [cats, data], [data, data + "/"]):
+        with pytest.raises(UserError, match="overlap .* give each input once"):
+            sources.plan(srcs)
+    assert sources.plan([cats]).num_inputs == 1
+    result = CliRunner().invoke(main, ["prepare", data, "--out", f"{data}/prepared"])
+    assert result.exit_code == 2 and "is inside SRC" in result.output, result.output
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+def test_another_tools_manifest_does_not_hide_its_folders_images(tmp_path):
+    """Only a manifest.json genart wrote makes a folder mean "its shards": a downloaded dataset with its own
+    manifest.json and metadata.parquet beside its JPEGs keeps the JPEGs as inputs."""
+    import pyarrow as pa
+
+    from genart.data import sources
+
+    root = tmp_path / "download"
+    (root / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(root / "images" / f"{i}.jpg")
+    (root / "manifest.json").write_text(json.dumps({"name": "some-dataset", "files": 3}))
+    pq.write_table(pa.table({"file": ["0.jpg", "1.jpg", "2.jpg"], "caption": ["a", "b", "c"]}), root / "metadata.parquet")
+    plan = sources.plan([str(root)], labels="none")
+    files = sorted(r for u in plan.units if u.kind == "files" for r in u.rel_paths)
+    assert files == ["images/0.jpg", "images/1.jpg", "images/2.jpg", "manifest.json"]  # the JSON: a reported reject
+
+
+def test_parquet_label_names_that_are_numbers_are_the_labels_of_their_rows(tmp_path):
+    """Planning kept the raw values (and dropped 0) while the reader made them text: every row's label was
+    missing from the label map."""
+    import pyarrow as pa
+
+    from genart.data import sources
+
+    pngs = [corpus._png(Image.new("RGB", (8, 8), (i, 0, 0))) for i in range(3)]
+    pq.write_table(pa.table({"image": pngs, "label_name": [0, 1, 0]}), tmp_path / "digits.parquet")
+    plan = sources.plan([str(tmp_path / "digits.parquet")])
+    assert plan.label_names == ["0", "1"]
+    assert [r["label_name"] for r in _read_all(plan)] == ["0", "1", "0"]
+
+
+def test_colour_keyed_transparency_is_composited_like_a_palette_images(tmp_path):
+    """An RGB or grey PNG with a transparent colour key: that colour is see-through, so it turns white as a
+    palette image's transparent index does (it stayed black)."""
+    import io
+
+    for mode, key in (("RGB", (0, 0, 0)), ("L", 0)):
+        img = Image.new(mode, (4, 4), key)
+        img.putpixel((0, 0), (200, 10, 10) if mode == "RGB" else 200)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", transparency=key)
+        rgb = images.decode_image(buf.getvalue(), 10_000)
+        assert rgb.getpixel((1, 1)) == (255, 255, 255) and rgb.getpixel((0, 0)) != (255, 255, 255), mode
+
+
+def test_prepare_overwrite_replaces_a_palette_genart_wrote_and_synth_writes_to_s3(tmp_path, s3_bucket):
+    """--overwrite refused a dataset folder holding `genart palette`'s palette-16.json (genart's own file, stale
+    once the data is replaced); `datasets synth --out s3://...` wrote a local folder named 's3:'."""
+    dest = tmp_path / "ds"
+    dest.mkdir()
+    (dest / "manifest.json").write_text("{}")
+    (dest / "palette-16.json").write_text("{}")
+    prep._check_dest(str(dest), overwrite=True)  # no "holds files that are not part of a genart dataset"
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        prep._check_dest(str(dest), overwrite=True)
+
+    from genart.data.synth import make_synth
+
+    uri = f"s3://{s3_bucket}/synth"
+    make_synth(uri, num=5, size=8)
+    assert len([u for u, _ in storage.find(uri) if u.endswith(".png")]) == 5
+    assert not os.path.exists("s3:")
+
+
+def test_local_and_s3_files_are_read_in_units_of_their_own_store(tmp_path, s3_bucket):
+    """`prepare ./photos s3://bucket/more`: `mixed` re-chunked every plain file together, and a unit reads all its
+    files on its first file's store, so one store's files were all "unreadable"."""
+    from genart.data import sources
+
+    local = tmp_path / "photos"
+    local.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(local / f"l{i}.png")
+        storage.write_bytes(f"s3://{s3_bucket}/more/s{i}.png", corpus._png(Image.new("RGB", (8, 8), (0, i, 0))))
+    plan = prep.mixed(sources.plan([str(local), f"s3://{s3_bucket}/more"]))
+    assert all(len({storage.is_s3(item) for item in unit.items}) == 1 for unit in plan.units)
+    records = _read_all(plan)
+    assert len(records) == 6 and not any(r["error"] for r in records), [r["error"] for r in records]

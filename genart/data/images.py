@@ -81,6 +81,8 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Alpha is composited onto white; 16/32-bit and float are scaled to 8 bits."""
     mode = img.mode
+    if mode in ("RGB", "L") and "transparency" in img.info:  # a colour key: that colour is see-through
+        img, mode = img.convert("RGBA"), "RGBA"
     if mode == "RGB":
         return img
     if mode == "P":

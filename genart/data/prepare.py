@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import posixpath
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -88,16 +89,16 @@ def mixed(plan: sources.Plan) -> sources.Plan:
     The names hashed are relative to their source (and an archive's own name, not its folder): the same images
     prepared in another folder come out in the same order, so a seeded run on them trains the same model.
     """
-    plain, zips, whole = [], {}, []
+    plain, zips, whole = {}, {}, []
     for unit in plan.units:
-        if unit.kind == "files":
-            plain.extend(zip(unit.items, unit.rel_paths, unit.labels))
+        if unit.kind == "files":  # local files and s3:// objects in units of their own: a unit reads one store
+            plain.setdefault(storage.is_s3(unit.items[0]), []).extend(zip(unit.items, unit.rel_paths, unit.labels))
         elif unit.kind == "zip":
             zips.setdefault(unit.uri, []).extend(zip(unit.items, unit.rel_paths, unit.labels))
         else:
             whole.append(unit)
     units = list(whole)
-    for kind, uri, members in [("files", "", plain)] + [("zip", u, m) for u, m in zips.items()]:
+    for kind, uri, members in [("files", "", m) for m in plain.values()] + [("zip", u, m) for u, m in zips.items()]:
         members = sorted(members, key=lambda m: _hashed(f"{posixpath.basename(uri)}!{m[1]}"))
         for i in range(0, len(members), sources.FILES_PER_UNIT):
             chunk = members[i : i + sources.FILES_PER_UNIT]
@@ -109,7 +110,9 @@ def mixed(plan: sources.Plan) -> sources.Plan:
 def _ours(name: str) -> bool:
     """Files genart writes at DEST; nothing else there is ever deleted, even with --overwrite."""
     # _genart_cache: evaluation's reference statistics, keyed by dataset hash, so stale ones are harmless to drop.
-    return name.startswith(("part-", "_staging-")) or name in sources.DATASET_SIDECARS or name == "_genart_cache"
+    # palette-K.json: `genart palette`'s colours of the old dataset, stale once it is replaced.
+    return (name.startswith(("part-", "_staging-")) or name in sources.DATASET_SIDECARS or name == "_genart_cache"
+            or re.fullmatch(r"palette-\d+\.json", name) is not None)
 
 
 def _check_dest(dest: str, overwrite: bool) -> None:
@@ -129,6 +132,9 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
 
     if not srcs:
         raise UserError("no SRC given")
+    for src in srcs:  # a rerun would read the earlier dataset's shards as inputs: every picture twice
+        if storage.within(dest, src):
+            raise UserError(f"--out {dest} is inside SRC {src}: a rerun would read its own output; choose another --out")
     plan = mixed(sources.plan(srcs, opts.labels))
     _check_dest(dest, opts.overwrite)
     runtime.init()

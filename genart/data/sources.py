@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import gzip
 import posixpath
 import re
@@ -90,6 +91,15 @@ def _label_of(rel: str, use_dirs: bool) -> str | None:
     return parts[0] if use_dirs and len(parts) > 1 else None
 
 
+HIDDEN_REASON = "hidden or system file (a dot-name, or macOS's __MACOSX/): not read"
+
+
+def _hidden(rel: str) -> bool:
+    """Dot-files and dot-folders (.DS_Store, ._photo.jpg, .ipynb_checkpoints/) and macOS's __MACOSX/ in zips: never
+    the pictures of a dataset, and as folders they would become classes of their own."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/") if part not in ("", "."))
+
+
 def _strip_common_root(names: list[str]) -> list[str]:
     """Archives often wrap everything in one top folder; drop it so labels are the folders below."""
     tops = {n.split("/", 1)[0] for n in names}
@@ -102,9 +112,12 @@ def plan(sources: list[str], labels: str | None = None) -> Plan:
     """List every input under `sources`. labels: "dirs", "none", or None (dirs when a SRC has subfolders)."""
     units: list[Unit] = []
     failures: list[dict] = []
-    for src in sources:
+    for i, src in enumerate(sources):
         if not storage.exists(src):
             raise UserError(f"source not found: {src}")
+        for other in sources[:i]:  # an input listed twice would be read, counted and written twice
+            if storage.within(src, other) or storage.within(other, src):
+                raise UserError(f"sources {other} and {src} overlap (one is, or holds, the other): give each input once")
         units.extend(_plan_source(str(src), labels, failures))
     num_inputs = sum(u.count for u in units) + len(failures)
     if num_inputs == 0:
@@ -117,7 +130,12 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
     if not storage.isdir(src):
         rel = posixpath.basename(src.rstrip("/"))
         return _plan_file(src, rel, None, labels, failures)
-    files = _without_output_files(storage.find(src))
+    files = []
+    for f, size in _without_output_files(storage.find(src)):
+        if _hidden(storage.relative(src, f)):
+            failures.append({"source": f, "reason": HIDDEN_REASON})
+        else:
+            files.append((f, size))
     rels = [storage.relative(src, f) for f, _ in files]
     use_dirs = labels == "dirs" or (labels is None and any("/" in r for r in rels))
     paired = {c for f, _ in files if _is_idx(f, IDX_IMAGES) for c in _idx_partners(f)}  # labels files in use
@@ -143,7 +161,7 @@ def _without_output_files(files: list[tuple[str, int]]) -> list[tuple[str, int]]
     """Inside a folder genart wrote (it holds a manifest.json): a prepared dataset or a job's Parquet output is
     its shards; a job's image output is its images, without the job's own files. Files outside such folders
     (photos beside an earlier job's output, say) stay inputs."""
-    outputs = {posixpath.dirname(f) for f, _ in files if posixpath.basename(f) == "manifest.json"}
+    outputs = {posixpath.dirname(f) for f, _ in files if posixpath.basename(f) == "manifest.json" and _is_genart_manifest(f)}
     if not outputs:
         return files
 
@@ -171,6 +189,17 @@ def _without_output_files(files: list[tuple[str, int]]) -> list[tuple[str, int]]
     return kept
 
 
+def _is_genart_manifest(uri: str) -> bool:
+    """A manifest.json that genart wrote: a prepared dataset's (genart_version, splits) or a job's (command, counts).
+    Another tool's manifest.json beside its own files leaves them inputs."""
+    try:
+        doc = json.loads(storage.read_text(uri))
+    except (ValueError, UserError, OSError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("counts"), dict) and (
+        ("genart_version" in doc and "splits" in doc) or isinstance(doc.get("command"), str))
+
+
 def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failures: list[dict]) -> list[Unit]:
     """Units for one file: an archive (its members), a Parquet file, or a single image. `label` is inherited."""
     if _has_ext(uri, ZIP_EXT) or _has_ext(uri, TAR_EXT):
@@ -181,6 +210,8 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
             return []
         # A name can repeat (`tar -r`/`-u` append new copies): one input per name, each further copy a reject.
         names = list(dict.fromkeys(listed))
+        failures.extend({"source": f"{uri}!{name}", "reason": HIDDEN_REASON} for name in names if _hidden(name))
+        names = [name for name in names if not _hidden(name)]
         for name, count in collections.Counter(listed).items():
             failures.extend({"source": f"{uri}!{name} (copy {copy})",
                              "reason": "duplicate member name in the archive: one copy of each name is read"}
@@ -204,7 +235,7 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
                 names = meta.schema_arrow.names
                 labs = []
                 if "label_name" in names:
-                    labs = sorted({v for v in meta.read(columns=["label_name"]).column(0).to_pylist() if v})
+                    labs = sorted({v for v in _strings(meta.read(columns=["label_name"]).column(0)) if v})
         except Exception as exc:  # noqa: BLE001
             failures.append({"source": uri, "reason": f"unreadable parquet file: {one_line(exc)}"})
             return []

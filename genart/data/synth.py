@@ -1,15 +1,18 @@
 """Procedural labelled abstract images in visually distinct genres, so demos and tests never need the network.
 
     genart datasets synth --out data/synth --num 500 --size 64
-writes <out>/<genre>/<genre>-00000.png for the genres below (ImageFolder layout, ready for `genart prepare`).
+writes <out>/<genre>/<genre>-00000.png (a folder or s3:// prefix) for the genres below (ImageFolder layout, ready for
+`genart prepare`).
 """
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from genart import storage
 
 GENRES = ("stripes", "circles", "grid", "noise", "gradient")
 
@@ -91,9 +94,9 @@ def make_synth(out_dir: str, num: int, size: int = 64, seed: int = 0, genres: tu
     counts = {}
     for g, genre in enumerate(genres):
         n = num // len(genres) + (1 if g < num % len(genres) else 0)
-        folder = os.path.join(out_dir, genre)
-        os.makedirs(folder, exist_ok=True)
         for i in range(n):
-            render(genre, i, size, seed).save(os.path.join(folder, f"{genre}-{i:05d}.png"), compress_level=3)
+            buf = io.BytesIO()
+            render(genre, i, size, seed).save(buf, "PNG", compress_level=3)
+            storage.write_bytes(storage.join(out_dir, genre, f"{genre}-{i:05d}.png"), buf.getvalue())  # or s3://
         counts[genre] = n
     return counts

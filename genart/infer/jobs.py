@@ -164,8 +164,7 @@ class _ImageWork(NamedTuple):
 
 def _check_outside(src: str, out: str) -> None:
     """--output inside --input: refused before any work."""
-    inside = storage.fsspec_fs(out)[1].rstrip("/") + "/"
-    if storage.is_s3(out) == storage.is_s3(src) and inside.startswith(storage.fsspec_fs(src)[1].rstrip("/") + "/"):
+    if storage.within(out, src):
         raise UserError(f"--output {out} is inside --input {src}: a rerun would read its own outputs; choose another --output")
 
 
