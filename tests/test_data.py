@@ -360,7 +360,6 @@ def test_repeated_archive_member_names_are_one_input_and_reported_copies(tmp_pat
     import zipfile
 
     from genart.data import sources
-    from genart.infer import naming
 
     png = corpus._png(Image.new("RGB", (8, 8), (9, 9, 9)))
     tar_path, zip_path = tmp_path / "dup.tar", tmp_path / "dup.zip"
@@ -378,7 +377,7 @@ def test_repeated_archive_member_names_are_one_input_and_reported_copies(tmp_pat
         assert plan.num_inputs == 3 and [f["reason"][:26] for f in plan.failures] == ["duplicate member name in t"]
         records = _read_all(plan)
         assert sorted(r["rel_path"] for r in records) == ["a.png", "b.png"] and all(r["data"] for r in records)
-        names = naming.planned_names(plan)  # what a job names its outputs by: three distinct sources
+        names = sources.input_names(plan)  # what a job names its outputs by: three distinct sources
         assert len({source for source, _ in names}) == 3
 
 
@@ -386,7 +385,6 @@ def test_parquet_rows_keep_distinct_identities_and_a_damaged_file_is_reported(tm
     import pyarrow as pa
 
     from genart.data import sources
-    from genart.infer import naming
 
     pngs = [corpus._png(Image.effect_noise((32, 32), 40 + i).convert("RGB")) for i in range(64)]
     # A provenance tag in `source` (every row "wikiart") and integer labels: a user's Parquet, not genart's.
@@ -395,7 +393,7 @@ def test_parquet_rows_keep_distinct_identities_and_a_damaged_file_is_reported(tm
     plan = sources.plan([str(tagged)])
     records = _read_all(plan)
     assert len({r["source"] for r in records}) == 3 and [r["label_name"] for r in records] == ["1", "2", "1"]
-    assert [s for s, _ in naming.planned_names(plan)] == [r["source"] for r in records]
+    assert [s for s, _ in sources.input_names(plan)] == [r["source"] for r in records]
     # genart's own prepared data names rows by their original, distinct sources, as before.
     named = tmp_path / "named.parquet"
     pq.write_table(pa.table({"image": pngs[:2], "source": ["raw/a.png", "raw/b.png"]}), named)
@@ -412,7 +410,7 @@ def test_parquet_rows_keep_distinct_identities_and_a_damaged_file_is_reported(tm
     records = _read_all(plan)
     assert plan.num_inputs == 64 and len(records) == 64, len(records)
     assert all(r["error"] and r["error"].startswith("unreadable parquet file") for r in records)
-    assert sorted(s for s, _ in naming.planned_names(plan)) == sorted(r["source"] for r in records)
+    assert sorted(s for s, _ in sources.input_names(plan)) == sorted(r["source"] for r in records)
 
 
 def test_files_over_the_byte_cap_are_rejected_unread(tmp_path):

@@ -104,7 +104,7 @@ def test_idx_planning_pairs_and_label_options(tmp_path):
     # (before, idx units were opened as Parquet there: a stylize of MNIST files died at planning).
     from genart.infer import naming
 
-    assert naming.planned_names(plan) == [(r["source"], r["rel_path"]) for r in records]
+    assert sources.input_names(plan) == [(r["source"], r["rel_path"]) for r in records]
     done = {records[7]["source"], records[3000]["source"]}
     left = naming.prune_plan(plan, lambda source, rel: source not in done)
     assert sum(u.count for u in left.units) == 5000 - 2

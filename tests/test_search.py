@@ -19,6 +19,8 @@ from PIL import Image
 from genart import storage
 from genart.cli import main
 from genart.data.synth import make_synth
+from genart.errors import UserError
+from genart.infer import RunOptions
 from genart.models import REGISTRY
 from genart.models.checkpoint import save_checkpoint
 from genart.models.tiny import tiny_checkpoint
@@ -128,6 +130,38 @@ def test_index_similar_recommend_and_incremental(tmp_path, art, critic, ray_sess
     other = tiny_checkpoint(tmp_path / "critic2", "critic", 32, ("a", "b"), base_channels=4, num_stages=2, embed_dim=32)
     result = CliRunner().invoke(main, ["index", "--input", src, "--output", out, "--features", f"critic:{other}"])
     assert result.exit_code == 2 and "another input or feature model" in result.output
+
+
+def test_index_refuses_what_would_break_it_before_recording_the_run(tmp_path, critic):
+    """An --output inside --input (the next run reads its own shards and thumbnails as inputs), inputs sharing a
+    name (raw files beside a dataset prepared from them: every rerun died with "lost track of inputs"), a typo in
+    --input (recorded in run.json, so the corrected command was refused) and --overwrite on a folder that is no
+    index (its files were deleted): each a one-line error that leaves the folder as it was."""
+    import pyarrow as pa
+
+    src = tmp_path / "art"
+    (src / "raw").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(src / "raw" / "a.png")
+    features = f"critic:{critic}"
+    with pytest.raises(UserError, match="inside --input"):
+        build_index(str(src), str(src / "idx"), features=features)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    (src / "prepared").mkdir()
+    pq.write_table(pa.table({"image": [buf.getvalue()], "source": [str(src / "raw" / "a.png")]}),
+                   src / "prepared" / "part-00000.parquet")
+    out = tmp_path / "idx"
+    with pytest.raises(UserError, match="two inputs are both named .*a.png"):
+        build_index(str(src), str(out), features=features)
+    with pytest.raises(UserError, match="source not found"):
+        build_index(str(tmp_path / "typo"), str(out), features=features)
+    assert not out.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "errors.jsonl").write_text("my own notes")
+    with pytest.raises(UserError, match="not a genart index"):
+        build_index(str(src / "raw"), str(mine), features=features, run=RunOptions(overwrite=True))
+    assert (mine / "errors.jsonl").read_text() == "my own notes"
 
 
 def test_index_s3_round_trip(tmp_path, critic, s3_bucket, ray_session):

@@ -136,6 +136,7 @@ def prepare(srcs: list[str], dest: str, opts: PrepareOptions, progress: bool = T
         if storage.within(dest, src):
             raise UserError(f"--out {dest} is inside SRC {src}: a rerun would read its own output; choose another --out")
     plan = mixed(sources.plan(srcs, opts.labels))
+    sources.input_names(plan)  # two inputs of one name (raw files beside a dataset made of them): refused now
     _check_dest(dest, opts.overwrite)
     runtime.init()
     ray.data.DataContext.get_current().enable_progress_bars = progress

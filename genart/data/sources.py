@@ -569,6 +569,49 @@ def _read_idx(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
         yield _table(rows)
 
 
+# ---------------------------------------------------------------- the names of every planned input
+
+
+def input_names(plan: Plan) -> list[tuple[str, str]]:
+    """(source, rel_path) of every input in the plan, as `read_unit` names them (no image bytes read).
+
+    The source is an input's identity everywhere (a job's output name and resume, an index's rows, prepare's
+    dedup), so two inputs with one source are a UserError, raised before any work: e.g. a prepared dataset's rows
+    keep their raw files' paths, and a SRC holding both the raw files and the dataset would read each picture twice.
+    """
+    pairs: list[tuple[str, str]] = [(f["source"], f["source"]) for f in plan.failures]
+    for unit in plan.units:
+        if unit.kind == "files":
+            pairs.extend(zip(unit.items, unit.rel_paths))
+        elif unit.kind == "parquet":
+            pairs.extend(_parquet_input_names(unit))
+        else:  # archive members and idx images
+            prefix = item_prefix(unit)
+            pairs.extend((prefix + item, rel) for item, rel in zip(unit.items, unit.rel_paths))
+    counts = collections.Counter(source for source, _ in pairs)
+    repeated = next((source for source, n in counts.items() if n > 1), None)
+    if repeated is not None:
+        raise UserError(f"two inputs are both named {repeated} (a prepared dataset's rows keep the names of the files "
+                        f"they came from): give sources that hold each picture once")
+    return pairs
+
+
+def item_prefix(unit: Unit) -> str:
+    """What goes before an item to make its source: nothing for a file, "archive!" for a member, "idx#" for an image."""
+    return {"files": "", "idx": f"{unit.uri}#"}.get(unit.kind, f"{unit.uri}!")
+
+
+def _parquet_input_names(unit: Unit) -> list[tuple[str, str]]:
+    """The names `_read_parquet` gives the unit's rows (the same function), reading only name columns."""
+    fs, path = storage.arrow_fs(unit.uri)
+    try:
+        with fs.open_input_file(path) as f:
+            _, srcs, rels = parquet_names(unit, pq.ParquetFile(f))
+    except Exception:  # noqa: BLE001 - a damaged file: the reader reports each of its rows under these names
+        srcs, rels = row_names(unit)
+    return list(zip(srcs, rels))
+
+
 # ---------------------------------------------------------------- the Ray Dataset
 
 

@@ -20,7 +20,6 @@ from typing import Annotated, NamedTuple
 
 from pydantic import Field, field_validator
 
-from genart import storage
 from genart.config import Options, Rule
 from genart.data import images, sources
 from genart.errors import UserError
@@ -162,17 +161,11 @@ class _ImageWork(NamedTuple):
         return ray.put(self.done) if self.done and any(u.kind == "parquet" for u in self.todo.units) else None
 
 
-def _check_outside(src: str, out: str) -> None:
-    """--output inside --input: refused before any work."""
-    if storage.within(out, src):
-        raise UserError(f"--output {out} is inside --input {src}: a rerun would read its own outputs; choose another --output")
-
-
 def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, options: dict, run: RunOptions,
                 model_hash: str) -> _ImageWork:
     """Plan the inputs, name their outputs, start (or resume) the output folder, and leave out what is written."""
     plan = sources.plan([src])
-    pairs = [(source, naming.output_key(rel, ext)) for source, rel in naming.planned_names(plan)]
+    pairs = [(source, naming.output_key(rel, ext)) for source, rel in sources.input_names(plan)]
     output.start(out, {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options},
                  run.resume, run.overwrite, run.redo_changed)
     done = output.done_keys(out, fmt) if run.resume else set()
@@ -217,7 +210,7 @@ def _image_job(command: str, family: str, model: str, src: str, out: str, fmt: s
     """stylize and score: every image under `src` through `actor` (a `family` model) into `out`.
     read -> decode (tasks) -> the model (actor pool) -> write (tasks); a rerun with --resume skips what is written.
     `options` are the job's recorded options (a resume must match them); the decode stage takes its limits from them."""
-    _check_outside(src, out)
+    output.check_outside(src, out)
     started = time.time()
     from genart import models
 

@@ -13,8 +13,6 @@ import posixpath
 import re
 import unicodedata
 
-import pyarrow.parquet as pq
-
 from genart import storage
 from genart.data import sources
 from genart.errors import UserError
@@ -121,37 +119,7 @@ def write_names(out: str, fixed: dict[str, str], assigned: dict[str, str]) -> No
         storage.write_text(storage.join(out, NAMES), json.dumps(names, indent=0, sort_keys=True) + "\n")
 
 
-# ---------------------------------------------------------------- the names of every planned input
-
-
-def planned_names(plan: sources.Plan) -> list[tuple[str, str]]:
-    """(source, rel_path) of every input in the plan, as `sources.read_unit` will name them (no image bytes read)."""
-    pairs: list[tuple[str, str]] = [(f["source"], f["source"]) for f in plan.failures]
-    for unit in plan.units:
-        if unit.kind == "files":
-            pairs.extend(zip(unit.items, unit.rel_paths))
-        elif unit.kind == "parquet":
-            pairs.extend(_parquet_names(unit))
-        else:  # archive members and idx images, named as `sources.read_unit` names them
-            prefix = _item_prefix(unit)
-            pairs.extend((prefix + item, rel) for item, rel in zip(unit.items, unit.rel_paths))
-    return pairs
-
-
-def _item_prefix(unit: sources.Unit) -> str:
-    """What goes before an item to make its source: nothing for a file, "archive!" for a member, "idx#" for an image."""
-    return {"files": "", "idx": f"{unit.uri}#"}.get(unit.kind, f"{unit.uri}!")
-
-
-def _parquet_names(unit: sources.Unit) -> list[tuple[str, str]]:
-    """The names `sources._read_parquet` gives the unit's rows (the same function), reading only name columns."""
-    fs, path = storage.arrow_fs(unit.uri)
-    try:
-        with fs.open_input_file(path) as f:
-            _, srcs, rels = sources.parquet_names(unit, pq.ParquetFile(f))
-    except Exception:  # noqa: BLE001 - a damaged file: the reader reports each of its rows under these names
-        srcs, rels = sources.row_names(unit)
-    return list(zip(srcs, rels))
+# ---------------------------------------------------------------- leaving out what is written
 
 
 def prune_plan(plan: sources.Plan, keep) -> sources.Plan:
@@ -164,7 +132,7 @@ def prune_plan(plan: sources.Plan, keep) -> sources.Plan:
         if unit.kind == "parquet":
             units.append(unit)
             continue
-        prefix = _item_prefix(unit)
+        prefix = sources.item_prefix(unit)
         idx = [i for i, (item, rel) in enumerate(zip(unit.items, unit.rel_paths)) if keep(prefix + item, rel)]
         if idx:
             units.append(sources.Unit(unit.kind, unit.uri, [unit.items[i] for i in idx], [unit.rel_paths[i] for i in idx],

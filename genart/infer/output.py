@@ -40,6 +40,12 @@ def _is_ours(rel: str) -> bool:
             or rel.lower().endswith(tuple(IMAGE_EXT.values())))
 
 
+def check_outside(src: str, out: str) -> None:
+    """--output inside --input: refused before any work (a rerun would read its own outputs)."""
+    if storage.within(out, src):
+        raise UserError(f"--output {out} is inside --input {src}: a rerun would read its own outputs; choose another --output")
+
+
 def start(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool = False) -> None:
     """Check the output root and record the run (`run.json`); raise UserError before any work if it is in the way.
 

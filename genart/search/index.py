@@ -180,9 +180,10 @@ def _table_bytes(table: pa.Table) -> bytes:
 def _start(out: str, run: dict, overwrite: bool) -> None:
     """Record the run; a rerun must use the same features (vectors of two models never mix in one index)."""
     run_uri = storage.join(out, "run.json")
-    if overwrite:
-        for name in (SHARDS, "run.json", "index.json", "faiss.index", "vectors.npy", "metadata.parquet",
-                     "thumbnails.parquet", "errors.jsonl"):
+    ours = (SHARDS, "run.json", "index.json", "faiss.index", "vectors.npy", "metadata.parquet", "thumbnails.parquet",
+            "errors.jsonl")
+    if storage.exists(run_uri) and overwrite:  # only an index's own files, and only in a folder that is an index
+        for name in ours:
             storage.remove(storage.join(out, name))
     elif storage.exists(run_uri):
         stored = json.loads(storage.read_text(run_uri))
@@ -190,7 +191,7 @@ def _start(out: str, run: dict, overwrite: bool) -> None:
             diff = output.first_difference(stored, run)
             raise UserError(f"{out} is an index of another input or feature model ({diff}); "
                             "pass --overwrite to rebuild it, or choose another --output")
-    elif storage.exists(out) and storage.find(out):
+    if not storage.exists(run_uri) and storage.exists(out) and storage.find(out):
         raise UserError(f"{out} holds files that are not a genart index; choose an empty --output")
     storage.check_writable(out)
     storage.remove(storage.join(out, "index.json"))  # incomplete until this run finishes
@@ -220,9 +221,10 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
     described = extractor.describe()
     size = extractor.input_size
     del extractor
+    output.check_outside(src, out)
+    plan = sources.plan([src])  # a bad --input fails here, before run.json records it
+    planned = {source for source, _ in sources.input_names(plan)}
     _start(out, {"input": src, "features": described["identity"], "nn": nn}, run.overwrite)
-    plan = sources.plan([src])
-    planned = {source for source, _ in naming.planned_names(plan)}
     done = _done_sources(out) & planned
     todo = naming.prune_plan(plan, lambda s, r: s not in done) if done else plan
     tally = output.Tally()
