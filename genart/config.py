@@ -25,6 +25,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True)
     # Keys renamed since configs and checkpoints were written, old name -> field: the old name still loads.
     renamed: ClassVar[dict[str, str]] = {}
+    # Keys a resume may change: they name where something came from (a file the checkpoint holds a copy of), not
+    # what shapes the weights, so a moved dataset can still be resumed.
+    resume_free: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod

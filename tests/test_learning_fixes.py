@@ -557,6 +557,44 @@ def test_every_rank_resumes_its_own_rng(tmp_path):
     assert not restore_training(str(tmp_path), nets, opts, rank=2)["rng_restored"]  # a new rank is seeded afresh
 
 
+def test_a_gpu_rank_without_its_devices_rng_in_the_checkpoint_is_reseeded_not_told_it_was_restored(tmp_path, monkeypatch):
+    """A run saved on CPU and resumed on GPUs (or an older checkpoint whose CUDA states were per node) has no CUDA
+    state for the rank's device: restoring said "restored" anyway, the loop did not reseed, and every GPU rank drew
+    the same noise from set_seed(train.seed). Runs on this CPU machine with torch.cuda's RNG calls recorded."""
+    fam = models.REGISTRY["vae"]
+    cfg = fam.config_cls(base_channels=8, latent_dim=8)
+    nets = fam.build(cfg, 16, 0)
+    opts = fam.optimizers(cfg, nets)
+    save_checkpoint(str(tmp_path), nets, opts, {"family": "vae", "step": 5, "config": {"model": cfg.model_dump()},
+                                                "image_size": 16, "label_names": [], "rng_ranks": [rng_state()]})
+    applied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": applied.append(state))
+    assert not restore_training(str(tmp_path), nets, opts, rank=0)["rng_restored"] and applied == []
+    # saved on a GPU: the rank's own device's state comes back
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((16,), 7, dtype=torch.uint8))
+    save_checkpoint(str(tmp_path), nets, opts, {"family": "vae", "step": 5, "config": {"model": cfg.model_dump()},
+                                                "image_size": 16, "label_names": [], "rng_ranks": [rng_state()]})
+    assert restore_training(str(tmp_path), nets, opts, rank=0)["rng_restored"]
+    assert len(applied) == 1 and torch.equal(applied[0], torch.full((16,), 7, dtype=torch.uint8))
+
+
+def test_rank_zeros_checkpoint_work_leaves_the_noise_streams_as_saved():
+    """The critic's BatchNorm recalibration runs with dropout on, VAE validation draws its noise: rank 0's
+    streams moved on after the RNG snapshot went into the checkpoint, so a run that went on drew other noise than
+    a run resumed from that checkpoint."""
+    from genart.train.loop import _rng_kept
+
+    torch.manual_seed(5)
+    np.random.seed(5)
+    expected = (torch.randn(3), np.random.rand(2))
+    torch.manual_seed(5)
+    np.random.seed(5)
+    with _rng_kept():
+        torch.randn(100), np.random.rand(100)  # what validation and sample grids draw
+    assert torch.equal(torch.randn(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+
+
 def test_data_seeds_differ_across_ranks_and_resumes():
     from genart.train.loop import _seed
 

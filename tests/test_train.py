@@ -205,6 +205,50 @@ def test_a_checkpoint_whose_files_were_never_written_gets_its_row_back_on_resume
     assert not outputs.RunFiles(run, start_step=0).recover_row(0, {}, "val_loss", "min")  # a fresh run
 
 
+def test_best_json_past_the_resume_step_is_rebuilt_from_the_kept_checkpoints(tmp_path):
+    """Resuming from step 500 because step 1000 was cut short: best.json named step-001000 (missing), and the
+    next checkpoint became best whatever its score. It is rebuilt from the rows of complete checkpoints."""
+    from genart.models.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    first = outputs.RunFiles(str(run), start_step=0)
+    for step, loss in ((500, 0.10), (1000, 0.05)):
+        first.add_metrics({"step": step, "val_loss": loss})
+        first.update_best(step, {"val_loss": loss}, "val_loss", "min")
+    first.flush_metrics()
+    save_checkpoint(str(run / "step-000500"), {}, {}, {"family": "vae", "step": 500, "config": {}})
+    (run / "step-001000").mkdir()  # its upload was cut short: no state.json
+    assert outputs.read_best(str(run))["checkpoint"] == "step-001000"
+    resumed = outputs.RunFiles(str(run), start_step=500)
+    assert outputs.read_best(str(run))["checkpoint"] == "step-000500"
+    assert not resumed.update_best(750, {"val_loss": 0.30}, "val_loss", "min")  # worse than step 500's 0.10
+    assert outputs.read_best(str(run))["checkpoint"] == "step-000500"
+    save_checkpoint(str(tmp_path / "other" / "step-000100"), {}, {}, {"family": "vae", "step": 100, "config": {}})
+    (tmp_path / "other" / "best.json").write_text(json.dumps({"checkpoint": "step-000900", "metric": "val_loss",
+                                                               "value": 0.1, "mode": "min", "step": 900}))
+    outputs.RunFiles(str(tmp_path / "other"), start_step=100)  # no row of a kept checkpoint has the metric
+    assert outputs.read_best(str(tmp_path / "other")) is None
+
+
+def test_an_autoregressive_run_resumes_after_its_dataset_moved(tmp_path):
+    """`palette: null` is resolved to <data.path>/palette-K.json and written into the model config; a moved
+    dataset changed that path, and the resume was refused with no way around it (the palette is in the weights)."""
+    from genart.train.trainer import _check_resumable
+
+    cfg = validate(TrainConfig, {"model": {"family": "autoregressive"}, "data": {"path": str(tmp_path)},
+                                 "run": {"storage": str(tmp_path), "name": "a"}})
+    run_dir = tmp_path / "a"
+    (run_dir / "step-000010").mkdir(parents=True)
+    old = cfg.model.model_copy(update={"palette": "/mnt/old/synth16/palette-16.json"})
+    state = {"config": {"model": old.model_dump(mode="json")}, "image_size": 16, "label_names": []}
+    (run_dir / "step-000010" / "state.json").write_text(json.dumps(state))
+    moved = cfg.model_copy(update={"model": cfg.model.model_copy(update={"palette": "/data/synth16/palette-16.json"})})
+    _check_resumable(moved, str(run_dir), "step-000010", 16, [])
+    wider = moved.model_copy(update={"model": moved.model.model_copy(update={"colors": 32})})
+    with pytest.raises(UserError, match="model.colors"):
+        _check_resumable(wider, str(run_dir), "step-000010", 16, [])
+
+
 def test_a_run_resumes_after_an_upgrade_added_model_keys_and_a_broken_state_is_one_line(tmp_path):
     """A checkpoint written before a model key existed (dcgan's mode_seeking_cap) resumes with the key's default;
     a changed key is still refused, and a truncated state.json is a UserError, not a JSONDecodeError."""

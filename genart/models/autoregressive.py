@@ -65,6 +65,7 @@ class AutoregressiveConfig(Section):
     top_k: int = Field(0, ge=0)  # sample from the k likeliest tokens only; 0 = all
     grid_size: int = Field(16, ge=2)  # samples in the grid at each checkpoint (plus a row of completions)
     renamed = {"num_samples": "grid_size"}  # the old name of grid_size still loads
+    resume_free = ("palette",)  # the resolved palette file's path; the palette itself is in the weights
 
     @model_validator(mode="after")
     def _guidance_trained_for(self) -> "AutoregressiveConfig":

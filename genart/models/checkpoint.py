@@ -54,7 +54,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def rng_state() -> tuple[dict, dict]:
-    """(JSON-able python + numpy RNG state, tensor torch RNG state)."""
+    """(JSON-able python + numpy RNG state, tensor torch RNG state): the CPU generator's, and on a GPU this process's
+    own device's (a training worker draws on one device; a node's workers can all see every GPU of the node)."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     as_json = {
@@ -63,11 +64,13 @@ def rng_state() -> tuple[dict, dict]:
     }
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state_all()
+        tensors["cuda_device"] = torch.cuda.get_rng_state()
     return as_json, tensors
 
 
-def restore_rng(as_json: dict | None, tensors: dict | None) -> None:
+def restore_rng(as_json: dict | None, tensors: dict | None) -> bool:
+    """Put RNG states from `rng_state` back; True if every stream this process draws from was in them (on a GPU
+    its device's too: a run saved on CPU and resumed on GPUs, or an old checkpoint, has none to give)."""
     if as_json:
         version, internal, gauss = as_json["python"]
         random.setstate((version, tuple(internal), gauss))
@@ -75,8 +78,12 @@ def restore_rng(as_json: dict | None, tensors: dict | None) -> None:
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if tensors:
         torch.set_rng_state(tensors["torch"])
-        if "cuda" in tensors and torch.cuda.is_available() and len(tensors["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(tensors["cuda"])
+    if not torch.cuda.is_available():
+        return bool(as_json and tensors)
+    if tensors and "cuda_device" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda_device"])
+        return bool(as_json)
+    return False
 
 
 def save_checkpoint(dir: str, nets: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], state: dict) -> str:
@@ -248,11 +255,9 @@ def restore_training(dir: str, nets: dict[str, nn.Module], optimizers: dict[str,
         precision.load_state_dict(optim["precision"])
     json_ranks, tensor_ranks = state.get("rng_ranks") or [], optim.get("rng_ranks") or []
     if rank < min(len(json_ranks), len(tensor_ranks)):
-        restore_rng(json_ranks[rank], tensor_ranks[rank])
-        state["rng_restored"] = True
+        state["rng_restored"] = restore_rng(json_ranks[rank], tensor_ranks[rank])
     elif rank == 0:
-        restore_rng(state.get("rng"), optim.get("rng"))
-        state["rng_restored"] = bool(state.get("rng"))
+        state["rng_restored"] = restore_rng(state.get("rng"), optim.get("rng"))
     else:
         state["rng_restored"] = False
     return state

@@ -114,9 +114,10 @@ def train_loop_per_worker(config: dict) -> None:
         elif rank == 0:
             meta = {"family": cfg.model.family, "config": cfg.model_dump(mode="json"), "image_size": image_size,
                     "label_names": label_names, "precision": precision.state_dict(), "rng_ranks": rng_ranks}
-            with _saved_checkpoint(family, cfg, nets, opts, val, row, meta, recent) as (checkpoint, ranked_row):
-                ray.train.report(ranked_row, checkpoint=checkpoint, checkpoint_dir_name=outputs.checkpoint_name(step))
-            _after_checkpoint(files, family, cfg, nets, fixed, row)
+            with _rng_kept():  # the streams go on as saved: as a run resumed from this checkpoint draws them
+                with _saved_checkpoint(family, cfg, nets, opts, val, row, meta, recent) as (checkpoint, ranked_row):
+                    ray.train.report(ranked_row, checkpoint=checkpoint, checkpoint_dir_name=outputs.checkpoint_name(step))
+                _after_checkpoint(files, family, cfg, nets, fixed, row)
         else:
             ray.train.report(row, checkpoint=None, checkpoint_dir_name=outputs.checkpoint_name(step))
         # The next window starts where this one was measured (report time counts), except after a checkpoint:
@@ -152,6 +153,19 @@ def _fixed_inputs(family, cfg: TrainConfig, image_size: int, label_names: list[s
         return None
     example = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
     return family.fixed_inputs(cfg.model, image_size, len(label_names), example)
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Rank 0's checkpoint work (BatchNorm recalibration with dropout on, validation's noise, sample grids) leaves the
+    RNG streams as the checkpoint saved them, so a run that goes on draws what a run resumed from it draws."""
+    from genart.models.checkpoint import restore_rng, rng_state
+
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        restore_rng(*saved)
 
 
 @contextlib.contextmanager
@@ -262,7 +276,7 @@ class _Window:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(values)  # a sum; the tensor is tiny
             values /= world
-        return {k: round(float(v), 6) for k, v in zip(keys, values.cpu())}
+        return {k: float(f"{float(v):.6g}") for k, v in zip(keys, values.cpu())}  # 6 digits: a 1e-7 loss is not 0
 
     def rate(self, images_per_step: int) -> float:
         self.measured = time.perf_counter()

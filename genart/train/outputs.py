@@ -63,9 +63,21 @@ class RunFiles:
         self.run_dir = run_dir
         self.rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
         self.best = read_best(run_dir)
-        if self.best and self.best.get("step", 0) > start_step:  # recorded by an attempt that did not checkpoint past it
-            self.best = None
+        if self.best and self.best.get("step", 0) > start_step:  # named a checkpoint of an attempt resumed before it
+            self._rebuild_best(self.best)
         self._flushed = -1
+
+    def _rebuild_best(self, stale: dict) -> None:
+        """best.json again from the kept rows whose checkpoints are complete (the one it named is not: the run
+        resumes from an older one), so it never names a missing checkpoint nor loses to a worse newcomer."""
+        metric, mode = stale.get("metric"), stale.get("mode", "min")
+        saved = {step for step, _ in list_checkpoints(self.run_dir, complete=True)}
+        self.best = None
+        for row in sorted(self.rows, key=lambda r: r.get("step", 0)):
+            if row.get("step") in saved:
+                self.update_best(row["step"], row, metric, mode)
+        if self.best is None:
+            storage.remove(storage.join(self.run_dir, "best.json"))
 
     # -------------------------------------------------------------- metrics
 

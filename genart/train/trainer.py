@@ -306,7 +306,8 @@ def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: in
     except (ValueError, UserError):
         pass  # a key since removed: compared as stored, so the message names it
     new = cfg.model.model_dump(mode="json")
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    free = type(cfg.model).resume_free
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in free]
     where = f"{run_dir} ({latest})"
     if changed:
         key = changed[0]
