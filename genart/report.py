@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import html
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 
 
 @dataclass
 class Section:
     title: str
-    text: str = ""  # one short paragraph
+    text: str = ""  # one short paragraph of HTML: escape (html.escape) any name or path it quotes
     images: list[tuple[str, str]] = field(default_factory=list)  # (path, caption); paths local to the machine
     table: list[list[str]] = field(default_factory=list)  # first row is the header
     links: list[tuple[str, str]] = field(default_factory=list)  # (path, label)
@@ -43,7 +44,8 @@ code { background: #f4f4f4; padding: 0 .3rem; }
 
 
 def _rel(path: str, root: str) -> str:
-    return html.escape(os.path.relpath(path, root).replace(os.sep, "/"), quote=True)
+    """A relative link to `path`: URL-quoted (a file named `a#1.png` is not a fragment), then HTML-escaped."""
+    return html.escape(urllib.parse.quote(os.path.relpath(path, root).replace(os.sep, "/")), quote=True)
 
 
 def _zoomed_width(path: str, zoom: int) -> int | None:
@@ -61,6 +63,8 @@ def _zoomed_width(path: str, zoom: int) -> int | None:
 
 
 def render(root: str, title: str, intro: str, sections: list[Section]) -> str:
+    """The page. `intro` and each section's text are HTML (the caller escapes what they quote); titles, captions,
+    table cells and link labels are text and escaped here."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"]
     parts.append(f"<h1>{html.escape(title)}</h1><p>{intro}</p>")
     for sec in sections:

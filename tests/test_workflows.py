@@ -122,7 +122,47 @@ def test_quickstart_rerun_resumes_without_training_again(quickstart, capsys):
     assert not any(run["trained"] for run in summary["runs"].values())
     assert "(resumed: critic, dcgan, vae, style trained by an earlier run)" in (out / "index.html").read_text()
     assert summary["jobs"]["stylize"]["already_done"] == summary["jobs"]["stylize"]["inputs"]
+    assert summary["jobs"]["score_dcgan"]["already_done"] == summary["jobs"]["score_dcgan"]["inputs"]  # nothing redrawn
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_quickstart_scores_again_the_pictures_a_retrained_generator_redrew(tmp_path, monkeypatch):
+    """A score run records the critic and the folder, not the pictures in it: after a retrain the samples were
+    redrawn but their scores resumed as "done", and the report named pictures by another model's scores. The
+    jobs are replaced here by recorders (the real ones run in the quickstart tests) to see the options each got."""
+    from genart.infer import jobs
+
+    qs = load_workflow("quickstart")
+    runs = {}
+
+    def recorder(name_of, written):
+        def job(model, *args, run=None, **kwargs):
+            runs[name_of(model, *args)] = run
+            return {"counts": {"written_this_run": written(model)}}
+        return job
+
+    redrawn = lambda model: 64 if model.endswith("dcgan") else 0  # noqa: E731 - the DCGAN was retrained
+    monkeypatch.setattr(jobs, "generate", recorder(lambda model, *a: f"generate {model}", redrawn))
+    monkeypatch.setattr(jobs, "stylize", recorder(lambda model, *a: "stylize", lambda model: 0))
+    monkeypatch.setattr(jobs, "score", recorder(lambda model, images, *a: f"score {images}", lambda model: 0))
+    (tmp_path / "data").mkdir()
+    for _, job in qs.batch_jobs(qs.QuickstartConfig(), str(tmp_path)):
+        job()
+    assert runs[f"score {tmp_path}/samples/dcgan"].overwrite  # redrawn: scored from scratch
+    assert runs[f"score {tmp_path}/samples/vae"].resume and runs[f"score {tmp_path}/stylized"].resume
+
+
+def test_report_links_and_captions_survive_unusual_file_names(tmp_path):
+    """A stylized image named `a#1 <b>.png` linked as `a#1 ...` (a fragment: the link went nowhere) and, where a
+    name reached the page unescaped, its `<b>` bolded the rest of the page."""
+    from genart.report import Section, render
+
+    name = "a#1 <b>.png"
+    Image.new("RGB", (4, 4)).save(tmp_path / name)
+    page = render(str(tmp_path), "t", "intro", [Section("s", images=[(str(tmp_path / name), name)],
+                                                         links=[(str(tmp_path / name), name)])])
+    assert "href='a%231%20%3Cb%3E.png'" in page and "src='a%231%20%3Cb%3E.png'" in page
+    assert "<b>" not in page and "a#1 &lt;b&gt;.png" in page
 
 
 def test_workflow_bad_config_is_one_line_and_exit_2(tmp_path):
@@ -219,6 +259,66 @@ def test_a_served_checkpoint_pruned_by_keep_last_keeps_its_recorded_value(tmp_pa
     assert rows == [{"candidate": "(serving now)", "checkpoint": gone, "checkpoint_hash": "abc", "step": None, "value": 0.5}]
     assert ttd.evaluate_all(cfg, {}, {"metric": "other"}, previous, serving) == []
     assert "cannot be compared" in capsys.readouterr().out
+
+
+def test_two_candidates_of_one_name_are_refused():
+    """One name is one run folder: the second candidate resumed the first's run (or was refused mid-workflow)."""
+    from genart.config import validate
+    from genart.errors import UserError
+
+    ttd = load_workflow("train_then_deploy")
+    with pytest.raises(UserError, match="candidate name 'a' is used twice"):
+        validate(ttd.TrainThenDeployConfig, {"candidates": [{"name": "a"}, {"name": "a", "set": ["model.lr=0.001"]}]})
+
+
+def test_what_is_served_now_is_never_guessed_from_a_refused_key_or_a_server_error(tmp_path, monkeypatch):
+    """served_hash asked /v1/models with GENART_API_KEY whatever the serve config's api_key_env, and took any HTTP
+    error for "nothing served": the only-if-better check was skipped and the live model replaced. Against a real
+    HTTP server on loopback: the config's key is sent, 401 is a UserError, a 503 is waited out, 404 is "none"."""
+    import http.server
+    import threading
+
+    from genart.errors import UserError
+
+    ttd = load_workflow("train_then_deploy")
+    answers, seen = [], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            seen.append(self.headers.get("Authorization"))
+            code = answers.pop(0) if answers else 200
+            body = json.dumps({"models": [{"name": "dcgan", "checkpoint_hash": "abc"}]}).encode() if code == 200 else b"{}"
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "serve.yaml").write_text(yaml.safe_dump({"models": {"dcgan": "runs/dcgan"}, "api_key_env": "MY_KEY"}))
+        d = ttd.Deploy(port=server.server_address[1], serve_config=str(tmp_path / "serve.yaml"))
+        monkeypatch.setenv("MY_KEY", "s3cret")
+        key_env = ttd.api_key_env(d)
+        assert key_env == "MY_KEY"
+        assert ttd.served_hash(d, key_env) == "abc" and seen[-1] == "Bearer s3cret"
+        answers.append(401)
+        with pytest.raises(UserError, match="refused the API key .*MY_KEY"):
+            ttd.served_hash(d, key_env)
+        answers.extend([503, 503])
+        assert ttd.served_hash(d, key_env) == "abc"  # a replica restarting: asked again
+        answers.extend([503] * 10)
+        with pytest.raises(UserError, match="HTTP 503"):
+            ttd.served_hash(d, key_env, wait_s=0.5)
+        answers.clear()
+        answers.append(404)
+        assert ttd.served_hash(d, key_env) is None
+    finally:
+        server.shutdown()
+    server.server_close()
+    assert ttd.served_hash(d, key_env) is None  # nothing listens
 
 
 @pytest.mark.slow

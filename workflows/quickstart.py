@@ -10,6 +10,7 @@ stylize a small archive -> score it and the samples with the critic -> results/q
 from __future__ import annotations
 
 import collections
+import html
 import json
 import os
 import zipfile
@@ -99,14 +100,28 @@ def batch_jobs(cfg: QuickstartConfig, out: str) -> list[tuple[str, Callable[[], 
 
     run = jobs.RunOptions(resume=True, redo_changed=True, progress=False)  # retrained models: their steps are redone
     critic = f"{out}/runs/critic"
-    todo = [(f"generate_{family}", lambda family=family: jobs.generate(f"{out}/runs/{family}", cfg.generate,
-                                                                       f"{out}/samples/{family}", seed=0, run=run))
+    wrote: dict[str, bool] = {}  # job -> whether this run wrote any of its images
+
+    def images(name: str, job: Callable[[], dict]) -> Callable[[], dict]:
+        def run_it() -> dict:
+            manifest = job()
+            wrote[name] = manifest["counts"]["written_this_run"] > 0
+            return manifest
+        return run_it
+
+    def score(upstream: str, images_in: str, scores_out: str) -> Callable[[], dict]:
+        # A score run records the critic and the folder, not its pictures: when the step before redrew them (a
+        # retrained generator), the old scores describe other images, so it starts over.
+        return lambda: jobs.score(critic, images_in, scores_out, run=jobs.RunOptions(overwrite=True, progress=False)
+                                  if wrote.get(upstream) else run)
+
+    todo = [(f"generate_{family}", images(f"generate_{family}", lambda family=family: jobs.generate(
+                f"{out}/runs/{family}", cfg.generate, f"{out}/samples/{family}", seed=0, run=run)))
             for family in GENERATORS]
-    todo += [("stylize", lambda: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
-                                              max_side=cfg.stylize_max_side, tile=None, run=run)),
-             ("score_stylized", lambda: jobs.score(critic, f"{out}/stylized", f"{out}/scores/stylized", run=run))]
-    todo += [(f"score_{family}", lambda family=family: jobs.score(critic, f"{out}/samples/{family}",
-                                                                  f"{out}/scores/samples/{family}", run=run))
+    todo += [("stylize", images("stylize", lambda: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
+                                                                max_side=cfg.stylize_max_side, tile=None, run=run))),
+             ("score_stylized", score("stylize", f"{out}/stylized", f"{out}/scores/stylized"))]
+    todo += [(f"score_{family}", score(f"generate_{family}", f"{out}/samples/{family}", f"{out}/scores/samples/{family}"))
              for family in GENERATORS]
     return todo
 
@@ -188,7 +203,7 @@ def write_report(cfg: QuickstartConfig, out: str, runs: dict, seconds: float) ->
     resumed = [family for family, result in runs.items() if not result.get("trained", True)]
     how = f" (resumed: {', '.join(resumed)} trained by an earlier run)" if resumed else ""
     intro = (f"Made by <code>workflows/quickstart.py</code> in {seconds:.0f} s{how}. "
-             f"Serve these models with <code>{serve_command(out, runs)}</code>.")
+             f"Serve these models with <code>{html.escape(serve_command(out, runs))}</code>.")
     return report.write_report(out, "genart quickstart", intro, sections)
 
 

@@ -109,6 +109,15 @@ class TrainThenDeployConfig(config.Section):
     deploy: Deploy = Deploy()
     audit: Audit = Audit()
 
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, candidates: list[Candidate]) -> list[Candidate]:
+        names = [c.name for c in candidates]
+        repeated = next((n for n in names if names.count(n) > 1), None)
+        if repeated:  # one name is one run folder: the second would resume (or be refused by) the first's run
+            raise ValueError(f"candidate name {repeated!r} is used twice; give each candidate its own name")
+        return candidates
+
 
 # ---------------------------------------------------------------- train + evaluate
 
@@ -215,20 +224,41 @@ def _request(d: Deploy, path: str, body: dict | None = None, api_key_env: str = 
         return resp.read()
 
 
-def served_hash(d: Deploy) -> str | None:
-    """checkpoint_hash of what the live app serves as `model_name`, or None when nothing answers there.
+def api_key_env(d: Deploy) -> str:
+    """The variable holding the app's API key: the serve config's `api_key_env` (default GENART_API_KEY)."""
+    from genart.serve.run import settings_from
+
+    return settings_from(d.serve_config, models=(f"{d.model_name}=unused",)).api_key_env  # no checkpoint is read
+
+
+def served_hash(d: Deploy, key_env: str, wait_s: float = 30) -> str | None:
+    """checkpoint_hash of what the live app serves as `model_name`, or None when nothing answers there (no server,
+    no such route or model). A refused API key is a UserError, and a server error is retried for `wait_s`: neither
+    may pass for "nothing served", which would skip the only-if-better check and replace the live model.
     (The API never reveals server paths; the path comes from this workflow's own record, see `served`.)"""
-    try:
-        models = json.loads(_request(d, "/v1/models", timeout=5))["models"]
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
-        return None
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            models = json.loads(_request(d, "/v1/models", api_key_env=key_env, timeout=5))["models"]
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise UserError(f"{_base_url(d)}/v1/models refused the API key (HTTP {exc.code}): set ${key_env} to "
+                                "the served app's key") from None
+            if exc.code < 500:
+                return None  # e.g. 404: no app at this route
+            if time.time() > deadline:
+                raise UserError(f"{_base_url(d)}/v1/models answers HTTP {exc.code}; see `serve status`") from None
+            time.sleep(1)
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            return None
     return next((m.get("checkpoint_hash") for m in models if m.get("name") == d.model_name), None)
 
 
 def served(d: Deploy, previous: dict) -> dict | None:
     """The live checkpoint as {"checkpoint", "checkpoint_hash"}: checkpoint is None when this workflow (with this
     --out) did not deploy it, so it cannot be evaluated and is replaced."""
-    digest = served_hash(d)
+    digest = served_hash(d, api_key_env(d))
     if digest is None:
         return None
     deployed = previous.get("deployed") or {}
@@ -264,7 +294,7 @@ def deploy(cfg: TrainThenDeployConfig, winner: dict, out: str) -> dict:
         d = d.model_copy(update={"host": host, "port": port})
     serve.run(build(settings), name=d.app_name, route_prefix=d.route_prefix, blocking=False)
     deadline = time.time() + 300
-    while served_hash(d) != digest:  # an update: the old replicas answer until the new ones are up
+    while served_hash(d, settings.api_key_env) != digest:  # an update: the old replicas answer until the new ones are up
         if time.time() > deadline:
             raise RuntimeError(f"{_base_url(d)}/v1/models does not show {checkpoint} after 300 s; see `serve status`")
         time.sleep(1)
