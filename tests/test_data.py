@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -163,11 +164,17 @@ def test_near_duplicates_reported_and_dropped(tmp_path, ray_session):
     planted = _near_copy_corpus(src)
     total = 8 + len(planted) + 40
     dest = str(tmp_path / "report")
-    manifest = prep.prepare([str(src)], dest, prep.PrepareOptions(size=16), progress=False)
+    manifest = prep.prepare([str(src)], dest, prep.PrepareOptions(size=16, val_fraction=0.5), progress=False)
     pairs = [json.loads(line) for line in storage.read_text(os.path.join(dest, "near_duplicates.jsonl")).splitlines()]
     assert {(os.path.basename(p["kept_source"]), os.path.basename(p["duplicate_source"])) for p in pairs} == planted
-    ids = {r["source"]: r["id"] for r in _rows(dest)}
-    assert all(ids[p["kept_source"]] == p["kept_id"] and ids[p["duplicate_source"]] == p["duplicate_id"] for p in pairs)
+    rows = {r["source"]: r for r in _rows(dest)}
+    assert all(rows[p["kept_source"]]["id"] == p["kept_id"] and rows[p["duplicate_source"]]["id"] == p["duplicate_id"] for p in pairs)
+    # A kept near copy is in its original's split, never a train picture's twin in val (each id alone would hash
+    # some of these pairs apart), and the manifest counts the splits the shards hold.
+    assert any(prep.split_of(p["kept_id"], 0.5) != prep.split_of(p["duplicate_id"], 0.5) for p in pairs)
+    assert all(rows[p["kept_source"]]["split"] == rows[p["duplicate_source"]]["split"] for p in pairs)
+    held = collections.Counter(r["split"] for r in rows.values())
+    assert manifest["splits"] == {"train": held["train"], "val": held["val"]}
     assert all(0 <= p["distance"] <= manifest["near_dedup"]["threshold"] for p in pairs)
     assert manifest["counts"] == {"input": total, "written": total, "rejected": 0, "duplicates": 0,
                                   "near_duplicates": len(planted), "near_duplicates_dropped": 0}

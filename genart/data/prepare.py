@@ -220,6 +220,7 @@ class Fates:
     near: list[dict]  # near_duplicates.jsonl: every near pair found, dropped or not
     dropped: set[str]  # sources of near duplicates left out (--near-dedup)
     rejects: dict[str, dict]  # rejected.jsonl by source: undecodable, too small, unreadable
+    resplit: dict[str, str] = dataclasses.field(default_factory=dict)  # kept near copies moved to their original's split
 
     def counts(self, num_inputs: int) -> dict:
         return {"input": num_inputs, "written": len(self.kept), "rejected": len(self.rejects),
@@ -235,7 +236,8 @@ def _finalize(dest: str, staging: str, plan: sources.Plan, opts: PrepareOptions,
     fates = _decide(rows, staging, plan, opts)
     _check_accounted(fates, plan.num_inputs)
     _clear_old_dataset(dest, staging)  # only now that the new one is complete in staging
-    _publish_shards(parts, {r.source for r in fates.kept}, {r.shard for r in rows} - _whole_shards(rows, fates.kept), dest, fs)
+    dirty = ({r.shard for r in rows} - _whole_shards(rows, fates.kept)) | {r.shard for r in fates.kept if r.source in fates.resplit}
+    _publish_shards(parts, {r.source for r in fates.kept}, fates.resplit, dirty, dest, fs)
     _write_jsonl(storage.join(dest, "rejected.jsonl"), [r for _, r in sorted(fates.rejects.items())])
     _write_jsonl(storage.join(dest, "duplicates.jsonl"), sorted(fates.duplicates, key=lambda r: r["source"]))
     _write_jsonl(storage.join(dest, "near_duplicates.jsonl"), fates.near)
@@ -250,7 +252,13 @@ def _decide(rows: list[StagedRow], staging: str, plan: sources.Plan, opts: Prepa
     near = _near_duplicates(unique, opts.near_threshold)
     dropped = {pair["duplicate_source"] for pair in near} if opts.near_dedup else set()
     kept = [r for r in unique if r.source not in dropped]
-    return Fates(kept, duplicates, near, dropped, _rejects(staging, plan))
+    # A near copy kept in the other split than its original (each picture's split hashes its own pixels) would put
+    # a train picture's twin in val: it joins its original's split (as exact copies are kept once).
+    split = {r.source: r.split for r in unique}
+    resplit = {pair["duplicate_source"]: split[pair["kept_source"]] for pair in near
+               if pair["duplicate_source"] not in dropped and split[pair["duplicate_source"]] != split[pair["kept_source"]]}
+    kept = [dataclasses.replace(r, split=resplit[r.source]) if r.source in resplit else r for r in kept]
+    return Fates(kept, duplicates, near, dropped, _rejects(staging, plan), resplit)
 
 
 def _check_accounted(fates: Fates, num_inputs: int) -> None:
@@ -339,14 +347,19 @@ def _clear_old_dataset(dest: str, staging: str) -> None:
             storage.remove(old)
 
 
-def _publish_shards(parts: list[str], kept_sources: set[str], dirty: set[int], dest: str, fs) -> None:
-    """Staging shards -> part-NNNNN.parquet: moved when whole, rewritten without their dropped rows when dirty."""
+def _publish_shards(parts: list[str], kept_sources: set[str], resplit: dict[str, str], dirty: set[int], dest: str,
+                    fs) -> None:
+    """Staging shards -> part-NNNNN.parquet: moved when whole, rewritten when dirty (without their dropped rows, and
+    with the `resplit` rows in their new split)."""
     for index, part in enumerate(parts):
         target = storage.join(dest, f"part-{index:05d}.parquet")
         if index in dirty:
             table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs)
-            mask = [s in kept_sources for s in table.column("source").to_pylist()]
-            pq.write_table(table.filter(pa.array(mask, pa.bool_())), storage.arrow_fs(target)[1], filesystem=fs)
+            names = table.column("source").to_pylist()
+            table = table.filter(pa.array([s in kept_sources for s in names], pa.bool_()))
+            splits = [resplit.get(s, old) for s, old in zip(table.column("source").to_pylist(), table.column("split").to_pylist())]
+            table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
+            pq.write_table(table, storage.arrow_fs(target)[1], filesystem=fs)
         else:
             storage.move(part, target)
 
