@@ -11,8 +11,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import gzip
+import json
 import posixpath
 import re
 import struct
