@@ -126,6 +126,17 @@ def test_quickstart_rerun_resumes_without_training_again(quickstart, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_quickstart_rerun_with_other_data_sizes_prepares_its_data_again(ray_session, tmp_path):
+    """A rerun with another synth_images reused the old dataset while quickstart.yaml recorded the new value."""
+    qs = load_workflow("quickstart")
+    (tmp_path / "data").mkdir()
+    synth, paintings = qs.prepare_data(qs.QuickstartConfig(synth_images=50, image_size=16, content_size=24), str(tmp_path))
+    made = (tmp_path / "data" / "paintings" / "manifest.json").stat().st_mtime_ns
+    qs.prepare_data(qs.QuickstartConfig(synth_images=55, image_size=16, content_size=24), str(tmp_path))
+    assert json.loads((tmp_path / "data" / "synth" / "manifest.json").read_text())["counts"]["input"] == 55
+    assert (tmp_path / "data" / "paintings" / "manifest.json").stat().st_mtime_ns == made  # unchanged: kept
+
+
 def test_quickstart_scores_again_the_pictures_a_retrained_generator_redrew(tmp_path, monkeypatch):
     """A score run records the critic and the folder, not the pictures in it: after a retrain the samples were
     redrawn but their scores resumed as "done", and the report named pictures by another model's scores. The

@@ -54,13 +54,24 @@ def prepare_data(cfg: QuickstartConfig, out: str) -> tuple[str, str]:
 
     synth_raw, synth = f"{out}/data/raw/synth", f"{out}/data/synth"
     paintings = f"{out}/data/paintings"
-    if not storage.exists(f"{synth}/manifest.json"):
+    if not _prepared_as(synth, cfg.image_size, cfg.synth_images):  # a rerun with other sizes redoes its data
+        storage.remove(synth_raw)
         make_synth(synth_raw, num=cfg.synth_images, size=cfg.image_size, seed=0)
-        click.echo(summary(prepare([synth_raw], synth, PrepareOptions(size=cfg.image_size, val_fraction=0.1), progress=False)))
-    if not storage.exists(f"{paintings}/manifest.json"):
-        opts = PrepareOptions(size=cfg.content_size, labels="none", val_fraction=0.1)
+        opts = PrepareOptions(size=cfg.image_size, val_fraction=0.1, overwrite=True)
+        click.echo(summary(prepare([synth_raw], synth, opts, progress=False)))
+    if not _prepared_as(paintings, cfg.content_size):
+        opts = PrepareOptions(size=cfg.content_size, labels="none", val_fraction=0.1, overwrite=True)
         click.echo(summary(prepare([str(assets.PAINTINGS), str(assets.PHOTOS)], paintings, opts, progress=False)))
     return synth, paintings
+
+
+def _prepared_as(data: str, size: int, inputs: int | None = None) -> bool:
+    """Whether `data` is a finished dataset made at `size` from `inputs` pictures (None: any number)."""
+    uri = f"{data}/manifest.json"
+    if not storage.exists(uri):
+        return False
+    manifest = json.loads(storage.read_text(uri))
+    return manifest.get("image_size") == size and inputs in (None, manifest.get("counts", {}).get("input"))
 
 
 def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
