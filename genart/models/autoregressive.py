@@ -23,7 +23,8 @@ from genart.config import Section
 from genart.data.palette import MAX_COLORS, MIN_COLORS, from_tokens, grid_palette, palette_path, read_palette, to_tokens
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
-from genart.models.sampling import check_images01, default_label, latents, make_grid, resize, trained_for_guidance
+from genart.models.sampling import (check_guidance, check_images01, default_label, latents, make_grid, resize,
+                                    trained_for_guidance)
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (8, 16, 24, 32, 48, 64)
@@ -134,6 +135,7 @@ class TokenModel(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         else:
             self.lstm = nn.LSTM(d, d, cfg.num_layers, batch_first=True, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+            self.out_dropout = cfg.dropout  # on the last layer's outputs (torch's LSTM drops between layers only)
         self.norm = nn.LayerNorm(d)
         for p in (self.token.weight, self.start.weight, self.row, self.col):
             nn.init.normal_(p, std=0.02)
@@ -159,7 +161,7 @@ class TokenModel(nn.Module):
             for block in self.blocks:
                 x = block(x)
         else:
-            x = F.dropout(self.lstm(x)[0], self.lstm.dropout, self.training)
+            x = F.dropout(self.lstm(x)[0], self.out_dropout, self.training)
         return self._head(x)
 
     def step(self, previous: torch.Tensor | None, t: int, labels: torch.Tensor | None, state, batch: int):
@@ -275,6 +277,7 @@ class AutoregressiveLoaded(GenerativeLoaded):
         seeds = list(seeds)
         if not seeds:
             raise UserError("sample: give at least one seed")
+        check_guidance(guidance, self.family, self.guidance_trained)  # as GenerativeLoaded.sample does
         noise = uniforms(seeds, self.latent_dim)
         return self._images(self._sample(noise, self._labels(seeds, labels), truncation, temperature, top_k, cache=cache,
                                          guidance=guidance))
@@ -289,7 +292,10 @@ class AutoregressiveLoaded(GenerativeLoaded):
     @torch.no_grad()
     def complete(self, images01: torch.Tensor, seeds: list[int] | None = None, labels: list[int] | None = None,
                  rows: int | None = None, truncation: float = 1.0) -> torch.Tensor:
-        """Keep the top `rows` rows of each image (default: half), sample the rest: (N, 3, S, S) in [0, 1]."""
+        """Keep the top `rows` rows of each image (default: half), sample the rest: (N, 3, S, S) in [0, 1].
+
+        A class-conditional model without `labels` completes each image as its own class: the one under which its
+        kept rows are likeliest (not the seed's default class, which would draw another genre below the cut)."""
         prefix = self.tokens(images01)
         seeds = list(range(len(prefix))) if seeds is None else list(seeds)
         if len(seeds) != len(prefix):
@@ -297,8 +303,20 @@ class AutoregressiveLoaded(GenerativeLoaded):
         rows = completion_rows(rows, self.image_size)
         noise = uniforms(seeds, self.latent_dim)
         keep = rows * self.side // self.image_size * self.side  # the tokens of the kept rows
-        tokens = self._sample(noise, self._labels(seeds, labels), truncation, None, None, prefix[:, :keep])
+        kept = prefix[:, :keep]
+        classes = self._labels(seeds, labels) if labels is not None or not self.conditional else self.likeliest_labels(kept)
+        tokens = self._sample(noise, classes, truncation, None, None, kept)
         return self._images(tokens)
+
+    @torch.no_grad()
+    def likeliest_labels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, T) leading tokens -> (N,) the class under which each sequence is likeliest (summed token NLL)."""
+        net = self.nets["model"]
+        nll = torch.stack([
+            F.cross_entropy(net(tokens, torch.full((len(tokens),), k, device=tokens.device)).float().transpose(1, 2),
+                            tokens, reduction="none").sum(1)
+            for k in range(self.num_labels)])  # (K, N)
+        return nll.argmin(0)
 
     @torch.no_grad()
     def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None = None) -> torch.Tensor:

@@ -54,7 +54,7 @@ class VQVAEConfig(Section):
     lr: float = Field(1e-3, gt=0)  # Adam, VQ-VAE steps
     # Steps [0, prior_start_step) train the VQ-VAE, the later ones the prior on its frozen codes (train.max_steps =
     # prior_start_step + prior_steps)
-    prior_start_step: int = Field(600, ge=0)
+    prior_start_step: int = Field(600, ge=1)  # 0 would leave the codebook unstarted: every code token 0
     prior_steps: int = Field(4000, ge=1)  # length of the prior's cosine learning-rate decay (to 10 %, then held)
     prior_embed_dim: int = Field(128, ge=8)  # the prior Transformer's width
     prior_layers: int = Field(4, ge=1)  # its blocks
