@@ -97,6 +97,8 @@ def style_root(tmp_path_factory) -> str:
     tiny_checkpoint(str(root / "mosaic"), "style", 32, seed=7, channels=4, num_res_blocks=1)
     (root / "broken").mkdir()  # a folder that is not a checkpoint
     (root / "broken" / "state.json").write_text("{not json")
+    (root / "README.md").write_text("styles for the demo")  # neither is listed: no checkpoint in them
+    (root / "notes").mkdir()
     return str(root)
 
 
@@ -226,6 +228,18 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "checkpoint not found" in result.stderr
 
 
+def test_a_model_card_says_a_genre_prior_vae_takes_labels_as_the_loaded_model_does(tmp_path):
+    """The card read only `conditional`, so a VAE with `prior: genre` (labels pick the genre, as `genart generate
+    --label` does) refused `label` with 422 and the playground hid its class picker."""
+    from genart import models
+    from genart.models.tiny import tiny_checkpoint
+    from genart.serve.app import model_card
+
+    for name, overrides in (("genre", {"prior": "genre"}), ("plain", {"prior": "standard"})):
+        run = tiny_checkpoint(str(tmp_path / name), "vae", 16, ("a", "b"), seed=1, **overrides)
+        assert model_card(name, run)["conditional"] == models.load(run).conditional == (name == "genre")
+
+
 def test_cli_bad_index_is_one_line_exit_2(tmp_path):
     result = subprocess.run([GENART, "serve", "--index", str(tmp_path)], capture_output=True, text=True, timeout=120,
                             cwd=ROOT)
@@ -264,6 +278,7 @@ def test_models_lists_every_model_with_its_checkpoint_hash(app, tiny_models):
         assert by_name[name]["image_size"] == 32
     assert by_name["critic"]["labels"] == ["stripes", "circles", "grid", "noise", "gradient"]
     assert by_name["mosaic"]["family"] == "style"  # found in style_root
+    assert "README.md" not in by_name and "notes" not in by_name  # sorted first, the README was the default style
     assert body["limits"]["max_n"] == 64
 
 
@@ -342,14 +357,16 @@ def test_reconstruct_keeps_the_size(app):
     assert r.status_code == 200 and image_of(r).size == (40, 30)
 
 
-def test_stylize_keeps_aspect_ratio_and_serves_styles_on_demand(app):
+def test_stylize_keeps_aspect_ratio_and_serves_styles_on_demand(app, style_root):
     r = upload(app, "/v1/stylize", png(90, 60), model="wave", max_side="45")
     assert r.status_code == 200 and image_of(r).size == (45, 30)
     assert image_of(upload(app, "/v1/stylize", png(90, 60), model="starry")).size == (90, 60)  # never upscaled
     from_root = upload(app, "/v1/stylize", png(20, 50), model="mosaic")  # loaded from style_root on first use
     assert from_root.status_code == 200 and image_of(from_root).size == (20, 50)
-    # a style folder that does not load is the server's problem: a JSON 500 naming it, and the app stays up
-    assert_error(upload(app, "/v1/stylize", png(20, 50), model="broken"), 500, "corrupt checkpoint")
+    # a style folder that does not load is the server's problem: a JSON 500 naming it (not its path, which the
+    # API never shows; the server log has the reason), and the app stays up
+    body = assert_error(upload(app, "/v1/stylize", png(20, 50), model="broken"), 500, "'broken' could not load or run")
+    assert "state.json" not in str(body) and style_root not in str(body)
     assert upload(app, "/v1/stylize", png(20, 50), model="mosaic").status_code == 200
 
 
@@ -457,6 +474,35 @@ def test_400_for_bad_images(app):
 ])
 def test_422_for_parameters_out_of_range(app, path, body):
     assert_error(requests.post(app + path, json=body), 422)
+
+
+def test_the_deadline_answers_504_for_its_own_timeout_only():
+    """A TimeoutError of the app's own (a socket, an S3 listing) was answered 504 "took longer than 30 s", at once."""
+    import asyncio
+
+    from genart.serve.guards import Deadline
+
+    async def own_timeout(scope, receive, send):
+        raise TimeoutError("S3 read timed out")
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(5)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    with pytest.raises(TimeoutError, match="S3 read timed out"):
+        asyncio.run(Deadline(own_timeout, 1.0)({"type": "http"}, None, send))
+    assert sent == []
+    asyncio.run(Deadline(slow, 0.1)({"type": "http"}, None, send))
+    assert sent[0]["status"] == 504
+
+
+def test_a_json_true_is_no_label(app):
+    """pydantic's lax int took `"label": true` for class 1."""
+    assert_error(requests.post(app + "/v1/generate", json={"model": "dcgan", "n": 1, "label": True}), 422)
 
 
 def test_422_for_form_fields_and_wrong_model_kinds(app):

@@ -97,7 +97,7 @@ HIDDEN_REASON = "hidden or system file (a dot-name, or macOS's __MACOSX/): not r
 def _hidden(rel: str) -> bool:
     """Dot-files and dot-folders (.DS_Store, ._photo.jpg, .ipynb_checkpoints/) and macOS's __MACOSX/ in zips: never
     the pictures of a dataset, and as folders they would become classes of their own."""
-    return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/") if part not in ("", "."))
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/") if part not in ("", ".", ".."))
 
 
 def _strip_common_root(names: list[str]) -> list[str]:

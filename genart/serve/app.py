@@ -25,13 +25,14 @@ FAMILIES = tuple(REGISTRY)
 
 
 def model_card(name: str, uri: str) -> dict:
-    """What /v1/models says about a model, read from its checkpoint's state.json and weights file (no torch).
+    """What /v1/models says about a model, read from its checkpoint's state.json and weights file (no weights loaded).
 
     A run folder is resolved to one checkpoint folder here, and the replicas load exactly that folder, so the
     card and the served weights agree even while training keeps writing new checkpoints into the run.
     """
     from genart import storage
-    from genart.models import find_checkpoint, model_section
+    from genart.config import validate
+    from genart.models import find_checkpoint, get_family, model_section
     from genart.models.checkpoint import STATE, checkpoint_hash
     from genart.models.sampling import trained_for_guidance
 
@@ -45,6 +46,12 @@ def model_card(name: str, uri: str) -> dict:
         raise UserError(f"{uri}: a {family!r} checkpoint cannot be served; expected one of {', '.join(FAMILIES)}")
     digest = checkpoint_hash(checkpoint)
     config = model_section(state.get("config") or {})
+    try:  # the config as the replicas load it (defaults filled in): e.g. a genre-prior VAE takes labels
+        model_cfg = validate(get_family(family).config_cls, config, source=f"{checkpoint}/{STATE} config")
+    except UserError:
+        model_cfg = None  # loading will say what is wrong; the card goes by the stored keys
+    takes_labels = (getattr(model_cfg, "takes_labels", getattr(model_cfg, "conditional", False)) if model_cfg
+                    else bool(config.get("conditional")))
     return {
         "name": name,
         "family": family,
@@ -53,7 +60,7 @@ def model_card(name: str, uri: str) -> dict:
         "step": state.get("step"),
         "image_size": state.get("image_size"),
         "labels": list(state.get("label_names") or []),
-        "conditional": bool(config.get("conditional")),  # only generators have the key
+        "conditional": bool(takes_labels),  # a sample's label picks its class (generators only)
         # token models trained with a "no class" start token: /v1/generate takes guidance above 1
         "guidance_trained": trained_for_guidance(config.get("conditional"), config.get("label_dropout")),
         "guidance": float(config.get("guidance", 1.0)),  # the model's own scale: what a request without one gets

@@ -147,9 +147,13 @@ class Deadline:
                 started = True
             await send(message)
 
+        deadline = asyncio.timeout(self.timeout_s)
         try:
-            await asyncio.wait_for(self.app(scope, receive, tracking_send), self.timeout_s)
-        except asyncio.TimeoutError:
+            async with deadline:
+                await self.app(scope, receive, tracking_send)
+        except TimeoutError:
+            if not deadline.expired():  # the app's own timeout (a socket, S3): an error of its own, not the deadline
+                raise
             if not started:
                 await send_error(send, 504, "timeout",
                                  f"the request took longer than {self.timeout_s:g} s (request_timeout_s) and was "

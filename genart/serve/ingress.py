@@ -8,7 +8,9 @@ uint8 arrays; every error is JSON {"error": ..., "detail": ...}. The playground 
 import asyncio
 import base64
 import io
+import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -33,6 +35,8 @@ from genart.models.sampling import MAX_GUIDANCE, check_guidance, parse_label
 from genart.serve.config import MAX_N, ServeArgs
 from genart.serve.guards import BearerAuth, BodyLimit, Deadline
 from genart.serve.inference import GenerateJob
+
+logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 GENERATIVE = generative_families()
@@ -56,7 +60,7 @@ class GenerateBody(StrictBody):
     n: int = Field(8, ge=1, le=MAX_N)  # images; seeds are seed .. seed + n - 1
     seed: int = Field(0, ge=0, le=2**32 - 1)
     truncation: float = Field(1.0, ge=0.0, le=1.0)  # 1.0 = off, 0.0 = the mean image
-    label: int | str | None = None  # class index or name, for class-conditional models
+    label: StrictInt | str | None = None  # class index or name, for class-conditional models
     # classifier-free guidance of a token model trained for it (None = the model's own; 1 = off)
     guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
     format: Literal["png", "json"] | None = None  # png grid (default) or JSON with base64 PNGs
@@ -67,9 +71,22 @@ class InterpolateBody(StrictBody):
     seed_a: int = Field(0, ge=0, le=2**32 - 1)
     seed_b: int = Field(1, ge=0, le=2**32 - 1)
     steps: int = Field(8, ge=2, le=MAX_N)
-    label: int | str | None = None
+    label: StrictInt | str | None = None
     format: Literal["png", "gif"] = "png"  # a strip of frames, or an animated GIF
     frame_ms: int = Field(100, ge=20, le=5000)  # GIF frame duration
+
+
+def _styles_under(root: str) -> list[str]:
+    """The served names under style_root: its folders that hold a checkpoint or a run (a README or a folder of
+    notes is no style, and as the first name it would have been the default one)."""
+    names = []
+    for uri in storage.listdir(root):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if storage.is_safe_name(name, storage.MODEL_NAME_MAX) and storage.isdir(uri):
+            inside = {child.rstrip("/").rsplit("/", 1)[-1] for child in storage.listdir(uri)}
+            if {"state.json", "best.json"} & inside or any(re.fullmatch(r"step-\d+", c) for c in inside):
+                names.append(name)
+    return sorted(names)
 
 
 def _png_response(data: bytes, **headers: str) -> Response:
@@ -184,7 +201,9 @@ class Ingress:
                            {"Retry-After": "1"}) from None
         except UserError as exc:  # requests are validated here first, so this is the model's side, e.g. a broken checkpoint
             cause = getattr(exc, "cause", None) or exc  # the original error inside Ray's RayTaskError wrapper
-            raise ApiError(500, "model error", f"model {name!r}: {one_line(cause, with_type=False)}") from None
+            # The reason names checkpoint paths, which the API never shows (model cards leave them out): logged only.
+            logger.error("model %r failed: %s", name, one_line(cause, with_type=False))
+            raise ApiError(500, "model error", f"model {name!r} could not load or run; the server log says why") from None
 
     async def style_names(self) -> list[str]:
         names = [n for n, card in self.cards.items() if card["family"] == "style"]
@@ -192,9 +211,7 @@ class Ingress:
         if root:
             at, cached = self._root_styles
             if time.monotonic() - at > STYLE_LIST_TTL_S:
-                found = await asyncio.to_thread(storage.listdir, root)
-                cached = sorted(n for n in (uri.rstrip("/").rsplit("/", 1)[-1] for uri in found)
-                                if storage.is_safe_name(n, storage.MODEL_NAME_MAX))
+                cached = await asyncio.to_thread(_styles_under, root)
                 self._root_styles = (time.monotonic(), cached)
             names += [n for n in cached if n not in names]
         return names

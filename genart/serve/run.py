@@ -111,7 +111,8 @@ def _deploy_and_wait(settings: ServeArgs, host: str, port: int) -> None:
     shown = "127.0.0.1" if real_host in ("0.0.0.0", "::") else real_host
     search = " and a search index" if settings.index else ""
     print(f"genart is serving {len(settings.models)} model(s){search} at http://{shown}:{real_port}/  (API docs: /docs)")
-    print(f"API key: {'required (from $' + key_env + ')' if os.environ.get(key_env) else 'not required (set $' + key_env + ' to require one)'}")
+    required = bool(os.environ.get(key_env, "").strip())  # as the app reads it (api_key_from_env): blank is no key
+    print(f"API key: {'required (from $' + key_env + ')' if required else 'not required (set $' + key_env + ' to require one)'}")
     print("Ctrl-C to stop.", flush=True)
     wait_for_ctrl_c()
 
