@@ -82,6 +82,10 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
     assert page.is_hidden("#guidance-wrap")
     page.select_option("#gen-model", "vq")
     assert page.is_visible("#guidance-wrap") and page.input_value("#guidance") == "1.5"
+    with page.expect_request("**/v1/generate") as request:  # the slider untouched: the model's own scale, not sent
+        page.click("#generate")
+    assert "guidance" not in request.value.post_data_json
+    page.wait_for_function("!document.getElementById('generate').disabled", timeout=60_000)
     page.eval_on_selector("#guidance", "el => { el.value = '2.5'; el.dispatchEvent(new Event('input')); }")
     assert page.inner_text("#guid-out") == "2.50"
     with page.expect_request("**/v1/generate") as request:
@@ -102,6 +106,12 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
     page.wait_for_selector("#labels li", timeout=60_000)
     labels = page.eval_on_selector_all("#labels li span:first-child", "ss => ss.map(s => s.textContent)")
     assert sorted(labels) == sorted(["stripes", "circles", "grid", "noise", "gradient"])
+    # another photo: the first one's stylized picture and labels go (they stayed beside the new photo)
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(tmp_path / "other.png")
+    page.set_input_files("#photo", str(tmp_path / "other.png"))
+    assert page.get_attribute("#style-img", "src") is None and page.query_selector("#labels li") is None
 
     assert page.is_hidden("#error"), page.inner_text("#error")
     assert not errors, errors

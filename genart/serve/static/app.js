@@ -6,6 +6,8 @@ const KEY_STORE = "genart-api-key";
 let apiKey = sessionStorage.getItem(KEY_STORE) || "";
 let models = [];
 const objectUrls = {};
+let photoVersion = 0;  // bumped when another photo is chosen: late results of the old one are dropped
+let guidanceMoved = false;
 
 function showError(message) {
   const box = $("error");
@@ -78,9 +80,10 @@ function updateLabels() {
   if (conditional) fillSelect($("gen-label"), ["(by seed)", ...m.labels]);
   // token models trained with a "no class" token take a guidance scale; the slider starts at the model's own
   $("guidance-wrap").hidden = !(m && m.guidance_trained);
+  guidanceMoved = false;  // a request carries no guidance (the model's own) until the user moves the slider
   if (m && m.guidance_trained) {
     $("guidance").value = m.guidance;
-    $("guid-out").value = Number($("guidance").value).toFixed(2);
+    $("guid-out").value = Number(m.guidance).toFixed(2);
   }
 }
 
@@ -93,7 +96,7 @@ function generateBody() {
   };
   const label = $("gen-label").value;
   if (!$("label-wrap").hidden && label && label !== "(by seed)") body.label = label;
-  if (!$("guidance-wrap").hidden) body.guidance = Number($("guidance").value);
+  if (!$("guidance-wrap").hidden && guidanceMoved) body.guidance = Number($("guidance").value);
   return body;
 }
 
@@ -131,14 +134,18 @@ function photoForm(model, extra = {}) {
 async function stylize() {
   const style = $("style-model").value;
   const form = photoForm(style, { max_side: $("max-side").value });
-  const t0 = performance.now();
+  const t0 = performance.now(), asked = photoVersion;
   const response = await api("v1/stylize", { method: "POST", body: form });
-  showImage($("style-img"), await response.blob());
+  const blob = await response.blob();
+  if (asked !== photoVersion) return;  // another photo was chosen meanwhile: this result is not for it
+  showImage($("style-img"), blob);
   $("style-cap").textContent = `${style} · ${Math.round(performance.now() - t0)} ms`;
 }
 
 async function classify() {
+  const asked = photoVersion;
   const body = await (await api("v1/classify", { method: "POST", body: photoForm(null) })).json();
+  if (asked !== photoVersion) return;
   $("labels").replaceChildren(...body.labels.map(({ label, probability }) => {
     const li = document.createElement("li");
     const pct = (probability * 100).toFixed(1);
@@ -236,17 +243,23 @@ async function checkHealth() {
 function wire() {
   $("n").addEventListener("input", () => { $("n-out").value = $("n").value; });
   $("truncation").addEventListener("input", () => { $("trunc-out").value = Number($("truncation").value).toFixed(2); });
-  $("guidance").addEventListener("input", () => { $("guid-out").value = Number($("guidance").value).toFixed(2); });
+  $("guidance").addEventListener("input", () => {
+    guidanceMoved = true;
+    $("guid-out").value = Number($("guidance").value).toFixed(2);
+  });
   $("dice").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 1e6); });
   $("gen-model").addEventListener("change", updateLabels);
   $("generate").addEventListener("click", (e) => busy(e.currentTarget, generate));
   $("interpolate").addEventListener("click", (e) => busy(e.currentTarget, interpolate));
   $("stylize").addEventListener("click", (e) => busy(e.currentTarget, stylize));
   $("classify").addEventListener("click", (e) => busy(e.currentTarget, classify));
-  $("photo").addEventListener("change", () => {
+  $("photo").addEventListener("change", () => {  // a new photo: the old one's results go
+    photoVersion += 1;
     const file = $("photo").files[0];
     if (file) showImage($("photo-img"), file);
     $("labels").replaceChildren();
+    $("style-img").removeAttribute("src");
+    $("style-cap").textContent = "stylized";
   });
   $("save-key").addEventListener("click", () => {
     apiKey = $("api-key").value.trim();
