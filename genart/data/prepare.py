@@ -355,8 +355,7 @@ def _publish_shards(parts: list[str], kept_sources: set[str], resplit: dict[str,
         target = storage.join(dest, f"part-{index:05d}.parquet")
         if index in dirty:
             table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs)
-            names = table.column("source").to_pylist()
-            table = table.filter(pa.array([s in kept_sources for s in names], pa.bool_()))
+            table = table.filter(pa.array([s in kept_sources for s in table.column("source").to_pylist()], pa.bool_()))
             splits = [resplit.get(s, old) for s, old in zip(table.column("source").to_pylist(), table.column("split").to_pylist())]
             table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
             pq.write_table(table, storage.arrow_fs(target)[1], filesystem=fs)

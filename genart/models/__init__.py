@@ -67,6 +67,19 @@ def model_section(config: dict) -> dict:
     return config
 
 
+def takes_labels(cfg) -> bool:
+    """Whether a model config's samples take a class label: a conditional generator, or a VAE whose genre prior
+    draws each genre's codes (VAEConfig.takes_labels)."""
+    return bool(getattr(cfg, "takes_labels", getattr(cfg, "conditional", False)))
+
+
+def holds_model(uri: str) -> bool:
+    """Whether the folder `uri` is a checkpoint folder or a run folder (a state.json, best.json or step-* inside), by
+    its listing alone: nothing is read, so a broken checkpoint still counts (loading it says what is wrong)."""
+    names = {child.rstrip("/").rsplit("/", 1)[-1] for child in storage.listdir(uri)}
+    return bool({STATE, "best.json"} & names) or any(_STEP.match(n) for n in names)
+
+
 def _checked_name(name: str, where: str) -> str:
     if not storage.is_safe_name(name):  # a checkpoint folder name, never a path
         raise UserError(f"{where}: {name!r} is not a checkpoint folder name (expected e.g. step-000100)")
@@ -165,4 +178,5 @@ def load(uri: str, which: str = "best", family: str | tuple[str, ...] | None = N
     return fam.inference(cfg, nets, state)
 
 
-__all__ = ["GENERATIVE", "REGISTRY", "ModelConfig", "Loaded", "Family", "load", "find_checkpoint", "get_family", "generative_families", "model_section"]
+__all__ = ["GENERATIVE", "REGISTRY", "ModelConfig", "Loaded", "Family", "load", "find_checkpoint", "get_family", "generative_families", "model_section", "takes_labels",
+           "holds_model"]

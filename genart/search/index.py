@@ -182,16 +182,18 @@ def _start(out: str, run: dict, overwrite: bool) -> None:
     run_uri = storage.join(out, "run.json")
     ours = (SHARDS, "run.json", "index.json", "faiss.index", "vectors.npy", "metadata.parquet", "thumbnails.parquet",
             "errors.jsonl")
-    if storage.exists(run_uri) and overwrite:  # only an index's own files, and only in a folder that is an index
+    has_run = storage.exists(run_uri)
+    if has_run and overwrite:  # only an index's own files, and only in a folder that is an index
         for name in ours:
             storage.remove(storage.join(out, name))
-    elif storage.exists(run_uri):
+        has_run = False
+    elif has_run:
         stored = json.loads(storage.read_text(run_uri))
         if stored != run:
             diff = output.first_difference(stored, run)
             raise UserError(f"{out} is an index of another input or feature model ({diff}); "
                             "pass --overwrite to rebuild it, or choose another --output")
-    if not storage.exists(run_uri) and storage.exists(out) and storage.find(out):
+    if not has_run and storage.exists(out) and storage.find(out):
         raise UserError(f"{out} holds files that are not a genart index; choose an empty --output")
     storage.check_writable(out)
     storage.remove(storage.join(out, "index.json"))  # incomplete until this run finishes

@@ -32,7 +32,7 @@ def model_card(name: str, uri: str) -> dict:
     """
     from genart import storage
     from genart.config import validate
-    from genart.models import find_checkpoint, get_family, model_section
+    from genart.models import find_checkpoint, get_family, model_section, takes_labels
     from genart.models.checkpoint import STATE, checkpoint_hash
     from genart.models.sampling import trained_for_guidance
 
@@ -50,8 +50,7 @@ def model_card(name: str, uri: str) -> dict:
         model_cfg = validate(get_family(family).config_cls, config, source=f"{checkpoint}/{STATE} config")
     except UserError:
         model_cfg = None  # loading will say what is wrong; the card goes by the stored keys
-    takes_labels = (getattr(model_cfg, "takes_labels", getattr(model_cfg, "conditional", False)) if model_cfg
-                    else bool(config.get("conditional")))
+    labelled = takes_labels(model_cfg) if model_cfg else bool(config.get("conditional"))
     return {
         "name": name,
         "family": family,
@@ -60,7 +59,7 @@ def model_card(name: str, uri: str) -> dict:
         "step": state.get("step"),
         "image_size": state.get("image_size"),
         "labels": list(state.get("label_names") or []),
-        "conditional": bool(takes_labels),  # a sample's label picks its class (generators only)
+        "conditional": labelled,  # a sample's label picks its class (generators only)
         # token models trained with a "no class" start token: /v1/generate takes guidance above 1
         "guidance_trained": trained_for_guidance(config.get("conditional"), config.get("label_dropout")),
         "guidance": float(config.get("guidance", 1.0)),  # the model's own scale: what a request without one gets

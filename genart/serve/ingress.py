@@ -10,7 +10,6 @@ import base64
 import io
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +28,7 @@ from starlette.exceptions import HTTPException
 from genart import storage
 from genart.data.images import Reject, cap_side, decode_image, encode_png
 from genart.errors import UserError, one_line
-from genart.models import generative_families
+from genart.models import generative_families, holds_model
 from genart.models.autoregressive import completion_rows
 from genart.models.sampling import MAX_GUIDANCE, check_guidance, parse_label
 from genart.serve.config import MAX_N, ServeArgs
@@ -82,10 +81,8 @@ def _styles_under(root: str) -> list[str]:
     names = []
     for uri in storage.listdir(root):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
-        if storage.is_safe_name(name, storage.MODEL_NAME_MAX) and storage.isdir(uri):
-            inside = {child.rstrip("/").rsplit("/", 1)[-1] for child in storage.listdir(uri)}
-            if {"state.json", "best.json"} & inside or any(re.fullmatch(r"step-\d+", c) for c in inside):
-                names.append(name)
+        if storage.is_safe_name(name, storage.MODEL_NAME_MAX) and storage.isdir(uri) and holds_model(uri):
+            names.append(name)
     return sorted(names)
 
 

@@ -208,7 +208,7 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
     if family.needs_labels and len(label_names) < 2:
         raise UserError(f"data.path: {cfg.model.family} needs a labelled dataset (one folder per class, >= 2 classes); "
                         f"{cfg.data.path} has {len(label_names)} labels")
-    uses_labels = family.needs_labels or getattr(cfg.model, "takes_labels", getattr(cfg.model, "conditional", False))
+    uses_labels = family.needs_labels or models.takes_labels(cfg.model)
     if uses_labels and manifest.get("unlabelled"):  # else every worker (and retry) stops at the first label -1
         raise UserError(f"data.path: {manifest['unlabelled']} images of {cfg.data.path} are outside its class folders "
                         f"(no label), and this {cfg.model.family} trains on labels; put them in a class folder and "
