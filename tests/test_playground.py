@@ -95,6 +95,26 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
     assert _natural_width(page, "#gen-img") == 4 * 18 + 2  # 16 px images
     page.select_option("#gen-model", "dcgan")
 
+    # Generate and Interpolate draw into one picture: the last click wins, whichever answer comes last (a late walk
+    # replaced the grid asked for after it). The page's fetch holds the walk's answer until the grid is shown.
+    page.evaluate("""() => {
+        const realFetch = window.fetch;
+        window.walkHeld = new Promise((resolve) => { window.releaseWalk = resolve; });
+        window.fetch = async (url, options) => {
+            const response = await realFetch(url, options);
+            if (String(url).includes("v1/interpolate")) await window.walkHeld;
+            return response;
+        };
+    }""")
+    page.click("#interpolate")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('gen-cap').textContent.includes('seeds 7')", timeout=60_000)
+    grid = page.get_attribute("#gen-img", "src")
+    page.evaluate("window.releaseWalk()")
+    page.wait_for_function("!document.getElementById('interpolate').disabled", timeout=60_000)
+    assert "seeds 7" in page.inner_text("#gen-cap") and page.get_attribute("#gen-img", "src") == grid
+
     # upload a photo, stylize it, ask the critic
     page.set_input_files("#photo", str(PHOTOS / "figures.jpg"))
     page.select_option("#max-side", "256")

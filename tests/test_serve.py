@@ -500,6 +500,104 @@ def test_the_deadline_answers_504_for_its_own_timeout_only():
     assert sent[0]["status"] == 504
 
 
+def test_a_cancelled_request_stops_its_thread_and_stays_counted_until_it_has():
+    """A request cancelled at its deadline dropped out of InFlight at once while its thread computed to the end,
+    beside the requests that came after it."""
+    import asyncio
+    import threading
+
+    from genart.models.family import InferenceSetup
+    from genart.models.sampling import stop_point
+    from genart.serve.deployments import InFlight, _run
+
+    steps, ended = [], threading.Event()
+
+    def long_loop():
+        try:
+            for i in range(200):  # 10 s unless stopped
+                stop_point()
+                steps.append(i)
+                time.sleep(0.05)
+        finally:
+            ended.set()
+
+    async def main():
+        in_flight = InFlight()
+        request = asyncio.ensure_future(in_flight.run(direct=lambda: _run(InferenceSetup(), long_loop),
+                                                      batched=lambda: None))
+        await asyncio.sleep(0.3)
+        request.cancel()
+        await asyncio.sleep(0)
+        counted_after_cancel = in_flight.count
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        return counted_after_cancel, ended.is_set(), in_flight.count
+
+    started = time.monotonic()
+    counted_after_cancel, ended_before_return, count = asyncio.run(main())
+    assert counted_after_cancel == 1 and ended_before_return and count == 0
+    assert len(steps) < 20 and time.monotonic() - started < 5, f"the loop ran on: {len(steps)} steps"
+
+
+def test_a_style_load_outlives_the_request_that_started_it():
+    """A style slower to load than request_timeout_s was thrown away with each cancelled request: never cached."""
+    import asyncio
+
+    from genart.serve.deployments import SharedLoads
+
+    loads = []
+
+    async def read(name):
+        loads.append(name)
+        await asyncio.sleep(0.3)
+        if name == "broken":
+            raise OSError("S3 read failed")
+        return f"model {name}"
+
+    async def main():
+        shared = SharedLoads(read)
+        first = asyncio.ensure_future(shared("starry"))
+        await asyncio.sleep(0.1)
+        first.cancel()  # the request's deadline
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = await shared("starry")  # picks up the running load
+        for _ in range(2):
+            with pytest.raises(OSError):
+                await shared("broken")  # a failed load is started again, not handed out for ever
+        return second
+
+    assert asyncio.run(main()) == "model starry"
+    assert loads == ["starry", "broken", "broken"]
+
+
+def test_token_sampling_stops_at_a_set_stop_event():
+    import threading
+
+    import torch
+
+    from genart.models.autoregressive import sample_tokens
+    from genart.models.sampling import Stopped, stoppable
+
+    calls = []
+
+    class Net:
+        null_label = None
+
+        def step(self, token, t, labels, state, n):
+            calls.append(t)
+            return torch.zeros(n, 4), state
+
+    stop = threading.Event()
+    assert sample_tokens(Net(), torch.rand(2, 5), None, 1.0, 0).shape == (2, 5)  # outside a stoppable block: no-op
+    with stoppable(stop):
+        sample_tokens(Net(), torch.rand(2, 5), None, 1.0, 0)
+        stop.set()
+        with pytest.raises(Stopped):
+            sample_tokens(Net(), torch.rand(2, 5), None, 1.0, 0)
+    assert len(calls) == 10
+
+
 def test_a_json_true_is_no_label(app):
     """pydantic's lax int took `"label": true` for class 1."""
     assert_error(requests.post(app + "/v1/generate", json={"model": "dcgan", "n": 1, "label": True}), 422)

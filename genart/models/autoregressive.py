@@ -24,7 +24,7 @@ from genart.data.palette import MAX_COLORS, MIN_COLORS, from_tokens, grid_palett
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
 from genart.models.sampling import (check_guidance, check_images01, default_label, latents, make_grid, resize,
-                                    trained_for_guidance)
+                                    stop_point, trained_for_guidance)
 from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
 
 SIZES = (8, 16, 24, 32, 48, 64)
@@ -215,6 +215,7 @@ def sample_tokens(net: TokenModel, uniforms: torch.Tensor, labels: torch.Tensor 
     copies = 2 if guided else 1
     state = None
     for t in range(length):
+        stop_point()  # a cancelled Serve request stops here, within one token's step
         if cache:
             logits, state = net.step(tokens[:, t - 1].repeat(copies) if t else None, t, labels, state, n * copies)
         else:

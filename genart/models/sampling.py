@@ -7,8 +7,11 @@ turns seeds (and labels) into images.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Iterable
+import threading
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -16,6 +19,32 @@ from PIL import Image
 from torch import nn
 
 from genart.errors import UserError
+
+_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("genart_stop", default=None)
+
+
+class Stopped(Exception):
+    """The caller gave up on this call (a Serve request cancelled at its deadline): raised at a `stop_point`."""
+
+
+@contextlib.contextmanager
+def stoppable(event: threading.Event) -> Iterator[None]:
+    """Within this block (one thread: a context variable), `stop_point()` raises Stopped once `event` is set.
+    A thread cannot be cancelled from outside, so a long loop run for a cancelled request would otherwise
+    compute to its end, beside the requests that came after it."""
+    token = _STOP.set(event)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
+
+
+def stop_point() -> None:
+    """Raise Stopped if the enclosing `stoppable` block's event is set; a no-op outside one. Called between the
+    steps of long loops (one per token in autoregressive sampling)."""
+    event = _STOP.get()
+    if event is not None and event.is_set():
+        raise Stopped
 
 
 def latent(seed: int, dim: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Awaitable, Callable, TypeVar
 
 import numpy as np
@@ -22,6 +23,7 @@ from genart import storage
 from genart.errors import UserError
 from genart.serve import inference
 from genart.serve.config import ServeArgs
+from genart.models.sampling import stoppable
 from genart.serve.inference import GenerateJob
 
 logger = logging.getLogger("ray.serve")
@@ -47,12 +49,51 @@ def _load(uri: str, family: str | tuple[str, ...] | None, setup):
 
 async def _run(setup, fn, *args):
     """fn(*args) in a worker thread (the replica keeps queueing meanwhile), inside the replica's inference context:
-    autocast and inference_mode are per thread, so they are entered there."""
+    autocast and inference_mode are per thread, so they are entered there.
+
+    A thread cannot be cancelled. When the request is (Deadline's 504, a client gone), fn is told to stop at its
+    next `stop_point` (token sampling checks one per token) and this call returns only once the thread is free,
+    so the request stays counted in `InFlight` while its work still holds the CPU.
+    """
+    stop = threading.Event()
+
     def call():
-        with setup.inference():
+        with setup.inference(), stoppable(stop):
             return fn(*args)
 
-    return await asyncio.to_thread(call)
+    work = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait([work])  # (a second cancel leaves at once)
+        if not work.cancelled():
+            work.exception()  # retrieved: Stopped, or fn's own error, is not this cancelled request's answer
+        raise
+
+
+class SharedLoads:
+    """Model loads by name that outlive the request that started them.
+
+    `serve.multiplexed` awaits its load function inside the request; when the request is cancelled the load is
+    thrown away, and a style slower to load than request_timeout_s could never be cached: every request would
+    start it over. Here a load runs as its own task; a cancelled request leaves it running, and the next request
+    for that name picks up the same task (a failed one is started again).
+    """
+
+    def __init__(self, load: Callable[[str], Awaitable[T]]):
+        self._load = load
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def __call__(self, name: str) -> T:
+        task = self._tasks.get(name)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._tasks[name] = asyncio.ensure_future(self._load(name))
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and self._tasks.get(name) is task:
+                del self._tasks[name]  # the caller (multiplexed's cache) holds the model from here
 
 
 class InFlight:
@@ -189,9 +230,14 @@ class StyleModels:
         self.setup = _setup(settings)
         self.in_flight = InFlight(settings.batching)
 
-        async def load_style(name: str):
+        async def read_style(name: str):
             logger.info("loading style %r", name)
             return await asyncio.to_thread(_load, self.uri_of(name), "style", self.setup)
+
+        shared = SharedLoads(read_style)
+
+        async def load_style(name: str):
+            return await shared(name)
 
         # wired at init (not as a class decorator) so the LRU size comes from the args; Serve takes a plain
         # function here (it keeps its model cache as an attribute of the function it wraps)

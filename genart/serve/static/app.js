@@ -8,6 +8,7 @@ let models = [];
 const objectUrls = {};
 let photoVersion = 0;  // bumped when another photo is chosen: late results of the old one are dropped
 let guidanceMoved = false;
+let genRequest = 0;  // the latest Generate or Interpolate click: both draw into one picture, the last one asked wins
 
 function showError(message) {
   const box = $("error");
@@ -101,23 +102,29 @@ function generateBody() {
 }
 
 async function generate() {
+  const mine = ++genRequest;
   const body = generateBody();
   const t0 = performance.now();
   const response = await api("v1/generate", {
     method: "POST", headers: { "Content-Type": "application/json", Accept: "image/png" }, body: JSON.stringify(body),
   });
-  showImage($("gen-img"), await response.blob());
+  const blob = await response.blob();
+  if (mine !== genRequest) return;  // a later click's picture is (or will be) shown
+  showImage($("gen-img"), blob);
   const guided = body.guidance === undefined ? "" : ` · guidance ${body.guidance.toFixed(2)}`;
   $("gen-cap").textContent = `${body.model} · seeds ${body.seed}–${body.seed + body.n - 1}${guided} · ${Math.round(performance.now() - t0)} ms`;
 }
 
 async function interpolate() {
+  const mine = ++genRequest;
   const seed = Number($("seed").value) || 0;
   const body = { model: $("gen-model").value, seed_a: seed, seed_b: seed + 1, steps: 16, format: "gif" };
   const response = await api("v1/interpolate", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
-  showImage($("gen-img"), await response.blob());
+  const blob = await response.blob();
+  if (mine !== genRequest) return;
+  showImage($("gen-img"), blob);
   $("gen-cap").textContent = `${body.model} · walk from seed ${seed} to ${seed + 1}`;
 }
 
