@@ -461,6 +461,25 @@ def test_images_outside_the_class_folders_are_counted_and_refused_by_label_model
         check(style)
 
 
+def test_a_class_left_without_training_images_is_counted_and_named_in_the_summary(tmp_path, ray_session):
+    """A class folder whose every file was rejected stayed in the labels, and nothing said that no model would ever
+    see it (a conditional generator then drew noise for every seed of that class)."""
+    src = tmp_path / "raw"
+    for i, folder in enumerate(("cats", "dogs", "cats", "dogs")):
+        (src / folder).mkdir(parents=True, exist_ok=True)
+        Image.effect_noise((16, 16), 30 + 10 * i).convert("RGB").save(src / folder / f"p{i}.png")
+    (src / "birds").mkdir()
+    (src / "birds" / "broken.png").write_bytes(b"not a png")
+    manifest = prep.prepare([str(src)], str(tmp_path / "ds"), prep.PrepareOptions(size=16, val_fraction=0.0),
+                            progress=False)
+    assert manifest["labels"] == {"birds": 0, "cats": 1, "dogs": 2}
+    assert manifest["label_counts"] == {"birds": {"train": 0, "val": 0}, "cats": {"train": 2, "val": 0},
+                                        "dogs": {"train": 2, "val": 0}}
+    lines = prep.summary(manifest).splitlines()
+    assert [line for line in lines if "no training images" in line] == [
+        "  ! label 'birds': no training images (no image of it was kept; see rejected.jsonl and duplicates.jsonl)"]
+
+
 def test_planning_skips_what_is_not_a_picture_of_the_dataset_and_says_so(tmp_path):
     """A zip made on a Mac holds __MACOSX/ with a ._copy of every image: as a folder it became a class of its own
     and merged the real ones into one ('art'). Dot-files and dot-folders (.DS_Store, .ipynb_checkpoints/) are

@@ -207,7 +207,7 @@ class StagedRow:
     sha256: str
     phash: str
     split: str
-    labelled: bool  # label not null
+    label: int | None  # index into the labels, None when unlabelled
     shard: int  # index of its staging shard
 
 
@@ -270,13 +270,20 @@ def _check_accounted(fates: Fates, num_inputs: int) -> None:
 
 def _manifest(fates: Fates, plan: sources.Plan, opts: PrepareOptions, num_shards: int, started: float) -> dict:
     splits = collections.Counter(r.split for r in fates.kept)
+    splits_of = collections.defaultdict(collections.Counter)
+    for r in fates.kept:
+        if r.label is not None:
+            splits_of[r.label][r.split] += 1
     return {
         "version": FORMAT_VERSION,
         "counts": fates.counts(plan.num_inputs),
         "labels": {name: i for i, name in enumerate(plan.label_names)},
         "splits": {"train": splits.get("train", 0), "val": splits.get("val", 0)},
         # images outside the class folders of a labelled dataset (label null): models that need labels refuse them
-        "unlabelled": sum(1 for r in fates.kept if not r.labelled) if plan.label_names else 0,
+        "unlabelled": sum(1 for r in fates.kept if r.label is None) if plan.label_names else 0,
+        # images per label and split: a class whose every file was rejected stays in the labels (ids are positional)
+        "label_counts": {name: {"train": splits_of[i].get("train", 0), "val": splits_of[i].get("val", 0)}
+                         for i, name in enumerate(plan.label_names)},
         "image_size": opts.size,
         "resize_mode": opts.resize_mode if opts.size else None,
         "val_fraction": opts.val_fraction,
@@ -296,7 +303,7 @@ def _staged_rows(parts: list[str], fs) -> list[StagedRow]:
     columns = ["id", "source", "sha256", "phash", "split", "label"]
     for index, part in enumerate(parts):
         table = pq.read_table(storage.arrow_fs(part)[1], filesystem=fs, columns=columns)
-        rows.extend(StagedRow(*values[:-1], labelled=values[-1] is not None, shard=index)
+        rows.extend(StagedRow(*values, shard=index)
                     for values in zip(*(table.column(c).to_pylist() for c in columns)))
     return rows
 
@@ -395,4 +402,8 @@ def summary(manifest: dict) -> str:
     ]
     for reason, n in sorted(manifest["reject_reasons"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  - {n} x {reason}")
+    for name, n in (manifest.get("label_counts") or {}).items():
+        if not n["train"]:  # a class a model is asked to draw or name but never sees
+            where = f"its {n['val']} images are all in val" if n["val"] else "no image of it was kept"
+            lines.append(f"  ! label {name!r}: no training images ({where}; see rejected.jsonl and duplicates.jsonl)")
     return "\n".join(lines)
