@@ -22,10 +22,7 @@ class _Group(click.Group):
             click.echo(f"genart: error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (runtime.Terminated): stop Ray before exiting
-            runtime.shutdown()
-            signal_name = "SIGTERM" if isinstance(exc, runtime.Terminated) else "Ctrl-C"
-            click.echo(f"genart: stopped by {signal_name}; run the same command again to resume", err=True)
-            sys.exit(143 if isinstance(exc, runtime.Terminated) else 130)
+            runtime.exit_stopped("genart", exc)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -449,12 +446,14 @@ jobs_address_option = click.option(
 )
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+# The command's own flags pass through untouched after its first word (no interspersed options); a misspelt
+# submit option before it is an error, not the start of the job's command.
+@main.command(context_settings={"allow_interspersed_args": False})
 @jobs_address_option
 @click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Folder uploaded as the job's working dir (.venv, .git, results, runs left out).")
 @click.option("--pip", "pip_packages", multiple=True, metavar="PKG", help="pip requirement to install for the job; repeatable.")
-@click.option("--gpus", type=float, default=None, help="GPUs reserved for the job's entrypoint process.")
+@click.option("--gpus", type=click.FloatRange(min=0), default=None, help="GPUs reserved for the job's entrypoint process.")
 @click.option("--no-wait", is_flag=True, help="Print the job id and return instead of streaming the logs.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(address, working_dir, pip_packages, gpus, no_wait, command):
@@ -467,6 +466,9 @@ def submit(address, working_dir, pip_packages, gpus, no_wait, command):
     """
     from genart import ray_jobs
 
+    if command[0].startswith("-"):
+        raise click.UsageError(f"COMMAND starts with {command[0]!r}: put submit's own options before COMMAND, "
+                               f"e.g. genart submit --no-wait -- genart train CONFIG")
     sys.exit(ray_jobs.submit(command, address=address, working_dir=working_dir, pip=pip_packages, gpus=gpus,
                              wait=not no_wait))
 

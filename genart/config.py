@@ -79,29 +79,36 @@ class Options(BaseModel):
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], value); the value is parsed as YAML so `3`, `true`, `[1,2]` get their types."""
+    """`a.b=c` -> (["a", "b"], value). Lists and mappings (`[1, 2]`, `{a: 1}`) are read as YAML; a scalar is
+    read as YAML only where that gives back what was typed (`3`, `0.5`, `true`, `null`), and otherwise stays the
+    text, which pydantic converts for a number or bool key and a str key keeps as written."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+    text = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
-        value = raw
-    # PyYAML reads YAML 1.1, where yes/no/on/off are booleans and 0755 (octal: 493), 1:30 (90) and 1_000 are
-    # numbers. Such values stay the text typed: pydantic turns it into a bool or int for a bool or int key (0755 ->
-    # 755), and a str key (run.name=0755) keeps it as written.
-    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
-        value = raw
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and _yaml11_number(raw.strip()):
-        value = raw
-    return key.strip().split("."), value
+        return key.strip().split("."), text
+    return key.strip().split("."), value if isinstance(value, (list, dict)) or _typed_as_read(value, text) else text
 
 
-def _yaml11_number(text: str) -> bool:
-    """Whether YAML 1.1 alone reads `text` as a number: a leading zero (octal), a colon (base 60) or an underscore."""
-    digits = text.lstrip("+-")
-    return ":" in digits or "_" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1].isdigit())
-
+def _typed_as_read(value: Any, text: str) -> bool:
+    """Whether YAML's reading of a scalar is the plain one a user means. PyYAML reads YAML 1.1, where yes/no/on/off
+    are booleans and 0755 (octal: 493), 1:30 (90), 1_000 and 0x1F are numbers; ` #` starts a comment (`my pics #2`
+    -> `my pics`), `&a` is an anchor, 2024-01-02 a date, and 2024.10 the float 2024.1 (a str key got "2024.1")."""
+    if value is None:
+        return text in ("null", "Null", "NULL", "~")
+    if isinstance(value, bool):
+        return text.lower() in ("true", "false")
+    if isinstance(value, int):
+        digits = text.lstrip("+-")
+        return digits.isdigit() and (len(digits) == 1 or digits[0] != "0")
+    if isinstance(value, float):
+        return repr(value) == text.lstrip("+") or repr(value) == text
+    if isinstance(value, str):  # quotes force a string: run.name="'0755'"
+        return value == text or (len(text) >= 2 and text[0] in "'\"" and text[-1] == text[0])
+    return False  # dates, timestamps, binary: the text
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     """Apply `--set` overrides to a plain dict, creating intermediate sections as needed."""

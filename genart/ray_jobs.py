@@ -54,6 +54,9 @@ def resolve_address(address: str | None = None) -> str:
             f"{url} is a Ray Client address, but jobs go through the Jobs API on the dashboard port; "
             f"pass --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)"
         )
+    if "://" not in url and url.rsplit(":", 1)[-1] == "6379":  # RAY_ADDRESS as the other commands take it
+        raise UserError(f"{url} is the cluster's GCS address (what `--address` of train, prepare and the batch jobs "
+                        f"takes); jobs go through the dashboard's Jobs API: --address http://HEAD:8265")
     if "://" not in url:
         url = "http://" + url
     return url
@@ -120,6 +123,9 @@ class JobsClient:
                 raise self._auth_refused() from None
             except ConnectionError:
                 raise self._unreachable() from None
+            except (RuntimeError, requests.HTTPError):  # an HTTP server, but no Jobs API (e.g. Serve's port 8000)
+                raise UserError(f"no Ray Jobs API at {self.url}: give the head's dashboard address, usually "
+                                f"http://HEAD:8265") from None
 
     def _auth_refused(self) -> UserError:
         # Names where the token came from, never the token itself.
@@ -155,7 +161,11 @@ class JobsClient:
             # The SDK reports HTTP errors as RuntimeError("Request failed with status code 404: ...").
             if job_id and "status code 404" in str(exc):
                 raise self._unknown(job_id) from None
+            if "status code" in str(exc):  # the cluster's own answer (400: a bad runtime_env, 500): one line
+                raise UserError(f"Ray at {self.url}: {one_line(exc, with_type=False)}") from None
             raise
+        except requests.HTTPError as exc:
+            raise UserError(f"Ray at {self.url}: {one_line(exc, with_type=False)}") from None
 
     def _unknown(self, job_id: str) -> UserError:
         return UserError(f"no job {job_id!r} on the Ray cluster at {self.url}; see `genart jobs list`")

@@ -14,6 +14,8 @@ import os
 import urllib.parse
 from dataclasses import dataclass, field
 
+from genart import storage
+
 
 @dataclass
 class Section:
@@ -96,8 +98,7 @@ def render(root: str, title: str, intro: str, sections: list[Section]) -> str:
 def write_report(root: str, title: str, intro: str, sections: list[Section]) -> str:
     """Write <root>/index.html and return its path."""
     path = os.path.join(root, "index.html")
-    with open(path, "w") as f:
-        f.write(render(root, title, intro, sections))
+    storage.write_text(path, render(root, title, intro, sections))  # atomic, and UTF-8 whatever the locale
     return path
 
 
@@ -111,7 +112,6 @@ def contact_sheet(uris: list[str], thumb: int = 192, columns: int = 4) -> bytes:
 
     from PIL import Image
 
-    from genart import storage
     from genart.data.images import Reject, decode_image
 
     rows = max(1, -(-len(uris) // columns))

@@ -12,7 +12,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
+from typing import NoReturn
+
+import click
 
 from genart.errors import UserError, one_line
 
@@ -44,9 +48,12 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, runtime_env=runtime_env)
     if address:
+        if address.startswith(("http://", "https://")):  # how Ray's docs set RAY_ADDRESS for job submission
+            raise UserError(f"Ray address {address}: that is a Jobs API (dashboard) URL, which `genart submit` "
+                            f"takes; here give the head's GCS address, HOST:6379 (check RAY_ADDRESS)")
         try:
             ray.init(address=address, **kwargs)
-        except ConnectionError as exc:
+        except (ConnectionError, ValueError, RuntimeError) as exc:  # unreachable, malformed (`head:6379x`), refused
             raise UserError(f"cannot connect to Ray at {address}: {one_line(exc, with_type=False)}") from None
     else:
         # Ray Train's preemption watcher polls for node drains (spot instances, autoscaler scale-down). The embedded
@@ -89,6 +96,16 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def exit_stopped(prog: str, exc: KeyboardInterrupt) -> NoReturn:
+    """After Ctrl-C or SIGTERM (`Terminated`): stop Ray, say how to go on, and exit 130 / 143 as a shell would, so
+    a preempted command (Kubernetes, systemd) reads as stopped, not failed."""
+    shutdown()
+    terminated = isinstance(exc, Terminated)
+    click.echo(f"{prog}: stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; run the same command again to resume",
+               err=True)
+    sys.exit(143 if terminated else 130)
 
 
 # Ray Data's console lines that say nothing to a genart user (genart prints its own progress and summaries).

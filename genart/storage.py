@@ -35,11 +35,26 @@ MODEL_NAME_MAX = 64  # characters in a served model name, which is also a Serve 
 
 def is_safe_name(name: object, max_chars: int | None = None) -> bool:
     """True for a SAFE_NAME of at most `max_chars` characters (None: any length)."""
-    return isinstance(name, str) and bool(SAFE_NAME.match(name)) and (max_chars is None or len(name) <= max_chars)
+    # fullmatch: `$` alone also matches before a final newline ("run\n")
+    return isinstance(name, str) and bool(SAFE_NAME.fullmatch(name)) and (max_chars is None or len(name) <= max_chars)
 
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+# A URI scheme (two characters or more, so a Windows drive letter is none): anything but s3:// is refused rather than
+# read as a local folder named "gs:" (results silently written to ./gs:/bucket/...).
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def _checked(uri: str) -> str:
+    uri = str(uri)
+    scheme = _SCHEME.match(uri)
+    if scheme and not is_s3(uri):
+        hint = "; write s3://bucket/key (lower case, two slashes)" if scheme.group(1).lower() == "s3" else ""
+        raise UserError(f"{uri}: genart reads and writes local paths and s3:// URIs only{hint}")
+    return uri
 
 
 def within(uri: str, folder: str) -> bool:
@@ -52,7 +67,7 @@ def within(uri: str, folder: str) -> bool:
 
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URI (always with '/')."""
-    uri = str(uri)
+    uri = _checked(uri)
     if is_s3(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return str(Path(uri).joinpath(*parts))
@@ -68,7 +83,7 @@ def _region() -> str:
 
 def fsspec_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for fsspec: `s3://bucket/key` -> (s3fs, "bucket/key"); local -> (file, abs path)."""
-    uri = str(uri)
+    uri = _checked(uri)
     if is_s3(uri):
         import s3fs
 
@@ -82,7 +97,7 @@ def fsspec_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for pyarrow and Ray Data (`filesystem=`) and Ray Train (`storage_filesystem=`)."""
-    uri = str(uri)
+    uri = _checked(uri)
     if is_s3(uri):
         kwargs: dict = {"region": _region()}
         endpoint = _endpoint()
@@ -136,9 +151,14 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: no temp file left beside the outputs
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_text(uri: str, text: str) -> None:

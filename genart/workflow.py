@@ -18,7 +18,7 @@ from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 import click
 
-from genart import config, storage
+from genart import config, runtime, storage
 from genart.errors import UserError
 
 C = TypeVar("C", bound=config.Section)
@@ -61,12 +61,15 @@ class Workflow(Generic[C]):
 
 
 def run_main(name: str, body: Callable[[], None]) -> None:
-    """Run a workflow's body; a UserError (bad config, missing data, unreachable cluster) is one line and exit 2."""
+    """Run a workflow's body; a UserError (bad config, missing data, unreachable cluster) is one line and exit 2;
+    Ctrl-C and SIGTERM stop Ray and exit 130 / 143, as `genart` does (click alone printed "Aborted!", exit 1)."""
     try:
         body()
     except UserError as exc:
         click.echo(f"{name}: error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        runtime.exit_stopped(name, exc)
 
 
 def command(name: str, default_config: str, set_example: str) -> Callable[[Callable], click.Command]:

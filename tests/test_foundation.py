@@ -42,6 +42,16 @@ def test_set_reads_values_as_yaml_1_2_would():
     assert load_config(None, [*base, "run.name=no"]).run.name == "no"
     assert load_config(None, [*base, "train.seed=012"]).train.seed == 12  # an int key still reads the digits
     assert load_config(None, [*base, "data.path=123"]).data.path == "123"
+    # the rest of YAML's readings of a scalar: a comment, a float, hex, an anchor, a date (run.name=#exp1 was None:
+    # the default run, resumed and its config.yaml overwritten)
+    with pytest.raises(UserError, match=r"run.name: .*\(got '#exp1'\)"):
+        load_config(None, [*base, "run.name=#exp1"])
+    typed = ["data.path=data/My Pics #2", "data.path=2024.10", "run.name=0x1F", "data.path=&a exp", "run.name=2024-01-02"]
+    cfgs = [load_config(None, [*base, item]) for item in typed]
+    assert [cfgs[0].data.path, cfgs[1].data.path, cfgs[2].run.name, cfgs[3].data.path, cfgs[4].run.name] == [
+        "data/My Pics #2", "2024.10", "0x1F", "&a exp", "2024-01-02"]
+    assert [config.parse_override(f"a={v}")[1] for v in ("null", "~", "-3", "2e-4", "'0755'", "{b: 1}")] == [
+        None, None, -3, "2e-4", "0755", {"b": 1}]
 
 
 @pytest.mark.parametrize(
@@ -82,7 +92,7 @@ def test_renamed_keys_still_load_and_later_keys_win(tmp_path):
 def test_one_safe_name_rule():
     for name in ("dcgan", "run-2.b_c", "a" * storage.RUN_NAME_MAX):
         assert storage.is_safe_name(name, storage.RUN_NAME_MAX)
-    for name in ("", ".", "..", "../x", "a/b", "-a", "a b", "a" * (storage.RUN_NAME_MAX + 1), None):
+    for name in ("", ".", "..", "../x", "a/b", "-a", "a b", "run\n", "a" * (storage.RUN_NAME_MAX + 1), None):
         assert not storage.is_safe_name(name, storage.RUN_NAME_MAX)
     assert not storage.is_safe_name("a" * (storage.MODEL_NAME_MAX + 1), storage.MODEL_NAME_MAX)
 
@@ -103,6 +113,40 @@ def test_local_storage_writes_are_atomic(tmp_path):
     assert [p for p in (tmp_path / "a").iterdir()] == [tmp_path / "a" / "b.bin"]  # no temp files left
     with pytest.raises(UserError, match="not found"):
         storage.read_bytes(str(tmp_path / "missing"))
+    # a failed write (here: the target is a folder) leaves no temp file behind
+    (tmp_path / "a" / "dir").mkdir()
+    with pytest.raises(OSError):
+        storage.write_bytes(str(tmp_path / "a" / "dir"), b"x")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin", "dir"]
+
+
+def test_a_workflow_stopped_by_sigterm_exits_143_not_1():
+    """A workflow body stopped by SIGTERM (runtime.Terminated) or Ctrl-C printed click's "Aborted!" and exited 1:
+    a preempted workflow read as failed. (A subprocess: the stop path shuts Ray down.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom genart import runtime, workflow\n"
+            "def body():\n    raise runtime.Terminated() if sys.argv[1] == 'term' else KeyboardInterrupt()\n"
+            "workflow.run_main('wf', body)\n")
+    for arg, rc, name in (("term", 143, "SIGTERM"), ("int", 130, "Ctrl-C")):
+        result = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=120)
+        assert result.returncode == rc, result.stderr
+        assert result.stderr.strip() == f"wf: stopped by {name}; run the same command again to resume"
+
+
+def test_other_uri_schemes_are_refused_not_made_local_folders(tmp_path, monkeypatch):
+    """`S3://bucket/runs`, `s3:/bucket` and `gs://bucket` were local folders ./S3:/bucket/runs and so on: results
+    written to the local disk with no word."""
+    monkeypatch.chdir(tmp_path)
+    for uri in ("S3://bucket/runs", "s3:/bucket/runs", "gs://bucket/runs", "file:///tmp/runs"):
+        for call in (lambda: storage.join(uri, "dcgan"), lambda: storage.write_text(storage.join(uri, "a"), "x"),
+                     lambda: storage.arrow_fs(uri)):
+            with pytest.raises(UserError, match="local paths and s3:// URIs only"):
+                call()
+    assert list(tmp_path.iterdir()) == []
+    assert storage.join("s3://bucket/runs", "dcgan") == "s3://bucket/runs/dcgan"
+    assert storage.join(str(tmp_path / "a:b"), "c") == str(tmp_path / "a:b" / "c")  # a colon in a local name
 
 
 def test_s3_storage_honours_aws_endpoint_url(s3_bucket):

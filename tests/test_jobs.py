@@ -257,6 +257,52 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
     assert result.stderr.strip() == expected
 
 
+def test_a_misspelt_submit_option_or_a_server_without_the_jobs_api_is_one_clear_line(tmp_path):
+    """`submit --adress URL -- genart train` sent the job, with `--adress URL` as its command, to the default
+    cluster; a Serve port (404), an HTTP error or RAY_ADDRESS=HEAD:6379 gave a traceback or a wrong hint."""
+    import http.server
+    import threading
+
+    env = _clean_env(HOME=str(tmp_path))
+    result = genart("submit", "--adress", "http://127.0.0.1:1", "--", "genart", "train", env=env)
+    assert result.returncode == 2 and "No such option '--adress'" in result.stderr
+    result = genart("submit", "--gpus", "-1", "--", "genart", "--help", env=env)
+    assert result.returncode == 2 and "--gpus" in result.stderr
+
+    class NotJobs(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotJobs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        result = genart("jobs", "list", "--address", url, env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == (f"genart: error: no Ray Jobs API at {url}: give the head's dashboard address, "
+                                         f"usually http://HEAD:8265")
+    finally:
+        server.shutdown()
+    with pytest.raises(UserError, match="GCS address"):
+        ray_jobs.resolve_address("head:6379")
+
+
+def test_an_http_ray_address_for_a_local_command_is_one_clear_line(tmp_path):
+    """RAY_ADDRESS=http://HEAD:8265 (Ray's docs set it so for `ray job submit`) made every other command print
+    ray.init's ValueError traceback; so did a malformed address."""
+    code = "from genart import runtime\nfrom genart.errors import UserError\n" \
+           "for a in ('http://127.0.0.1:8265', '127.0.0.1:6379x'):\n" \
+           "    try: runtime.init(a)\n    except UserError as e: print(e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=_clean_env(HOME=str(tmp_path))).stdout.splitlines()
+    assert out[0].startswith("Ray address http://127.0.0.1:8265: that is a Jobs API (dashboard) URL")
+    assert out[1].startswith("cannot connect to Ray at 127.0.0.1:6379x: ")
+
+
 def test_address_precedence(monkeypatch):
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
