@@ -190,6 +190,170 @@ def test_every_registered_metric_reports_exactly_its_names(base):
     assert list(all_values) == registry.metric_keys("critic", len(fake))
 
 
+def test_precision_recall_is_named_by_the_rows_it_uses():
+    """P/R compares equally many rows per side, min(real subset, generated): the name and the label carry that
+    count, not the generated count (300 real rows vs 1000 generated is pr300, as stylegan2-ada names by N)."""
+    from genart.evaluate.reference import Reference
+
+    rng = np.random.default_rng(7)
+    real, fake = rng.standard_normal((300, 8)), rng.standard_normal((1000, 8))
+    ref = Reference(real.mean(0), np.cov(real, rowvar=False), len(real), real.astype(np.float32), "key")
+    protocol = registry.Protocol("critic", len(fake), num_real=len(ref.subset))
+    values, details = registry.compute(ref, fake, protocol)
+    assert list(values) == ["fid1k_critic", "kid1k_critic", "kid1k_critic_std",
+                            "pr300_k3_critic_precision", "pr300_k3_critic_recall"]
+    assert details["precision_recall"]["num_real"] == details["precision_recall"]["num_generated"] == 300
+    assert list(values) == registry.metric_keys("critic", 1000, num_real=300)
+    assert registry.uses(protocol)["pr300_k3_critic_recall"] == "300 generated vs 300 real"
+    assert registry.uses(protocol)["fid1k_critic"] == "1000 generated"
+    assert registry.metric_keys("critic", 1000) == registry.metric_keys("critic", 1000, num_real=5000)  # enough real rows
+
+
+def test_trainer_and_workflow_name_precision_recall_as_the_evaluation_will(tmp_path, monkeypatch):
+    """Named by the rows per side, a pr metric on a small dataset is pr<rows>: a best_metric or selection.metric
+    checked against pr<num_generated> alone was never found (best.json silently never written)."""
+    from genart.evaluate.reference import subset_rows
+    from genart.train.config import load_config
+    from genart.train.trainer import _check_eval
+
+    data = _prepared(tmp_path / "data", None, [(f"{i:016x}", "val" if i < 30 else "train", None) for i in range(300)])
+    assert subset_rows(data, "all") == 300 and subset_rows(data, "val") == 30 and subset_rows(data, "all", 50) == 50
+    assert subset_rows(str(tmp_path / "not-prepared"), "all") is None
+    import genart.evaluate
+
+    monkeypatch.setattr(genart.evaluate, "check_features", genart.evaluate.parse_features)  # no Inception weights here
+    base = ["model.family=dcgan", f"data.path={data}", "eval.every_checkpoints=1", "eval.num_generated=1000"]
+    _check_eval(load_config(None, [*base, "eval.best_metric=pr300_k3_inception_recall"]))
+    with pytest.raises(UserError, match="pr300_k3_inception_recall"):
+        _check_eval(load_config(None, [*base, "eval.best_metric=pr1k_k3_inception_recall"]))
+
+    ttd = _workflow_module()
+    picked = {"metric": "pr30_k3_inception_recall", "features": "inception", "split": "val"}
+    ttd.check_selection(ttd.TrainThenDeployConfig(data=data, selection=picked))  # 1,000 generated vs 30 val rows
+    with pytest.raises(UserError, match="reports .*pr30_k3_inception_recall"):
+        ttd.check_selection(ttd.TrainThenDeployConfig(data=data, selection={**picked, "metric": "pr1k_k3_inception_recall"}))
+    with pytest.raises(ValueError, match="fid1k_inception"):  # more rows than generated images: no such name
+        ttd.Selection(**{**picked, "metric": "pr2k_k3_inception_recall"})
+
+
+def _workflow_module():
+    path = Path(__file__).resolve().parents[1] / "workflows" / "train_then_deploy.py"
+    spec = importlib.util.spec_from_file_location("workflow_train_then_deploy", path)
+    ttd = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ttd  # pydantic resolves the configs' annotations through sys.modules
+    spec.loader.exec_module(ttd)
+    return ttd
+
+
+# ---------------------------------------------------------------- which classes and which real rows are compared
+
+
+def _prepared(root: Path, label_counts: dict | None, rows: list[tuple[str, str, int | None]] = ()) -> str:
+    """A stand-in prepared dataset: manifest.json (with `label_counts` unless None) and, given `rows` of
+    (id, split, label index), one shard of those columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(label_counts or {}) or sorted({"common", "rare"})
+    manifest = {"labels": {name: i for i, name in enumerate(names)}, "counts": {"written": len(rows)},
+                "splits": {s: sum(1 for r in rows if r[1] == s) for s in ("train", "val")}}
+    if label_counts is not None:
+        manifest["label_counts"] = label_counts
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    if rows:
+        ids, splits, labels = zip(*rows)
+        pq.write_table(pa.table({"id": list(ids), "split": list(splits), "label": pa.array(labels, pa.int32())}),
+                       root / "part-00000.parquet")
+    return str(root)
+
+
+class _Generator:
+    """A stand-in generative model that records the label it is asked to draw for each seed."""
+
+    image_size = 4
+
+    def __init__(self, label_names: list[str], conditional: bool = True):
+        self.label_names, self.conditional, self.asked = label_names, conditional, []
+
+    def sample(self, seeds, labels=None):
+        self.asked.extend([None] * len(seeds) if labels is None else labels)
+        return torch.zeros(len(seeds), 3, 4, 4)
+
+
+class _Features:
+    dim = 2
+
+    def __call__(self, images):
+        return np.zeros((len(images), self.dim), np.float32)
+
+
+def test_conditional_generators_draw_the_evaluated_splits_label_mix(tmp_path):
+    """Seed s used to get class s % C: equal shares, against real statistics of a 90/10 dataset. Each seed now draws
+    its class from the evaluated split's label shares, the same way in-process and in the Ray actors."""
+    from genart.evaluate import job, labels, scoring
+
+    data = _prepared(tmp_path / "data", {"common": {"train": 850, "val": 50}, "rare": {"train": 50, "val": 50}})
+    seeds = list(range(2000))
+    model = _Generator(["common", "rare"])
+    policy = labels.label_policy(model, data, "all")
+    assert policy.describe()["rule"] == "dataset" and policy.describe()["shares"] == {"common": 0.9, "rare": 0.1}
+    scoring.generated_features(model, _Features(), seeds, policy=policy)
+    assert abs(np.mean(np.array(model.asked) == 1) - 0.1) < 0.02  # seed % 2 gave 0.5
+    actor = object.__new__(job.GeneratedFeatures)  # the Ray Data path: same labels for the same seeds
+    actor.model, actor.extractor, actor.policy = _Generator(["common", "rare"]), _Features(), policy
+    for start in range(0, len(seeds), 32):
+        actor({"id": np.array(seeds[start:start + 32])})
+    assert actor.model.asked == model.asked
+
+    val = labels.label_policy(model, data, "val")  # the split evaluated, not the training mix
+    assert val.describe()["shares"] == {"common": 0.5, "rare": 0.5}
+    balanced = _prepared(tmp_path / "synth", {g: {"train": 40, "val": 10} for g in "abcde"})  # the quickstart's genres
+    drawn = labels.label_policy(_Generator(list("abcde")), balanced, "all").labels(seeds)
+    assert np.abs(np.bincount(drawn, minlength=5) / len(seeds) - 0.2).max() < 0.03
+    plain = labels.label_policy(_Generator([], conditional=False), data, "all")
+    assert plain.labels(seeds) is None and plain.describe()["rule"] == "none"
+
+
+def test_label_mix_of_an_older_manifest_is_counted_from_the_shards(tmp_path):
+    """A manifest from before `label_counts`: the shares come from the shards' label column; with no labels there
+    either, the seed's class (s % C) stays, and the policy says so."""
+    from genart.evaluate import labels
+
+    rows = [(f"{i:016x}", "val" if i % 4 == 0 else "train", 1 if i % 5 == 0 else 0) for i in range(100)]
+    old = _prepared(tmp_path / "old", None, rows)
+    policy = labels.label_policy(_Generator(["common", "rare"]), old, "train")
+    assert policy.describe()["shares"] == {"common": 0.8, "rare": 0.2} and "shard" in policy.describe()["source"]
+    bare = _prepared(tmp_path / "bare", None, [(r[0], r[1], None) for r in rows])
+    fallback = labels.label_policy(_Generator(["common", "rare"]), bare, "all")
+    assert fallback.describe()["rule"] == "seed" and "seed % 2" in fallback.describe()["note"]
+    assert fallback.labels([0, 1, 2]) is None  # the model's own default: seed % C
+
+
+def test_real_subsets_are_not_the_val_split(tmp_path, monkeypatch):
+    """prepare puts an image in val when its id's first 8 hex digits are small, so "the smallest ids" were the val
+    images: under split=all the KID / precision-recall rows and --max-real picked val only. The subset order hashes
+    the id again, independent of the split."""
+    import hashlib
+
+    from genart.data.prepare import split_of
+    from genart.evaluate import reference
+
+    ids = [hashlib.sha256(str(i).encode()).hexdigest()[:16] for i in range(1000)]
+    split = {i: split_of(i, 0.2) for i in ids}
+    data = _prepared(tmp_path / "data", {}, [(i, split[i], None) for i in ids])
+    chosen = reference.chosen_ids(data, None, 100)
+    assert 0.1 < np.mean([split[i] == "val" for i in chosen]) < 0.3  # was 1.0
+
+    monkeypatch.setattr(reference, "SUBSET_CAP", 100)
+    acc = reference.Accumulator()
+    for start in range(0, len(ids), 64):
+        acc.update(ids[start:start + 64], np.zeros((len(ids[start:start + 64]), 2), np.float32))
+    assert 0.1 < np.mean([split[i] == "val" for i in acc.ids]) < 0.3
+    assert set(acc.ids) == chosen  # one order for both: --max-real 100 keeps the rows the subset keeps
+    assert reference.CACHE_FORMAT >= 2  # subsets cached in the old order are not reused
+
+
 # ---------------------------------------------------------------- tiny checkpoints and datasets
 
 
@@ -419,6 +583,8 @@ def test_cli_evaluate_end_to_end(dataset, checkpoints, tmp_path):
     assert report["num_generated"] == 20 and report["data"]["num_real"] == 100
     assert report["features"]["name"] == "critic" and report["features"]["dim"] == 16
     assert {"hit", "path", "key"} <= set(report["cache"]) and report["model"]["family"] == "dcgan"
+    assert report["label_policy"] == {"rule": "none"}  # unconditional: no class to draw
+    assert report["labels"]["pr20_k3_critic_recall"].endswith("; 20 generated vs 20 real)")
     assert "fid20_critic = FID (critic features:" in result.output and "reference cache:" in result.output
     assert "generated images featurised" in result.output and "images/s" in result.output  # the final summary
 
@@ -454,10 +620,7 @@ def test_workflow_selects_by_registry_names():
     from genart import config
 
     path = Path(__file__).resolve().parents[1] / "workflows" / "train_then_deploy.py"
-    spec = importlib.util.spec_from_file_location("workflow_train_then_deploy", path)
-    ttd = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = ttd  # pydantic resolves the configs' annotations through sys.modules
-    spec.loader.exec_module(ttd)
+    ttd = _workflow_module()
 
     shipped = config.load(ttd.TrainThenDeployConfig, path.with_suffix(".yaml"))
     assert shipped.selection.metric == "fid1k_critic" and shipped.selection.better == "min"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -73,7 +74,11 @@ def _direction(name: str, sel: Selection) -> Literal["min", "max"] | None:
     from genart.evaluate import parse_features
     from genart.evaluate.registry import Protocol, specs
 
-    output = specs(Protocol(parse_features(sel.features).kind, sel.num_generated)).get(name)
+    # precision/recall carry the rows per side: up to num_generated, fewer when the real split is smaller (which
+    # check_selection knows once the data is there)
+    rows = re.match(r"pr(\d+)(k?)_", name)
+    num_real = int(rows.group(1)) * (1000 if rows.group(2) else 1) if rows else None
+    output = specs(Protocol(parse_features(sel.features).kind, sel.num_generated, num_real=num_real)).get(name)
     return output.better if output else None
 
 
@@ -142,9 +147,24 @@ def evaluate(checkpoint: str, cfg: TrainThenDeployConfig) -> float:
     sel = cfg.selection
     report = job.run(checkpoint, cfg.data, num=sel.num_generated, features=sel.features, split=sel.split,
                      max_real=sel.max_real)
-    if sel.metric not in report["metrics"]:  # precision/recall need more than k images per side
-        raise UserError(f"selection.metric {sel.metric}: not computed for {checkpoint} (see its report); raise selection.num_generated")
+    if sel.metric not in report["metrics"]:  # checked before training (check_selection); a changed dataset
+        raise UserError(f"selection.metric {sel.metric}: not computed for {checkpoint}; it reported "
+                        f"{', '.join(report['metrics'])}")
     return float(report["metrics"][sel.metric])
+
+
+def check_selection(cfg: TrainThenDeployConfig) -> None:
+    """selection.metric must be a name the evaluation will report on this data, before any candidate trains:
+    precision/recall are named by the rows per side, fewer than num_generated when the real split is smaller."""
+    from genart.evaluate import metric_keys, parse_features
+    from genart.evaluate.reference import subset_rows
+
+    sel = cfg.selection
+    names = metric_keys(parse_features(sel.features).kind, sel.num_generated,
+                        num_real=subset_rows(cfg.data, sel.split, sel.max_real))
+    if sel.metric not in names:
+        raise UserError(f"selection.metric {sel.metric!r}: the evaluation of {sel.num_generated} images against the "
+                        f"{sel.split} split of {cfg.data} reports {', '.join(names)}")
 
 
 def weights_hash(checkpoint: str) -> str:
@@ -310,6 +330,7 @@ def run(config_path: str | None, out: str, overrides: tuple[str, ...] = (), addr
     flow = Workflow("train_then_deploy", TrainThenDeployConfig)
     cfg = flow.load(config_path, overrides)
     flow.record(cfg, out)
+    check_selection(cfg)
     runtime.init(address)
     with flow.step(f"train {len(cfg.candidates)} candidate(s)"):
         runs = train_candidates(cfg)

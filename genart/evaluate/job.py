@@ -21,6 +21,7 @@ from genart.errors import UserError
 from genart.evaluate import reference as R
 from genart.evaluate import registry
 from genart.evaluate.features import TF_FID_NOTE, FeatureSpec, build_extractor, parse_features
+from genart.evaluate.labels import LabelPolicy, label_policy
 from genart.evaluate.metrics import PR_K
 from genart.evaluate.preprocess import DESCRIPTION, PREPROCESS_VERSION
 from genart.evaluate.scoring import DEFAULT_SPLIT, compare
@@ -50,15 +51,17 @@ class RealFeatures:
 
 
 class GeneratedFeatures:
-    """Ray Data callable class: seed indices {id} -> {id, features}: each actor loads the generator and extractor once."""
+    """Ray Data callable class: seed indices {id} -> {id, features}: each actor loads the generator and extractor once;
+    each seed's class (conditional models) is the one `policy` draws for it."""
 
-    def __init__(self, model_uri: str, spec: FeatureSpec):
+    def __init__(self, model_uri: str, spec: FeatureSpec, policy: LabelPolicy):
         self.extractor = build_extractor(spec, metrics=True)
         self.model = models.load(model_uri, family=models.GENERATIVE, command="evaluate").to(getattr(self.extractor, "device", None))
+        self.policy = policy
 
     def __call__(self, batch: dict) -> dict:
         seeds = [int(s) for s in batch["id"]]
-        return {"id": batch["id"], "features": self.extractor(self.model.sample(seeds))}
+        return {"id": batch["id"], "features": self.extractor(self.model.sample(seeds, labels=self.policy.labels(seeds)))}
 
 
 def _actor_args(max_actors: int | None) -> dict:
@@ -113,13 +116,15 @@ def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real
     return ref
 
 
-def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None, progress: bool = True) -> np.ndarray:
-    """Features of images for seeds 0..num-1, generated and featurised by an actor pool: (num, D), in seed order."""
+def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None, progress: bool = True,
+              policy: LabelPolicy = LabelPolicy("none")) -> np.ndarray:
+    """Features of images for seeds 0..num-1 (classes drawn by `policy`), generated and featurised by an actor pool:
+    (num, D), in seed order."""
     import ray
 
     blocks = max(1, min(200, num // GENERATE_BATCH))
     ds = ray.data.range(num, override_num_blocks=blocks)
-    ds = ds.map_batches(GeneratedFeatures, fn_constructor_args=(_absolute(model), _spec_for_actors(spec)),
+    ds = ds.map_batches(GeneratedFeatures, fn_constructor_args=(_absolute(model), _spec_for_actors(spec), policy),
                         batch_size=GENERATE_BATCH, batch_format="numpy", **_actor_args(max_actors))
     seeds, feats = [], []
     for batch in _drain(ds, Progress("evaluate (generated)", num, progress)):
@@ -150,21 +155,24 @@ def run(model: str, data: str, num: int = 1000, features: str | None = None, spl
     if output:
         storage.check_writable(os.path.dirname(os.path.abspath(output)) if not storage.is_s3(output) else output.rsplit("/", 1)[0])
 
+    policy = label_policy(generator, data, split)
     ref = real_reference(data, split, spec, extractor, max_real, max_actors, generator.image_size, progress)
-    fake = generated(model, num, spec, max_actors, progress)
+    fake = generated(model, num, spec, max_actors, progress, policy)
     seconds = time.time() - started
     featurised = len(fake) + (0 if ref.hit else ref.count)
     values, details = compare(ref, fake, extractor.name, k=k)
-    outputs = registry.specs(registry.Protocol(extractor.name, len(fake), k))
+    protocol = registry.Protocol(extractor.name, len(fake), k, num_real=len(ref.subset))
+    outputs, uses = registry.specs(protocol), registry.uses(protocol)
     report = {
         "metrics": values,
-        "labels": {key: f"{outputs[key].label} ({extractor.label}; {len(fake)} generated)" for key in values},
+        "labels": {key: f"{outputs[key].label} ({extractor.label}; {uses[key]})" for key in values},
         "model": {"uri": model, "family": generator.family, "step": generator.meta.get("step"),
                   "checkpoint_hash": generator.checkpoint_hash},
         "data": {"uri": data, "split": split, "dataset_hash": R.dataset_hash(data), "num_real": ref.count,
                  "num_real_subset": len(ref.subset)},
         "num_generated": len(fake),
         "seeds": f"0..{len(fake) - 1}",
+        "label_policy": policy.describe(),  # which class each seed was drawn as (conditional models)
         "features": {**extractor.describe(), "spec": spec.text},
         "preprocess": {"version": PREPROCESS_VERSION, "resolution": generator.image_size, "steps": DESCRIPTION},
         **details,
@@ -204,6 +212,12 @@ def summary(report: dict) -> str:
         t = report["throughput"]
         lines[-1] += (f" ({t['real_featurised']} real + {t['generated']} generated images featurised, "
                       f"{t['images_per_second']:.1f} images/s)")
+    policy = report.get("label_policy") or {}  # reports written before it had one
+    if policy.get("rule") == "dataset":
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in policy["shares"].items())
+        lines.append(f"classes: drawn per seed in the real split's shares ({shares})")
+    elif policy.get("rule") == "seed":
+        lines.append(f"classes: {policy['note']}")
     if report.get("fid_note"):
         lines.append(f"note: {report['fid_note']}")
     return "\n".join(lines)

@@ -27,10 +27,10 @@ from genart.errors import UserError
 from genart.evaluate.metrics import Moments
 from genart.evaluate.preprocess import PREPROCESS_VERSION, real_pixels
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: subsets ordered by subset_rank (1 kept the smallest ids: the val split)
 CACHE_DIR_NAME = "_genart_cache"
-# Real feature rows kept for KID and precision/recall: the rows with the smallest ids. Ids are sha256 prefixes of
-# the pixels, so this is a uniformly random subset, stable across runs and machines.
+# Real feature rows kept for KID and precision/recall: the SUBSET_CAP rows first by `subset_rank`, a uniformly random
+# subset stable across runs and machines. Not the smallest ids: prepare puts the smallest ids in val (split_of).
 SUBSET_CAP = 10_000
 SPLITS = ("train", "val", "all")
 BATCH_ROWS = 32
@@ -41,7 +41,7 @@ class Reference:
     mean: np.ndarray  # (D,) float64
     cov: np.ndarray  # (D, D) float64
     count: int  # real images the moments cover
-    subset: np.ndarray  # (M, D) float32, M <= SUBSET_CAP, random order (by id)
+    subset: np.ndarray  # (M, D) float32, M <= SUBSET_CAP, random order (by subset_rank)
     key: str
     path: str = ""  # where it was found or written
     hit: bool = False
@@ -123,12 +123,31 @@ def save(uri: str, name: str, ref: Reference) -> str:
     return ""
 
 
+def subset_rank(image_id: str) -> str:
+    """The order real rows join a subset in: a hash of the id, independent of the split (which the id's own leading
+    digits decide), so any prefix of this order is a uniform sample of every split it draws from."""
+    return hashlib.sha256(b"subset:" + str(image_id).encode()).hexdigest()
+
+
+def subset_rows(uri: str, split: str, max_real: int | None = None) -> int | None:
+    """How many real rows the subset of `split` will hold (precision/recall and KID use it), from the manifest's
+    split counts, before any feature is computed: metric names carry it (registry.Protocol.num_real). None when
+    `uri` is not a prepared dataset."""
+    try:
+        splits = read_manifest(uri).get("splits") or {}
+    except UserError:
+        return None
+    rows = sum(int(splits.get(s, 0)) for s in (("train", "val") if split == "all" else (split,)))
+    return min(rows, SUBSET_CAP, max_real or rows)
+
+
 class Accumulator:
-    """Streams (ids, features) batches into moments plus the SUBSET_CAP rows with the smallest ids."""
+    """Streams (ids, features) batches into moments plus the SUBSET_CAP rows first by `subset_rank`."""
 
     def __init__(self) -> None:
         self.moments = Moments()
         self.ids = np.zeros(0, dtype="<U32")
+        self.ranks = np.zeros(0, dtype="<U64")
         self.rows: np.ndarray | None = None
 
     def update(self, ids, features: np.ndarray) -> None:
@@ -137,14 +156,15 @@ class Accumulator:
         self.moments.update(features)
         ids = np.asarray(ids).astype(str)
         self.ids = np.concatenate([self.ids, ids])
+        self.ranks = np.concatenate([self.ranks, np.array([subset_rank(i) for i in ids], dtype="<U64")])
         feats = np.asarray(features, np.float32)
         self.rows = feats if self.rows is None else np.concatenate([self.rows, feats])
         if len(self.ids) > 2 * SUBSET_CAP:
             self._prune()
 
     def _prune(self) -> None:
-        order = np.argsort(self.ids, kind="stable")[:SUBSET_CAP]
-        self.ids, self.rows = self.ids[order], self.rows[order]
+        order = np.argsort(self.ranks, kind="stable")[:SUBSET_CAP]
+        self.ids, self.ranks, self.rows = self.ids[order], self.ranks[order], self.rows[order]
 
     def result(self, key: str) -> Reference:
         if self.moments.count < 2:
@@ -154,7 +174,7 @@ class Accumulator:
 
 
 def chosen_ids(uri: str, split_value: str | None, limit: int | None) -> set[str] | None:
-    """The ids of `limit` random rows of the split (smallest ids: ids are hashes), or None for every row."""
+    """The ids of `limit` random rows of the split (first by `subset_rank`), or None for every row."""
     if limit is None:
         return None
     fs, _ = storage.arrow_fs(uri)
@@ -164,7 +184,7 @@ def chosen_ids(uri: str, split_value: str | None, limit: int | None) -> set[str]
         if split_value:
             table = table.filter(pc.equal(table.column("split"), split_value))
         ids.extend(table.column("id").to_pylist())
-    return set(sorted(ids)[:limit])
+    return set(sorted(ids, key=subset_rank)[:limit])
 
 
 def select_rows(batch: pa.Table, split_value: str | None, ids: set[str] | None) -> pa.Table:

@@ -1,16 +1,17 @@
 """The evaluation metrics by name: a plain dict filled here, as stylegan2-ada's metric_main.py keeps its metrics.
 
-Names carry the protocol and the generated-sample count, after metric_main's `fid50k_full`:
+Names carry the protocol and the sample count, after metric_main's `fid50k_full`:
     fid1k_critic                                        FID of 1,000 generated images, on critic features
     kid1k_critic, kid1k_critic_std                      KID: mean over subsets, and the spread of one subset's value
-    pr1k_k3_critic_precision, pr1k_k3_critic_recall     improved precision / recall with k=3 neighbours
-The count reads in thousands when it is a multiple of 1000 ("1k", "50k"), else exactly ("256", "1500"). The real
-side is the whole chosen split (unless --max-real); the report says which split and how many rows.
+    pr1k_k3_critic_precision, pr1k_k3_critic_recall     improved precision / recall with k=3 neighbours, 1,000 per side
+The count reads in thousands when it is a multiple of 1000 ("1k", "50k"), else exactly ("256", "1500"). FID and KID
+count generated images; precision/recall the rows per side, min(generated, real subset): 1,000 generated against 300
+real rows is pr300. The real side is the whole chosen split (unless --max-real); the report says which and how many.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -27,6 +28,7 @@ class Protocol:
     num: int  # generated images
     k: int = M.PR_K  # precision/recall neighbourhood size
     kid_subsets: int = M.KID_SUBSETS
+    num_real: int | None = None  # rows of the real subset (KID, precision/recall); None = at least `num`
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Metric:
     compute: Callable[[Reference, np.ndarray, Protocol], tuple[dict[str, float], dict]]  # -> ({suffix: value}, details)
     tag: Callable[[Protocol], str] = field(default=lambda p: "")  # protocol parameters after the count, e.g. "_k3"
     available: Callable[[Protocol], bool] = field(default=lambda p: True)
+    count: Callable[[Protocol], int] = field(default=lambda p: p.num)  # the sample count its name carries
+    uses: Callable[[Protocol], str] = field(default=lambda p: f"{p.num} generated")  # that count, for reports
 
 
 def _fid(ref: Reference, fake: np.ndarray, p: Protocol) -> tuple[dict, dict]:
@@ -61,9 +65,13 @@ def _kid(ref: Reference, fake: np.ndarray, p: Protocol) -> tuple[dict, dict]:
         "kernel": "(x.y/dim + 1)^3", "estimator": "unbiased MMD^2", "num_real_pool": len(ref.subset)}}
 
 
-def _pr(ref: Reference, fake: np.ndarray, p: Protocol) -> tuple[dict, dict]:
+def _pr_rows(p: Protocol) -> int:
     # The k-NN radii depend on sample density, so both sides get equally many rows.
-    n = min(len(ref.subset), len(fake))
+    return p.num if p.num_real is None else min(p.num, p.num_real)
+
+
+def _pr(ref: Reference, fake: np.ndarray, p: Protocol) -> tuple[dict, dict]:
+    n = _pr_rows(replace(p, num=len(fake), num_real=len(ref.subset)))
     details = {"k": p.k, "num_real": n, "num_generated": n}
     if n <= p.k:
         return {}, {"precision_recall": {**details, "skipped": f"needs more than k={p.k} images on each side"}}
@@ -75,17 +83,18 @@ METRICS: dict[str, Metric] = {
     "fid": Metric({"": Output("FID", "min")}, _fid),
     "kid": Metric({"": Output("KID", "min"), "_std": Output("KID std over subsets", None)}, _kid),
     "pr": Metric({"_precision": Output("precision", "max"), "_recall": Output("recall", "max")}, _pr,
-                 tag=lambda p: f"_k{p.k}", available=lambda p: p.num > p.k),
+                 tag=lambda p: f"_k{p.k}", available=lambda p: _pr_rows(p) > p.k, count=_pr_rows,
+                 uses=lambda p: f"{_pr_rows(p)} generated vs {_pr_rows(p)} real"),
 }
 
 
 def count_tag(num: int) -> str:
-    """Generated-sample count as it appears in names: 1000 -> "1k", 50000 -> "50k", 256 -> "256", 1500 -> "1500"."""
+    """A sample count as it appears in names: 1000 -> "1k", 50000 -> "50k", 256 -> "256", 1500 -> "1500"."""
     return f"{num // 1000}k" if num % 1000 == 0 else str(num)
 
 
 def key(base: str, p: Protocol, suffix: str = "") -> str:
-    return f"{base}{count_tag(p.num)}{METRICS[base].tag(p)}_{p.features}{suffix}"
+    return f"{base}{count_tag(METRICS[base].count(p))}{METRICS[base].tag(p)}_{p.features}{suffix}"
 
 
 def specs(p: Protocol) -> dict[str, Output]:
@@ -94,13 +103,21 @@ def specs(p: Protocol) -> dict[str, Output]:
             for suffix, out in metric.outputs.items()}
 
 
-def metric_keys(features: str, num: int, k: int = M.PR_K) -> list[str]:
-    """The metric names an evaluation of `num` generated images on `features` reports, e.g. fid1k_critic."""
-    return list(specs(Protocol(features, int(num), k)))
+def uses(p: Protocol) -> dict[str, str]:
+    """Every key `compute` reports under `p` -> the samples it compares, e.g. "300 generated vs 300 real"."""
+    return {key(base, p, suffix): metric.uses(p) for base, metric in METRICS.items() if metric.available(p)
+            for suffix in metric.outputs}
+
+
+def metric_keys(features: str, num: int, k: int = M.PR_K, num_real: int | None = None) -> list[str]:
+    """The metric names an evaluation of `num` generated images on `features` reports, e.g. fid1k_critic; against
+    fewer than `num` real subset rows (`num_real`), precision/recall are named by that smaller count."""
+    return list(specs(Protocol(features, int(num), k, num_real=None if num_real is None else int(num_real))))
 
 
 def compute(ref: Reference, fake: np.ndarray, p: Protocol) -> tuple[dict[str, float], dict]:
-    """Every registered metric: ({name: value}, details for the report)."""
+    """Every registered metric: ({name: value}, details for the report), named by the rows `ref` and `fake` hold."""
+    p = replace(p, num=len(fake), num_real=len(ref.subset))
     values, details = {}, {}
     for base, metric in METRICS.items():
         got, more = metric.compute(ref, fake, p)

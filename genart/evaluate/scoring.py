@@ -15,6 +15,7 @@ from genart.models import generative_families
 from genart.evaluate import metrics as M
 from genart.evaluate import registry
 from genart.evaluate.features import Extractor, build_extractor, parse_features
+from genart.evaluate.labels import LabelPolicy, label_policy
 from genart.evaluate.reference import Reference, get_local
 
 GENERATIVE_FAMILIES = generative_families()
@@ -28,14 +29,15 @@ def compare(ref: Reference, fake: np.ndarray, name: str, k: int = M.PR_K, kid_su
     """Reference statistics vs generated features (N, D) -> ({metric name: value}, details for the report).
 
     FID uses the full reference moments; KID the reference subset; precision/recall equally many real rows as
-    generated ones. Names follow the registry's protocol for N = len(fake) on features `name`.
+    generated ones. Names follow the registry's protocol for N = len(fake) on features `name` (precision/recall:
+    the rows per side).
     """
     fake = np.asarray(fake, np.float64)
     if len(fake) < 2:
         raise UserError("evaluation needs at least 2 generated images; raise --num")
     if fake.shape[1] != len(ref.mean):
         raise ValueError(f"feature sizes differ: generated {fake.shape[1]}, reference {len(ref.mean)}")
-    return registry.compute(ref, fake, registry.Protocol(name, len(fake), k, kid_subsets))
+    return registry.compute(ref, fake, registry.Protocol(name, len(fake), k, kid_subsets, num_real=len(ref.subset)))
 
 
 def extractor_for(spec: str | None, inception_weights: str | None = None) -> Extractor:
@@ -45,10 +47,14 @@ def extractor_for(spec: str | None, inception_weights: str | None = None) -> Ext
     return _extractors[parsed.text]
 
 
-def generated_features(model, extractor: Extractor, seeds: list[int], batch: int = GENERATE_BATCH) -> np.ndarray:
-    """Sample `seeds` from a generative model and featurise them in this process: (N, D). The extractor quantises
-    the float samples to uint8 first, as serving does (`preprocess.to_pixels`)."""
-    out = [extractor(model.sample(seeds[i : i + batch])) for i in range(0, len(seeds), batch)]
+def generated_features(model, extractor: Extractor, seeds: list[int], batch: int = GENERATE_BATCH,
+                       policy: LabelPolicy | None = None) -> np.ndarray:
+    """Sample `seeds` from a generative model, each of the class `policy` draws for it (None: the model's default),
+    and featurise them in this process: (N, D). The extractor quantises the float samples to uint8 first, as serving
+    does (`preprocess.to_pixels`)."""
+    policy = policy or LabelPolicy("none")
+    out = [extractor(model.sample(chunk, labels=policy.labels(chunk)))
+           for chunk in (seeds[i : i + batch] for i in range(0, len(seeds), batch))]
     return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
 
 
@@ -57,7 +63,8 @@ def score_checkpoint(checkpoint_dir: str, data_uri: str, cfg) -> dict[str, float
 
     `cfg` needs `num_generated` (generated images) and `features` ("inception", "inception:WEIGHTS" or "critic:CKPT";
     None = inception). The real side is the whole DEFAULT_SPLIT at the generator's resolution, never shrunk to N:
-    its statistics are computed once and cached beside the dataset, so later checkpoints only generate.
+    its statistics are computed once and cached beside the dataset, so later checkpoints only generate. A
+    class-conditional generator draws its classes in that split's label shares (`labels.label_policy`).
     Returns e.g. {"fid1k_critic": ..., ...} for num_generated=1000.
     """
     num = int(cfg.num_generated)
@@ -66,7 +73,7 @@ def score_checkpoint(checkpoint_dir: str, data_uri: str, cfg) -> dict[str, float
     extractor = extractor_for(getattr(cfg, "features", None))
     model = models.load(checkpoint_dir, family=models.GENERATIVE, command="evaluate").to(extractor_device(extractor))
     ref = get_local(data_uri, DEFAULT_SPLIT, extractor, resolution=model.image_size)
-    fake = generated_features(model, extractor, list(range(num)))
+    fake = generated_features(model, extractor, list(range(num)), policy=label_policy(model, data_uri, DEFAULT_SPLIT))
     values, _ = compare(ref, fake, extractor.name)
     return {k: float(v) for k, v in values.items()}
 

@@ -280,13 +280,15 @@ def _check_eval(cfg: TrainConfig) -> None:
     """The evaluation must be able to run on rank 0 (family, feature network) and name the best_metric it reports."""
     evaluator()
     from genart.evaluate import check_features, metric_keys
-    from genart.evaluate.scoring import GENERATIVE_FAMILIES
+    from genart.evaluate.reference import subset_rows
+    from genart.evaluate.scoring import DEFAULT_SPLIT, GENERATIVE_FAMILIES
 
     if cfg.model.family not in GENERATIVE_FAMILIES:
         raise UserError(f"eval.every_checkpoints: evaluation scores generated images ({', '.join(GENERATIVE_FAMILIES)}), "
                         f"not a {cfg.model.family}; set eval.every_checkpoints=0")
     features = check_features(cfg.eval.features)  # e.g. Inception weights missing: fail now, not at the first checkpoint
-    known = metric_keys(features.kind, cfg.eval.num_generated)  # e.g. fid1k_critic: names carry N and features
+    # e.g. fid1k_critic: names carry N and features (precision/recall: the rows per side, fewer on a small dataset)
+    known = metric_keys(features.kind, cfg.eval.num_generated, num_real=subset_rows(cfg.data.path, DEFAULT_SPLIT))
     if cfg.eval.best_metric and cfg.eval.best_metric.removeprefix("eval_") not in known:
         raise UserError(f"eval.best_metric: {cfg.eval.best_metric!r} is not reported with eval.features={features.text}; "
                         f"use one of {', '.join(known)}")
