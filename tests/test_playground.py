@@ -97,23 +97,43 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
 
     # Generate and Interpolate draw into one picture: the last click wins, whichever answer comes last (a late walk
     # replaced the grid asked for after it). The page's fetch holds the walk's answer until the grid is shown.
+    # A superseded walk's error (here a 504) is not shown over the grid either.
     page.evaluate("""() => {
         const realFetch = window.fetch;
-        window.walkHeld = new Promise((resolve) => { window.releaseWalk = resolve; });
+        window.holdWalk = (fail) => {
+            window.walkFails = fail;
+            window.walkHeld = new Promise((resolve) => { window.releaseWalk = resolve; });
+        };
         window.fetch = async (url, options) => {
             const response = await realFetch(url, options);
-            if (String(url).includes("v1/interpolate")) await window.walkHeld;
-            return response;
+            if (!String(url).includes("v1/interpolate") || !window.walkHeld) return response;
+            await window.walkHeld;
+            return window.walkFails ? new Response('{"error": "timeout", "detail": "late"}', { status: 504 }) : response;
         };
     }""")
-    page.click("#interpolate")
-    page.fill("#seed", "7")
-    page.click("#generate")
-    page.wait_for_function("document.getElementById('gen-cap').textContent.includes('seeds 7')", timeout=60_000)
-    grid = page.get_attribute("#gen-img", "src")
-    page.evaluate("window.releaseWalk()")
+    for fail, seed in ((False, "7"), (True, "8")):
+        page.evaluate(f"window.holdWalk({str(fail).lower()})")
+        page.click("#interpolate")
+        page.fill("#seed", seed)
+        page.click("#generate")
+        page.wait_for_function(f"document.getElementById('gen-cap').textContent.includes('seeds {seed}')", timeout=60_000)
+        grid = page.get_attribute("#gen-img", "src")
+        page.evaluate("window.releaseWalk()")
+        page.wait_for_function("!document.getElementById('interpolate').disabled", timeout=60_000)
+        assert f"seeds {seed}" in page.inner_text("#gen-cap") and page.get_attribute("#gen-img", "src") == grid
+        assert page.is_hidden("#error"), page.inner_text("#error")
+    page.evaluate("window.walkHeld = null")
+
+    # the walk keeps the grid's chosen class; the sliders have names; the longer-side choices stop at the server's cap
+    page.select_option("#gen-label", "circles")
+    with page.expect_request("**/v1/interpolate") as request:
+        page.click("#interpolate")
+    assert request.value.post_data_json["label"] == "circles"
     page.wait_for_function("!document.getElementById('interpolate').disabled", timeout=60_000)
-    assert "seeds 7" in page.inner_text("#gen-cap") and page.get_attribute("#gen-img", "src") == grid
+    page.select_option("#gen-label", "(by seed)")
+    for name in ("Images", "Truncation"):
+        assert page.get_by_role("slider", name=name).count() == 1, name
+    assert page.eval_on_selector_all("#max-side option", "os => os.map(o => o.value)") == ["256", "512", "768", "1024"]
 
     # upload a photo, stylize it, ask the critic
     page.set_input_files("#photo", str(PHOTOS / "figures.jpg"))
@@ -196,6 +216,16 @@ def test_page_finds_similar_artworks_and_recommends_more(page_app, browser, sear
     recommended = page.eval_on_selector_all("#recommend-results .hit", "hs => hs.map(h => h.dataset.id)")
     assert len(recommended) == 6 and not set(recommended) & set(ids[:2])
     assert "recommended from 2 chosen" in page.inner_text("#search-cap")
+
+    # the choices can be cleared (they outlived every search, up to the API's cap, with no way back)
+    assert page.is_visible("#clear-liked")
+    page.click("#clear-liked")
+    assert page.is_disabled("#recommend") and page.is_hidden("#clear-liked")
+    assert page.get_attribute("#similar-results li:nth-child(1) .hit", "aria-pressed") == "false"
+    # another image: the old image's results go, and a late answer for it would be dropped
+    Image.new("RGB", (32, 32), (10, 200, 90)).save(tmp_path / "other.png")
+    page.set_input_files("#search-photo", str(tmp_path / "other.png"))
+    assert page.query_selector("#similar-results li") is None and page.is_hidden("#similar-results-title")
 
     assert page.is_hidden("#error"), page.inner_text("#error")
     assert not errors, errors

@@ -6,9 +6,11 @@ const KEY_STORE = "genart-api-key";
 let apiKey = sessionStorage.getItem(KEY_STORE) || "";
 let models = [];
 const objectUrls = {};
-let photoVersion = 0;  // bumped when another photo is chosen: late results of the old one are dropped
 let guidanceMoved = false;
-let genRequest = 0;  // the latest Generate or Interpolate click: both draw into one picture, the last one asked wins
+// Requests that draw into one place: a later click, or a new input, supersedes the earlier ones, whose results and
+// errors are then dropped. Generate and Walk share the picture; stylize and classify belong to the chosen photo.
+const latest = { gen: 0, photo: 0, search: 0, recommend: 0 };
+const MAX_LIKED = 100;  // the API's cap on a recommendation's chosen images (genart.serve.config.MAX_LIKED)
 
 function showError(message) {
   const box = $("error");
@@ -37,6 +39,7 @@ async function api(path, options = {}) {
     message = body.error + (detail ? " — " + detail : "");
   } catch (_) { /* not JSON (e.g. a proxy page) */ }
   if (response.status === 401) {
+    if (apiKey) sessionStorage.removeItem(KEY_STORE);  // not sent again after a reload
     askForKey(apiKey ? "That key was refused. Check it and try again." : "This server needs an API key.");
   }
   const err = new Error(message);
@@ -50,10 +53,20 @@ function showImage(img, blob) {
   img.src = objectUrls[img.id];
 }
 
-async function busy(button, work) {
+// Runs one click's work with its button disabled. `stale()` says the click was superseded: its error is not shown
+// (the work itself drops its result). `ready()` says whether the button may be pressed again afterwards.
+async function busy(button, work, stale = () => false, ready = () => true) {
   button.disabled = true;
+  button.dataset.busy = "1";
   showError("");
-  try { await work(); } catch (err) { showError(err.message); } finally { button.disabled = false; }
+  try { await work(); } catch (err) { if (!stale()) showError(err.message); } finally {
+    delete button.dataset.busy;
+    button.disabled = !ready();
+  }
+}
+
+function enable(id, ok) {  // a button in use stays disabled until its request ends
+  $(id).disabled = !ok || $(id).dataset.busy === "1";
 }
 
 function fillSelect(select, names) {
@@ -67,10 +80,16 @@ async function loadModels() {
   const generators = models.filter((m) => m.generative).map((m) => m.name);  // the server says which families sample
   fillSelect($("gen-model"), generators);
   fillSelect($("style-model"), of("style"));
-  $("generate").disabled = $("interpolate").disabled = !generators.length;
-  $("stylize").disabled = !of("style").length;
-  $("classify").disabled = !of("critic").length;
+  enable("generate", generators.length);
+  enable("interpolate", generators.length);
+  enable("stylize", of("style").length);
+  enable("classify", of("critic").length);
   $("search-card").hidden = !body.search;  // the server has no index: no search panel
+  const maxSide = body.limits.max_side;  // the server's own cap: a larger choice would be refused
+  const sides = [256, 512, 768, 1024].filter((v) => v <= maxSide);
+  if (!sides.length || sides[sides.length - 1] < maxSide) sides.push(maxSide);
+  fillSelect($("max-side"), sides.map(String));
+  $("max-side").value = String(sides.includes(512) ? 512 : sides[sides.length - 1]);
   updateLabels();
 }
 
@@ -88,6 +107,11 @@ function updateLabels() {
   }
 }
 
+function chosenLabel() {  // the class picker's value, or undefined for the seed's own class
+  const label = $("gen-label").value;
+  return !$("label-wrap").hidden && label && label !== "(by seed)" ? label : undefined;
+}
+
 function generateBody() {
   const body = {
     model: $("gen-model").value,
@@ -95,37 +119,38 @@ function generateBody() {
     n: Number($("n").value),
     truncation: Number($("truncation").value),
   };
-  const label = $("gen-label").value;
-  if (!$("label-wrap").hidden && label && label !== "(by seed)") body.label = label;
+  if (chosenLabel() !== undefined) body.label = chosenLabel();
   if (!$("guidance-wrap").hidden && guidanceMoved) body.guidance = Number($("guidance").value);
   return body;
 }
 
-async function generate() {
-  const mine = ++genRequest;
+async function generate(ticket) {
   const body = generateBody();
   const t0 = performance.now();
   const response = await api("v1/generate", {
     method: "POST", headers: { "Content-Type": "application/json", Accept: "image/png" }, body: JSON.stringify(body),
   });
   const blob = await response.blob();
-  if (mine !== genRequest) return;  // a later click's picture is (or will be) shown
+  if (ticket !== latest.gen) return;  // a later click's picture is (or will be) shown
   showImage($("gen-img"), blob);
   const guided = body.guidance === undefined ? "" : ` · guidance ${body.guidance.toFixed(2)}`;
   $("gen-cap").textContent = `${body.model} · seeds ${body.seed}–${body.seed + body.n - 1}${guided} · ${Math.round(performance.now() - t0)} ms`;
 }
 
-async function interpolate() {
-  const mine = ++genRequest;
-  const seed = Number($("seed").value) || 0;
-  const body = { model: $("gen-model").value, seed_a: seed, seed_b: seed + 1, steps: 16, format: "gif" };
+const MAX_SEED = 4294967295;
+
+async function interpolate(ticket) {
+  const seed = Math.min(Number($("seed").value) || 0, MAX_SEED);
+  const next = seed === MAX_SEED ? 0 : seed + 1;
+  const body = { model: $("gen-model").value, seed_a: seed, seed_b: next, steps: 16, format: "gif" };
+  if (chosenLabel() !== undefined) body.label = chosenLabel();  // the walk stays in the grid's class
   const response = await api("v1/interpolate", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
   const blob = await response.blob();
-  if (mine !== genRequest) return;
+  if (ticket !== latest.gen) return;
   showImage($("gen-img"), blob);
-  $("gen-cap").textContent = `${body.model} · walk from seed ${seed} to ${seed + 1}`;
+  $("gen-cap").textContent = `${body.model} · walk from seed ${seed} to ${next}`;
 }
 
 function photoForm(model, extra = {}) {
@@ -138,21 +163,20 @@ function photoForm(model, extra = {}) {
   return form;
 }
 
-async function stylize() {
+async function stylize(photo) {
   const style = $("style-model").value;
   const form = photoForm(style, { max_side: $("max-side").value });
-  const t0 = performance.now(), asked = photoVersion;
+  const t0 = performance.now();
   const response = await api("v1/stylize", { method: "POST", body: form });
   const blob = await response.blob();
-  if (asked !== photoVersion) return;  // another photo was chosen meanwhile: this result is not for it
+  if (photo !== latest.photo) return;  // another photo was chosen meanwhile: this result is not for it
   showImage($("style-img"), blob);
   $("style-cap").textContent = `${style} · ${Math.round(performance.now() - t0)} ms`;
 }
 
-async function classify() {
-  const asked = photoVersion;
+async function classify(photo) {
   const body = await (await api("v1/classify", { method: "POST", body: photoForm(null) })).json();
-  if (asked !== photoVersion) return;
+  if (photo !== latest.photo) return;
   $("labels").replaceChildren(...body.labels.map(({ label, probability }) => {
     const li = document.createElement("li");
     const pct = (probability * 100).toFixed(1);
@@ -190,7 +214,9 @@ function hitTile(hit, listId) {
   label.textContent = hit.label || "";  // labels come from the archive: never as HTML
   button.append(img, score, label);
   button.addEventListener("click", () => toggleLiked(hit.id));
-  thumbnailInto(img, hit.thumbnail_url, listId).catch((err) => showError(err.message));
+  // relative, as every URL of this page: the server's thumbnail_url is root-absolute, which a proxy that strips a
+  // path prefix (nginx /genart/ -> Serve /) breaks
+  thumbnailInto(img, `v1/index/thumbnails/${encodeURIComponent(hit.id)}.jpg`, listId).catch((err) => showError(err.message));
   const li = document.createElement("li");
   li.append(button);
   return li;
@@ -204,15 +230,25 @@ function showHits(listId, hits) {
 }
 
 function toggleLiked(id) {
-  if (liked.has(id)) liked.delete(id); else liked.add(id);
-  for (const tile of document.querySelectorAll(".hit")) {
-    if (tile.dataset.id === id) tile.setAttribute("aria-pressed", String(liked.has(id)));
-  }
-  $("recommend").disabled = !liked.size;
+  if (liked.has(id)) liked.delete(id);
+  else if (liked.size >= MAX_LIKED) return showError(`At most ${MAX_LIKED} chosen images; clear some first.`);
+  else liked.add(id);
+  showLiked();
+}
+
+function clearLiked() {
+  liked.clear();
+  showLiked();
+}
+
+function showLiked() {
+  for (const tile of document.querySelectorAll(".hit")) tile.setAttribute("aria-pressed", String(liked.has(tile.dataset.id)));
+  enable("recommend", liked.size);
+  $("clear-liked").hidden = !liked.size;
   $("recommend").textContent = liked.size ? `Recommend more like these ${liked.size}` : "Recommend more like the chosen";
 }
 
-async function findSimilar() {
+async function findSimilar(ticket) {
   const file = $("search-photo").files[0];
   if (!file) throw new Error("Choose an image first.");
   const form = new FormData();
@@ -220,24 +256,28 @@ async function findSimilar() {
   form.append("k", $("search-k").value);
   const t0 = performance.now();
   const body = await (await api("v1/similar", { method: "POST", body: form })).json();
+  if (ticket !== latest.search) return;  // another image was chosen, or searched for, meanwhile
   showHits("similar-results", body.results);
   $("search-cap").textContent = `${body.results.length} closest of ${body.index_size} indexed images · ` +
     `${Math.round(performance.now() - t0)} ms · click to choose the ones you like`;
 }
 
-async function recommend() {
+async function recommend(ticket) {
   const body = { liked: [...liked], k: Number($("search-k").value), diversity: Number($("diversity").value) };
   const response = await api("v1/recommend", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
   const out = await response.json();
+  if (ticket !== latest.recommend) return;
   showHits("recommend-results", out.results);
   $("search-cap").textContent = `${out.results.length} recommended from ${out.liked.length} chosen (variety ${body.diversity})`;
 }
 
 async function checkHealth() {
   try {
-    const health = await (await fetch("healthz")).json();
+    const response = await fetch("healthz");
+    if (!response.ok) throw new Error(response.statusText);
+    const health = await response.json();
     $("status").textContent = "server ok";
     $("status").className = "status ok";
     if (health.auth_required && !apiKey) askForKey("This server needs an API key.");
@@ -256,12 +296,24 @@ function wire() {
   });
   $("dice").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 1e6); });
   $("gen-model").addEventListener("change", updateLabels);
-  $("generate").addEventListener("click", (e) => busy(e.currentTarget, generate));
-  $("interpolate").addEventListener("click", (e) => busy(e.currentTarget, interpolate));
-  $("stylize").addEventListener("click", (e) => busy(e.currentTarget, stylize));
-  $("classify").addEventListener("click", (e) => busy(e.currentTarget, classify));
+  // one click = one request on its channel; `ticket` tells the work (and busy) whether a later one superseded it
+  const onClick = (id, channel, work, { bump = true, ready } = {}) => $(id).addEventListener("click", (e) => {
+    const ticket = bump ? ++latest[channel] : latest[channel];
+    busy(e.currentTarget, () => work(ticket), () => ticket !== latest[channel], ready);
+  });
+  onClick("generate", "gen", generate);
+  onClick("interpolate", "gen", interpolate);
+  onClick("stylize", "photo", stylize, { bump: false });  // stylize and classify of one photo do not supersede each other
+  onClick("classify", "photo", classify, { bump: false });
+  onClick("find-similar", "search", findSimilar);
+  onClick("recommend", "recommend", recommend, { ready: () => liked.size > 0 });
+  $("clear-liked").addEventListener("click", clearLiked);
+  $("search-photo").addEventListener("change", () => {  // a new image: the old one's results go
+    latest.search += 1;
+    showHits("similar-results", []);
+  });
   $("photo").addEventListener("change", () => {  // a new photo: the old one's results go
-    photoVersion += 1;
+    latest.photo += 1;
     const file = $("photo").files[0];
     if (file) showImage($("photo-img"), file);
     $("labels").replaceChildren();
@@ -275,8 +327,6 @@ function wire() {
     loadModels().then(() => { $("auth").hidden = true; showError(""); }).catch((err) => showError(err.message));
   });
   $("diversity").addEventListener("input", () => { $("div-out").value = Number($("diversity").value).toFixed(2); });
-  $("find-similar").addEventListener("click", (e) => busy(e.currentTarget, findSimilar));
-  $("recommend").addEventListener("click", (e) => busy(e.currentTarget, recommend));
   $("api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") $("save-key").click(); });
 }
 
