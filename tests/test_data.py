@@ -57,6 +57,31 @@ def test_image_gate_verdicts():
     assert sixteen.max() > 200  # 16-bit scaled to 8 bits, not clipped to its low byte
 
 
+def test_high_bit_depth_images_keep_their_brightness():
+    """16-bit and float pictures are scaled by the depth their file declares, not by their brightest pixel: a dark
+    16-bit PGM stays dark (it came out 257x too bright), a float TIFF in [0, 1] is not black."""
+    import io
+
+    def pgm(maxval: int, value: int) -> bytes:
+        return b"P5\n4 4\n%d\n" % maxval + np.full((4, 4), value, ">u2").tobytes()
+
+    def tiff(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "TIFF")
+        return buf.getvalue()
+
+    def grey(data: bytes) -> int:
+        pixel = images.decode_image(data).getpixel((1, 1))
+        assert pixel[0] == pixel[1] == pixel[2]
+        return pixel[0]
+
+    assert grey(pgm(65535, 200)) == 1 and grey(pgm(65535, 32768)) == 128 and grey(pgm(1023, 1023)) == 255
+    assert grey(pgm(4095, 2048)) == 128
+    assert grey(tiff(np.full((4, 4), 200, np.uint16))) == 1  # opens as I;16
+    assert grey(tiff(np.full((4, 4), 0.5, np.float32))) == 128  # opens as F
+    assert grey(tiff(np.full((4, 4), 1 << 30, np.int32))) == 128  # opens as I: 32 signed bits
+
+
 def test_prepare_folder(tmp_path, ray_session):
     src = tmp_path / "raw"
     files = corpus.write_folder(str(src))
@@ -359,33 +384,38 @@ def test_photos_beside_an_earlier_jobs_output_stay_inputs(tmp_path):
 
 
 def test_repeated_archive_member_names_are_one_input_and_reported_copies(tmp_path):
-    """`tar -r` appends a second a.png: one input per name, each further copy a reported reject, and every
-    planned input still yields exactly one record (before: 'lost track of inputs' after the whole job)."""
+    """`tar -r` appends newer copies of a.png: one input per name, read from its last copy (the one `tar -x` and
+    `unzip` keep), each earlier copy a reported reject, and every planned input still yields exactly one record
+    (before: 'lost track of inputs' after the whole job)."""
     import io
     import tarfile
     import warnings
     import zipfile
 
     from genart.data import sources
+    from genart.infer import naming
 
-    png = corpus._png(Image.new("RGB", (8, 8), (9, 9, 9)))
+    copies = [corpus._png(Image.new("RGB", (8, 8), (k, k, k))) for k in (1, 2, 3)]  # a.png, oldest first
+    members = [("a.png", copies[0]), ("a.png", copies[1]), ("b.png", copies[0]), ("a.png", copies[2])]
     tar_path, zip_path = tmp_path / "dup.tar", tmp_path / "dup.zip"
     with tarfile.open(tar_path, "w") as tf:
-        for name in ("a.png", "a.png", "b.png"):
+        for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size = len(png)
-            tf.addfile(info, io.BytesIO(png))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
     with warnings.catch_warnings(), zipfile.ZipFile(zip_path, "w") as zf:
         warnings.simplefilter("ignore")  # zipfile warns "Duplicate name": that is the point here
-        for name in ("a.png", "a.png", "b.png"):
-            zf.writestr(name, png)
+        for name, data in members:
+            zf.writestr(name, data)
     for path in (tar_path, zip_path):
         plan = sources.plan([str(path)])
-        assert plan.num_inputs == 3 and [f["reason"][:26] for f in plan.failures] == ["duplicate member name in t"]
-        records = _read_all(plan)
-        assert sorted(r["rel_path"] for r in records) == ["a.png", "b.png"] and all(r["data"] for r in records)
-        names = sources.input_names(plan)  # what a job names its outputs by: three distinct sources
-        assert len({source for source, _ in names}) == 3
+        assert plan.num_inputs == 4 and [f["reason"][:26] for f in plan.failures] == ["duplicate member name in t"] * 2
+        assert [f["source"] for f in plan.failures] == [f"{path}!a.png (copy 1)", f"{path}!a.png (copy 2)"]
+        for kept in (plan, naming.prune_plan(plan, lambda source, rel: True)):  # a --resume reads the pruned plan
+            records = {r["rel_path"]: r["data"] for r in _read_all(kept)}
+            assert records == {"a.png": copies[2], "b.png": copies[0]}, path
+        names = sources.input_names(plan)  # what a job names its outputs by: four distinct sources
+        assert len({source for source, _ in names}) == 4
 
 
 def test_parquet_rows_keep_distinct_identities_and_a_damaged_file_is_reported(tmp_path):

@@ -140,7 +140,7 @@ def test_a_workflow_rerun_after_retraining_redoes_the_step_instead_of_refusing(t
     from genart.infer import output
 
     out = str(tmp_path / "samples")
-    before = {"command": "generate", "input": None, "format": "png", "model_hash": "aaa", "options": {}}
+    before = {"command": "generate", "input": None, "format": "png", "model_hash": "aaa", "options": {"num": 1, "seed": 0}}
     output.start(out, before, resume=True, overwrite=False)
     (tmp_path / "samples" / "seed0-000000.png").write_bytes(b"old")
     (tmp_path / "samples" / "manifest.json").write_text("{}")
@@ -152,6 +152,103 @@ def test_a_workflow_rerun_after_retraining_redoes_the_step_instead_of_refusing(t
     output.start(out, after, resume=True, overwrite=False, redo_changed=True)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["run.json"]
     assert json.loads((tmp_path / "samples" / "run.json").read_text())["model_hash"] == "bbb"
+
+
+def test_names_json_cannot_send_an_output_outside_the_root(tmp_path):
+    """names.json is read back on --resume and its names become output paths: one that safe_rel would change
+    (`..`, an absolute path, a sidecar's name) is refused, naming the file."""
+    for bad in ("../../escaped.png", "/etc/x.png", "manifest.json", "a/./b.png"):
+        (tmp_path / "names.json").write_text(json.dumps({"/in/a.jpg": "a.png", "/in/b.jpg": bad}))
+        with pytest.raises(UserError, match=f"{tmp_path}/names.json"):
+            naming.read_names(str(tmp_path))
+    long = naming.output_key("é" * 150 + ".jpg", ".png").replace(".png", "~2.png")  # past the name cap by "~2.png"
+    good = {"/in/a.jpg": "a.png", "/in/b.jpg": "deep/a~2.png", "/in/c.jpg": long}
+    (tmp_path / "names.json").write_text(json.dumps(good))
+    assert naming.read_names(str(tmp_path)) == good
+
+
+def test_a_file_never_takes_the_name_of_another_outputs_folder():
+    """shots.jpg -> shots.png and shots.png/1.jpg -> shots.png/1.png cannot both be written to a disk: the file is
+    renamed (~N, past every name and folder in use); names.json keys stay; a file written before is refused."""
+    pairs = [("/in/shots.jpg", "shots.png"), ("/in/shots.png/1.jpg", "shots.png/1.png"),
+             ("/in/Shots~2.png/x.jpg", "Shots~2.png/x.png")]
+    assert naming.unique_keys(pairs) == {"/in/shots.jpg": "shots~3.png"}
+    # resuming: a folder written before renames a newcomer; names.json's names are kept
+    assert naming.unique_keys([("/in/shots.jpg", "shots.png")], done={"SHOTS.png/1.png"}) == {"/in/shots.jpg": "shots~2.png"}
+    assert naming.unique_keys(pairs, fixed={"/in/shots.jpg": "shots~3.png"}, done={"shots~3.png"}) == {
+        "/in/shots.jpg": "shots~3.png"}
+    with pytest.raises(UserError, match="--resume: shots.png was written before"):
+        naming.unique_keys(pairs, done={"shots.png"})
+
+
+def _stylize_record(src) -> dict:
+    return {"command": "stylize", "input": str(src), "format": "png", "model_hash": "h", "options": {}}
+
+
+def test_overwrite_removes_only_what_an_earlier_run_wrote(tmp_path):
+    """An input inside the output is refused; --overwrite removes the files the earlier run's records name (its
+    sidecars, the outputs of the inputs run.json names, names.json's names), never a picture they do not."""
+    from genart.infer import output
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.webp"):
+        _picture(1, (8, 8)).save(src / name)
+    (out / "photos").mkdir(parents=True)
+    _picture(2, (8, 8)).save(out / "photos" / "p.png")
+    with pytest.raises(UserError, match="inside --output"):
+        output.check_outside(str(out / "photos"), str(out))
+    (out / "run.json").write_text(json.dumps(_stylize_record(src)))
+    (out / "names.json").write_text(json.dumps({str(src / "c.webp"): "c~2.png"}))
+    for name in ("manifest.json", "errors.jsonl", "a.png", "b.png.tmp-0123abcd", "c~2.png"):
+        (out / name).write_bytes(b"written by the run")
+    again = {**_stylize_record(src), "model_hash": "retrained"}
+    with pytest.raises(UserError, match="photos/p.png"):
+        output.start(str(out), again, resume=False, overwrite=True)
+    assert (out / "photos" / "p.png").exists() and (out / "a.png").exists()
+    (out / "photos" / "p.png").unlink()
+    output.start(str(out), again, resume=False, overwrite=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["run.json"]
+
+
+def test_overwrite_checks_everything_before_removing_anything(tmp_path):
+    """A file the earlier run did not write stops --overwrite before any output is removed."""
+    from genart.infer import output
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _picture(1, (8, 8)).save(src / "a.jpg")
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(_stylize_record(src)))
+    (out / "manifest.json").write_text("{}")
+    (out / "a.png").write_bytes(b"styled")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        output.start(str(out), _stylize_record(src), resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "manifest.json", "notes.txt", "run.json"]
+
+
+def test_a_refused_resume_leaves_a_finished_output_finished(tmp_path):
+    """--resume refused (a new input shares a written output's name) changes nothing at --output: the finished run
+    keeps its manifest.json, it is not left looking interrupted."""
+    from genart.infer import jobs
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _picture(1, (8, 8)).save(src / "x.jpg")
+    jobs._image_work("stylize", str(src), str(out), "png", ".png", {}, RunOptions(), "h")
+    (out / "x.png").write_bytes(b"styled")
+    (out / "manifest.json").write_text("{}")
+    _picture(2, (8, 8)).save(src / "x.webp")
+    with pytest.raises(UserError, match="x.png was written before"):
+        jobs._image_work("stylize", str(src), str(out), "png", ".png", {}, RunOptions(resume=True), "h")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "run.json", "x.png"]
+
+
+def test_tile_overlap_is_checked_against_the_tile_as_used():
+    """Tiles are rounded down to a multiple of 16 (tiling.ALIGN): --tile 40 is a 32 px tile, so at most 16 overlap."""
+    with pytest.raises(UserError, match="--tile-overlap 20: .* 16"):
+        stylize("no-such-model", "no-such-input", "no-such-output", tile=40, tile_overlap=20)
 
 
 def test_tile_blend_weights_are_a_partition_of_unity():
@@ -184,6 +281,10 @@ def test_stylize_folder_cli(tmp_path, ckpts, ray_session):
     assert other.exit_code == 2 and "different run" in other.output
     nested = CliRunner().invoke(main, ["stylize", "--model", ckpts["style"], "--input", src, "--output", f"{src}/styled"])
     assert nested.exit_code == 2 and "inside --input" in nested.output
+    before = _outputs(out)
+    inner = CliRunner().invoke(main, ["stylize", "--model", ckpts["style"], "--input", f"{out}/deep", "--output", out,
+                                      "--overwrite"])
+    assert inner.exit_code == 2 and "inside --output" in inner.output and _outputs(out) == before
 
 
 def test_stylize_resume_keeps_output_names_when_inputs_are_added(tmp_path, ckpts, ray_session):

@@ -72,14 +72,32 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
                 # Pillow stops reading at the last pixel row; verify() walks every chunk to IEND and checks CRCs.
                 Image.open(io.BytesIO(data), formats=("PNG",)).verify()
             img.load()  # the full decode: truncated or corrupt data fails here
+            white = declared_white(img)  # before exif_transpose: its copy keeps neither the format nor TIFF tags
             img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(img, white)
     except Exception as exc:  # noqa: BLE001
         raise Reject(f"corrupt or truncated image: {one_line(exc, with_type=False)}") from None
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB. Alpha is composited onto white; 16/32-bit and float are scaled to 8 bits."""
+def declared_white(img: Image.Image) -> float | None:
+    """The value of white in a 16/32-bit integer image ("I;16*", "I"), from the depth its file declares; None for
+    other modes. Never from the pixels: a dark 16-bit picture holds only small values, not 8-bit ones."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode != "I":
+        return None
+    tags = getattr(img, "tag_v2", None)
+    if img.format == "TIFF" and tags is not None:
+        bits, sample_format = tags.get(258, 32), tags.get(339, 1)  # BitsPerSample, SampleFormat (2: signed)
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        signed = (sample_format[0] if isinstance(sample_format, tuple) else sample_format) == 2
+        return 2.0 ** (bits - signed) - 1
+    return 65535.0  # PGM/PPM and PNG: Pillow widens any maxval above 255 (and 16-bit PNG) to 0..65535
+
+
+def to_rgb(img: Image.Image, white: float | None = None) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Alpha is composited onto white; 16/32-bit integer images are scaled by `white`
+    (their file's depth: `declared_white`; 65535 if not given), float ones as described below."""
     mode = img.mode
     if mode in ("RGB", "L") and "transparency" in img.info:  # a colour key: that colour is see-through
         img, mode = img.convert("RGBA"), "RGBA"
@@ -90,8 +108,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if mode == "F":
+            # A float image declares no range, so its values must tell: [0, 1] is the usual one (what float TIFFs
+            # from imaging tools hold, and what scaling by 255 turned black); past 1 they are 8- or 16-bit levels.
+            top = arr.max(initial=0)
+            white = 1.0 if top <= 1.0 else 255.0 if top <= 255 else 65535.0
+        arr = np.clip(arr / (white or 65535.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")

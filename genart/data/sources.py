@@ -68,6 +68,7 @@ class Unit:
     rel_paths: list[str] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
     rows: int = 0  # parquet: number of rows
+    copies: dict[str, int] = field(default_factory=dict)  # tar: how many copies of a repeated name (the last is read)
 
     @property
     def count(self) -> int:
@@ -208,20 +209,22 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
         except Exception as exc:  # noqa: BLE001 - a broken archive is one reported input, not a crash
             failures.append({"source": uri, "reason": f"unreadable archive: {one_line(exc)}"})
             return []
-        # A name can repeat (`tar -r`/`-u` append new copies): one input per name, each further copy a reject.
+        # A name can repeat (`tar -r`/`-u` append newer copies): one input per name, read from its last copy (the
+        # one `tar -x` and `unzip` leave on disk), each earlier copy a reject.
         names = list(dict.fromkeys(listed))
         failures.extend({"source": f"{uri}!{name}", "reason": HIDDEN_REASON} for name in names if _hidden(name))
         names = [name for name in names if not _hidden(name)]
-        for name, count in collections.Counter(listed).items():
+        copies = {name: count for name, count in collections.Counter(listed).items() if count > 1}
+        for name, count in copies.items():
             failures.extend({"source": f"{uri}!{name} (copy {copy})",
-                             "reason": "duplicate member name in the archive: one copy of each name is read"}
-                            for copy in range(2, count + 1))
+                             "reason": "duplicate member name in the archive: only the last copy of each name is read"}
+                            for copy in range(1, count))
         inner = _strip_common_root(names)
         dirs = labels == "dirs" or (labels is None and any("/" in n for n in inner))
         labs = [label or _label_of(n, dirs) for n in inner]
         kind = "zip" if _has_ext(uri, ZIP_EXT) else "tar"
         if kind == "tar":  # a tar stream is read start to end by one task
-            return [Unit(kind, uri, names, inner, labs)]
+            return [Unit(kind, uri, names, inner, labs, copies=copies)]
         return [
             Unit(kind, uri, names[i : i + FILES_PER_UNIT], inner[i : i + FILES_PER_UNIT], labs[i : i + FILES_PER_UNIT])
             for i in range(0, len(names), FILES_PER_UNIT)
@@ -433,13 +436,17 @@ def _read_zip(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
 def _read_tar(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     fs, path = storage.fsspec_fs(unit.uri)
     wanted = {name: (rel, label) for name, rel, label in zip(unit.items, unit.rel_paths, unit.labels)}
+    passed: collections.Counter = collections.Counter()  # copies of each name met so far
     seen: set[str] = set()
     rows: list[dict] = []
     error_all = None
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for member in tf:
-                if member.name not in wanted or member.name in seen:
+                if member.name not in wanted or not member.isfile():
+                    continue
+                passed[member.name] += 1
+                if passed[member.name] != unit.copies.get(member.name, 1):  # an earlier copy: the planned last is read
                     continue
                 seen.add(member.name)
                 rel, label = wanted[member.name]

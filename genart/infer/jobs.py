@@ -163,14 +163,16 @@ class _ImageWork(NamedTuple):
 
 def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, options: dict, run: RunOptions,
                 model_hash: str) -> _ImageWork:
-    """Plan the inputs, name their outputs, start (or resume) the output folder, and leave out what is written."""
+    """Plan the inputs, name their outputs, start (or resume) the output folder, and leave out what is written.
+    Everything that can refuse runs before the output folder is touched: a refused --resume leaves it as it was."""
     plan = sources.plan([src])
     pairs = [(source, naming.output_key(rel, ext)) for source, rel in sources.input_names(plan)]
-    output.start(out, {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options},
-                 run.resume, run.overwrite, run.redo_changed)
-    done = output.done_keys(out, fmt) if run.resume else set()
-    fixed = naming.read_names(out) if run.resume else {}  # gone if start() began the run over
+    record = {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options}
+    begin = output.check(out, record, run.resume, run.overwrite, run.redo_changed)
+    done = output.done_keys(out, fmt) if begin.resume else set()
+    fixed = naming.read_names(out) if begin.resume else {}
     renames = naming.unique_keys(pairs, fixed, done)
+    output.commit(out, record, begin)
     naming.write_names(out, fixed, renames)
     keys = {source: renames.get(source, key) for source, key in pairs}
     already = sum(1 for key in keys.values() if key in done)
@@ -189,8 +191,13 @@ def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | No
         raise UserError(f"--max-side {max_side}: must be >= 8")
     if tile and tile < 32:  # 0 (or None): never tile
         raise UserError(f"--tile {tile}: must be >= 32 (or 0 for no tiling)")
-    if tile_overlap is not None and tile and not 0 < tile_overlap < tile // 2 + 1:
-        raise UserError(f"--tile-overlap {tile_overlap}: must be between 1 and half the tile ({tile // 2})")
+    if tile_overlap is not None and tile:
+        from genart.infer.tiling import tile_side  # here: tiling imports torch
+
+        side = tile_side(tile)  # what the tiles really are: more overlap than half of that is not reached
+        if not 0 < tile_overlap <= side // 2:
+            raise UserError(f"--tile-overlap {tile_overlap}: must be between 1 and half the tile ({side // 2}; "
+                            f"tiles are rounded down to a multiple of 16 px, so --tile {tile} cuts {side} px tiles)")
     ext = output.IMAGE_EXT.get(fmt, ".png")
     options = {"max_side": max_side, "tile": tile or None, "tile_overlap": tile_overlap, "max_pixels": max_pixels}
     return _image_job("stylize", "style", model, src, out, fmt, ext, options, run, stages.StylizeActor,
@@ -271,10 +278,10 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
     options = {"num": num, "seed": seed, "truncation": truncation, "label": label_index}
     if guidance is not None:  # only when asked: runs without it keep their manifests' options (and resume)
         options["guidance"] = guidance
-    output.start(out, {"command": "generate", "input": None, "format": fmt, "model_hash": info["hash"], "options": options},
-                 run.resume, run.overwrite, run.redo_changed)
-    name_of = {stages.image_name(seed, i, num, ext): i for i in range(num)} if run.resume else {}
-    done = [name_of[k] for k in output.done_keys(out, fmt) if k in name_of] if run.resume else []
+    begin = output.start(out, {"command": "generate", "input": None, "format": fmt, "model_hash": info["hash"],
+                               "options": options}, run.resume, run.overwrite, run.redo_changed)
+    name_of = {naming.image_name(seed, i, num, ext): i for i in range(num)} if begin.resume else {}
+    done = [name_of[k] for k in output.done_keys(out, fmt) if k in name_of] if begin.resume else []
     tally = output.Tally()
     with pipeline_context():
         import ray
@@ -299,7 +306,7 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
                 continue
             z = stages.latent_seed(seed, i)
             lab = seed_labels([z], label_index, len(names))[0] if conditional else None
-            lines.append(json.dumps({"file": stages.image_name(seed, i, num, ext), "seed": seed, "index": i,
+            lines.append(json.dumps({"file": naming.image_name(seed, i, num, ext), "seed": seed, "index": i,
                                      "latent_seed": z, "label": lab, "label_name": None if lab is None else names[lab],
                                      "truncation": truncation, **({} if guidance is None else {"guidance": guidance})}))
         extra["images.jsonl"] = "\n".join(lines) + "\n"

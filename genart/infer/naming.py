@@ -8,6 +8,7 @@ backslashes, NUL and control characters are removed here, once, for every job.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import posixpath
 import re
@@ -24,25 +25,31 @@ MAX_COMPONENT_BYTES = 200  # below the 255-byte limit of common filesystems, lea
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]")
 
 
-def _component(part: str) -> str:
+def _component(part: str, max_bytes: int | None) -> str:
     part = unicodedata.normalize("NFC", part)
     part = _UNSAFE.sub("_", part).strip().lstrip(".")  # leading dots: no hidden files, no "..", no "."
     encoded = part.encode()
-    if len(encoded) > MAX_COMPONENT_BYTES:
-        part = encoded[:MAX_COMPONENT_BYTES].decode(errors="ignore")
+    if max_bytes and len(encoded) > max_bytes:
+        part = encoded[:max_bytes].decode(errors="ignore")
     return part
 
 
-def safe_rel(rel_path: str | None) -> str:
-    """A relative POSIX path that stays inside any root: no '..', '.', absolute parts, backslashes or NUL."""
+def safe_rel(rel_path: str | None, max_bytes: int | None = MAX_COMPONENT_BYTES) -> str:
+    """A relative POSIX path that stays inside any root: no '..', '.', absolute parts, backslashes or NUL; each
+    part cut to `max_bytes` (None: not cut)."""
     text = str(rel_path or "").replace("\\", "/")
-    parts = [_component(p) for p in text.split("/")]
+    parts = [_component(p, max_bytes) for p in text.split("/")]
     parts = [p for p in parts if p]
     if not parts:
         return "image"
     if parts[0] in SIDECARS or parts[0].startswith("part-"):
         parts[0] = "_" + parts[0]  # never shadow the job's own files (sidecars, parquet shards)
     return "/".join(parts)
+
+
+def image_name(seed: int, index: int, num: int, ext: str) -> str:
+    """`genart generate`'s name for image `index` of `num` drawn with `seed`: "seed3-000005.png"."""
+    return f"seed{seed}-{index:0{max(6, len(str(num - 1)))}d}{ext}"
 
 
 def output_key(rel_path: str | None, ext: str | None) -> str:
@@ -60,11 +67,13 @@ def unique_keys(pairs: list[tuple[str, str]], fixed: dict[str, str] | None = Non
     """(source, key) for every input -> {source: its key} for every input whose plain key is not simply its own.
 
     Of inputs that share a key, the smallest source keeps it; the others get `stem~2.ext`, `stem~3.ext`...
-    Keys compare case-insensitively, so the output is also safe on case-insensitive filesystems.
+    A key that is another key's folder (`shots.png` beside `shots.png/1.png`) is renamed the same way: a disk
+    cannot hold a file and a folder of one name. Keys compare case-insensitively, so the output is also safe on
+    case-insensitive filesystems.
     Resuming, `fixed` is the map the run's earlier starts wrote (`NAMES`) and `done` the keys already written:
     inputs in `fixed` keep their keys, and no other input takes one of those or a written `~N` key, so an output
     written before is never taken for another input's. A written key now shared by inputs that did not share it
-    before is a UserError: which of them wrote it cannot be told.
+    before, or now needed as a folder, is a UserError: which of them wrote it cannot be told.
     """
     fixed = fixed or {}
     reserved = {key.lower() for key in fixed.values()}
@@ -75,13 +84,18 @@ def unique_keys(pairs: list[tuple[str, str]], fixed: dict[str, str] | None = Non
             groups[key.lower()].append(source)
     written = {key.lower() for key in done}
     taken = {key.lower() for _, key in pairs} | reserved | written
+    folders = {parent for key in taken for parent in _parents(key)}
+    taken |= folders
     assigned = {source: key for source, key in fixed.items() if source in key_of}
     for lowered, group in groups.items():
         group = sorted(set(group))
-        keeps_plain = lowered not in reserved
+        keeps_plain = lowered not in reserved and lowered not in folders
         if len(group) < 2 and keeps_plain:
             continue
         plain = key_of[group[0]]
+        if lowered in written and lowered in folders:
+            raise UserError(f"--resume: {plain} was written before other inputs came to need it as a folder (for "
+                            f"{plain}/...); move the new inputs elsewhere or pass --overwrite")
         if keeps_plain and lowered in written:
             raise UserError(f"--resume: {plain} was written before other inputs came to share its name "
                             f"({', '.join(group[:3])}); move the new inputs elsewhere or pass --overwrite")
@@ -98,6 +112,12 @@ def unique_keys(pairs: list[tuple[str, str]], fixed: dict[str, str] | None = Non
     return assigned
 
 
+def _parents(key: str) -> list[str]:
+    """The folders of a key: "a/b/c.png" -> ["a", "a/b"]."""
+    parts = key.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
 def read_names(out: str) -> dict[str, str]:
     """The `NAMES` map an earlier start of the run at `out` wrote ({} if none)."""
     uri = storage.join(out, NAMES)
@@ -109,6 +129,12 @@ def read_names(out: str) -> dict[str, str]:
         names = None
     if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
         raise UserError(f"--resume: {uri} is not a JSON object of input -> output name; pass --overwrite to start over")
+    # Its names become output paths: one that safe_rel would change could leave the root or replace a sidecar.
+    # (Not cut to length: a long name's `~N` and extension rightly go past the cap.)
+    unsafe = next((v for v in names.values() if safe_rel(v, max_bytes=None) != v), None)
+    if unsafe is not None:
+        raise UserError(f"--resume: {uri} names an output {unsafe!r} that is not a plain path inside the output "
+                        "folder; pass --overwrite to start over")
     return names
 
 
@@ -135,7 +161,7 @@ def prune_plan(plan: sources.Plan, keep) -> sources.Plan:
         prefix = sources.item_prefix(unit)
         idx = [i for i, (item, rel) in enumerate(zip(unit.items, unit.rel_paths)) if keep(prefix + item, rel)]
         if idx:
-            units.append(sources.Unit(unit.kind, unit.uri, [unit.items[i] for i in idx], [unit.rel_paths[i] for i in idx],
-                                      [unit.labels[i] for i in idx], unit.rows))
+            units.append(dataclasses.replace(unit, items=[unit.items[i] for i in idx],
+                                             rel_paths=[unit.rel_paths[i] for i in idx], labels=[unit.labels[i] for i in idx]))
     failures = [f for f in plan.failures if keep(f["source"], f["source"])]
     return sources.Plan(units=units, label_names=plan.label_names, num_inputs=plan.num_inputs, failures=failures)

@@ -15,12 +15,15 @@ import json
 import os
 import re
 import tempfile
+from typing import Callable, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genart import __version__, storage
+from genart.data import sources
 from genart.errors import UserError
+from genart.infer import naming
 from genart.infer.naming import SIDECARS
 
 FORMAT_VERSION = 1
@@ -34,20 +37,87 @@ def is_tmp(uri: str) -> bool:
 
 
 def _is_ours(rel: str) -> bool:
-    """Files a genart job writes (only these are removed by --overwrite)."""
+    """Files a genart job may have written, by their names: what a --resume tolerates at its output root."""
     name = rel.rsplit("/", 1)[-1]
     return (rel in SIDECARS or is_tmp(rel) or (name.startswith(SHARD_PREFIX) and name.endswith(".parquet"))
             or rel.lower().endswith(tuple(IMAGE_EXT.values())))
 
 
 def check_outside(src: str, out: str) -> None:
-    """--output inside --input: refused before any work (a rerun would read its own outputs)."""
+    """--output inside --input, or --input inside --output: refused before any work (a rerun would read its own
+    outputs; --overwrite would clear the folder that holds the inputs)."""
     if storage.within(out, src):
         raise UserError(f"--output {out} is inside --input {src}: a rerun would read its own outputs; choose another --output")
+    if storage.within(src, out):
+        raise UserError(f"--input {src} is inside --output {out}: --overwrite could remove inputs; "
+                        "move the inputs or choose another --output")
 
 
-def start(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool = False) -> None:
-    """Check the output root and record the run (`run.json`); raise UserError before any work if it is in the way.
+_GENERATED = re.compile(r"seed\d+-(\d+)\.png")  # naming.image_name's form for `genart generate --format png`
+
+
+def _written_by(out: str, record: dict) -> Callable[[str, str], bool]:
+    """`ours(uri, rel)`: whether a file at `out` is one the earlier run whose record (run.json, else manifest.json)
+    is `record` wrote: a sidecar or temp file, one of its Parquet shards, an image it generated (by seed and index),
+    or one it stylized (named again from the input it records, and names.json). Only these are --overwrite's to
+    remove: a picture that merely ends in .png is an output only if the record names it."""
+    fmt, command = record.get("format"), record.get("command")
+    options = record.get("options") if isinstance(record.get("options"), dict) else {}
+    src = record.get("input") if isinstance(record.get("input"), str) else None
+    stylized = _stylized_keys(out, src, IMAGE_EXT[fmt]) if command == "stylize" and fmt in IMAGE_EXT and src else set()
+
+    def ours(uri: str, rel: str) -> bool:
+        if src and storage.within(uri, src):  # a run that read inside its output (refused since) never wrote its inputs
+            return False
+        rel = _TMP.sub("", rel)
+        if rel in SIDECARS or rel in stylized:
+            return True
+        if fmt == "parquet":
+            return "/" not in rel and rel.startswith(SHARD_PREFIX) and rel.endswith(".parquet")
+        return command == "generate" and _generated(options.get("seed"), options.get("num"), rel)
+
+    return ours
+
+
+def _generated(seed, num, rel: str) -> bool:
+    """Whether `rel` is one of the images `genart generate` names for `seed` and `num`."""
+    match = _GENERATED.fullmatch(rel)
+    return (match is not None and isinstance(num, int) and int(match[1]) < num
+            and rel == naming.image_name(seed, int(match[1]), num, ".png"))
+
+
+def _stylized_keys(out: str, src: str, ext: str) -> set[str]:
+    """The output names of the inputs under `src` (listed again now) and those names.json at `out` records."""
+    try:
+        plan = sources.plan([src])
+        failed = {f["source"] for f in plan.failures}  # never written: their names name nothing
+        keys = {naming.output_key(rel, ext) for source, rel in sources.input_names(plan) if source not in failed}
+    except UserError:  # the input is gone or holds nothing now: its outputs cannot be told apart from other files
+        keys = set()
+    try:
+        keys |= set(naming.read_names(out).values())
+    except UserError:  # an unreadable names.json names nothing (it is a sidecar itself, removed with the run)
+        pass
+    return keys
+
+
+class Begin(NamedTuple):
+    """What `check` found at the output root, for `commit` to carry out."""
+
+    resume: bool  # the outputs there are this run's: they count as done
+    remove: list[str]  # what goes before the run starts: an earlier run's outputs (--overwrite), stray temp files
+
+
+def start(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool = False) -> Begin:
+    """`check` then `commit`, for a job that has nothing else to check before it starts."""
+    begin = check(out, run, resume, overwrite, redo_changed)
+    commit(out, run, begin)
+    return begin
+
+
+def check(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool = False) -> Begin:
+    """Check the output root for `run`; raise UserError if it is in the way. Changes nothing (but a probe of
+    writability): `commit` does, once the job's own checks have passed too.
 
     `run` (command, input, model hash, options) must equal the stored one to --resume: outputs made with other
     options or another model must never be mixed in. redo_changed (workflows): such a resume starts over instead,
@@ -57,34 +127,53 @@ def start(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool
         raise UserError("pass either --resume (finish the run at --output) or --overwrite (start over), not both")
     manifest_uri, run_uri = storage.join(out, "manifest.json"), storage.join(out, "run.json")
     has_manifest, has_run = storage.exists(manifest_uri), storage.exists(run_uri)
+    earlier = has_run or has_manifest
     files = [(u, storage.relative(out, u)) for u, _ in storage.find(out)] if storage.exists(out) else []
-    stored = json.loads(storage.read_text(run_uri)) if resume and has_run else None
-    if resume and redo_changed and (has_run or has_manifest) and stored != run:
+    stored = _read_record(run_uri) if has_run else None
+    if resume and redo_changed and earlier and stored != run:
         resume, overwrite = False, True
-    if resume and (has_run or has_manifest):
+    if resume and earlier:
         if stored != run:
             diff = first_difference(stored or {}, run)
             raise UserError(f"--resume: {out} was written by a different run ({diff}); rerun with the same "
                             "arguments, or pass --overwrite to start over")
-    elif overwrite and (has_run or has_manifest):
-        for uri, rel in files:
-            if _is_ours(rel):
-                storage.remove(uri)
-        files = [(u, r) for u, r in files if not _is_ours(r)]
+        foreign = [rel for _, rel in files if not _is_ours(rel)]
+        remove = [uri for uri, rel in files if is_tmp(rel)]
+    elif overwrite and earlier:
+        ours = _written_by(out, stored if stored is not None else _read_record(manifest_uri))
+        owned = [(uri, rel, ours(uri, rel)) for uri, rel in files]
+        foreign = [rel for _, rel, mine in owned if not mine]
+        remove = [uri for uri, _, mine in owned if mine]
     elif has_manifest:
         raise UserError(f"{out} already holds finished output; pass --overwrite to replace it or choose another --output")
     elif has_run:
         raise UserError(f"{out} holds an interrupted run; pass --resume to finish it or --overwrite to start over")
-    foreign = [r for _, r in files if not _is_ours(r)]
-    if foreign or (files and not (has_run or has_manifest)):
-        example = (foreign or [r for _, r in files])[0]
-        raise UserError(f"{out} holds files that are not this job's output (e.g. {example}); choose an empty --output")
+    else:
+        foreign, remove = [rel for _, rel in files], []
+    if foreign and overwrite and earlier:
+        raise UserError(f"{out} holds files its earlier run did not write (e.g. {foreign[0]}), and --overwrite removes "
+                        "only those; move them or choose an empty --output")
+    if foreign:
+        raise UserError(f"{out} holds files that are not this job's output (e.g. {foreign[0]}); choose an empty --output")
     storage.check_writable(out)
-    for uri, rel in files:
-        if is_tmp(rel):
-            storage.remove(uri)
-    storage.remove(manifest_uri)  # the run is incomplete again until it finishes
-    storage.write_text(run_uri, json.dumps(run, indent=2, sort_keys=True) + "\n")
+    return Begin(resume=resume and earlier, remove=remove)
+
+
+def commit(out: str, run: dict, begin: Begin) -> None:
+    """Start the run `check` cleared: remove what it listed, mark the output unfinished, record the run."""
+    for uri in begin.remove:
+        storage.remove(uri)
+    storage.remove(storage.join(out, "manifest.json"))  # the run is incomplete again until it finishes
+    storage.write_text(storage.join(out, "run.json"), json.dumps(run, indent=2, sort_keys=True) + "\n")
+
+
+def _read_record(uri: str) -> dict:
+    """A run.json or manifest.json as a dict ({} if it is not one: it then explains nothing)."""
+    try:
+        record = json.loads(storage.read_text(uri))
+    except (ValueError, UserError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def first_difference(stored: dict, run: dict) -> str:

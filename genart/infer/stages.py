@@ -12,7 +12,7 @@ import pyarrow as pa
 from genart import storage
 from genart.data import images
 from genart.errors import one_line
-from genart.infer import output
+from genart.infer import naming, output
 
 WORK_SCHEMA = pa.schema(
     [
@@ -221,10 +221,6 @@ def latent_seed(seed: int, index: int) -> int:
     return (int(seed) << 32) | int(index)
 
 
-def image_name(seed: int, index: int, num: int, ext: str) -> str:
-    return f"seed{seed}-{index:0{max(6, len(str(num - 1)))}d}{ext}"
-
-
 class GenerateActor(ModelActor):
     """Indices ("id") -> generated images. Forward passes cover fixed index chunks [16k, 16k+16), whatever the
     batch: image i always comes out of the same computation, so the bytes depend only on (seed, index)."""
@@ -254,7 +250,7 @@ class GenerateActor(ModelActor):
                 if i not in keep:
                     continue
                 rows.append({
-                    "source": f"seed {seed} index {i}", "key": image_name(seed, i, num, ext), "error": None,
+                    "source": f"seed {seed} index {i}", "key": naming.image_name(seed, i, num, ext), "error": None,
                     "width": out.shape[-1], "height": out.shape[-2], "pixels": to_pixels(out[j]),
                     "seed": seed, "index": i, "latent_seed": seeds[j], "label": None if labels is None else labels[j],
                 })

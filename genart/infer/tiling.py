@@ -26,6 +26,11 @@ Fn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, h, w) in [0, 1] -> (N, 3, 
 ALIGN = 16  # tile offsets are multiples of this: a net that downsamples by 2**k (k <= 4) sees the same pixel grid
 
 
+def tile_side(tile: int) -> int:
+    """The side of the tiles `tiled` cuts for `tile` px: rounded down to the ALIGN grid (--tile 40 -> 32)."""
+    return max(ALIGN, tile // ALIGN * ALIGN)
+
+
 def starts(length: int, tile: int, overlap: int, align: int = ALIGN) -> list[int]:
     """Tile start offsets covering [0, length) with tiles of `tile` px overlapping by at least `overlap` px.
 
@@ -137,7 +142,7 @@ def tiled(fn: Fn, x: torch.Tensor, tile: int, overlap: int, batch_size: int = 4,
         return fn(x[None])[0].float().cpu()
     if not 0 < overlap < tile:
         raise ValueError(f"overlap {overlap} must be between 1 and tile - 1 ({tile - 1})")
-    tile = max(ALIGN, tile // ALIGN * ALIGN)
+    tile = tile_side(tile)
     stats = {}
     if layers:
         # The statistics pass costs what one batch of tiles costs: the image shrunk to batch_size tiles' area.
