@@ -10,16 +10,22 @@ RESULTS ?= results/quickstart
 
 setup: $(VENV)/.installed
 
-# Reinstall when the dependency list changes.
+# Reinstall when the dependency list changes. A venv without pip (python3-venv missing on Debian/Ubuntu: venv
+# fails after creating bin/python) is removed and made again once the package is installed.
 $(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/pip || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) 2>/dev/null; } || { \
+	  rm -rf $(VENV); echo "installing python3-venv (needed by $(PYTHON) -m venv)"; \
+	  (apt-get update -qq || sudo apt-get update -qq) && \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv || \
+	   sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv) && \
+	  $(PYTHON) -m venv $(VENV); } || { rm -rf $(VENV); echo "$(PYTHON) -m venv failed" >&2; exit 1; }
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip check
 	touch $@
 
-# Debian's chromium drives the playground test (no browser download at run time).
+# Debian's chromium drives the playground test (no browser download at run time), at the path the tests use.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -x /usr/bin/chromium || { \
 	  (apt-get update -qq || sudo apt-get update -qq) && \
 	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || \
 	   sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium); }

@@ -51,7 +51,12 @@ def test_aws_launcher_config_passes_rays_validation():
     assert "--dashboard-host=127.0.0.1" in head_start
     for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in " ".join(config[commands])
-    assert "~/.ray/auth_token" in config["file_mounts"]
+        # the Serve app's API key (serve.yaml's api_key_env) for the Ray processes that build it: without it the
+        # API on the 0.0.0.0 proxy needs no key
+        assert 'GENART_API_KEY="$(cat ~/.genart_api_key)"' in " ".join(config[commands])
+    assert "~/.ray/auth_token" in config["file_mounts"] and "~/.genart_api_key" in config["file_mounts"]
+    serve_args = load(CLUSTER / "serve.yaml")["applications"][0]["args"]
+    assert serve_args["api_key_env"] == "GENART_API_KEY"
 
 
 def test_aws_launcher_commands_are_valid_bash():
@@ -200,7 +205,8 @@ def test_serve_config_passes_rays_serve_schema():
     from genart.serve.config import parse_args
 
     settings = parse_args(app["args"])  # genart's own schema: the replicas get a share of a GPU node's GPU
-    assert 0 < settings.num_gpus_per_replica * len(settings.models) <= 1
+    # one deployment per model at most (styles share one) plus the search index's: one replica of each fits a GPU
+    assert 0 < settings.num_gpus_per_replica * (len(settings.models) + bool(settings.index)) <= 1
 
 
 def test_rayservice_runs_the_same_serve_app():

@@ -18,7 +18,8 @@ from genart.cli import main
 from genart.data import images, sources
 from genart.data import prepare as prep
 
-MNIST = "/work/shared/data/mnist"
+# ../shared/data beside the checkout (as CI has it); GENART_MNIST points elsewhere
+MNIST = os.environ.get("GENART_MNIST", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 # Digits in the MNIST test split (t10k-labels-idx1-ubyte), 0..9.
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
