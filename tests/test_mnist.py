@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
