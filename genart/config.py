@@ -90,7 +90,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         return key.strip().split("."), text
-    return key.strip().split("."), value if isinstance(value, (list, dict)) or _typed_as_read(value, text) else text
+    if isinstance(value, (list, dict)):  # only in flow style: `photos: 2023` and `- a` are text someone typed
+        return key.strip().split("."), value if text[0] in "[{" else text
+    return key.strip().split("."), value if _typed_as_read(value, text) else text
 
 
 def _typed_as_read(value: Any, text: str) -> bool:

@@ -50,8 +50,9 @@ def test_set_reads_values_as_yaml_1_2_would():
     cfgs = [load_config(None, [*base, item]) for item in typed]
     assert [cfgs[0].data.path, cfgs[1].data.path, cfgs[2].run.name, cfgs[3].data.path, cfgs[4].run.name] == [
         "data/My Pics #2", "2024.10", "0x1F", "&a exp", "2024-01-02"]
-    assert [config.parse_override(f"a={v}")[1] for v in ("null", "~", "-3", "2e-4", "'0755'", "{b: 1}")] == [
-        None, None, -3, "2e-4", "0755", {"b": 1}]
+    assert [config.parse_override(f"a={v}")[1] for v in ("null", "~", "-3", "2e-4", "'0755'", "{b: 1}", "photos: 2023",
+                                                          "- a")] == [None, None, -3, "2e-4", "0755", {"b": 1},
+                                                                      "photos: 2023", "- a"]
 
 
 @pytest.mark.parametrize(
