@@ -311,7 +311,8 @@ def test_reading_a_dataset_larger_than_the_object_store_streams(tmp_path):
                            f"{{root}}/part-{{shard:05d}}.parquet")
         json.dump({{"splits": {{"train": 2000, "val": 0}}, "counts": {{"written": 2000}}, "image_size": 256, "labels": {{}}}},
                   open(f"{{root}}/manifest.json", "w"))
-        ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=False)
+        # address="local": a new instance, never one found in /tmp/ray (another job's `ray start` on this machine)
+        ray.init(address="local", num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=False)
         from genart.data.read import training_dataset
         n = 0
         for batch in training_dataset(root, "train", 256).iter_batches(batch_size=32, batch_format="numpy"):

@@ -477,3 +477,22 @@ def test_score_agrees_with_the_critic(tmp_path, ckpts, ray_session):
         assert np.allclose(row["probs"], probs, atol=1e-5) and np.allclose(row["embedding"], emb, atol=1e-4)
         assert row["label"] == int(probs.argmax()) and row["label_name"] == critic.label_names[row["label"]]
         assert (row["width"], row["height"]) == good[rel]
+
+
+def test_the_live_line_ends_on_the_final_count():
+    """Updates within min_interval_s of the last draw were never drawn, so a job's line could end short of its total
+    (e.g. 10/30 for a finished job)."""
+    import io
+
+    from genart.infer.output import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = Progress("stylize", 30, stream=terminal, min_interval_s=60)
+    for _ in range(3):
+        progress.advance(10)
+    progress.close()
+    assert "stylize: 30/30" in terminal.getvalue()

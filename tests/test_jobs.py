@@ -85,8 +85,11 @@ def head(tmp_path_factory):
     finally:
         ray_procs.stop_group(proc)
         log.close()
-        time.sleep(1)
-        leftovers = ray_procs.mentioning(temp_dir)  # only processes of this head: they name its private temp dir
+        # only processes of this head (they name its private temp dir); its agents notice the raylet is gone by
+        # polling it, which took over 2 s on a loaded machine (test_sigterm's EXIT_GRACE_S)
+        deadline = time.monotonic() + 20
+        while (leftovers := ray_procs.mentioning(temp_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         ray_procs.kill_all(leftovers)
         subprocess.run(["rm", "-rf", temp_dir], check=False)
         assert not leftovers, f"Ray processes outlived the head: {leftovers}"

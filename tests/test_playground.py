@@ -92,6 +92,9 @@ def test_page_asks_for_the_key_then_generates_stylizes_and_classifies(page_app, 
         page.click("#generate")
     assert request.value.post_data_json["guidance"] == 2.5
     page.wait_for_function("document.getElementById('gen-cap').textContent.includes('guidance 2.50')", timeout=60_000)
+    # the caption is set as the new picture starts loading (a blob URL loads asynchronously): wait for the picture
+    page.wait_for_function(f"document.getElementById('gen-img').complete && "
+                           f"document.getElementById('gen-img').naturalWidth === {4 * 18 + 2}", timeout=60_000)
     assert _natural_width(page, "#gen-img") == 4 * 18 + 2  # 16 px images
     page.select_option("#gen-model", "dcgan")
 

@@ -526,17 +526,18 @@ def test_a_cancelled_request_stops_its_thread_and_stays_counted_until_it_has():
         request = asyncio.ensure_future(in_flight.run(direct=lambda: _run(InferenceSetup(), long_loop),
                                                       batched=lambda: None))
         await asyncio.sleep(0.3)
+        steps_at_cancel = len(steps)
         request.cancel()
         await asyncio.sleep(0)
         counted_after_cancel = in_flight.count
         with pytest.raises(asyncio.CancelledError):
             await request
-        return counted_after_cancel, ended.is_set(), in_flight.count
+        return steps_at_cancel, counted_after_cancel, ended.is_set(), in_flight.count
 
-    started = time.monotonic()
-    counted_after_cancel, ended_before_return, count = asyncio.run(main())
+    steps_at_cancel, counted_after_cancel, ended_before_return, count = asyncio.run(main())
     assert counted_after_cancel == 1 and ended_before_return and count == 0
-    assert len(steps) < 20 and time.monotonic() - started < 5, f"the loop ran on: {len(steps)} steps"
+    # stopped at the next step after the cancel (a step may be under way), not run on to the end
+    assert len(steps) <= steps_at_cancel + 2 and len(steps) < 200, f"{len(steps)} steps, {steps_at_cancel} at cancel"
 
 
 def test_a_style_load_outlives_the_request_that_started_it():
@@ -635,10 +636,8 @@ def test_bounded_flood_gets_only_200_and_503_and_the_app_recovers(app):
         with requests.Session() as session:
             return session.post(app + "/v1/generate", json={"n": 2, "seed": i}, timeout=60).status_code
 
-    start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=64) as pool:
+    with ThreadPoolExecutor(max_workers=64) as pool:  # (pytest-timeout bounds the whole test)
         statuses = list(pool.map(one, range(300)))
-    assert time.monotonic() - start < 300
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
     assert statuses.count(200) > 0 and statuses.count(503) > 0, {s: statuses.count(s) for s in set(statuses)}
     assert requests.get(app + "/healthz").status_code == 200

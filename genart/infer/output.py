@@ -290,6 +290,8 @@ class Progress:
             self.bar.update(done)
 
     def close(self) -> None:
+        if self.enabled:
+            self.bar.refresh()  # the final count: updates within min_interval_s of the last draw were not drawn
         self.bar.close()
 
 
