@@ -85,14 +85,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
-    text = raw.strip()
+    path, text = key.strip().split("."), raw.strip()
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
-        return key.strip().split("."), text
+        return path, text
     if isinstance(value, (list, dict)):  # only in flow style: `photos: 2023` and `- a` are text someone typed
-        return key.strip().split("."), value if text[0] in "[{" else text
-    return key.strip().split("."), value if _typed_as_read(value, text) else text
+        return path, value if text[0] in "[{" else text
+    return path, value if _typed_as_read(value, text) else text
 
 
 def _typed_as_read(value: Any, text: str) -> bool:

@@ -54,10 +54,10 @@ def resolve_address(address: str | None = None) -> str:
             f"{url} is a Ray Client address, but jobs go through the Jobs API on the dashboard port; "
             f"pass --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)"
         )
-    if "://" not in url and url.rsplit(":", 1)[-1] == "6379":  # RAY_ADDRESS as the other commands take it
-        raise UserError(f"{url} is the cluster's GCS address (what `--address` of train, prepare and the batch jobs "
-                        f"takes); jobs go through the dashboard's Jobs API: --address http://HEAD:8265")
     if "://" not in url:
+        if url.rsplit(":", 1)[-1] == "6379":  # RAY_ADDRESS as the other commands take it
+            raise UserError(f"{url} is the cluster's GCS address (what `--address` of train, prepare and the batch "
+                            f"jobs takes); jobs go through the dashboard's Jobs API: --address http://HEAD:8265")
         url = "http://" + url
     return url
 

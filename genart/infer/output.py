@@ -56,18 +56,26 @@ def check_outside(src: str, out: str) -> None:
 _GENERATED = re.compile(r"seed\d+-(\d+)\.png")  # naming.image_name's form for `genart generate --format png`
 
 
-def _written_by(out: str, record: dict) -> Callable[[str, str], bool]:
-    """`ours(uri, rel)`: whether a file at `out` is one the earlier run whose record (run.json, else manifest.json)
+def _written_by(out: str, record: dict, current: tuple[str, sources.Plan] | None = None) -> Callable[[str], bool]:
+    """`ours(rel)`: whether the file at `out`/rel is one the earlier run whose record (run.json, else manifest.json)
     is `record` wrote: a sidecar or temp file, one of its Parquet shards, an image it generated (by seed and index),
     or one it stylized (named again from the input it records, and names.json). Only these are --overwrite's to
-    remove: a picture that merely ends in .png is an output only if the record names it."""
+    remove: a picture that merely ends in .png is an output only if the record names it. `current` is the job's own
+    (input, plan): when the record names the same input, its listing is reused rather than made again."""
     fmt, command = record.get("format"), record.get("command")
     options = record.get("options") if isinstance(record.get("options"), dict) else {}
     src = record.get("input") if isinstance(record.get("input"), str) else None
-    stylized = _stylized_keys(out, src, IMAGE_EXT[fmt]) if command == "stylize" and fmt in IMAGE_EXT and src else set()
+    stylized = set()
+    if command == "stylize" and fmt in IMAGE_EXT and src:
+        plan = current[1] if current is not None and current[0] == src else None
+        stylized = _stylized_keys(out, src, IMAGE_EXT[fmt], plan)
+    # A run that read inside its output (refused since) never wrote its inputs. Where they lie is worked out once,
+    # not per file (storage.within builds a filesystem per call: ~2 ms on S3, minutes over a large output).
+    reads_all = bool(src) and storage.within(out, src)
+    under = storage.relative(out, src) if src and not reads_all and storage.within(src, out) else None
 
-    def ours(uri: str, rel: str) -> bool:
-        if src and storage.within(uri, src):  # a run that read inside its output (refused since) never wrote its inputs
+    def ours(rel: str) -> bool:
+        if reads_all or (under is not None and (rel == under or rel.startswith(under + "/"))):
             return False
         rel = _TMP.sub("", rel)
         if rel in SIDECARS or rel in stylized:
@@ -86,10 +94,11 @@ def _generated(seed, num, rel: str) -> bool:
             and rel == naming.image_name(seed, int(match[1]), num, ".png"))
 
 
-def _stylized_keys(out: str, src: str, ext: str) -> set[str]:
-    """The output names of the inputs under `src` (listed again now) and those names.json at `out` records."""
+def _stylized_keys(out: str, src: str, ext: str, plan: sources.Plan | None = None) -> set[str]:
+    """The output names of the inputs under `src` (its `plan`, else listed again now) and those names.json at `out`
+    records."""
     try:
-        plan = sources.plan([src])
+        plan = plan or sources.plan([src])
         failed = {f["source"] for f in plan.failures}  # never written: their names name nothing
         keys = {naming.output_key(rel, ext) for source, rel in sources.input_names(plan) if source not in failed}
     except UserError:  # the input is gone or holds nothing now: its outputs cannot be told apart from other files
@@ -115,13 +124,14 @@ def start(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool
     return begin
 
 
-def check(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool = False) -> Begin:
+def check(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool = False,
+          plan: sources.Plan | None = None) -> Begin:
     """Check the output root for `run`; raise UserError if it is in the way. Changes nothing (but a probe of
     writability): `commit` does, once the job's own checks have passed too.
 
     `run` (command, input, model hash, options) must equal the stored one to --resume: outputs made with other
     options or another model must never be mixed in. redo_changed (workflows): such a resume starts over instead,
-    as a rerun after retraining should.
+    as a rerun after retraining should. `plan` is the job's listing of `run`'s input, if it has one.
     """
     if resume and overwrite:
         raise UserError("pass either --resume (finish the run at --output) or --overwrite (start over), not both")
@@ -140,8 +150,9 @@ def check(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool
         foreign = [rel for _, rel in files if not _is_ours(rel)]
         remove = [uri for uri, rel in files if is_tmp(rel)]
     elif overwrite and earlier:
-        ours = _written_by(out, stored if stored is not None else _read_record(manifest_uri))
-        owned = [(uri, rel, ours(uri, rel)) for uri, rel in files]
+        ours = _written_by(out, stored if stored is not None else _read_record(manifest_uri),
+                           None if plan is None else (run.get("input"), plan))
+        owned = [(uri, rel, ours(rel)) for uri, rel in files]
         foreign = [rel for _, rel, mine in owned if not mine]
         remove = [uri for uri, _, mine in owned if mine]
     elif has_manifest:
