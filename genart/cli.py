@@ -11,18 +11,13 @@ from genart.errors import UserError
 
 
 class _Group(click.Group):
-    """Turns a UserError into one line on stderr and exit code 2; other exceptions keep their traceback."""
+    """One-line errors and stop exits for every subcommand (runtime.command_exits)."""
 
     def invoke(self, ctx: click.Context):
         from genart import runtime
 
-        try:
+        with runtime.command_exits("genart"):
             return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"genart: error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (runtime.Terminated): stop Ray before exiting
-            runtime.exit_stopped("genart", exc)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -14,7 +14,8 @@ import signal
 import socket
 import sys
 import threading
-from typing import NoReturn
+from contextlib import contextmanager
+from typing import Iterator
 
 import click
 
@@ -98,14 +99,23 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def exit_stopped(prog: str, exc: KeyboardInterrupt) -> NoReturn:
-    """After Ctrl-C or SIGTERM (`Terminated`): stop Ray, say how to go on, and exit 130 / 143 as a shell would, so
-    a preempted command (Kubernetes, systemd) reads as stopped, not failed."""
-    shutdown()
-    terminated = isinstance(exc, Terminated)
-    click.echo(f"{prog}: stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; run the same command again to resume",
-               err=True)
-    sys.exit(143 if terminated else 130)
+@contextmanager
+def command_exits(prog: str) -> Iterator[None]:
+    """How `genart` and the workflows end on what is not a bug: a UserError (bad config, missing data,
+    unreachable cluster) is one line on stderr and exit 2; after Ctrl-C or SIGTERM (`Terminated`) Ray is stopped
+    and the exit is 130 / 143, as a shell's, so a preempted command (Kubernetes, systemd) reads as stopped, not
+    failed. Other exceptions keep their traceback."""
+    try:
+        yield
+    except UserError as exc:
+        click.echo(f"{prog}: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt as exc:
+        shutdown()
+        terminated = isinstance(exc, Terminated)
+        click.echo(f"{prog}: stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; run the same command again to "
+                   "resume", err=True)
+        sys.exit(143 if terminated else 130)
 
 
 # Ray Data's console lines that say nothing to a genart user (genart prints its own progress and summaries).

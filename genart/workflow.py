@@ -11,7 +11,6 @@ timing, and one-line errors with exit status 2.
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
@@ -19,7 +18,6 @@ from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 import click
 
 from genart import config, runtime, storage
-from genart.errors import UserError
 
 C = TypeVar("C", bound=config.Section)
 
@@ -61,15 +59,10 @@ class Workflow(Generic[C]):
 
 
 def run_main(name: str, body: Callable[[], None]) -> None:
-    """Run a workflow's body; a UserError (bad config, missing data, unreachable cluster) is one line and exit 2;
-    Ctrl-C and SIGTERM stop Ray and exit 130 / 143, as `genart` does (click alone printed "Aborted!", exit 1)."""
-    try:
+    """Run a workflow's body with `genart`'s exits (runtime.command_exits): a UserError is one line and exit 2,
+    Ctrl-C and SIGTERM stop Ray and exit 130 / 143 (click alone printed "Aborted!", exit 1)."""
+    with runtime.command_exits(name):
         body()
-    except UserError as exc:
-        click.echo(f"{name}: error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt as exc:
-        runtime.exit_stopped(name, exc)
 
 
 def command(name: str, default_config: str, set_example: str) -> Callable[[Callable], click.Command]:
