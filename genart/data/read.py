@@ -91,6 +91,8 @@ def num_labels(uri: str) -> int:
     return len(read_manifest(uri).get("labels") or {})
 
 
-def label_names(uri: str) -> list[str]:
-    labels = read_manifest(uri).get("labels") or {}
+def label_names(uri_or_manifest: str | dict) -> list[str]:
+    """Class names in label order, from a dataset's location or its manifest already read."""
+    manifest = read_manifest(uri_or_manifest) if isinstance(uri_or_manifest, str) else uri_or_manifest
+    labels = manifest.get("labels") or {}
     return [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]

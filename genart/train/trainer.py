@@ -204,7 +204,7 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
     image_size = cfg.data.image_size or manifest.get("image_size")
     if not image_size:
         raise UserError(f"data.image_size: {cfg.data.path} keeps original image sizes; set data.image_size (e.g. 64)")
-    label_names = read_label_names(cfg.data.path)
+    label_names = read_label_names(manifest)
     if family.needs_labels and len(label_names) < 2:
         raise UserError(f"data.path: {cfg.model.family} needs a labelled dataset (one folder per class, >= 2 classes); "
                         f"{cfg.data.path} has {len(label_names)} labels")
