@@ -148,6 +148,8 @@ def test_a_completion_without_a_label_continues_the_pictures_own_class():
     pictures = torch.stack([kinds[1], kinds[0]])  # seeds 0 and 1 default to the other class
     assert model.likeliest_labels(model.tokens(pictures)[:, :32]).tolist() == [1, 0]
     assert torch.equal(model.complete(pictures, seeds=[0, 1]), pictures)  # blue under white, red under black
+    # nothing kept (rows=0): each seed's own class, as sample draws (every class scored 0 and argmin gave class 0)
+    assert torch.equal(model.complete(pictures, seeds=[0, 1], rows=0), model.sample([0, 1]))
 
 
 def test_kmeans_finds_the_colours_and_palette_file_round_trip(tmp_path):

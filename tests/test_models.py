@@ -224,6 +224,27 @@ def test_unsupported_size_is_a_user_error():
         fam.build(cfg, 16, 1)
 
 
+def test_group_norm_takes_every_width_a_config_allows():
+    """GroupNorm(min(8, c), c) raised torch's ValueError for widths 8 does not divide (12, 20, 100): a traceback from
+    `genart train`'s up-front check instead of a run. Widths 8 divides, and those under 8, keep their grouping."""
+    from genart.models.training import group_norm
+
+    assert [group_norm(c).num_groups for c in (3, 8, 16, 64, 12, 20, 100, 9)] == [3, 8, 8, 8, 6, 5, 5, 3]
+    for name, width in (("vae", {"base_channels": 12}), ("vae", {"max_channels": 20}), ("critic", {"norm": "group", "base_channels": 12})):
+        fam, cfg, size, labels = tiny(name)
+        cfg = cfg.model_copy(update=width)
+        nets = fam.build(cfg, size, labels)
+        assert sum(p.numel() for net in nets.values() for p in net.parameters()) > 0, name
+
+
+def test_non_finite_scalars_of_every_kind_are_json_null():
+    """numpy and torch NaN / inf scalars went into state.json and metrics rows as NaN / Infinity (not JSON)."""
+    from genart.models.checkpoint import _jsonable
+
+    row = {"a": math.nan, "b": np.float64("nan"), "c": np.float32("inf"), "d": torch.tensor(float("nan")), "e": np.int64(3)}
+    assert json.dumps(_jsonable(row), allow_nan=False) == '{"a": null, "b": null, "c": null, "d": null, "e": 3}'
+
+
 def test_stylize_keeps_any_size():
     fam, cfg, size, labels = tiny("style")
     nets = fam.build(cfg, size, labels, inference=True)

@@ -305,7 +305,10 @@ class AutoregressiveLoaded(GenerativeLoaded):
         noise = uniforms(seeds, self.latent_dim)
         keep = rows * self.side // self.image_size * self.side  # the tokens of the kept rows
         kept = prefix[:, :keep]
-        classes = self._labels(seeds, labels) if labels is not None or not self.conditional else self.likeliest_labels(kept)
+        if labels is not None or not self.conditional or keep == 0:  # nothing kept: each seed's own class, as sample
+            classes = self._labels(seeds, labels)
+        else:
+            classes = self.likeliest_labels(kept)
         tokens = self._sample(noise, classes, truncation, None, None, kept)
         return self._images(tokens)
 
@@ -322,8 +325,9 @@ class AutoregressiveLoaded(GenerativeLoaded):
     @torch.no_grad()
     def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None = None) -> torch.Tensor:
         """There is no latent space to walk: image i keeps seed_a's sampling noise for the first (1 - i/(steps-1)) of
-        the raster and takes seed_b's for the rest, so frame 0 is seed_a's sample, the last is seed_b's, and each
-        frame in between shares seed_a's top rows (exactly: the tokens there are the same) and then diverges."""
+        the raster and takes seed_b's for the rest, so frame 0 is seed_a's sample, the last has seed_b's noise, and each
+        frame in between shares seed_a's top rows (exactly: the tokens there are the same) and then diverges. A
+        class-conditional model stays in one class, `label` or seed_a's own (as the latent families' walks)."""
         from genart.models.sampling import slerp
 
         slerp(torch.ones(2), torch.ones(2), int(steps))  # the same steps check as the latent families

@@ -45,7 +45,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, (np.generic, torch.Tensor)) and np.ndim(value) == 0:
-        return value.item()
+        return _jsonable(value.item())  # a NaN / inf scalar as well as a float one
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, float) and not np.isfinite(value):

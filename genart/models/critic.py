@@ -20,7 +20,7 @@ from genart.config import Section
 from genart.errors import UserError
 from genart.models.family import Loaded, device_of, meta_from_state
 from genart.models.sampling import check_images01, resize
-from genart.models.training import Precision, eval_mode, finite, labels_of, recalibrate_batchnorm, unwrap
+from genart.models.training import Precision, eval_mode, finite, group_norm, labels_of, recalibrate_batchnorm, unwrap
 from genart.train.augment import degrade
 
 
@@ -49,7 +49,7 @@ class Critic(nn.Module):
 
     def __init__(self, cfg: CriticConfig, num_labels: int):
         super().__init__()
-        norm = (lambda c: nn.BatchNorm2d(c)) if cfg.norm == "batch" else (lambda c: nn.GroupNorm(min(8, c), c))
+        norm = (lambda c: nn.BatchNorm2d(c)) if cfg.norm == "batch" else group_norm
         stages, cin = [], 3
         for i in range(cfg.num_stages):  # (B, cin, s, s) -> (B, cout, s/2, s/2)
             cout = cfg.base_channels * 2**i

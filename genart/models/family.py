@@ -104,7 +104,9 @@ class GenerativeLoaded(Loaded):
 
     @torch.no_grad()
     def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None = None) -> torch.Tensor:
-        """A spherical walk from seed_a's image to seed_b's: (steps, 3, H, W) in [0, 1]."""
+        """A spherical walk from seed_a's latent to seed_b's: (steps, 3, H, W) in [0, 1]. A class-conditional model
+        walks in one class, `label` or seed_a's own (the last frame is seed_b's image only when seed_b's own class
+        is the same): a walk that changed class halfway would jump, not morph."""
         z = slerp(latents([seed_a], self.latent_dim)[0], latents([seed_b], self.latent_dim)[0], int(steps))
         labels = self._labels([seed_a] * len(z), None if label is None else [label] * len(z))
         out = self._generate(z.to(self.device), labels)

@@ -16,6 +16,13 @@ from torch import nn
 from genart.errors import UserError
 
 
+def group_norm(channels: int, max_groups: int = 8) -> nn.GroupNorm:
+    """GroupNorm with the most groups up to `max_groups` that divide `channels` (any width a config allows; widths
+    that 8 divides, and those under 8, keep the grouping they always had, so saved checkpoints load the same)."""
+    groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (every device)."""
     random.seed(seed)

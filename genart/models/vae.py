@@ -19,7 +19,7 @@ from genart.config import Section
 from genart.errors import UserError
 from genart.models.family import GenerativeLoaded, check_size, device_of, meta_from_state
 from genart.models.sampling import check_images01, latents, reconstruction_grid, seed_labels, through_square
-from genart.models.training import Precision, check_conditional, eval_mode, finite, labels_of, unwrap
+from genart.models.training import Precision, check_conditional, eval_mode, finite, group_norm, labels_of, unwrap
 
 SIZES = (16, 32, 64, 128)
 
@@ -85,7 +85,7 @@ def _channels(cfg: VAEConfig, level: int) -> int:
 
 def _norm(ch: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: reconstructions must not depend on what else is in the batch
-    return nn.GroupNorm(min(8, ch), ch)
+    return group_norm(ch)
 
 
 class GenrePrior(nn.Module):
