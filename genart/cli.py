@@ -153,6 +153,8 @@ def train(config_path, overrides, dry_run, output, address):
         raise UserError("--output goes with --dry-run; a real run's folder is run.storage (--set run.storage=...)")
     if dry_run:
         cfg = dry.dry_run_config(cfg, output)
+        if output is not None:
+            dry.clear_earlier(cfg)
         click.echo(dry.describe(cfg))
     summary = run_train(cfg, address=address, echo=click.echo)
     click.echo(format_summary(summary))

@@ -180,6 +180,9 @@ def test_crop_size_takes_windows_at_the_images_own_scale():
     for a, b in zip(x, out):  # every window is a pixel-exact piece of its image: no zoom, no resampling
         windows = a.unfold(1, 12, 1).unfold(2, 12, 1).permute(1, 2, 0, 3, 4)  # (21, 21, 3, 12, 12)
         assert (windows == b).flatten(2).all(dim=2).any()
+    # a window of the whole image is the image (a style run's crop_flip default zoomed it by 12.5 % instead)
+    whole = augment_batch(x, "crop", torch.Generator().manual_seed(0), crop_size=32)
+    assert torch.equal(whole, x)
 
 
 def test_diff_augment_is_differentiable_and_keeps_shape():

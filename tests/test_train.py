@@ -452,6 +452,54 @@ def test_style_on_s3_run_storage(dataset, s3_bucket):
     assert out.shape == (1, 3, 20, 28) and torch.isfinite(out).all()
 
 
+def test_a_second_dry_run_into_the_same_output_trains_again(tmp_path):
+    """With --output, a dry run's folder is always <output>/<name>-dry-run: a second dry run found the first one's
+    step 2, trained nothing and passed (exit 0). An earlier dry run there is removed; a foreign folder is refused."""
+    from genart.train.dry_run import clear_earlier, dry_run_config
+
+    cfg = dry_run_config(make_cfg("dcgan", str(tmp_path), str(tmp_path / "real"), "d"), str(tmp_path / "out"))
+    run_dir = tmp_path / "out" / "d-dry-run"
+    (run_dir / "step-000002").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("model: {}\n")
+    clear_earlier(cfg)
+    assert not run_dir.exists()
+    clear_earlier(cfg)  # nothing there: nothing to do
+    run_dir.mkdir()
+    (run_dir / "thesis.tex").write_text("mine")
+    with pytest.raises(UserError, match="not a genart dry run"):
+        clear_earlier(cfg)
+    assert (run_dir / "thesis.tex").exists()
+
+
+def test_an_unconditional_run_resumes_on_a_dataset_with_another_class_folder(tmp_path):
+    """Label names shape the weights only of models that take labels; an unconditional DCGAN's resume was refused
+    once a class folder was added, while a conditional one's still must be."""
+    from genart.train.trainer import _check_resumable
+
+    cfg = make_cfg("dcgan", str(tmp_path), str(tmp_path), "d")
+    (tmp_path / "d" / "step-000010").mkdir(parents=True)
+    state = {"config": {"model": cfg.model.model_dump(mode="json")}, "image_size": 16, "label_names": ["a", "b"]}
+    (tmp_path / "d" / "step-000010" / "state.json").write_text(json.dumps(state))
+    _check_resumable(cfg, str(tmp_path / "d"), "step-000010", 16, ["a", "b", "c"])
+    conditional = cfg.model_copy(update={"model": cfg.model.model_copy(update={"conditional": True})})
+    state["config"]["model"]["conditional"] = True
+    (tmp_path / "d" / "step-000010" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="trained on labels"):
+        _check_resumable(conditional, str(tmp_path / "d"), "step-000010", 16, ["a", "b", "c"])
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_at_once_with_one_line_and_is_not_retried_forever(dataset, tmp_path):
+    """A NaN loss (FloatingPointError) in a worker was retried from the same checkpoint with the same RNG streams
+    run.max_failures times, forever at -1, and then ended in a RuntimeError traceback. Now the worker notes it, the
+    retry Ray starts returns at once, and the driver raises it as one line."""
+    cfg = make_cfg("dcgan", dataset, str(tmp_path / "runs"), "nan", model={"lr_g": 1e30, "lr_d": 1e30},
+                   run={"max_failures": -1})
+    with pytest.raises(UserError, match="training stopped: dcgan: loss_.* is nan; lower the learning rate"):
+        train(cfg)
+    assert not os.path.exists(outputs.failure_note(str(tmp_path / "runs" / "nan")))
+
+
 @pytest.mark.slow
 def test_dry_run_trains_two_steps_of_a_tiny_model_through_the_cli(dataset, tmp_path):
     """`genart train --dry-run`: one worker, two steps, the family's smallest widths, in --output (not run.storage)."""

@@ -24,13 +24,15 @@ def augment_batch(images: torch.Tensor, mode: str, gen: torch.Generator, crop_si
     look does not change with them (textures, the synthetic genres), never for photos or paintings.
 
     crop_size: random crop_size x crop_size windows at the images' own scale instead (no zoom), before any
-    flip: a style net trained on small windows of large images learns at the pixel scale it will stylize at.
+    flip: a style net trained on small windows of large images learns at the pixel scale it will stylize at. A
+    crop_size of the images' own size is whole images, never zoomed.
     """
     b, _, s, _ = images.shape
-    if crop_size is not None and crop_size < s:
-        ys, xs = torch.randint(0, s - crop_size + 1, (2, b), generator=gen).tolist()
-        images = torch.stack([images[i, :, ys[i] : ys[i] + crop_size, xs[i] : xs[i] + crop_size] for i in range(b)])
-        s = crop_size
+    if crop_size is not None:
+        if crop_size < s:
+            ys, xs = torch.randint(0, s - crop_size + 1, (2, b), generator=gen).tolist()
+            images = torch.stack([images[i, :, ys[i] : ys[i] + crop_size, xs[i] : xs[i] + crop_size] for i in range(b)])
+            s = crop_size
     elif "crop" in mode:
         big = max(s + 1, int(round(s * CROP_SCALE)))
         up = torch.nn.functional.interpolate(images, size=(big, big), mode="bilinear", antialias=True, align_corners=False)

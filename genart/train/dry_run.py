@@ -11,6 +11,7 @@ import tempfile
 from genart import config as config_lib
 from genart import storage
 from genart.data.palette import palette_path
+from genart.errors import UserError
 from genart.models.tiny import TINY_MODEL
 from genart.train.config import TrainConfig
 
@@ -34,6 +35,18 @@ def dry_run_config(cfg: TrainConfig, output: str | None = None) -> TrainConfig:
     raw["eval"]["every_checkpoints"] = 0
     raw["eval"]["best_metric"] = None
     return config_lib.validate(TrainConfig, raw)
+
+
+def clear_earlier(cfg: TrainConfig) -> None:
+    """Under --output a dry run's folder is always <output>/<name>-dry-run: an earlier dry run's there is removed,
+    else this one would resume at step DRY_RUN_STEPS, train nothing and pass (or refuse a changed config with
+    advice a dry run cannot follow). A folder of that name that genart did not write is left alone: an error."""
+    run_dir = storage.join(cfg.run.storage, cfg.run_name)
+    if not storage.exists(run_dir):
+        return
+    if not storage.exists(storage.join(run_dir, "config.yaml")):
+        raise UserError(f"--output: {run_dir} exists and is not a genart dry run; choose another --output")
+    storage.remove(run_dir)
 
 
 def describe(cfg: TrainConfig) -> str:

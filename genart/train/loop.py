@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 
 from genart import runtime, storage
+from genart.errors import UserError, one_line
 from genart.models.training import Precision, set_seed, unwrap
 from genart.train import outputs
 from genart.train.config import TrainConfig
@@ -31,7 +32,23 @@ from genart.train.worker_data import ValSplit, train_batches
 
 def train_loop_per_worker(config: dict) -> None:
     """config: {"train_config": TrainConfig as a dict, "image_size": int, "label_names": [str], "run_dir": str,
-    "cached": bool (the train split is decoded and shuffled in the object store, see data.cache_max_mb)}."""
+    "cached": bool (the train split is decoded and shuffled in the object store, see data.cache_max_mb)}.
+
+    Ray Train retries every worker failure up to run.max_failures times (forever at -1) from the last checkpoint,
+    with the same RNG streams: a diverged loss or a UserError (a corrupt optimizer state) would come back each
+    time. Such an error leaves a failure note first; the attempt Ray starts next finds it and returns at once, and
+    the driver prints the note (trainer.train). Other errors (a lost node, a killed worker) are retried."""
+    note = outputs.failure_note(config["run_dir"])
+    if storage.exists(note):
+        return
+    try:
+        _train(config)
+    except (UserError, FloatingPointError) as exc:
+        storage.write_text(note, one_line(exc, with_type=False))
+        raise
+
+
+def _train(config: dict) -> None:
     import ray.train
     import ray.train.torch
 

@@ -3,6 +3,7 @@ samples/step-XXXXXX.png, best.json (Ray Train deletes old checkpoints). Every wr
 
     <run>/config.yaml  metrics.jsonl  loss.png  best.json  samples/step-000100.png  step-000100/ ...
     <run>/stop-requested   while a preempted driver waits for the workers' last checkpoint (see trainer.py)
+    <run>/failed           while a driver ends a run whose worker hit an error that a retry would hit again
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from genart import storage
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
 STOP_REQUEST = "stop-requested"
+FAILED = "failed"
 # Keys of a metrics.jsonl row that are not losses or metrics: left out of loss.png and the run summary.
 BOOKKEEPING = ("step", "start_step", "images_per_second", "epoch", "seconds")
 PER_CLASS = re.compile(r"_class_\d+$")  # per-class metrics stay in metrics.jsonl, out of the plot
@@ -28,6 +30,12 @@ def checkpoint_name(step: int) -> str:
 def stop_request(run_dir: str) -> str:
     """The marker a driver writes on SIGTERM: the workers checkpoint at their next log step and return."""
     return storage.join(run_dir, STOP_REQUEST)
+
+
+def failure_note(run_dir: str) -> str:
+    """The note a worker writes before it raises an error that no retry can cure (a UserError, a diverged loss):
+    the retry Ray Train starts anyway returns at once, and the driver prints the note as one line."""
+    return storage.join(run_dir, FAILED)
 
 
 def list_checkpoints(run_dir: str, complete: bool = False) -> list[tuple[int, str]]:

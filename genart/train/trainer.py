@@ -75,23 +75,33 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     started = time.time()
-    stop = outputs.stop_request(run_dir)
-    if storage.exists(stop):  # left by a driver that was killed while it waited
-        storage.remove(stop)
+    stop, failed = outputs.stop_request(run_dir), outputs.failure_note(run_dir)
+    for marker in (stop, failed):  # left by a driver that was killed while it waited
+        if storage.exists(marker):
+            storage.remove(marker)
     try:
         with _checkpoint_on_sigterm(stop, echo) as preempted:
             trainer.fit()
+        _raise_failure_note(failed, run_dir)  # the worker's error ended the run; its retry returned at once
     except ray.train.TrainingFailedError as exc:
-        raise RuntimeError(f"training failed after {cfg.run.max_failures} recoveries; see the worker error above") from exc
+        _raise_failure_note(failed, run_dir)  # run.max_failures=0: the error came back as it was
+        raise RuntimeError(f"training failed (run.max_failures={cfg.run.max_failures}); see the worker error above") from exc
     finally:
-        if storage.exists(stop):
-            storage.remove(stop)
+        for marker in (stop, failed):
+            if storage.exists(marker):
+                storage.remove(marker)
     summary = summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
     if preempted.is_set() and summary["step"] < cfg.train.max_steps:
         latest = outputs.list_checkpoints(run_dir, complete=True)
         echo(f"stopped by SIGTERM at step {summary['step']}; latest checkpoint {latest[-1][1] if latest else '-'}")
         raise runtime.Terminated()
     return summary
+
+
+def _raise_failure_note(note: str, run_dir: str) -> None:
+    """The error a worker noted before it raised (train_loop_per_worker), as one line; nothing if it noted none."""
+    if storage.exists(note):
+        raise UserError(f"training stopped: {storage.read_text(note).strip()} (the run's checkpoints are in {run_dir})")
 
 
 @contextlib.contextmanager
@@ -297,6 +307,8 @@ def _check_eval(cfg: TrainConfig) -> None:
 def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: int, label_names: list[str]) -> None:
     """Resuming must keep what shapes the weights (model config, image size, labels): checked here, once, instead of
     failing in every worker (and every retry) when the checkpoint does not load."""
+    from genart import models
+
     try:
         state = json.loads(storage.read_text(storage.join(run_dir, latest, "state.json")))
     except ValueError as exc:
@@ -318,7 +330,10 @@ def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: in
     if state.get("image_size") != image_size:
         raise UserError(f"data.image_size: {where} was trained at {state.get('image_size')} px, not {image_size}; "
                         f"keep it or choose a new run.name")
-    if list(state.get("label_names") or []) != list(label_names):
+    # label names shape the weights only of a model that takes labels (embeddings, class heads); an unconditional
+    # generator resumes on a dataset that has gained or renamed a class folder
+    takes_labels = models.REGISTRY[cfg.model.family].needs_labels or models.takes_labels(cfg.model)
+    if takes_labels and list(state.get("label_names") or []) != list(label_names):
         raise UserError(f"data.path: {where} was trained on labels {state.get('label_names')}, this dataset has "
                         f"{label_names}; use the same labels or a new run.name")
 
