@@ -164,6 +164,53 @@ def test_index_refuses_what_would_break_it_before_recording_the_run(tmp_path, cr
     assert (mine / "errors.jsonl").read_text() == "my own notes"
 
 
+def test_overwrite_rebuilds_an_index_folder_that_holds_other_files_too(tmp_path):
+    """--overwrite removed the index's own files, then took the folder for a foreign one (a --sheet PNG, notes left
+    beside the index) and refused to rebuild it: the old index gone, every rerun refused."""
+    from genart.search import index as index_files
+
+    out = tmp_path / "idx"
+    out.mkdir()
+    for name in ("run.json", "index.json", "vectors.npy", "faiss.index"):
+        (out / name).write_text("{}")
+    (out / "sheet.png").write_bytes(b"mine")
+    index_files._start(str(out), {"input": "x"}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "sheet.png"]
+    assert json.loads((out / "run.json").read_text()) == {"input": "x"}
+
+
+def test_a_changed_feature_model_is_refused_at_every_query_and_thumbnails_are_read_once(tmp_path, critic, monkeypatch):
+    """The extractor was kept before its identity check: the first query said the feature model changed, the next
+    ones searched with it. Thumbnails were read lazily without a lock: concurrent first requests each parsed
+    thumbnails.parquet (the playground asks for a dozen at once)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    manifest = {"features": {"spec": f"critic:{critic}", "identity": "another model"}}
+    idx = SearchIndex(str(tmp_path), manifest, np.zeros((1, 4), np.float32), [{"id": "a" * 16}], nn=None)
+    for _ in range(2):
+        with pytest.raises(UserError, match="feature model .* changed"):
+            idx.extractor  # noqa: B018
+
+    pq.write_table(pa.table({"id": ["a" * 16], "thumbnail": [b"jpeg"]}), tmp_path / "thumbnails.parquet")
+    reads, real_read = [], storage.read_bytes
+    lock = threading.Lock()
+
+    def slow_read(uri):
+        with lock:
+            reads.append(uri)
+        time.sleep(0.05)  # a large file: the others arrive while it is read
+        return real_read(uri)
+
+    monkeypatch.setattr(storage, "read_bytes", slow_read)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(idx.thumbnail, ["a" * 16] * 8 + ["b" * 16]))
+    assert got == [b"jpeg"] * 8 + [None] and len(reads) == 1
+
+
 def test_index_s3_round_trip(tmp_path, critic, s3_bucket, ray_session):
     folder = tmp_path / "imgs"
     make_synth(str(folder), num=40, size=32, seed=5, genres=GENRES)

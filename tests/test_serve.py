@@ -759,7 +759,8 @@ def test_serve_config_file_deploys_like_serve_deploy(http, tiny_models):
     app_cfg.update(name="t-config", route_prefix="/t-config")
     app_cfg["args"].update(models={"dcgan": tiny_models["dcgan"], "starry": tiny_models["starry"]}, index=None,
                            api_key_env=NO_KEY_ENV,  # search is tested over a real index in test_serve_search.py
-                           num_gpus_per_replica=0)  # the file's GPU share, on a machine without GPUs
+                           num_gpus_per_replica=0,  # the file's GPU share, on a machine without GPUs
+                           max_side_limit=256)  # below the 512 a request naming no max_side gets: it was a 422
     doc["applications"] = [app_cfg]
     schema = ServeDeploySchema.model_validate(doc)
     _get_global_client().deploy_apps(schema)
@@ -767,7 +768,8 @@ def test_serve_config_file_deploys_like_serve_deploy(http, tiny_models):
         wait_healthy(f"{http}/t-config")
         r = requests.post(f"{http}/t-config/v1/generate", json={"model": "dcgan", "n": 4})
         assert r.status_code == 200 and image_of(r).size == (70, 70)
-        assert upload(f"{http}/t-config", "/v1/stylize", png(30, 20), model="starry").status_code == 200
+        styled = upload(f"{http}/t-config", "/v1/stylize", png(600, 400), model="starry")
+        assert styled.status_code == 200 and image_of(styled).size == (256, 171), styled.text[:300]
     finally:
         serve.delete("t-config")
 

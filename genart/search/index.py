@@ -186,13 +186,13 @@ def _start(out: str, run: dict, overwrite: bool) -> None:
     if has_run and overwrite:  # only an index's own files, and only in a folder that is an index
         for name in ours:
             storage.remove(storage.join(out, name))
-        has_run = False
     elif has_run:
         stored = json.loads(storage.read_text(run_uri))
         if stored != run:
             diff = output.first_difference(stored, run)
             raise UserError(f"{out} is an index of another input or feature model ({diff}); "
                             "pass --overwrite to rebuild it, or choose another --output")
+    # a folder that was an index keeps what else is in it (a --sheet PNG, notes) through an --overwrite rebuild
     if not has_run and storage.exists(out) and storage.find(out):
         raise UserError(f"{out} holds files that are not a genart index; choose an empty --output")
     storage.check_writable(out)

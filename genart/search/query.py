@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,6 +38,7 @@ class SearchIndex:
         self.row_of = {m["id"]: i for i, m in enumerate(metadata)}
         self._extractor = None
         self._thumbnails: dict[str, bytes] | None = None
+        self._thumbnails_lock = threading.Lock()  # concurrent first requests read thumbnails.parquet once
 
     @classmethod
     def open(cls, uri: str, device=None) -> "SearchIndex":
@@ -60,16 +62,23 @@ class SearchIndex:
         if self._extractor is None:  # only `similar` needs the feature model
             from genart.evaluate.features import build_extractor
 
-            self._extractor = build_extractor(self.manifest["features"]["spec"], device=self.device)
-            if self._extractor.identity != self.manifest["features"]["identity"]:
+            extractor = build_extractor(self.manifest["features"]["spec"], device=self.device)
+            if extractor.identity != self.manifest["features"]["identity"]:  # kept only once checked: every call says so
                 raise UserError(f"the feature model {self.manifest['features']['spec']} changed since {self.uri} was "
                                 "built; rebuild the index with `genart index --overwrite`")
+            self._extractor = extractor
         return self._extractor
 
+    def load_thumbnails(self) -> None:
+        """Read thumbnails.parquet (once): a server does it at start, beside the vectors, so its thumbnails are the
+        ones of the index it opened."""
+        with self._thumbnails_lock:
+            if self._thumbnails is None:
+                table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.uri, "thumbnails.parquet"))))
+                self._thumbnails = dict(zip(table.column("id").to_pylist(), table.column("thumbnail").to_pylist()))
+
     def thumbnail(self, image_id: str) -> bytes | None:
-        if self._thumbnails is None:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.uri, "thumbnails.parquet"))))
-            self._thumbnails = dict(zip(table.column("id").to_pylist(), table.column("thumbnail").to_pylist()))
+        self.load_thumbnails()
         return self._thumbnails.get(image_id)
 
     @property

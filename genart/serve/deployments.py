@@ -280,6 +280,7 @@ class SearchModel:
         # the replica's device, as for the model deployments; the critic extractor runs in its InferenceSetup
         self.index = SearchIndex.open(index_uri, device=_setup(settings).device)
         self.index.extractor  # noqa: B018 - load (and check) the feature model now, not on the first request
+        self.index.load_thumbnails()  # and the thumbnails: those of the index just opened, read once
         self.in_flight = InFlight(settings.batching)
 
     def reconfigure(self, user_config: dict) -> None:

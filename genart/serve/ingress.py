@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 GENERATIVE = generative_families()
 STYLE_LIST_TTL_S = 30.0
+DEFAULT_MAX_SIDE = 512  # the longer side an uploaded image is brought to when a request names no max_side
 
 
 class ApiError(Exception):
@@ -254,8 +255,11 @@ class Ingress:
         """The request's label (a class name or index) -> its index, by the one label rule; 422 when it is not one."""
         return self.checked(card, parse_label, label, card["labels"], card["conditional"], "label")
 
-    async def read_image(self, upload: UploadFile, max_side: int) -> np.ndarray:
-        """The uploaded file -> (H, W, 3) uint8, at most max_side px on its longer side; 400 if not a usable image."""
+    async def read_image(self, upload: UploadFile, max_side: int | None) -> np.ndarray:
+        """The uploaded file -> (H, W, 3) uint8, at most max_side px on its longer side (None: DEFAULT_MAX_SIDE, or
+        the server's max_side_limit if that is lower); 400 if not a usable image."""
+        if max_side is None:  # a request that names none must not be refused by a server that lowered the limit
+            max_side = min(DEFAULT_MAX_SIDE, self.settings.max_side_limit)
         if not 16 <= max_side <= self.settings.max_side_limit:
             raise ApiError(422, "invalid request", f"max_side {max_side} must be within 16..{self.settings.max_side_limit}")
         return await self.decode_upload(upload, lambda img: np.asarray(cap_side(img, max_side), dtype=np.uint8))
@@ -347,7 +351,7 @@ async def interpolate(body: InterpolateBody, api=CurrentIngress):
 
 @router.post("/v1/reconstruct", summary="A VAE's or VQ-VAE's reconstruction of the uploaded image (PNG)",
              responses={200: {"content": {"image/png": {}}}})
-async def reconstruct(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512),
+async def reconstruct(image: UploadFile = File(...), model: str | None = Form(None), max_side: int | None = Form(None),
                       api=CurrentIngress):
     name = (await api.resolve(model, ("vae", "vqvae"), "/v1/reconstruct"))["name"]
     arr = await api.read_image(image, max_side)
@@ -359,7 +363,7 @@ async def reconstruct(image: UploadFile = File(...), model: str | None = Form(No
              "kept (default: half), the rest sampled (PNG at the model's size)",
              responses={200: {"content": {"image/png": {}}}})
 async def complete(image: UploadFile = File(...), model: str | None = Form(None), seed: int = Form(0),
-                   label: int | str | None = Form(None), rows: int | None = Form(None), max_side: int = Form(512),
+                   label: int | str | None = Form(None), rows: int | None = Form(None), max_side: int | None = Form(None),
                    api=CurrentIngress):
     card = await api.resolve(model, ("autoregressive", "vqvae"), "/v1/complete")
     name = card["name"]
@@ -374,7 +378,7 @@ async def complete(image: UploadFile = File(...), model: str | None = Form(None)
 
 @router.post("/v1/stylize", summary="The uploaded image in a style (PNG, same aspect ratio)",
              responses={200: {"content": {"image/png": {}}}})
-async def stylize(image: UploadFile = File(...), model: str | None = Form(None), max_side: int = Form(512),
+async def stylize(image: UploadFile = File(...), model: str | None = Form(None), max_side: int | None = Form(None),
                   api=CurrentIngress):
     name = (await api.resolve(model, ("style",), "/v1/stylize"))["name"]
     arr = await api.read_image(image, max_side)
@@ -387,7 +391,7 @@ async def classify(image: UploadFile = File(...), model: str | None = Form(None)
                    top_k: int | None = Form(None, ge=1), api=CurrentIngress):
     card = await api.resolve(model, ("critic",), "/v1/classify")
     name = card["name"]
-    arr = await api.read_image(image, min(512, api.settings.max_side_limit))  # the critic sees <= 128 px anyway
+    arr = await api.read_image(image, None)  # the critic sees <= 128 px anyway
     probs = await api.await_model(api.handles[name].classify.remote(arr), name)
     ranked = sorted(zip(card["labels"], probs), key=lambda lp: -lp[1])[: top_k or None]
     return {"model": name, "checkpoint_hash": card["checkpoint_hash"],
