@@ -154,6 +154,32 @@ def test_a_workflow_rerun_after_retraining_redoes_the_step_instead_of_refusing(t
     assert json.loads((tmp_path / "samples" / "run.json").read_text())["model_hash"] == "bbb"
 
 
+def test_a_job_on_another_jobs_output_records_the_model_that_drew_it(tmp_path):
+    """A score (or stylize) run on a generate output recorded the critic and the folder, not its pictures: after a
+    retrained generator redrew them under the same names, a resume kept the old scores of other pictures. (The
+    quickstart guarded only a rerun that redrew them in the same process, not one cut short between the steps.)"""
+    from genart.infer import jobs
+
+    samples, out = tmp_path / "samples", str(tmp_path / "scores")
+    samples.mkdir()
+    Image.new("RGB", (8, 8)).save(samples / "seed0-000000.png")
+    drawn = {"command": "generate", "input": None, "format": "png", "model_hash": "gen1", "options": {"num": 1}}
+    (samples / "run.json").write_text(json.dumps(drawn))
+    jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(), "critic1")
+    assert json.loads((tmp_path / "scores" / "run.json").read_text())["input_run"] == \
+        {"command": "generate", "model_hash": "gen1", "options": {"num": 1}}
+    jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(resume=True), "critic1")  # the same
+    (samples / "run.json").write_text(json.dumps({**drawn, "model_hash": "gen2"}))  # redrawn by a retrained model
+    with pytest.raises(UserError, match="input_run.model_hash: 'gen1' then, 'gen2' now"):
+        jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(resume=True), "critic1")
+    jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(resume=True, redo_changed=True), "critic1")
+    assert json.loads((tmp_path / "scores" / "run.json").read_text())["input_run"]["model_hash"] == "gen2"
+    # a folder of the user's own pictures has no run record: nothing more is recorded
+    jobs._image_work("score", str(tmp_path / "samples" / "seed0-000000.png"), str(tmp_path / "one"), "parquet", None,
+                     {}, RunOptions(), "critic1")
+    assert "input_run" not in json.loads((tmp_path / "one" / "run.json").read_text())
+
+
 def test_names_json_cannot_send_an_output_outside_the_root(tmp_path):
     """names.json is read back on --resume and its names become output paths: one that safe_rel would change
     (`..`, an absolute path, a sidecar's name) is refused, naming the file."""

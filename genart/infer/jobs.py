@@ -168,6 +168,9 @@ def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, opt
     plan = sources.plan([src])
     pairs = [(source, naming.output_key(rel, ext)) for source, rel in sources.input_names(plan)]
     record = {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options}
+    upstream = output.input_run(src)
+    if upstream is not None:  # the input is another job's output: the model that drew it is part of this run
+        record["input_run"] = upstream
     begin = output.check(out, record, run.resume, run.overwrite, run.redo_changed, plan)
     done = output.done_keys(out, fmt) if begin.resume else set()
     fixed = naming.read_names(out) if begin.resume else {}

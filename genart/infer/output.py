@@ -178,6 +178,18 @@ def commit(out: str, run: dict, begin: Begin) -> None:
     storage.write_text(storage.join(out, "run.json"), json.dumps(run, indent=2, sort_keys=True) + "\n")
 
 
+def input_run(src: str) -> dict | None:
+    """When `src` is another job's output folder (genart generate's samples, stylize's pictures): that job's command,
+    model and options. A job on it records them, so a resume after that folder was redrawn by another model under
+    the same file names (a retrained generator) is another run, not the same one with stale outputs."""
+    if not storage.isdir(src):
+        return None
+    record = _read_record(storage.join(src, "run.json"))
+    if not isinstance(record.get("command"), str) or "model_hash" not in record:
+        return None
+    return {key: record.get(key) for key in ("command", "model_hash", "options")}
+
+
 def _read_record(uri: str) -> dict:
     """A run.json or manifest.json as a dict ({} if it is not one: it then explains nothing)."""
     try:
