@@ -47,7 +47,7 @@ test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: setup
-	for b in bench/bench_*.py; do $(BIN)/python $$b; done
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done  # a failed bench fails make, not just the last
 
 clean:
 	rm -rf results .pytest_cache

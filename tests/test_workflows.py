@@ -137,30 +137,30 @@ def test_quickstart_rerun_with_other_data_sizes_prepares_its_data_again(ray_sess
     assert (tmp_path / "data" / "paintings" / "manifest.json").stat().st_mtime_ns == made  # unchanged: kept
 
 
-def test_quickstart_scores_again_the_pictures_a_retrained_generator_redrew(tmp_path, monkeypatch):
-    """A score run records the critic and the folder, not the pictures in it: after a retrain the samples were
-    redrawn but their scores resumed as "done", and the report named pictures by another model's scores. The
-    jobs are replaced here by recorders (the real ones run in the quickstart tests) to see the options each got."""
-    from genart.infer import jobs
+def test_quickstart_trains_a_run_again_when_its_config_changed_what_it_trains(tmp_path):
+    """quickstart.yaml lists other shipped styles, but a rerun with another style_image into the same --out stopped
+    at "model.style_image: ... keep the run's model config or choose a new run.name", which a quickstart user cannot
+    do; more synth_images re-made the data while the finished runs counted as done. Now such a run starts over."""
+    from genart import config as gconfig
 
     qs = load_workflow("quickstart")
-    runs = {}
+    out = str(tmp_path)
+    settings = {"data.path": f"{out}/data/paintings", "run.storage": f"{out}/runs", "run.name": "style",
+                "data.image_size": 48, "train.max_steps": 100}
+    configs = str(WORKFLOWS / "configs" / "style.yaml")
+    first = qs.workflow.training_config(configs, {**settings, "model.style_image": "starry_night.jpg"})
+    (tmp_path / "runs" / "style" / "step-000100").mkdir(parents=True)
+    (tmp_path / "runs" / "style" / "config.yaml").write_text(gconfig.to_yaml(first))
+    longer = qs.workflow.training_config(configs, {**settings, "model.style_image": "starry_night.jpg",
+                                                   "train.max_steps": 500})
+    assert qs._what_changed(f"{out}/runs/style", longer) is None  # more steps: resumed
+    wave = qs.workflow.training_config(configs, {**settings, "model.style_image": "wave.jpg"})
+    assert qs._what_changed(f"{out}/runs/style", wave) == "model.style_image: 'starry_night.jpg' then, 'wave.jpg' now"
+    assert qs._what_changed(f"{out}/runs/dcgan", wave) is None  # no run yet
 
-    def recorder(name_of, written):
-        def job(model, *args, run=None, **kwargs):
-            runs[name_of(model, *args)] = run
-            return {"counts": {"written_this_run": written(model)}}
-        return job
-
-    redrawn = lambda model: 64 if model.endswith("dcgan") else 0  # noqa: E731 - the DCGAN was retrained
-    monkeypatch.setattr(jobs, "generate", recorder(lambda model, *a: f"generate {model}", redrawn))
-    monkeypatch.setattr(jobs, "stylize", recorder(lambda model, *a: "stylize", lambda model: 0))
-    monkeypatch.setattr(jobs, "score", recorder(lambda model, images, *a: f"score {images}", lambda model: 0))
-    (tmp_path / "data").mkdir()
-    for _, job in qs.batch_jobs(qs.QuickstartConfig(), str(tmp_path)):
-        job()
-    assert runs[f"score {tmp_path}/samples/dcgan"].overwrite  # redrawn: scored from scratch
-    assert runs[f"score {tmp_path}/samples/vae"].resume and runs[f"score {tmp_path}/stylized"].resume
+    (tmp_path / "runs" / "dcgan").mkdir()
+    qs._forget_runs(out, ("critic", "dcgan", "vae"), "the synthetic data is made again")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["style"]
 
 
 def test_report_links_and_captions_survive_unusual_file_names(tmp_path):
@@ -270,6 +270,25 @@ def test_a_served_checkpoint_pruned_by_keep_last_keeps_its_recorded_value(tmp_pa
     assert rows == [{"candidate": "(serving now)", "checkpoint": gone, "checkpoint_hash": "abc", "step": None, "value": 0.5}]
     assert ttd.evaluate_all(cfg, {}, {"metric": "other"}, previous, serving) == []
     assert "cannot be compared" in capsys.readouterr().out
+
+
+def test_metric_values_are_reused_only_in_the_same_features_weights(tmp_path, monkeypatch):
+    """The values kept for reuse were keyed by selection settings, with the features as the string
+    `critic:results/quickstart/runs/critic`: a critic trained on since measured in another space, and old and new
+    checkpoints were compared across the two. The features' own weights are now part of the key."""
+    from genart.evaluate import reference
+    from genart.models.tiny import tiny_checkpoint
+
+    ttd = load_workflow("train_then_deploy")
+    critic = tmp_path / "critic"
+    tiny_checkpoint(str(critic), "critic", 16, ["a", "b"], seed=1, base_channels=4, num_stages=2, embed_dim=8)
+    monkeypatch.setattr(reference, "dataset_hash", lambda data: "data")
+    cfg = ttd.TrainThenDeployConfig(selection={"metric": "fid1k_critic", "features": f"critic:{critic}"})
+    before = ttd.evaluated_with(cfg)
+    assert ttd.evaluated_with(cfg) == before
+    tiny_checkpoint(str(critic), "critic", 16, ["a", "b"], seed=2, base_channels=4, num_stages=2, embed_dim=8,
+                    train_steps=1)  # trained on: step-000001, the latest
+    assert ttd.evaluated_with(cfg)["features_weights"] != before["features_weights"]
 
 
 def test_two_candidates_of_one_name_are_refused():

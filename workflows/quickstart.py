@@ -13,6 +13,7 @@ import collections
 import html
 import json
 import os
+import shlex
 import zipfile
 from typing import Callable, Iterable
 
@@ -55,11 +56,13 @@ def prepare_data(cfg: QuickstartConfig, out: str) -> tuple[str, str]:
     synth_raw, synth = f"{out}/data/raw/synth", f"{out}/data/synth"
     paintings = f"{out}/data/paintings"
     if not _prepared_as(synth, cfg.image_size, cfg.synth_images):  # a rerun with other sizes redoes its data
+        _forget_runs(out, ("critic", "dcgan", "vae"), "the synthetic data is made again")  # and the models on it
         storage.remove(synth_raw)
         make_synth(synth_raw, num=cfg.synth_images, size=cfg.image_size, seed=0)
         opts = PrepareOptions(size=cfg.image_size, val_fraction=0.1, overwrite=True)
         click.echo(summary(prepare([synth_raw], synth, opts, progress=False)))
     if not _prepared_as(paintings, cfg.content_size):
+        _forget_runs(out, ("style",), "the paintings are prepared again")
         opts = PrepareOptions(size=cfg.content_size, labels="none", val_fraction=0.1, overwrite=True)
         click.echo(summary(prepare([str(assets.PAINTINGS), str(assets.PHOTOS)], paintings, opts, progress=False)))
     return synth, paintings
@@ -74,8 +77,37 @@ def _prepared_as(data: str, size: int, inputs: int | None = None) -> bool:
     return manifest.get("image_size") == size and inputs in (None, manifest.get("counts", {}).get("input"))
 
 
+def _forget_runs(out: str, families: Iterable[str], why: str) -> None:
+    """Remove the quickstart's own runs of `families`: they would resume (or count as finished) on what changed."""
+    for family in families:
+        run_dir = f"{out}/runs/{family}"
+        if storage.exists(run_dir):
+            click.echo(f"note: {why}: {run_dir} is trained again from step 0")
+            storage.remove(run_dir)
+
+
+def _what_changed(run_dir: str, train_cfg) -> str | None:
+    """What differs between the run at `run_dir` and `train_cfg` in what shapes its weights (the model config, image
+    and crop size; not the step counts a longer rerun changes), as "key: old then, new now"; None if nothing."""
+    from genart.infer.output import first_difference
+    from genart.train.config import load_config
+
+    saved = storage.join(run_dir, "config.yaml")
+    if not storage.exists(saved):
+        return None
+
+    def shape(c) -> dict:
+        free = type(c.model).resume_free
+        return {"model": {k: v for k, v in c.model.model_dump(mode="json").items() if k not in free},
+                "data": {"image_size": c.data.image_size, "crop_size": c.data.crop_size}}
+
+    before, now = shape(load_config(saved)), shape(train_cfg)
+    return None if before == now else first_difference(before, now)
+
+
 def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
-    """One small run of `family`; re-running the quickstart resumes or skips a finished run."""
+    """One small run of `family`; re-running the quickstart resumes or skips a finished run, and trains it again from
+    step 0 when the quickstart config changed what it trains (another style_image, image size or crop)."""
     steps = getattr(cfg.steps, family)
     settings = {"data.path": data, "data.image_size": cfg.content_size if family == "style" else cfg.image_size,
                 "run.storage": f"{out}/runs", "run.name": family, "scaling.num_workers": cfg.num_workers,
@@ -85,7 +117,11 @@ def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
         settings["model.style_image"] = cfg.style_image
         if cfg.content_crop:
             settings["data.crop_size"] = cfg.content_crop
-    return workflow.train(workflow.training_config(os.path.join(HERE, "configs", f"{family}.yaml"), settings))
+    train_cfg = workflow.training_config(os.path.join(HERE, "configs", f"{family}.yaml"), settings)
+    changed = _what_changed(f"{out}/runs/{family}", train_cfg)
+    if changed:
+        _forget_runs(out, (family,), changed)
+    return workflow.train(train_cfg)
 
 
 def make_archive(out: str) -> str:
@@ -109,36 +145,28 @@ def batch_jobs(cfg: QuickstartConfig, out: str) -> list[tuple[str, Callable[[], 
     """generate from each generator -> stylize an archive -> score the stylized images and the samples with the critic."""
     from genart.infer import jobs
 
-    run = jobs.RunOptions(resume=True, redo_changed=True, progress=False)  # retrained models: their steps are redone
+    # Retrained models: their steps are redone. A score job records the model that drew the pictures it scores (the
+    # generate or stylize run.json of its input), so pictures redrawn by a retrained model are scored again.
+    run = jobs.RunOptions(resume=True, redo_changed=True, progress=False)
     critic = f"{out}/runs/critic"
-    wrote: dict[str, bool] = {}  # job -> whether this run wrote any of its images
 
-    def images(name: str, job: Callable[[], dict]) -> Callable[[], dict]:
-        def run_it() -> dict:
-            manifest = job()
-            wrote[name] = manifest["counts"]["written_this_run"] > 0
-            return manifest
-        return run_it
+    def score(images_in: str, scores_out: str) -> Callable[[], dict]:
+        return lambda: jobs.score(critic, images_in, scores_out, run=run)
 
-    def score(upstream: str, images_in: str, scores_out: str) -> Callable[[], dict]:
-        # A score run records the critic and the folder, not its pictures: when the step before redrew them (a
-        # retrained generator), the old scores describe other images, so it starts over.
-        return lambda: jobs.score(critic, images_in, scores_out, run=jobs.RunOptions(overwrite=True, progress=False)
-                                  if wrote.get(upstream) else run)
-
-    todo = [(f"generate_{family}", images(f"generate_{family}", lambda family=family: jobs.generate(
-                f"{out}/runs/{family}", cfg.generate, f"{out}/samples/{family}", seed=0, run=run)))
+    todo = [(f"generate_{family}", lambda family=family: jobs.generate(
+                f"{out}/runs/{family}", cfg.generate, f"{out}/samples/{family}", seed=0, run=run))
             for family in GENERATORS]
-    todo += [("stylize", images("stylize", lambda: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
-                                                                max_side=cfg.stylize_max_side, tile=None, run=run))),
-             ("score_stylized", score("stylize", f"{out}/stylized", f"{out}/scores/stylized"))]
-    todo += [(f"score_{family}", score(f"generate_{family}", f"{out}/samples/{family}", f"{out}/scores/samples/{family}"))
+    todo += [("stylize", lambda: jobs.stylize(f"{out}/runs/style", make_archive(out), f"{out}/stylized",
+                                              max_side=cfg.stylize_max_side, tile=None, run=run)),
+             ("score_stylized", score(f"{out}/stylized", f"{out}/scores/stylized"))]
+    todo += [(f"score_{family}", score(f"{out}/samples/{family}", f"{out}/scores/samples/{family}"))
              for family in GENERATORS]
     return todo
 
 
 def serve_command(out: str, families: Iterable[str]) -> str:
-    return "genart serve " + " ".join(f"--model {family}={out}/runs/{family}" for family in families)
+    # quoted: a command to copy and paste, from any --out (spaces too)
+    return "genart serve " + " ".join(f"--model {shlex.quote(f'{family}={out}/runs/{family}')}" for family in families)
 
 
 def named_samples(out: str, family: str) -> list[dict]:

@@ -175,10 +175,13 @@ def weights_hash(checkpoint: str) -> str:
 
 
 def evaluated_with(cfg: TrainThenDeployConfig) -> dict:
-    """Everything a metric value depends on besides the weights: values got with the same settings are reused."""
+    """Everything a metric value depends on besides the weights: values got with the same settings are reused. The
+    features are named by their own weights too: a critic trained further since measures in another space."""
+    from genart.evaluate.features import parse_features, weights_digest
     from genart.evaluate.reference import dataset_hash
 
-    return {**cfg.selection.model_dump(mode="json"), "data": cfg.data, "dataset_hash": dataset_hash(cfg.data)}
+    return {**cfg.selection.model_dump(mode="json"), "data": cfg.data, "dataset_hash": dataset_hash(cfg.data),
+            "features_weights": weights_digest(parse_features(cfg.selection.features))}
 
 
 def evaluate_all(cfg: TrainThenDeployConfig, runs: dict[str, dict], settings: dict, previous: dict,

@@ -66,6 +66,20 @@ def parse_features(spec: str | None, inception_weights: str | None = None) -> Fe
     raise UserError(f"--features {spec!r}: use inception, inception:WEIGHTS_FILE or critic:CHECKPOINT")
 
 
+def weights_digest(spec: FeatureSpec) -> str:
+    """The sha256 of the weights `spec`'s features come from (the critic checkpoint that loads, or the Inception
+    weights file), without building the network: a value measured in these features is reusable while it holds."""
+    if spec.kind == "critic":
+        from genart.models import find_checkpoint
+        from genart.models.checkpoint import checkpoint_hash
+
+        return checkpoint_hash(find_checkpoint(spec.uri))
+    weights = spec.uri or torchvision_cache_file()
+    if not storage.exists(weights):
+        raise _missing_weights() if spec.uri is None else UserError(f"Inception weights file not found: {weights}")
+    return storage.sha256(weights)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
