@@ -199,7 +199,14 @@ def find(uri: str) -> list[tuple[str, int]]:
     """Every file below `uri`, recursively, as (uri, size), sorted by uri."""
     fs, path = fsspec_fs(uri)
     found = fs.find(path, detail=True)
-    return sorted((_to_uri(uri, p), int(info.get("size") or 0)) for p, info in found.items() if info.get("type") != "directory")
+    return sorted((_to_uri(uri, p), int(info.get("size") or 0)) for p, info in found.items()
+                  if info.get("type") != "directory" and not (is_s3(uri) and _folder_marker(p)))
+
+
+def _folder_marker(key: str) -> bool:
+    """An S3 key that stands for a folder, not a file: the AWS console's "Create folder" writes `name/`, Hadoop's
+    S3 connectors `name_$folder$`. s3fs lists both as files."""
+    return key.endswith(("/", "_$folder$"))
 
 
 def _to_uri(like: str, path: str) -> str:

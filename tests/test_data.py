@@ -635,3 +635,173 @@ def test_local_and_s3_files_are_read_in_units_of_their_own_store(tmp_path, s3_bu
     assert all(len({storage.is_s3(item) for item in unit.items}) == 1 for unit in plan.units)
     records = _read_all(plan)
     assert len(records) == 6 and not any(r["error"] for r in records), [r["error"] for r in records]
+
+
+def test_archive_links_are_reported_not_dropped(tmp_path):
+    """GNU tar stores a file's second hard link as a link member, and a symbolic link as one: both vanished (never
+    planned, read, rejected or counted). Each is now a reported reject, as is a zip's symbolic link (its bytes are
+    the target's path, not a picture)."""
+    import io
+    import stat
+    import tarfile
+    import zipfile
+
+    from genart.data import sources
+
+    png = corpus._png(Image.new("RGB", (8, 8), (200, 0, 0)))
+    tar_path = tmp_path / "h.tar"
+    with tarfile.open(tar_path, "w") as tf:  # what `tar cf h.tar d` writes for d/dog/1.png, its hard link, a symlink
+        info = tarfile.TarInfo("d/dog/1.png")
+        info.size = len(png)
+        tf.addfile(info, io.BytesIO(png))
+        for name, kind, target in (("d/cat/1.png", tarfile.LNKTYPE, "d/dog/1.png"), ("d/dog/2.png", tarfile.SYMTYPE, "1.png")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            tf.addfile(link)
+    plan = sources.plan([str(tar_path)])
+    assert plan.num_inputs == 3
+    reasons = {f["source"]: f["reason"] for f in plan.failures}
+    assert reasons == {
+        f"{tar_path}!d/cat/1.png": "hard link in the archive: not read (a link to d/dog/1.png, which is read as itself)",
+        f"{tar_path}!d/dog/2.png": "symbolic link in the archive: not read (a link to 1.png)"}
+    records = _read_all(plan)
+    assert [(r["rel_path"], r["label_name"], r["data"]) for r in records] == [("dog/1.png", "dog", png)]
+    assert len({source for source, _ in sources.input_names(plan)}) == 3
+
+    zip_path = tmp_path / "s.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("cats/a.png", png)
+        link = zipfile.ZipInfo("cats/b.png")
+        link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16  # how Info-ZIP's `zip -y` stores one
+        zf.writestr(link, "a.png")
+    plan = sources.plan([str(zip_path)])
+    assert plan.num_inputs == 2 and [r["rel_path"] for r in _read_all(plan)] == ["a.png"]
+    assert plan.failures == [{"source": f"{zip_path}!cats/b.png",
+                              "reason": "symbolic link in the archive: not read (a link to a.png)"}]
+
+
+def test_archive_member_names_are_read_as_paths_whatever_their_spelling(tmp_path):
+    """`tar cf x.tar ./photos` names members ./photos/cat/1.png: everything was labelled 'photos'. A zip written with
+    Windows separators (photos\\cat\\1.png) had no labels, and its folder entries (photos\\cat\\) were planned as
+    files and rejected as empty. A name that climbs out of the archive (../x.png) is a reported reject."""
+    import io
+    import tarfile
+    import zipfile
+
+    from genart.data import sources
+
+    red, blue = (corpus._png(Image.new("RGB", (8, 8), c)) for c in ("red", "blue"))
+    tar_path = tmp_path / "dot.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for name, data in (("./photos/cat/1.png", red), ("./photos/dog/1.png", blue), ("./photos/.DS_Store", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    plan = sources.plan([str(tar_path)])
+    assert plan.label_names == ["cat", "dog"] and plan.num_inputs == 3
+    assert [f["reason"] for f in plan.failures] == [sources.HIDDEN_REASON]
+    assert {(r["source"], r["rel_path"], r["label_name"], r["data"]) for r in _read_all(plan)} == {
+        (f"{tar_path}!./photos/cat/1.png", "cat/1.png", "cat", red), (f"{tar_path}!./photos/dog/1.png", "dog/1.png", "dog", blue)}
+
+    zip_path = tmp_path / "win.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for name, data in (("photos\\cat\\", b""), ("photos\\cat\\1.png", red), ("photos\\dog\\1.png", blue),
+                           ("__MACOSX\\photos\\cat\\._1.png", b"x"), ("../evil.png", red)):
+            zf.writestr(name, data)
+    plan = sources.plan([str(zip_path)])
+    assert plan.label_names == ["cat", "dog"] and plan.num_inputs == 4
+    assert {f["source"]: f["reason"] for f in plan.failures} == {
+        f"{zip_path}!__MACOSX\\photos\\cat\\._1.png": sources.HIDDEN_REASON,
+        f"{zip_path}!../evil.png": "member path outside the archive's root: not read (a '..' or empty name)"}
+    assert sorted((r["rel_path"], r["label_name"], r["data"]) for r in _read_all(plan)) == [
+        ("cat/1.png", "cat", red), ("dog/1.png", "dog", blue)]
+
+
+def test_s3_folder_markers_are_not_inputs(s3_server, s3_bucket):
+    """The AWS console's "Create folder" writes an empty key ending in '/' (Hadoop writes `name_$folder$`): each
+    was planned as a file and rejected as empty, inflating the input and reject counts."""
+    import boto3
+
+    from genart.data import sources
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for key in ("photos/", "photos/cat/", "photos/dog_$folder$"):
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    png = corpus._png(Image.new("RGB", (8, 8)))
+    for key in ("photos/cat/1.png", "photos/dog/1.png"):
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=png)
+    root = f"s3://{s3_bucket}/photos"
+    assert storage.find(root) == [(f"{root}/cat/1.png", len(png)), (f"{root}/dog/1.png", len(png))]
+    plan = sources.plan([root])
+    assert plan.num_inputs == 2 and not plan.failures and plan.label_names == ["cat", "dog"]
+
+
+def test_parquet_rows_follow_the_labels_choice_and_their_folder(tmp_path):
+    """`--labels none` still labelled a Parquet file's rows from its label_name column, and data/cat/x.parquet
+    without that column did not take 'cat' as its folder's label. Now Parquet is labelled like an idx file: a row's
+    own label_name, else its folder's; with --labels dirs, its folder's; with --labels none, none. The plan's label
+    names are exactly the labels the rows get."""
+    import pyarrow as pa
+
+    from genart.data import sources
+
+    pngs = [corpus._png(Image.new("RGB", (8, 8), (i, 0, 0))) for i in range(4)]
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "dog").mkdir()
+    pq.write_table(pa.table({"image": pngs[:2]}), tmp_path / "data" / "cat" / "x.parquet")
+    pq.write_table(pa.table({"image": pngs[2:], "label_name": ["puppy", None]}), tmp_path / "data" / "dog" / "y.parquet")
+    data = str(tmp_path / "data")
+    for labels, expected in ((None, ["cat", "cat", "puppy", "dog"]), ("dirs", ["cat", "cat", "dog", "dog"]),
+                             ("none", [None] * 4)):
+        plan = sources.plan([data], labels)
+        got = [r["label_name"] for r in sorted(_read_all(plan), key=lambda r: r["source"])]
+        assert got == expected, labels
+        assert plan.label_names == sorted({label for label in expected if label}), labels
+    # A Parquet file given as SRC has no folder label: its rows keep their own, or none.
+    assert [r["label_name"] for r in _read_all(sources.plan([str(tmp_path / "data" / "dog" / "y.parquet")]))] == ["puppy", None]
+
+
+def test_parquet_rows_over_the_byte_cap_are_rejected_without_being_expanded(tmp_path):
+    """A dictionary-encoded column of one 4 MiB blob repeated is a file of a few hundred bytes; the reader turned
+    every row into Python bytes before checking the cap (256 MiB for 64 rows). Over-cap rows are now rejected from
+    their Arrow lengths, and rows under the cap still read."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from genart.data import sources
+
+    blob, png = b"\0" * (4 << 20), corpus._png(Image.new("RGB", (8, 8)))
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"image": [png] + [blob] * 31 + [png]}), path, compression="zstd")
+    assert path.stat().st_size < 10_000
+    plan = sources.plan([str(path)])
+    tracemalloc.start()
+    try:
+        records = [r for unit in plan.units for t in sources.read_unit(unit, max_bytes=1 << 20) for r in t.to_pylist()]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["data"] for r in records] == [png] + [None] * 31 + [png]
+    assert all(r["error"] == f"file too large: {4 << 20} bytes > cap {1 << 20}" for r in records[1:-1])
+    assert peak < 16 << 20, peak  # Python objects: before, 31 copies of the blob (124 MiB)
+
+
+def test_a_12_bit_tiff_is_scaled_by_its_depth():
+    """Pillow opens a 12-bit grey TIFF (12 bits a sample, packed, as scanners and cameras write them) as I;16 with
+    values 0..4095; scaled as 16-bit, its white came out nearly black (16 of 255)."""
+    import io
+    import struct
+
+    def tiff12(side: int, value: int) -> bytes:
+        bits = format(value, "012b") * side * side  # every pixel `value`; rows end on a byte for an even side
+        pixels = int(bits, 2).to_bytes(len(bits) // 8, "big")
+        tags = {256: side, 257: side, 258: 12, 259: 1, 262: 1, 273: 0, 277: 1, 278: side, 279: len(pixels)}
+        pixels_at = 8 + 2 + 12 * len(tags) + 4  # header, tag count, the tags, next-IFD offset
+        ifd = b"".join(struct.pack("<HHII", tag, 4, 1, pixels_at if tag == 273 else v) for tag, v in tags.items())
+        return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + b"\x00" * 4 + pixels
+
+    for value, grey in ((4095, 255), (2048, 128), (0, 0)):
+        data = tiff12(4, value)
+        assert Image.open(io.BytesIO(data)).mode == "I;16"
+        assert images.decode_image(data).getpixel((1, 1)) == (grey,) * 3, value

@@ -82,16 +82,19 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
 def declared_white(img: Image.Image) -> float | None:
     """The value of white in a 16/32-bit integer image ("I;16*", "I"), from the depth its file declares; None for
     other modes. Never from the pixels: a dark 16-bit picture holds only small values, not 8-bit ones."""
-    if img.mode.startswith("I;16"):
-        return 65535.0
-    if img.mode != "I":
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
         return None
     tags = getattr(img, "tag_v2", None)
     if img.format == "TIFF" and tags is not None:
-        bits, sample_format = tags.get(258, 32), tags.get(339, 1)  # BitsPerSample, SampleFormat (2: signed)
+        # A TIFF says its depth: Pillow opens 10-, 12- and 14-bit samples (scanners, cameras, microscopes) as I;16
+        # holding 0..1023, 0..4095 or 0..16383, so 65535 would make their white nearly black.
+        container = 16 if img.mode.startswith("I;16") else 32
+        bits, sample_format = tags.get(258, container), tags.get(339, 1)  # BitsPerSample, SampleFormat (2: signed)
         bits = bits[0] if isinstance(bits, tuple) else bits
         signed = (sample_format[0] if isinstance(sample_format, tuple) else sample_format) == 2
-        return 2.0 ** (bits - signed) - 1
+        if isinstance(bits, int) and 1 + signed <= bits <= container:  # else a broken tag: the container's depth
+            return 2.0 ** (bits - signed) - 1
+        return 2.0 ** container - 1
     return 65535.0  # PGM/PPM and PNG: Pillow widens any maxval above 255 (and 16-bit PNG) to 0..65535
 
 

@@ -15,6 +15,7 @@ import gzip
 import json
 import posixpath
 import re
+import stat
 import struct
 import tarfile
 import zlib
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genart import storage
@@ -46,6 +48,11 @@ JOB_SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json", "na
 FILES_PER_UNIT = 64
 TABLE_BYTES = 64 << 20  # a reader hands its records on once they hold this many bytes, whatever their count
 PARQUET_ROWS_PER_BATCH = 64
+# Rows a Parquet reader decodes at a time. A dictionary-encoded column expands every repeat of a value on read (one
+# 4 MiB blob repeated 64 times is a few hundred bytes on disk, 256 MiB as one 64-row batch) before any cap can look at
+# the rows; 8 rows bound that to 8 copies, for ~20 us a row more than 64 at a time (measured on 3 KB rows; decoding
+# and hashing one takes ~1.4 ms). A page or dictionary value is still decompressed whole, whatever its size.
+PARQUET_ROWS_PER_READ = 8
 
 RAW_SCHEMA = pa.schema(
     [
@@ -69,6 +76,8 @@ class Unit:
     labels: list[str | None] = field(default_factory=list)
     rows: int = 0  # parquet: number of rows
     copies: dict[str, int] = field(default_factory=dict)  # tar: how many copies of a repeated name (the last is read)
+    label_column: bool = True  # parquet: whether rows take their own label_name value
+    folder_label: str | None = None  # parquet: the label of rows without one of their own (their folder's)
 
     @property
     def count(self) -> int:
@@ -99,6 +108,17 @@ def _hidden(rel: str) -> bool:
     """Dot-files and dot-folders (.DS_Store, ._photo.jpg, .ipynb_checkpoints/) and macOS's __MACOSX/ in zips: never
     the pictures of a dataset, and as folders they would become classes of their own."""
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/") if part not in ("", ".", ".."))
+
+
+OUTSIDE_REASON = "member path outside the archive's root: not read (a '..' or empty name)"
+
+
+def _member_path(name: str) -> str | None:
+    """An archive member's name as a plain relative path: '\\' separators (zips from old Windows tools) made '/',
+    a leading '/' or './' (`tar cf x.tar ./photos`) and 'a/./b' or 'a//b' spellings dropped; None for a name that
+    climbs out of the archive ('../x.png') or names nothing. Members are still read by their raw names."""
+    path = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
+    return None if path in (".", "..") or path.startswith("../") else path
 
 
 def _strip_common_root(names: list[str]) -> list[str]:
@@ -205,21 +225,28 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
     """Units for one file: an archive (its members), a Parquet file, or a single image. `label` is inherited."""
     if _has_ext(uri, ZIP_EXT) or _has_ext(uri, TAR_EXT):
         try:
-            listed = _zip_names(uri) if _has_ext(uri, ZIP_EXT) else _tar_names(uri)
+            listed = _zip_members(uri) if _has_ext(uri, ZIP_EXT) else _tar_members(uri)
         except Exception as exc:  # noqa: BLE001 - a broken archive is one reported input, not a crash
             failures.append({"source": uri, "reason": f"unreadable archive: {one_line(exc)}"})
             return []
-        # A name can repeat (`tar -r`/`-u` append newer copies): one input per name, read from its last copy (the
+        # A name can repeat (`tar -r`/`-u` append newer copies): one input per name, decided by its last copy (the
         # one `tar -x` and `unzip` leave on disk), each earlier copy a reject.
-        names = list(dict.fromkeys(listed))
-        failures.extend({"source": f"{uri}!{name}", "reason": HIDDEN_REASON} for name in names if _hidden(name))
-        names = [name for name in names if not _hidden(name)]
-        copies = {name: count for name, count in collections.Counter(listed).items() if count > 1}
+        last = dict(listed)  # name -> why its last copy is not read (a link), or None; in order of first appearance
+        copies = {name: count for name, count in collections.Counter(name for name, _ in listed).items() if count > 1}
         for name, count in copies.items():
             failures.extend({"source": f"{uri}!{name} (copy {copy})",
                              "reason": "duplicate member name in the archive: only the last copy of each name is read"}
                             for copy in range(1, count))
-        inner = _strip_common_root(names)
+        names, paths = [], []
+        for name, skipped in last.items():
+            path = _member_path(name)
+            reason = skipped or (OUTSIDE_REASON if path is None else HIDDEN_REASON if _hidden(path) else None)
+            if reason:
+                failures.append({"source": f"{uri}!{name}", "reason": reason})
+            else:
+                names.append(name)
+                paths.append(path)
+        inner = _strip_common_root(paths)
         dirs = labels == "dirs" or (labels is None and any("/" in n for n in inner))
         labs = [label or _label_of(n, dirs) for n in inner]
         kind = "zip" if _has_ext(uri, ZIP_EXT) else "tar"
@@ -230,20 +257,24 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
             for i in range(0, len(names), FILES_PER_UNIT)
         ]
     if _has_ext(uri, PARQUET_EXT):
+        # Labelled as an idx file is: a row's own label_name, else its folder's label; with --labels dirs its
+        # folder's label (when it has one); with --labels none, none.
+        column = labels != "none" and not (labels == "dirs" and label)
+        folder_label = None if labels == "none" else label
         try:
             fs, path = storage.arrow_fs(uri)
             with fs.open_input_file(path) as f:
                 meta = pq.ParquetFile(f)
                 rows = meta.metadata.num_rows
-                names = meta.schema_arrow.names
-                labs = []
-                if "label_name" in names:
-                    labs = sorted({v for v in _strings(meta.read(columns=["label_name"]).column(0)) if v})
+                own = {None} if rows else set()  # the labels the rows hold themselves (None: none)
+                if column and "label_name" in meta.schema_arrow.names:
+                    own = {v or None for v in _strings(meta.read(columns=["label_name"]).column(0))}
         except Exception as exc:  # noqa: BLE001
             failures.append({"source": uri, "reason": f"unreadable parquet file: {one_line(exc)}"})
             return []
-        # Label names of a Parquet source are carried for the plan's label map; rows keep their own.
-        return [Unit("parquet", uri, [], [rel], labs, rows=rows)]
+        # The labels the rows will get, for the plan's label map (the reader labels each row by the same rule).
+        labs = sorted({v or folder_label for v in own} - {None})
+        return [Unit("parquet", uri, [], [rel], labs, rows=rows, label_column=column, folder_label=folder_label)]
     if _is_idx(uri, IDX_IMAGES):
         return _plan_idx(uri, rel, label, labels, failures)
     if _is_idx(uri, IDX_LABELS):
@@ -350,20 +381,54 @@ def _idx_labels(images_uri: str, count: int) -> list[str] | None:
     return [str(b) for b in data]
 
 
-def _zip_names(uri: str) -> list[str]:
+def _link_reason(kind: str, target: str) -> str:
+    if kind == "hard":  # its bytes are its target's: reading it would only make an exact duplicate
+        return f"hard link in the archive: not read (a link to {target}, which is read as itself)"
+    return f"symbolic link in the archive: not read (a link to {target})"
+
+
+def _zip_members(uri: str) -> list[tuple[str, str | None]]:
+    """(name, why it is not read or None) of every member that is not a folder, in archive order."""
     fs, path = storage.fsspec_fs(uri)
+    members = []
     with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-        return [i.filename for i in zf.infolist() if not i.is_dir()]
+        for info in zf.infolist():
+            if info.is_dir() or info.filename.endswith("\\"):  # a folder entry (old Windows tools end it in a backslash)
+                continue
+            is_link = stat.S_ISLNK(info.external_attr >> 16)  # Info-ZIP's `zip -y`: the Unix mode says symlink
+            members.append((info.filename, _link_reason("symbolic", _zip_link_target(zf, info)) if is_link else None))
+    return members
 
 
-def _tar_names(uri: str) -> list[str]:
+def _zip_link_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    """A zip symlink's target: the member's bytes are the path it points to."""
+    try:
+        with zf.open(info) as link:
+            return link.read(1024).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - encrypted or corrupt: still a link, reported without its target
+        return "a target that cannot be read"
+
+
+def _tar_members(uri: str) -> list[tuple[str, str | None]]:
+    """(name, why it is not read or None) of every member that is not a folder, in archive order."""
     fs, path = storage.fsspec_fs(uri)
-    names: list[str] = []
+    members = []
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for member in tf:
-            if member.isfile():
-                names.append(member.name)
-    return names
+            if not member.isdir():
+                members.append((member.name, _tar_skip_reason(member)))
+    return members
+
+
+def _tar_skip_reason(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member that is not a folder is not read (None: a regular file, read)."""
+    if member.islnk():  # GNU tar stores a file's second and later hard links as links to the first
+        return _link_reason("hard", member.linkname)
+    if member.issym():
+        return _link_reason("symbolic", member.linkname)
+    if not member.isfile():
+        return "device, pipe or other special file in the archive: not read"
+    return None
 
 
 # ---------------------------------------------------------------- reading (runs inside Ray tasks)
@@ -443,11 +508,11 @@ def _read_tar(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for member in tf:
-                if member.name not in wanted or not member.isfile():
+                if member.name not in wanted or member.isdir():
                     continue
-                passed[member.name] += 1
-                if passed[member.name] != unit.copies.get(member.name, 1):  # an earlier copy: the planned last is read
-                    continue
+                passed[member.name] += 1  # counted as planning counted them: every member but folders
+                if passed[member.name] != unit.copies.get(member.name, 1) or not member.isfile():
+                    continue  # an earlier copy (the planned last is read), or no longer a file: reported below
                 seen.add(member.name)
                 rel, label = wanted[member.name]
                 source = f"{unit.uri}!{member.name}"
@@ -514,7 +579,8 @@ def parquet_names(unit: Unit, pf: pq.ParquetFile) -> tuple[str | None, list[str]
 def _read_parquet(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     fs, path = storage.arrow_fs(unit.uri)
     srcs, rels = row_names(unit)  # until the name columns are read (a file that cannot be opened keeps these)
-    offset = 0
+    rows: list[dict] = []
+    done = 0  # rows with a record
     try:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
@@ -523,22 +589,25 @@ def _read_parquet(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
                 yield _table([_record(s, r, None, error="parquet file has no image-bytes column")
                               for s, r in zip(srcs, rels)])
                 return
-            has_labels = "label_name" in pf.schema_arrow.names
+            has_labels = unit.label_column and "label_name" in pf.schema_arrow.names
             cols = [image_col] + (["label_name"] if has_labels else [])
-            for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_BATCH, columns=cols):
-                data = batch.column(image_col).to_pylist()
-                n = len(data)
-                labels = _strings(batch.column("label_name")) if has_labels else [None] * n
-                rows = []
-                for i, (label, blob) in enumerate(zip(labels, data)):
-                    error = _too_big(len(blob or b""), max_bytes)
-                    rows.append(_record(srcs[offset + i], rels[offset + i], label, None if error else blob, error))
-                offset += n
-                yield _table(rows)
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_READ, columns=cols):
+                blobs = batch.column(image_col)
+                sizes = pc.binary_length(blobs).to_pylist()  # checked in Arrow: an over-cap row never becomes bytes
+                labels = _strings(batch.column("label_name")) if has_labels else [None] * len(sizes)
+                for i, (size, label) in enumerate(zip(sizes, labels)):
+                    error = _too_big(size or 0, max_bytes)
+                    blob = None if error else blobs[i].as_py()
+                    rows.append(_record(srcs[done], rels[done], label or unit.folder_label, blob, error))
+                    done += 1
+                    if _full(rows):
+                        yield _table(rows)
+                        rows = []
     except Exception as exc:  # noqa: BLE001 - corrupt pages or a file changed since planning: the rest are reported
         reason = f"unreadable parquet file: {one_line(exc)}"
-        if offset < unit.rows:
-            yield _table([_record(srcs[i], rels[i], None, error=reason) for i in range(offset, unit.rows)])
+        rows.extend(_record(srcs[i], rels[i], None, error=reason) for i in range(done, unit.rows))
+    if rows:
+        yield _table(rows)
 
 
 def _read_idx(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
