@@ -43,7 +43,7 @@ class LocalCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         self.workers = dict(workers)
         self.head_cpus = head_cpus
-        self.seen: set[int] = set()
+        self.seen = ray_procs.Seen()
         self._new_session()
 
     def _new_session(self) -> None:
@@ -96,7 +96,7 @@ class LocalCluster:
             if proc.poll() is None:
                 return
             self.processes(name)
-            ray_procs.kill_all(ray_procs.still_alive(self.seen))
+            ray_procs.kill_all(self.seen.alive())
         raise AssertionError(f"ray start ({name}) failed {NODE_START_ATTEMPTS} times:\n{log_path.read_text()[-3000:]}")
 
     def _head_address(self) -> str:
@@ -199,9 +199,7 @@ class LocalCluster:
 
     def processes(self, name: str) -> set[int]:
         proc = self.nodes[name]
-        found = {proc.pid} | ray_procs.descendants(proc.pid)
-        self.seen |= found
-        return found
+        return self.seen.add({proc.pid} | ray_procs.descendants(proc.pid))
 
     def kill(self, name: str) -> None:
         """Lose the node: SIGKILL its `ray start`, raylet, agents and workers at once (no drain, no goodbye)."""
@@ -216,7 +214,7 @@ class LocalCluster:
             self.processes(name)
             ray_procs.stop_group(proc)
         time.sleep(1)
-        ray_procs.kill_all(ray_procs.still_alive(self.seen) | ray_procs.mentioning(self.temp_dir))
+        ray_procs.kill_all(self.seen.alive() | ray_procs.mentioning(self.temp_dir))
         # Keep Ray's own logs beside the test's (pytest keeps the last runs' tmp dirs): a failure can be read later.
         logs = Path(self.temp_dir) / "session_latest" / "logs"
         try:

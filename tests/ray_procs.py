@@ -9,21 +9,52 @@ import subprocess
 from pathlib import Path
 
 
-def _ppid(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the name (state, ppid, ...; starttime is [19]); None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
 
 
 def _alive(pid: int) -> bool:
     """Running (not a zombie waiting for its parent's wait())."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+class Seen:
+    """Processes a test has seen, each by its pid and start time. Teardown kills the ones still alive: minutes later
+    the kernel may have given a dead one's pid to another process (or a thread of one; /proc/TID/stat reads too),
+    which must never be killed or reported as a leftover."""
+
+    def __init__(self) -> None:
+        self._started: dict[int, str] = {}
+
+    def add(self, pids: set[int]) -> set[int]:
+        for pid in pids:
+            started = _start_time(pid)
+            if started is not None:
+                self._started[pid] = started  # found in this session's tree or temp dir now: this process
+        return pids
+
+    @property
+    def pids(self) -> set[int]:
+        return set(self._started)
+
+    def alive(self) -> set[int]:
+        """The seen processes still running: same pid, same start time, not a zombie."""
+        return {pid for pid, started in self._started.items() if _start_time(pid) == started and _alive(pid)}
 
 
 def descendants(root: int) -> set[int]:
@@ -52,10 +83,6 @@ def mentioning(text: str) -> set[int]:
                     pids.add(int(entry.name))
             except OSError:
                 pass
-    return {pid for pid in pids if _alive(pid)}
-
-
-def still_alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if _alive(pid)}
 
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -536,8 +537,10 @@ def test_a_cancelled_request_stops_its_thread_and_stays_counted_until_it_has():
 
     steps_at_cancel, counted_after_cancel, ended_before_return, count = asyncio.run(main())
     assert counted_after_cancel == 1 and ended_before_return and count == 0
-    # stopped at the next step after the cancel (a step may be under way), not run on to the end
-    assert len(steps) <= steps_at_cancel + 2 and len(steps) < 200, f"{len(steps)} steps, {steps_at_cancel} at cancel"
+    # stopped within a few steps of the cancel (one may be under way, and a loaded machine may pause the event loop
+    # between the cancel and its stop.set() while the thread goes on: 20 steps is a second of that), not run on to
+    # the end, 200 steps
+    assert len(steps) <= steps_at_cancel + 20 and len(steps) < 200, f"{len(steps)} steps, {steps_at_cancel} at cancel"
 
 
 def test_a_style_load_outlives_the_request_that_started_it():
@@ -673,14 +676,16 @@ def test_replica_killed_during_a_flood_gets_only_200_and_503_and_the_app_recover
         assert len(before) == 2 and running == 2, (before, running)
         done: list[int] = []
         killed: list[str] = []
+        lock = threading.Lock()  # answers of one batch come back together: count and kill as one step, once
 
         def one(i):
             with requests.Session() as session:
                 code = session.post(url + "/v1/generate", json={"n": 2, "seed": i}, timeout=60).status_code
-            done.append(code)
-            if len(done) == 40 and not killed:  # mid-flood: 40 answered, 200 still to come
-                killed.append(before[0])
-                ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+            with lock:
+                done.append(code)
+                if len(done) >= 40 and not killed:  # mid-flood: 40 answered, 200 still to come
+                    killed.append(before[0])
+                    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
             return code
 
         with ThreadPoolExecutor(max_workers=24) as pool:

@@ -50,11 +50,11 @@ class Command:
         self.log = open(log, "w")
         self.proc = subprocess.Popen([GENART, *args], env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self.seen: set[int] = set()
+        self.seen = ray_procs.Seen()
 
     def look(self) -> set[int]:
-        self.seen |= ray_procs.descendants(self.proc.pid) | ray_procs.mentioning(self.temp_dir)
-        return self.seen
+        self.seen.add(ray_procs.descendants(self.proc.pid) | ray_procs.mentioning(self.temp_dir))
+        return self.seen.pids
 
     def output(self) -> str:
         self.log.flush()
@@ -73,7 +73,7 @@ class Command:
         raylet is gone by polling it; on a loaded machine that took over 2 s."""
         deadline = time.monotonic() + EXIT_GRACE_S
         while True:
-            left = ray_procs.still_alive(self.seen) | ray_procs.mentioning(self.temp_dir)
+            left = self.seen.alive() | ray_procs.mentioning(self.temp_dir)
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.5)
@@ -82,7 +82,7 @@ class Command:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
-        ray_procs.kill_all(ray_procs.still_alive(self.seen) | ray_procs.mentioning(self.temp_dir))
+        ray_procs.kill_all(self.seen.alive() | ray_procs.mentioning(self.temp_dir))
         self.log.close()
         subprocess.run(["rm", "-rf", self.temp_dir], check=False)
 
@@ -282,7 +282,7 @@ def test_train_worker_sigterm_restarts_from_the_latest_checkpoint(train_data, tm
             assert time.monotonic() < deadline, "training never got under way"
             time.sleep(0.2)
         workers = [int(p.split(":")[0]) for p in ray_procs.describe(cmd.look()) if "ray::RayTrainWorker" in p]
-        assert workers, ray_procs.describe(cmd.seen)
+        assert workers, ray_procs.describe(cmd.seen.pids)
         os.kill(workers[-1], signal.SIGTERM)
         code = cmd.proc.wait(timeout=START_TIMEOUT_S * 2)
         out = cmd.output()
