@@ -48,6 +48,7 @@ def build_throughput(num_images: int, size: int, batch_size: int, device: str = 
     critic = tiny_checkpoint(f"{tmp}/critic", "critic", size, ["a", "b"], full_size=True)
     make_synth(f"{tmp}/images", num=num_images, size=size * 2, seed=0)
     runtime.init()
+    os.nice(max(0, 15 - os.nice(0)))  # Ray's workers run at niceness 15; the bare loop in this driver gets the same
     phases = gpu.Phases(device)
     with phases("pipeline"):
         started = time.time()

@@ -246,7 +246,7 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
         _check_eval(cfg)
     elif cfg.eval.best_metric:
         raise UserError("eval.best_metric: needs eval.every_checkpoints > 0 (the metric comes from the evaluation)")
-    if not val_rows and cfg.eval.every_checkpoints == 0:
+    if not val_rows and cfg.eval.every_checkpoints == 0 and family.best_metric[0] != "step":  # else ranked by step anyway
         notes.append(f"{cfg.data.path} has no val split: no validation metrics and no best.json (load picks the latest checkpoint)")
 
     run_dir = run_dir_of(cfg)
