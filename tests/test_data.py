@@ -683,7 +683,7 @@ def test_archive_links_are_reported_not_dropped(tmp_path):
 def test_archive_member_names_are_read_as_paths_whatever_their_spelling(tmp_path):
     """`tar cf x.tar ./photos` names members ./photos/cat/1.png: everything was labelled 'photos'. A zip written with
     Windows separators (photos\\cat\\1.png) had no labels, and its folder entries (photos\\cat\\) were planned as
-    files and rejected as empty. A name that climbs out of the archive (../x.png) is a reported reject."""
+    files and rejected as empty. A name that climbs out of the archive is read inside it, as unzip and tar do."""
     import io
     import tarfile
     import zipfile
@@ -706,15 +706,16 @@ def test_archive_member_names_are_read_as_paths_whatever_their_spelling(tmp_path
     zip_path = tmp_path / "win.zip"
     with zipfile.ZipFile(zip_path, "w") as zf:
         for name, data in (("photos\\cat\\", b""), ("photos\\cat\\1.png", red), ("photos\\dog\\1.png", blue),
-                           ("__MACOSX\\photos\\cat\\._1.png", b"x"), ("../evil.png", red)):
+                           ("__MACOSX\\photos\\cat\\._1.png", b"x"), ("photos/../../dog/2.png", red), ("..", red)):
             zf.writestr(name, data)
     plan = sources.plan([str(zip_path)])
-    assert plan.label_names == ["cat", "dog"] and plan.num_inputs == 4
+    assert plan.label_names == ["cat", "dog"] and plan.num_inputs == 5
     assert {f["source"]: f["reason"] for f in plan.failures} == {
-        f"{zip_path}!__MACOSX\\photos\\cat\\._1.png": sources.HIDDEN_REASON,
-        f"{zip_path}!../evil.png": "member path outside the archive's root: not read (a '..' or empty name)"}
+        f"{zip_path}!__MACOSX\\photos\\cat\\._1.png": sources.HIDDEN_REASON, f"{zip_path}!..": sources.EMPTY_NAME_REASON}
     assert sorted((r["rel_path"], r["label_name"], r["data"]) for r in _read_all(plan)) == [
-        ("cat/1.png", "cat", red), ("dog/1.png", "dog", blue)]
+        ("cat/1.png", "cat", red), ("dog/1.png", "dog", blue), ("dog/2.png", "dog", red)]
+    assert [sources._member_path(n) for n in ("../../x.png", "ok/../../../y.png", "/abs//a/./b.png", "./", "..\\")] == [
+        "x.png", "ok/y.png", "abs/a/b.png", None, None]
 
 
 def test_s3_folder_markers_are_not_inputs(s3_server, s3_bucket):

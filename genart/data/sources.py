@@ -110,15 +110,16 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/") if part not in ("", ".", ".."))
 
 
-OUTSIDE_REASON = "member path outside the archive's root: not read (a '..' or empty name)"
+EMPTY_NAME_REASON = "archive member without a name (only '/', '.' or '..' in it): not read"
 
 
 def _member_path(name: str) -> str | None:
-    """An archive member's name as a plain relative path: '\\' separators (zips from old Windows tools) made '/',
-    a leading '/' or './' (`tar cf x.tar ./photos`) and 'a/./b' or 'a//b' spellings dropped; None for a name that
-    climbs out of the archive ('../x.png') or names nothing. Members are still read by their raw names."""
-    path = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
-    return None if path in (".", "..") or path.startswith("../") else path
+    """An archive member's name as a plain relative path inside the archive: '\\' separators (zips from old Windows
+    tools) made '/', and the empty, '.' and '..' parts of '/abs', './photos' (`tar cf x.tar ./photos`), 'a//b' or
+    '../../x.png' dropped, as `unzip` and GNU tar do when they extract ('../../x.png' is x.png); None if nothing is
+    left. Members are still read by their raw names."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".", "..")]
+    return "/".join(parts) or None
 
 
 def _strip_common_root(names: list[str]) -> list[str]:
@@ -240,7 +241,7 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
         names, paths = [], []
         for name, skipped in last.items():
             path = _member_path(name)
-            reason = skipped or (OUTSIDE_REASON if path is None else HIDDEN_REASON if _hidden(path) else None)
+            reason = skipped or (EMPTY_NAME_REASON if path is None else HIDDEN_REASON if _hidden(path) else None)
             if reason:
                 failures.append({"source": f"{uri}!{name}", "reason": reason})
             else:
