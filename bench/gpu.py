@@ -2,7 +2,7 @@
 GPU utilisation and memory per phase (pynvml if importable, else `nvidia-smi -lms 200`; plus this process's
 `torch.cuda.max_memory_allocated`).
 
-    device = gpu.device_arg(parser)            # adds --device; after parse_args: gpu.require(args.device)
+    gpu.device_arg(parser)                     # adds --device; after parse_args: gpu.require(args.device)
     phases = gpu.Phases(args.device)
     with phases("batched"):
         run()

@@ -389,7 +389,7 @@ def audit(model, data, num, features, inception_weights, quantile, out):
 def serve(models, config_file, index_uri, host, port, overrides, address):
     """Serve models over HTTP (API + playground page at /) until Ctrl-C.
 
-    Example: genart serve --model dcgan=runs/dcgan --model starry=runs/style-starry. An API key is required when
+    Example: genart serve --model dcgan=results/runs/dcgan --model starry=results/runs/style. An API key is required when
     GENART_API_KEY (or the variable named by api_key_env) is set.
     """
     from genart.serve.run import serve_forever, settings_from

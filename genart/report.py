@@ -1,7 +1,7 @@
 """A small static HTML report over a results folder: what a person opens after a workflow.
 
     from genart.report import write_report
-    write_report("results/quickstart", sections)   # -> results/quickstart/index.html
+    write_report("results/quickstart", "genart quickstart", intro, sections)   # -> results/quickstart/index.html
 
 Sections are built by the workflow (it knows what it made); this module only lays them out, with
 relative links so the folder can be zipped, copied or served as it is.

@@ -1,6 +1,6 @@
 """`genart evaluate`: FID, KID and precision/recall of a generative checkpoint against a prepared dataset, as Ray Data jobs.
 
-    genart evaluate --model runs/dcgan --data data/prepared --num 5000 --features critic:runs/critic
+    genart evaluate --model results/runs/dcgan --data data/prepared --num 5000 --features critic:results/runs/critic
 Real images (on a cache miss) and generated ones (sampled inside the actors from seed indices) are featurised by
 actor pools via `map_batches`, so both sides scale with the cluster; the driver only folds feature rows together.
 Both sides take the one path of `preprocess` (uint8 at the generator's resolution, center crop, Lanczos).

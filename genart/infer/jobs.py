@@ -1,7 +1,7 @@
 """The batch-inference jobs: `stylize`, `generate` and `score`, each one streaming Ray Data pipeline.
 
     genart stylize --model runs/style-wave --input photos.zip --output s3://bucket/styled --tile 1024
-    genart generate --model runs/dcgan-demo --num 10000 --output out/gen --seed 0
+    genart generate --model results/runs/dcgan --num 10000 --output out/gen --seed 0
     genart score --model runs/critic --input data/prepared --output out/scores
 
 read -> decode + validate (tasks) -> model (actor pool, model loaded once per actor) -> encode + write (tasks);

@@ -1,7 +1,8 @@
 """Loss networks for style transfer: ImageNet VGG16/19, seeded random multi-scale filters, or a trained critic.
 
     feats = build_loss_network("random", seed=0)      # FeatureNet: x (B, 3, H, W) in [0, 1] -> {layer: (B, C, h, w)}
-    loss = StyleLoss(feats, content_layers, style_layers, style01)   # content / style (Gram) / total-variation terms
+    style01, style_info = load_style_image("wave.jpg", 256)          # genart.models.style
+    loss = StyleLoss(feats, content_layers, style_layers, style01, style_info, center_gram=True)  # content / style / TV
 Never downloads: VGG weights come from torchvision's hub cache or a file named in the config.
 """
 

@@ -1,6 +1,6 @@
 """`genart audit`: does a generator copy its training images? Nearest training image of each sample, calibrated.
 
-    genart audit --model runs/dcgan --data data/synth --num 500 --features critic:runs/critic --output audit/dcgan
+    genart audit --model results/runs/dcgan --data data/synth --num 500 --features critic:results/runs/critic --output audit/dcgan
 
 Each sample's nearest training image, as it is or mirrored (generators train on both), is found in embedding space
 (features centred on the training mean, unit length) and in pixel space (the generator's resolution). Distances

@@ -1,6 +1,6 @@
 """`genart index`: embed every image of a dataset, folder, archive or s3:// prefix into a searchable index folder.
 
-    genart index --input data/synth --features critic:runs/critic --output indexes/synth
+    genart index --input data/synth --features critic:results/runs/critic --output indexes/synth
     genart index --input s3://bucket/art --features inception:inception_v3.pth --output s3://bucket/idx
 
 read (tasks) -> decode, crop + resize to the feature input, thumbnail (tasks) -> embed (actor pool) -> write a

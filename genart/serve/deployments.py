@@ -1,5 +1,5 @@
-"""Model deployments: one per generator (dcgan/vae) or critic, ONE multiplexed deployment for every style, and one
-for the search index.
+"""Model deployments: one per generative model (dcgan, vae, vqvae, autoregressive) or critic, ONE multiplexed
+deployment for every style, and one for the search index.
 
 Generators and critics are few and hot, so each gets its own replicas, autoscaling and batch queue (never a
 cold load on the request path, batches never mix models). Styles are many and long-tailed: one deployment

@@ -1,6 +1,6 @@
 """`genart serve`: run the app on the embedded local Ray or a cluster until Ctrl-C.
 
-    genart serve --model dcgan=runs/dcgan --model starry=runs/style-starry --port 8000
+    genart serve --model dcgan=results/runs/dcgan --model starry=results/runs/style --port 8000
     genart serve --model critic=runs/critic --index indexes/art           # + /v1/similar and /v1/recommend
     genart serve --config cluster/serve.yaml --host 0.0.0.0       # a Serve config file, or just its app args
 """
@@ -37,7 +37,7 @@ def settings_from(config: str | None = None, models: tuple[str, ...] = (), overr
     for item in models:
         name, sep, uri = item.partition("=")
         if not sep or not name.strip() or not uri.strip():
-            raise UserError(f"--model {item!r}: expected NAME=CHECKPOINT, e.g. --model dcgan=runs/dcgan")
+            raise UserError(f"--model {item!r}: expected NAME=CHECKPOINT, e.g. --model dcgan=results/runs/dcgan")
         data["models"][name.strip()] = uri.strip()
     return parse_args(apply_overrides(data, overrides), source=source)
 

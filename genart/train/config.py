@@ -121,7 +121,8 @@ class EvalSection(Section):
 
 
 class TrainConfig(Section):
-    model: ModelConfig  # model.family selects dcgan | vae | critic | style; the other keys are the family's
+    # model.family selects dcgan | vae | vqvae | autoregressive | critic | style; the other keys are the family's
+    model: ModelConfig
     data: DataSection
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
