@@ -48,10 +48,6 @@ class Seen:
                 self._started[pid] = started  # found in this session's tree or temp dir now: this process
         return pids
 
-    @property
-    def pids(self) -> set[int]:
-        return set(self._started)
-
     def alive(self) -> set[int]:
         """The seen processes still running: same pid, same start time, not a zombie."""
         return {pid for pid, started in self._started.items() if _start_time(pid) == started and _alive(pid)}

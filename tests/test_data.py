@@ -717,6 +717,18 @@ def test_archive_member_names_are_read_as_paths_whatever_their_spelling(tmp_path
     assert [sources._member_path(n) for n in ("../../x.png", "ok/../../../y.png", "/abs//a/./b.png", "./", "..\\")] == [
         "x.png", "ok/y.png", "abs/a/b.png", None, None]
 
+    # two spellings of one path are one input, read from its last copy (as `tar -x` leaves it), not two rows
+    twice = tmp_path / "twice.tar"
+    with tarfile.open(twice, "w") as tf:
+        for name, data in (("x.png", red), ("./x.png", blue), ("x.png", red), ("./x.png", blue)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    plan = sources.plan([str(twice)])
+    assert plan.num_inputs == 4 and sorted(f["source"] for f in plan.failures) == [
+        f"{twice}!./x.png (copy 1)", f"{twice}!x.png (copy 1)", f"{twice}!x.png (copy 2)"]
+    assert [(r["source"], r["rel_path"], r["data"]) for r in _read_all(plan)] == [(f"{twice}!./x.png", "x.png", blue)]
+
 
 def test_s3_folder_markers_are_not_inputs(s3_server, s3_bucket):
     """The AWS console's "Create folder" writes an empty key ending in '/' (Hadoop writes `name_$folder$`): each

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -154,30 +155,43 @@ def test_a_workflow_rerun_after_retraining_redoes_the_step_instead_of_refusing(t
     assert json.loads((tmp_path / "samples" / "run.json").read_text())["model_hash"] == "bbb"
 
 
-def test_a_job_on_another_jobs_output_records_the_model_that_drew_it(tmp_path):
-    """A score (or stylize) run on a generate output recorded the critic and the folder, not its pictures: after a
-    retrained generator redrew them under the same names, a resume kept the old scores of other pictures. (The
-    quickstart guarded only a rerun that redrew them in the same process, not one cut short between the steps.)"""
+def test_a_job_on_another_jobs_output_records_what_drew_it(tmp_path):
+    """A score (or stylize) run on a generate or stylize output recorded the critic and the folder, not its
+    pictures: after they were redrawn under the same names (a retrained generator, another archive stylized with
+    --overwrite), a resume kept the old scores of other pictures. (The quickstart guarded only a rerun that redrew
+    them in the same process, not one cut short between the steps.)"""
     from genart.infer import jobs
 
     samples, out = tmp_path / "samples", str(tmp_path / "scores")
-    samples.mkdir()
+    (samples / "sub").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(samples / "seed0-000000.png")
-    drawn = {"command": "generate", "input": None, "format": "png", "model_hash": "gen1", "options": {"num": 1}}
+    Image.new("RGB", (8, 8)).save(samples / "sub" / "a.png")
+    drawn = {"command": "stylize", "input": "A.zip", "format": "png", "model_hash": "m1", "options": {"tile": None}}
     (samples / "run.json").write_text(json.dumps(drawn))
-    jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(), "critic1")
-    assert json.loads((tmp_path / "scores" / "run.json").read_text())["input_run"] == \
-        {"command": "generate", "model_hash": "gen1", "options": {"num": 1}}
-    jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(resume=True), "critic1")  # the same
-    (samples / "run.json").write_text(json.dumps({**drawn, "model_hash": "gen2"}))  # redrawn by a retrained model
-    with pytest.raises(UserError, match="input_run.model_hash: 'gen1' then, 'gen2' now"):
-        jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(resume=True), "critic1")
-    jobs._image_work("score", str(samples), out, "parquet", None, {}, RunOptions(resume=True, redo_changed=True), "critic1")
-    assert json.loads((tmp_path / "scores" / "run.json").read_text())["input_run"]["model_hash"] == "gen2"
-    # a folder of the user's own pictures has no run record: nothing more is recorded
-    jobs._image_work("score", str(tmp_path / "samples" / "seed0-000000.png"), str(tmp_path / "one"), "parquet", None,
-                     {}, RunOptions(), "critic1")
-    assert "input_run" not in json.loads((tmp_path / "one" / "run.json").read_text())
+
+    def score(run: RunOptions, src=samples, to=out):
+        jobs._image_work("score", str(src), str(to), "parquet", None, {}, run, "critic1")
+        return json.loads((Path(to) / "run.json").read_text())
+
+    assert score(RunOptions())["input_run"] == {"command": "stylize", "input": "A.zip", "model_hash": "m1",
+                                               "options": {"tile": None}, "input_run": None}
+    score(RunOptions(resume=True))  # the same pictures: resumed
+    for changed in ({"model_hash": "m2"}, {"input": "B.zip"}):  # a retrained model; another archive, same names
+        (samples / "run.json").write_text(json.dumps({**drawn, **changed}))
+        key = next(iter(changed))
+        with pytest.raises(UserError, match=f"input_run.{key}: .* then, .* now"):
+            score(RunOptions(resume=True))
+        assert score(RunOptions(resume=True, redo_changed=True))["input_run"][key] == changed[key]  # workflows: redone
+    # inside a job's output (a subfolder, one file) is the same; the user's own pictures have no run record
+    assert score(RunOptions(), samples / "sub", tmp_path / "s2")["input_run"]["input"] == "B.zip"
+    assert score(RunOptions(), samples / "sub" / "a.png", tmp_path / "s3")["input_run"]["input"] == "B.zip"
+    (tmp_path / "mine").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "mine" / "b.png")
+    assert "input_run" not in score(RunOptions(), tmp_path / "mine", tmp_path / "s4")
+    # a run recorded before input runs were: a --resume goes on as recorded, not refused as another run
+    old = {k: v for k, v in score(RunOptions(overwrite=True)).items() if k != "input_run"}
+    (tmp_path / "scores" / "run.json").write_text(json.dumps(old))
+    assert "input_run" not in score(RunOptions(resume=True))
 
 
 def test_names_json_cannot_send_an_output_outside_the_root(tmp_path):

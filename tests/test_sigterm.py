@@ -53,8 +53,9 @@ class Command:
         self.seen = ray_procs.Seen()
 
     def look(self) -> set[int]:
+        """This command's Ray processes alive now (every one seen is remembered for the leftover check)."""
         self.seen.add(ray_procs.descendants(self.proc.pid) | ray_procs.mentioning(self.temp_dir))
-        return self.seen.pids
+        return self.seen.alive()
 
     def output(self) -> str:
         self.log.flush()
@@ -282,7 +283,7 @@ def test_train_worker_sigterm_restarts_from_the_latest_checkpoint(train_data, tm
             assert time.monotonic() < deadline, "training never got under way"
             time.sleep(0.2)
         workers = [int(p.split(":")[0]) for p in ray_procs.describe(cmd.look()) if "ray::RayTrainWorker" in p]
-        assert workers, ray_procs.describe(cmd.seen.pids)
+        assert workers, ray_procs.describe(cmd.seen.alive())
         os.kill(workers[-1], signal.SIGTERM)
         code = cmd.proc.wait(timeout=START_TIMEOUT_S * 2)
         out = cmd.output()

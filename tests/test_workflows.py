@@ -157,6 +157,8 @@ def test_quickstart_trains_a_run_again_when_its_config_changed_what_it_trains(tm
     wave = qs.workflow.training_config(configs, {**settings, "model.style_image": "wave.jpg"})
     assert qs._what_changed(f"{out}/runs/style", wave) == "model.style_image: 'starry_night.jpg' then, 'wave.jpg' now"
     assert qs._what_changed(f"{out}/runs/dcgan", wave) is None  # no run yet
+    (tmp_path / "runs" / "style" / "config.yaml").write_text(gconfig.to_yaml(first) + "removed_since: 1\n")
+    assert qs._what_changed(f"{out}/runs/style", wave) is None  # a key an upgrade removed: the trainer decides
 
     (tmp_path / "runs" / "dcgan").mkdir()
     qs._forget_runs(out, ("critic", "dcgan", "vae"), "the synthetic data is made again")

@@ -56,13 +56,15 @@ def prepare_data(cfg: QuickstartConfig, out: str) -> tuple[str, str]:
     synth_raw, synth = f"{out}/data/raw/synth", f"{out}/data/synth"
     paintings = f"{out}/data/paintings"
     if not _prepared_as(synth, cfg.image_size, cfg.synth_images):  # a rerun with other sizes redoes its data
-        _forget_runs(out, ("critic", "dcgan", "vae"), "the synthetic data is made again")  # and the models on it
+        if storage.exists(f"{synth}/manifest.json"):  # and the models on it (a deleted folder comes back the same)
+            _forget_runs(out, ("critic", "dcgan", "vae"), "the synthetic data is made again at other sizes")
         storage.remove(synth_raw)
         make_synth(synth_raw, num=cfg.synth_images, size=cfg.image_size, seed=0)
         opts = PrepareOptions(size=cfg.image_size, val_fraction=0.1, overwrite=True)
         click.echo(summary(prepare([synth_raw], synth, opts, progress=False)))
     if not _prepared_as(paintings, cfg.content_size):
-        _forget_runs(out, ("style",), "the paintings are prepared again")
+        if storage.exists(f"{paintings}/manifest.json"):
+            _forget_runs(out, ("style",), "the paintings are prepared again at another size")
         opts = PrepareOptions(size=cfg.content_size, labels="none", val_fraction=0.1, overwrite=True)
         click.echo(summary(prepare([str(assets.PAINTINGS), str(assets.PHOTOS)], paintings, opts, progress=False)))
     return synth, paintings
@@ -92,6 +94,8 @@ def _what_changed(run_dir: str, train_cfg) -> str | None:
     from genart.infer.output import first_difference
     from genart.train.config import load_config
 
+    from genart.errors import UserError
+
     saved = storage.join(run_dir, "config.yaml")
     if not storage.exists(saved):
         return None
@@ -101,7 +105,11 @@ def _what_changed(run_dir: str, train_cfg) -> str | None:
         return {"model": {k: v for k, v in c.model.model_dump(mode="json").items() if k not in free},
                 "data": {"image_size": c.data.image_size, "crop_size": c.data.crop_size}}
 
-    before, now = shape(load_config(saved)), shape(train_cfg)
+    try:
+        old = load_config(saved)
+    except UserError:  # a key an upgrade has removed since: the trainer's own resume check decides (it allows that)
+        return None
+    before, now = shape(old), shape(train_cfg)
     return None if before == now else first_difference(before, now)
 
 

@@ -116,8 +116,9 @@ EMPTY_NAME_REASON = "archive member without a name (only '/', '.' or '..' in it)
 def _member_path(name: str) -> str | None:
     """An archive member's name as a plain relative path inside the archive: '\\' separators (zips from old Windows
     tools) made '/', and the empty, '.' and '..' parts of '/abs', './photos' (`tar cf x.tar ./photos`), 'a//b' or
-    '../../x.png' dropped, as `unzip` and GNU tar do when they extract ('../../x.png' is x.png); None if nothing is
-    left. Members are still read by their raw names."""
+    '../../x.png' dropped, as `unzip` does when it extracts ('../../x.png' is x.png; GNU tar strips a leading '/'
+    and '../' too, and skips other names with '..'); None if nothing is left. Members are still read by their raw
+    names."""
     parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".", "..")]
     return "/".join(parts) or None
 
@@ -230,18 +231,24 @@ def _plan_file(uri: str, rel: str, label: str | None, labels: str | None, failur
         except Exception as exc:  # noqa: BLE001 - a broken archive is one reported input, not a crash
             failures.append({"source": uri, "reason": f"unreadable archive: {one_line(exc)}"})
             return []
-        # A name can repeat (`tar -r`/`-u` append newer copies): one input per name, decided by its last copy (the
-        # one `tar -x` and `unzip` leave on disk), each earlier copy a reject.
-        last = dict(listed)  # name -> why its last copy is not read (a link), or None; in order of first appearance
-        copies = {name: count for name, count in collections.Counter(name for name, _ in listed).items() if count > 1}
-        for name, count in copies.items():
-            failures.extend({"source": f"{uri}!{name} (copy {copy})",
-                             "reason": "duplicate member name in the archive: only the last copy of each name is read"}
-                            for copy in range(1, count))
+        # A path can repeat (`tar -r`/`-u` append newer copies; `x.png` and `./x.png` are one path): one input per
+        # path, decided by its last copy (the one `tar -x` and `unzip` leave on disk), each earlier copy a reject.
+        # Members are read by raw name, and a reader counts a raw name's copies to find the one planned.
+        by_path: dict[str, list[tuple[str, str | None]]] = {}  # path (the raw name if none) -> its members, in order
+        for name, skipped in listed:
+            by_path.setdefault(_member_path(name) or name, []).append((name, skipped))
+        raw_counts = collections.Counter(name for name, _ in listed)
+        copies = {name: count for name, count in raw_counts.items() if count > 1}
         names, paths = [], []
-        for name, skipped in last.items():
-            path = _member_path(name)
-            reason = skipped or (EMPTY_NAME_REASON if path is None else HIDDEN_REASON if _hidden(path) else None)
+        for path, members in by_path.items():
+            *earlier, (name, skipped) = members
+            passed: collections.Counter = collections.Counter()
+            for other, _ in earlier:
+                passed[other] += 1
+                copy = f" (copy {passed[other]})" if raw_counts[other] > 1 else ""
+                failures.append({"source": f"{uri}!{other}{copy}", "reason": "duplicate member name in the archive: "
+                                 "only the last copy of each name is read"})
+            reason = skipped or (EMPTY_NAME_REASON if _member_path(name) is None else HIDDEN_REASON if _hidden(path) else None)
             if reason:
                 failures.append({"source": f"{uri}!{name}", "reason": reason})
             else:

@@ -20,6 +20,7 @@ from typing import Annotated, NamedTuple
 
 from pydantic import Field, field_validator
 
+from genart import storage
 from genart.config import Options, Rule
 from genart.data import images, sources
 from genart.errors import UserError
@@ -169,8 +170,8 @@ def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, opt
     pairs = [(source, naming.output_key(rel, ext)) for source, rel in sources.input_names(plan)]
     record = {"command": command, "input": src, "format": fmt, "model_hash": model_hash, "options": options}
     upstream = output.input_run(src)
-    if upstream is not None:  # the input is another job's output: the model that drew it is part of this run
-        record["input_run"] = upstream
+    if upstream is not None and not _recorded_without_input_run(out, run):
+        record["input_run"] = upstream  # the input is another job's output: what drew it is part of this run
     begin = output.check(out, record, run.resume, run.overwrite, run.redo_changed, plan)
     done = output.done_keys(out, fmt) if begin.resume else set()
     fixed = naming.read_names(out) if begin.resume else {}
@@ -181,6 +182,15 @@ def _image_work(command: str, src: str, out: str, fmt: str, ext: str | None, opt
     already = sum(1 for key in keys.values() if key in done)
     todo = naming.prune_plan(plan, lambda s, r: keys.get(s) not in done) if done else plan
     return _ImageWork(plan, todo, renames, done, already)
+
+
+def _recorded_without_input_run(out: str, run: RunOptions) -> bool:
+    """A --resume of a run recorded before genart recorded input runs: compared as it was recorded (it would be
+    refused as another run, its work lost). Workflows (redo_changed) start such a run over instead: scores are
+    cheap, and stale ones are what input_run is there to catch."""
+    if not run.resume or run.redo_changed or not storage.exists(storage.join(out, "run.json")):
+        return False
+    return "input_run" not in output.read_record(storage.join(out, "run.json"))
 
 
 def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | None = None, tile: int | None = 1024,

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import posixpath
 import re
 import tempfile
 from typing import Callable, NamedTuple
@@ -139,7 +140,7 @@ def check(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool
     has_manifest, has_run = storage.exists(manifest_uri), storage.exists(run_uri)
     earlier = has_run or has_manifest
     files = [(u, storage.relative(out, u)) for u, _ in storage.find(out)] if storage.exists(out) else []
-    stored = _read_record(run_uri) if has_run else None
+    stored = read_record(run_uri) if has_run else None
     if resume and redo_changed and earlier and stored != run:
         resume, overwrite = False, True
     if resume and earlier:
@@ -150,7 +151,7 @@ def check(out: str, run: dict, resume: bool, overwrite: bool, redo_changed: bool
         foreign = [rel for _, rel in files if not _is_ours(rel)]
         remove = [uri for uri, rel in files if is_tmp(rel)]
     elif overwrite and earlier:
-        ours = _written_by(out, stored if stored is not None else _read_record(manifest_uri),
+        ours = _written_by(out, stored if stored is not None else read_record(manifest_uri),
                            None if plan is None else (run.get("input"), plan))
         owned = [(uri, rel, ours(rel)) for uri, rel in files]
         foreign = [rel for _, rel, mine in owned if not mine]
@@ -179,18 +180,23 @@ def commit(out: str, run: dict, begin: Begin) -> None:
 
 
 def input_run(src: str) -> dict | None:
-    """When `src` is another job's output folder (genart generate's samples, stylize's pictures): that job's command,
-    model and options. A job on it records them, so a resume after that folder was redrawn by another model under
-    the same file names (a retrained generator) is another run, not the same one with stale outputs."""
-    if not storage.isdir(src):
-        return None
-    record = _read_record(storage.join(src, "run.json"))
-    if not isinstance(record.get("command"), str) or "model_hash" not in record:
-        return None
-    return {key: record.get(key) for key in ("command", "model_hash", "options")}
+    """When `src` is, or lies inside, another job's output folder (genart generate's samples, stylize's pictures):
+    what made those pictures, that job's command, input, model, options and its own input_run. A job on them records
+    it, so a resume after the folder was redrawn under the same file names (a retrained generator, another archive
+    stylized with --overwrite) is another run, not the same one with stale outputs."""
+    folder = src.rstrip("/") if storage.isdir(src) else posixpath.dirname(src.rstrip("/"))
+    while folder and folder not in ("/", "s3:"):
+        record = read_record(storage.join(folder, "run.json"))
+        if isinstance(record.get("command"), str) and "model_hash" in record:
+            return {key: record.get(key) for key in ("command", "input", "model_hash", "options", "input_run")}
+        parent = posixpath.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return None
 
 
-def _read_record(uri: str) -> dict:
+def read_record(uri: str) -> dict:
     """A run.json or manifest.json as a dict ({} if it is not one: it then explains nothing)."""
     try:
         record = json.loads(storage.read_text(uri))

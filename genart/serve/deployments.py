@@ -309,5 +309,5 @@ class SearchModel:
         return {"results": await asyncio.to_thread(self.index.recommend, liked, k, diversity)}
 
     async def thumbnail(self, image_id: str) -> bytes | None:
-        """The JPEG thumbnail the index stored for `image_id`, or None (thumbnails.parquet is read on first use)."""
+        """The JPEG thumbnail the index stored for `image_id`, or None (thumbnails.parquet is read at start)."""
         return await asyncio.to_thread(self.index.thumbnail, image_id)
