@@ -91,10 +91,9 @@ def _forget_runs(out: str, families: Iterable[str], why: str) -> None:
 def _what_changed(run_dir: str, train_cfg) -> str | None:
     """What differs between the run at `run_dir` and `train_cfg` in what shapes its weights (the model config, image
     and crop size; not the step counts a longer rerun changes), as "key: old then, new now"; None if nothing."""
+    from genart.errors import UserError
     from genart.infer.output import first_difference
     from genart.train.config import load_config
-
-    from genart.errors import UserError
 
     saved = storage.join(run_dir, "config.yaml")
     if not storage.exists(saved):
