@@ -199,8 +199,9 @@ def find(uri: str) -> list[tuple[str, int]]:
     """Every file below `uri`, recursively, as (uri, size), sorted by uri."""
     fs, path = fsspec_fs(uri)
     found = fs.find(path, detail=True)
+    on_s3 = is_s3(uri)
     return sorted((_to_uri(uri, p), int(info.get("size") or 0)) for p, info in found.items()
-                  if info.get("type") != "directory" and not (is_s3(uri) and _folder_marker(p)))
+                  if info.get("type") != "directory" and not (on_s3 and _folder_marker(p)))
 
 
 def _folder_marker(key: str) -> bool:

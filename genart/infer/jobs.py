@@ -1,8 +1,8 @@
 """The batch-inference jobs: `stylize`, `generate` and `score`, each one streaming Ray Data pipeline.
 
-    genart stylize --model runs/style-wave --input photos.zip --output s3://bucket/styled --tile 1024
+    genart stylize --model results/runs/style --input photos.zip --output s3://bucket/styled --tile 1024
     genart generate --model results/runs/dcgan --num 10000 --output out/gen --seed 0
-    genart score --model runs/critic --input data/prepared --output out/scores
+    genart score --model results/runs/critic --input data/prepared --output out/scores
 
 read -> decode + validate (tasks) -> model (actor pool, model loaded once per actor) -> encode + write (tasks);
 the driver only receives one small status per row. Memory stays bounded by the batch sizes, not the input size.
@@ -188,9 +188,10 @@ def _recorded_without_input_run(out: str, run: RunOptions) -> bool:
     """A --resume of a run recorded before genart recorded input runs: compared as it was recorded (it would be
     refused as another run, its work lost). Workflows (redo_changed) start such a run over instead: scores are
     cheap, and stale ones are what input_run is there to catch."""
-    if not run.resume or run.redo_changed or not storage.exists(storage.join(out, "run.json")):
+    if not run.resume or run.redo_changed:
         return False
-    return "input_run" not in output.read_record(storage.join(out, "run.json"))
+    stored = output.read_record(storage.join(out, "run.json"))  # {} when there is none
+    return bool(stored) and "input_run" not in stored
 
 
 def stylize(model: str, src: str, out: str, fmt: str = "png", max_side: int | None = None, tile: int | None = 1024,

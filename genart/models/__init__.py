@@ -73,6 +73,12 @@ def takes_labels(cfg) -> bool:
     return bool(getattr(cfg, "takes_labels", getattr(cfg, "conditional", False)))
 
 
+def trains_on_labels(cfg) -> bool:
+    """Whether a model config trains on the labels, its nets shaped by them: a classifier family (the critic), or a
+    generator whose samples take a label (`takes_labels`)."""
+    return REGISTRY[cfg.family].needs_labels or takes_labels(cfg)
+
+
 def holds_model(uri: str) -> bool:
     """Whether the folder `uri` is a checkpoint folder or a run folder (a state.json, best.json or step-* inside), by
     its listing alone: nothing is read, so a broken checkpoint still counts (loading it says what is wrong)."""

@@ -8,6 +8,7 @@ and `make smoke`. Real use trains its checkpoints with `genart train`.
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Sequence
 
@@ -56,7 +57,7 @@ def _train(fam, cfg, nets, labels: list[str], image_size: int, steps: int, seed:
     rng = np.random.default_rng(seed)
     opts = fam.optimizers(cfg, {name: nets[name] for name in fam.trainable()})
     genres = [label if label in GENRES else GENRES[i % len(GENRES)] for i, label in enumerate(labels)] or list(GENRES)
-    recent: list[dict] = []
+    recent = collections.deque(maxlen=fam.recent_batches)  # as the training loop keeps them for before_checkpoint
     for step in range(steps):
         ys = rng.integers(0, len(genres), size=batch_size)
         imgs = [np.asarray(render(genres[y], int(rng.integers(1 << 30)), image_size, seed), np.float32) for y in ys]
@@ -64,8 +65,8 @@ def _train(fam, cfg, nets, labels: list[str], image_size: int, steps: int, seed:
         label = torch.from_numpy(ys) if labels else torch.full((batch_size,), -1)  # -1: unlabelled
         batch = {"image": x, "label": label.long()}
         fam.train_step(cfg, nets, opts, batch, step)
-        recent = (recent + [batch])[-fam.recent_batches:] if fam.recent_batches else []
-    fam.before_checkpoint(cfg, nets, recent)  # as the training loop does before every save (EMA / BatchNorm statistics)
+        recent.append(batch)
+    fam.before_checkpoint(cfg, nets, list(recent))  # as the training loop does before every save (EMA / BatchNorm statistics)
 
 
 def tiny_checkpoint(out_dir: str, family: str, image_size: int, label_names: Sequence[str] = (), seed: int = 0,

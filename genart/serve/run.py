@@ -1,7 +1,7 @@
 """`genart serve`: run the app on the embedded local Ray or a cluster until Ctrl-C.
 
     genart serve --model dcgan=results/runs/dcgan --model starry=results/runs/style --port 8000
-    genart serve --model critic=runs/critic --index indexes/art           # + /v1/similar and /v1/recommend
+    genart serve --model critic=results/runs/critic --index indexes/art           # + /v1/similar and /v1/recommend
     genart serve --config cluster/serve.yaml --host 0.0.0.0       # a Serve config file, or just its app args
 """
 

@@ -77,8 +77,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
     started = time.time()
     stop, failed = outputs.stop_request(run_dir), outputs.failure_note(run_dir)
     for marker in (stop, failed):  # left by a driver that was killed while it waited
-        if storage.exists(marker):
-            storage.remove(marker)
+        storage.remove(marker)
     try:
         with _checkpoint_on_sigterm(stop, echo) as preempted:
             trainer.fit()
@@ -88,8 +87,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
         raise RuntimeError(f"training failed (run.max_failures={cfg.run.max_failures}); see the worker error above") from exc
     finally:
         for marker in (stop, failed):
-            if storage.exists(marker):
-                storage.remove(marker)
+            storage.remove(marker)  # (remove checks that it is there)
     summary = summarize(cfg, run_dir, seconds=time.time() - started, start_step=plan["start_step"], trained=True)
     if preempted.is_set() and summary["step"] < cfg.train.max_steps:
         latest = outputs.list_checkpoints(run_dir, complete=True)
@@ -218,8 +216,7 @@ def check(cfg: TrainConfig, address: str | None = None) -> dict:
     if family.needs_labels and len(label_names) < 2:
         raise UserError(f"data.path: {cfg.model.family} needs a labelled dataset (one folder per class, >= 2 classes); "
                         f"{cfg.data.path} has {len(label_names)} labels")
-    uses_labels = family.needs_labels or models.takes_labels(cfg.model)
-    if uses_labels and manifest.get("unlabelled"):  # else every worker (and retry) stops at the first label -1
+    if models.trains_on_labels(cfg.model) and manifest.get("unlabelled"):  # else every worker (and retry) stops at the first label -1
         raise UserError(f"data.path: {manifest['unlabelled']} images of {cfg.data.path} are outside its class folders "
                         f"(no label), and this {cfg.model.family} trains on labels; put them in a class folder and "
                         f"prepare again")
@@ -332,8 +329,7 @@ def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: in
                         f"keep it or choose a new run.name")
     # label names shape the weights only of a model that takes labels (embeddings, class heads); an unconditional
     # generator resumes on a dataset that has gained or renamed a class folder
-    takes_labels = models.REGISTRY[cfg.model.family].needs_labels or models.takes_labels(cfg.model)
-    if takes_labels and list(state.get("label_names") or []) != list(label_names):
+    if models.trains_on_labels(cfg.model) and list(state.get("label_names") or []) != list(label_names):
         raise UserError(f"data.path: {where} was trained on labels {state.get('label_names')}, this dataset has "
                         f"{label_names}; use the same labels or a new run.name")
 
