@@ -137,32 +137,53 @@ def test_quickstart_rerun_with_other_data_sizes_prepares_its_data_again(ray_sess
     assert (tmp_path / "data" / "paintings" / "manifest.json").stat().st_mtime_ns == made  # unchanged: kept
 
 
-def test_quickstart_trains_a_run_again_when_its_config_changed_what_it_trains(tmp_path):
-    """quickstart.yaml lists other shipped styles, but a rerun with another style_image into the same --out stopped
-    at "model.style_image: ... keep the run's model config or choose a new run.name", which a quickstart user cannot
-    do; more synth_images re-made the data while the finished runs counted as done. Now such a run starts over."""
-    from genart import config as gconfig
+def test_a_resume_conflict_says_what_changed_and_a_longer_run_resumes(tmp_path):
+    """The trainer's one resume check tells a workflow what changed (ResumeConflict.change), so the quickstart can
+    train that run again instead of copying the check (it had its own, which drifted from the trainer's)."""
+    from genart.train.trainer import ResumeConflict, _check_resumable
 
     qs = load_workflow("quickstart")
-    out = str(tmp_path)
-    settings = {"data.path": f"{out}/data/paintings", "run.storage": f"{out}/runs", "run.name": "style",
+    settings = {"data.path": str(tmp_path), "run.storage": str(tmp_path / "runs"), "run.name": "style",
                 "data.image_size": 48, "train.max_steps": 100}
     configs = str(WORKFLOWS / "configs" / "style.yaml")
     first = qs.workflow.training_config(configs, {**settings, "model.style_image": "starry_night.jpg"})
-    (tmp_path / "runs" / "style" / "step-000100").mkdir(parents=True)
-    (tmp_path / "runs" / "style" / "config.yaml").write_text(gconfig.to_yaml(first))
+    run_dir = tmp_path / "runs" / "style"
+    (run_dir / "step-000100").mkdir(parents=True)
+    state = {"config": {"model": first.model.model_dump(mode="json")}, "image_size": 48, "label_names": []}
+    (run_dir / "step-000100" / "state.json").write_text(json.dumps(state))
     longer = qs.workflow.training_config(configs, {**settings, "model.style_image": "starry_night.jpg",
                                                    "train.max_steps": 500})
-    assert qs._what_changed(f"{out}/runs/style", longer) is None  # more steps: resumed
+    _check_resumable(longer, str(run_dir), "step-000100", 48, [])  # more steps: resumed
     wave = qs.workflow.training_config(configs, {**settings, "model.style_image": "wave.jpg"})
-    assert qs._what_changed(f"{out}/runs/style", wave) == "model.style_image: 'starry_night.jpg' then, 'wave.jpg' now"
-    assert qs._what_changed(f"{out}/runs/dcgan", wave) is None  # no run yet
-    (tmp_path / "runs" / "style" / "config.yaml").write_text(gconfig.to_yaml(first) + "removed_since: 1\n")
-    assert qs._what_changed(f"{out}/runs/style", wave) is None  # a key an upgrade removed: the trainer decides
+    with pytest.raises(ResumeConflict, match="choose a new run.name") as refused:
+        _check_resumable(wave, str(run_dir), "step-000100", 48, [])
+    assert refused.value.change == "model.style_image: 'starry_night.jpg' then, 'wave.jpg' now"
+    with pytest.raises(ResumeConflict) as refused:
+        _check_resumable(first, str(run_dir), "step-000100", 40, [])
+    assert refused.value.change == "image size: 48 px then, 40 px now"
 
     (tmp_path / "runs" / "dcgan").mkdir()
-    qs._forget_runs(out, ("critic", "dcgan", "vae"), "the synthetic data is made again")
+    qs._forget_runs(str(tmp_path), ("critic", "dcgan", "vae"), "the synthetic data is made again")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["style"]
+
+
+@pytest.mark.slow
+def test_quickstart_trains_a_run_again_when_its_config_changed_what_it_trains(quickstart, tmp_path, capsys):
+    """quickstart.yaml lists other shipped styles, but a rerun with another style_image into the same --out stopped
+    at "model.style_image: ... keep the run's model config or choose a new run.name", which a quickstart user cannot
+    do. Now such a run starts over (in a copy of the quickstart's finished style run, here)."""
+    import shutil
+
+    out, _ = quickstart
+    qs = load_workflow("quickstart")
+    shutil.copytree(out / "runs" / "style", tmp_path / "runs" / "style")
+    overrides = dict(item.split("=", 1) for item in QUICK)
+    cfg = qs.QuickstartConfig(content_size=int(overrides["content_size"]), style_image="wave.jpg",
+                              steps={"style": int(overrides["steps.style"])}, num_workers=1)
+    summary = qs.train_one(cfg, "style", str(out / "data" / "paintings"), str(tmp_path))
+    assert summary["trained"] and summary["start_step"] == 0, summary
+    assert "model.style_image: 'starry_night.jpg' then, 'wave.jpg' now: " in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "runs" / "style" / "config.yaml").read_text())["model"]["style_image"] == "wave.jpg"
 
 
 def test_report_links_and_captions_survive_unusual_file_names(tmp_path):

@@ -88,33 +88,11 @@ def _forget_runs(out: str, families: Iterable[str], why: str) -> None:
             storage.remove(run_dir)
 
 
-def _what_changed(run_dir: str, train_cfg) -> str | None:
-    """What differs between the run at `run_dir` and `train_cfg` in what shapes its weights (the model config, image
-    and crop size; not the step counts a longer rerun changes), as "key: old then, new now"; None if nothing."""
-    from genart.errors import UserError
-    from genart.infer.output import first_difference
-    from genart.train.config import load_config
-
-    saved = storage.join(run_dir, "config.yaml")
-    if not storage.exists(saved):
-        return None
-
-    def shape(c) -> dict:
-        free = type(c.model).resume_free
-        return {"model": {k: v for k, v in c.model.model_dump(mode="json").items() if k not in free},
-                "data": {"image_size": c.data.image_size, "crop_size": c.data.crop_size}}
-
-    try:
-        old = load_config(saved)
-    except UserError:  # a key an upgrade has removed since: the trainer's own resume check decides (it allows that)
-        return None
-    before, now = shape(old), shape(train_cfg)
-    return None if before == now else first_difference(before, now)
-
-
 def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
     """One small run of `family`; re-running the quickstart resumes or skips a finished run, and trains it again from
     step 0 when the quickstart config changed what it trains (another style_image, image size or crop)."""
+    from genart.train.trainer import ResumeConflict
+
     steps = getattr(cfg.steps, family)
     settings = {"data.path": data, "data.image_size": cfg.content_size if family == "style" else cfg.image_size,
                 "run.storage": f"{out}/runs", "run.name": family, "scaling.num_workers": cfg.num_workers,
@@ -125,10 +103,11 @@ def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
         if cfg.content_crop:
             settings["data.crop_size"] = cfg.content_crop
     train_cfg = workflow.training_config(os.path.join(HERE, "configs", f"{family}.yaml"), settings)
-    changed = _what_changed(f"{out}/runs/{family}", train_cfg)
-    if changed:
-        _forget_runs(out, (family,), changed)
-    return workflow.train(train_cfg)
+    try:
+        return workflow.train(train_cfg)
+    except ResumeConflict as exc:  # refused before any step: a quickstart user cannot "choose a new run.name"
+        _forget_runs(out, (family,), exc.change)
+        return workflow.train(train_cfg)
 
 
 def make_archive(out: str) -> str:

@@ -301,9 +301,19 @@ def _check_eval(cfg: TrainConfig) -> None:
                         f"use one of {', '.join(known)}")
 
 
+class ResumeConflict(UserError):
+    """The run cannot resume under this config: what shapes its weights (model config, image size, labels) changed.
+    `change` says what, as "model.style_image: 'a.jpg' then, 'b.jpg' now" (a workflow that owns the run, such as the
+    quickstart, trains it again from step 0 instead of stopping)."""
+
+    def __init__(self, message: str, change: str):
+        super().__init__(message)
+        self.change = change
+
+
 def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: int, label_names: list[str]) -> None:
     """Resuming must keep what shapes the weights (model config, image size, labels): checked here, once, instead of
-    failing in every worker (and every retry) when the checkpoint does not load."""
+    failing in every worker (and every retry) when the checkpoint does not load. Raises ResumeConflict."""
     from genart import models
 
     try:
@@ -322,16 +332,19 @@ def _check_resumable(cfg: TrainConfig, run_dir: str, latest: str, image_size: in
     where = f"{run_dir} ({latest})"
     if changed:
         key = changed[0]
-        raise UserError(f"model.{key}: {where} was trained with {old.get(key)!r}, not {new.get(key)!r}; "
-                        f"keep the run's model config or choose a new run.name")
+        raise ResumeConflict(f"model.{key}: {where} was trained with {old.get(key)!r}, not {new.get(key)!r}; "
+                             f"keep the run's model config or choose a new run.name",
+                             f"model.{key}: {old.get(key)!r} then, {new.get(key)!r} now")
     if state.get("image_size") != image_size:
-        raise UserError(f"data.image_size: {where} was trained at {state.get('image_size')} px, not {image_size}; "
-                        f"keep it or choose a new run.name")
+        raise ResumeConflict(f"data.image_size: {where} was trained at {state.get('image_size')} px, not {image_size}; "
+                             f"keep it or choose a new run.name",
+                             f"image size: {state.get('image_size')} px then, {image_size} px now")
     # label names shape the weights only of a model that takes labels (embeddings, class heads); an unconditional
     # generator resumes on a dataset that has gained or renamed a class folder
     if models.trains_on_labels(cfg.model) and list(state.get("label_names") or []) != list(label_names):
-        raise UserError(f"data.path: {where} was trained on labels {state.get('label_names')}, this dataset has "
-                        f"{label_names}; use the same labels or a new run.name")
+        raise ResumeConflict(f"data.path: {where} was trained on labels {state.get('label_names')}, this dataset has "
+                             f"{label_names}; use the same labels or a new run.name",
+                             f"labels: {state.get('label_names')} then, {label_names} now")
 
 
 # ---------------------------------------------------------------- summary
