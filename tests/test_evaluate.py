@@ -93,6 +93,10 @@ def test_metrics_match_plain_numpy_scipy():
     assert M.mmd2_unbiased(x, y) == pytest.approx(reference_mmd2(x, y), rel=1e-3)
     wide = rng.standard_normal((20, 256))  # fewer samples than features: sqrtm's round-off once gave -3.6e-05
     assert M.fid(wide, wide) >= 0.0
+    broken = y.copy()
+    broken[3, 2] = np.nan  # a diverged model's features: FID was 0.0 (max(0, nan): a perfect score) or LinAlgError
+    assert np.isnan(M.fid(x, broken)) and np.isnan(M.fid(x, y * np.inf))
+    assert np.isnan(M.frechet_distance(np.full(8, np.nan), np.eye(8), np.zeros(8), np.eye(8)))  # was 0.0
     # one subset holding every row of each set: KID is then exactly the unbiased MMD^2 of the two sets
     kid_mean, kid_std = M.kid(x[:50], y, num_subsets=1, subset_size=50, max_fraction=1.0)
     assert kid_mean == pytest.approx(reference_mmd2(x[:50], y), rel=1e-3) and kid_std == 0.0

@@ -77,6 +77,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"frechet_distance: shapes differ ({mu1.shape} vs {mu2.shape}, {sigma1.shape} vs {sigma2.shape})")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        # NaN / inf features (a diverged model): no score. max(0, nan) below gave 0.0, a perfect one that won
+        # best.json, and sqrtm of a NaN covariance raised LinAlgError instead of a result
+        return float("nan")
     diff = mu1 - mu2
     with warnings.catch_warnings():  # singular covariances (N <= D) are expected with small N; callers report it
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)

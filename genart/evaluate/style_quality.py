@@ -141,7 +141,7 @@ def _rgb_moments(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def colour_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two images' RGB pixels (mean (3,) and covariance (3, 3))."""
-    return max(0.0, frechet_distance(*_rgb_moments(a), *_rgb_moments(b)))
+    return frechet_distance(*_rgb_moments(a), *_rgb_moments(b))
 
 
 def colour_pull(content: Images, output: Images, style: Images) -> float:
