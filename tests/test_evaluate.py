@@ -230,6 +230,17 @@ def test_trainer_and_workflow_name_precision_recall_as_the_evaluation_will(tmp_p
     _check_eval(load_config(None, [*base, "eval.best_metric=pr300_k3_inception_recall"]))
     with pytest.raises(UserError, match="pr300_k3_inception_recall"):
         _check_eval(load_config(None, [*base, "eval.best_metric=pr1k_k3_inception_recall"]))
+    # The direction comes from the metric: with best_mode's old default "min", a recall best_metric ranked the worst
+    # checkpoint best, and Ray kept the worst train.keep_last and deleted the rest; a spread was accepted as a score.
+    from genart.train.loop import best_metric
+
+    assert best_metric(load_config(None, [*base, "eval.best_metric=pr300_k3_inception_recall"]))[1] == "max"
+    assert best_metric(load_config(None, [*base, "eval.best_metric=kid1k_inception"]))[1] == "min"
+    with pytest.raises(UserError, match="higher pr300_k3_inception_recall is better; leave eval.best_mode unset"):
+        _check_eval(load_config(None, [*base, "eval.best_metric=pr300_k3_inception_recall", "eval.best_mode=min"]))
+    _check_eval(load_config(None, [*base, "eval.best_metric=fid1k_inception", "eval.best_mode=min"]))  # agrees
+    with pytest.raises(UserError, match="'kid1k_inception_std' is a spread, not a score; use one of fid1k_inception"):
+        _check_eval(load_config(None, [*base, "eval.best_metric=kid1k_inception_std"]))
 
     ttd = _workflow_module()
     picked = {"metric": "pr30_k3_inception_recall", "features": "inception", "split": "val"}

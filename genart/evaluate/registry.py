@@ -11,6 +11,7 @@ real rows is pr300. The real side is the whole chosen split (unless --max-real);
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
@@ -101,6 +102,17 @@ def specs(p: Protocol) -> dict[str, Output]:
     """Every key `compute` reports under protocol `p` -> its Output (label, which way is better)."""
     return {key(base, p, suffix): out for base, metric in METRICS.items() if metric.available(p)
             for suffix, out in metric.outputs.items()}
+
+
+def better(name: str) -> Literal["min", "max"] | None:
+    """Which way the metric `name` (e.g. fid1k_critic, pr300_k3_critic_recall) is better, read from its base and
+    suffix; None for a spread (kid1k_critic_std) or a name that is no metric here."""
+    base = re.match(r"[a-z]+", name)
+    metric = METRICS.get(base.group()) if base else None
+    if metric is None:
+        return None
+    suffix = max((s for s in metric.outputs if name.endswith(s)), key=len, default=None)  # "_std" before ""
+    return None if suffix is None else metric.outputs[suffix].better
 
 
 def uses(p: Protocol) -> dict[str, str]:

@@ -117,7 +117,7 @@ class EvalSection(Section):
     renamed = {"num_samples": "num_generated"}  # the old name of num_generated still loads
     features: str | None = None  # feature network for the evaluation metrics; None = genart.evaluate's default
     best_metric: str | None = None  # pick best.json by this evaluation metric (e.g. fid1k_critic), not the val metric
-    best_mode: Literal["min", "max"] = "min"  # whether lower or higher best_metric is better
+    best_mode: Literal["min", "max"] | None = None  # which way best_metric is better; None = the metric's own (FID down)
 
 
 class TrainConfig(Section):

@@ -329,7 +329,10 @@ def best_metric(cfg: TrainConfig) -> tuple[str, str]:
     from genart import models
 
     if cfg.eval.best_metric:
-        return "eval_" + cfg.eval.best_metric.removeprefix("eval_"), cfg.eval.best_mode
+        from genart.evaluate.registry import better
+
+        name = cfg.eval.best_metric.removeprefix("eval_")
+        return "eval_" + name, cfg.eval.best_mode or better(name) or "min"  # (the trainer refused a name with none)
     return models.REGISTRY[cfg.model.family].best_metric
 
 

@@ -288,6 +288,7 @@ def _check_eval(cfg: TrainConfig) -> None:
     evaluator()
     from genart.evaluate import check_features, metric_keys
     from genart.evaluate.reference import subset_rows
+    from genart.evaluate.registry import better
     from genart.evaluate.scoring import DEFAULT_SPLIT, GENERATIVE_FAMILIES
 
     if cfg.model.family not in GENERATIVE_FAMILIES:
@@ -296,9 +297,17 @@ def _check_eval(cfg: TrainConfig) -> None:
     features = check_features(cfg.eval.features)  # e.g. Inception weights missing: fail now, not at the first checkpoint
     # e.g. fid1k_critic: names carry N and features (precision/recall: the rows per side, fewer on a small dataset)
     known = metric_keys(features.kind, cfg.eval.num_generated, num_real=subset_rows(cfg.data.path, DEFAULT_SPLIT))
-    if cfg.eval.best_metric and cfg.eval.best_metric.removeprefix("eval_") not in known:
-        raise UserError(f"eval.best_metric: {cfg.eval.best_metric!r} is not reported with eval.features={features.text}; "
-                        f"use one of {', '.join(known)}")
+    if not cfg.eval.best_metric:
+        return
+    name = cfg.eval.best_metric.removeprefix("eval_")
+    scores = [k for k in known if better(k)]
+    if name not in scores:
+        what = "a spread, not a score" if name in known else f"not reported with eval.features={features.text}"
+        raise UserError(f"eval.best_metric: {cfg.eval.best_metric!r} is {what}; use one of {', '.join(scores)}")
+    # a wrong direction keeps the worst checkpoints and deletes the best (Ray ranks them by it)
+    if cfg.eval.best_mode and cfg.eval.best_mode != better(name):
+        raise UserError(f"eval.best_mode={cfg.eval.best_mode}: higher {name} is "
+                        f"{'better' if better(name) == 'max' else 'worse'}; leave eval.best_mode unset")
 
 
 class ResumeConflict(UserError):
