@@ -57,6 +57,11 @@ def _checked(uri: str) -> str:
     return uri
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray Train workers and Data actors run in folders of their own); s3:// unchanged."""
+    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def within(uri: str, folder: str) -> bool:
     """Whether `uri` is `folder` or lies below it, on the same store."""
     if is_s3(uri) != is_s3(folder):

@@ -347,15 +347,18 @@ def test_critic_learns_resumes_and_loads(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path):
-    """Fit 3, with genart.evaluate's FID on every 2nd checkpoint (features: a small critic checkpoint made here)."""
+def test_vae_reconstruction_improves_with_evaluation(dataset, tmp_path, monkeypatch):
+    """Fit 3, with genart.evaluate's FID on every 2nd checkpoint (features: a small critic checkpoint made here,
+    named relative to the working folder: Ray Train's workers run in another one, where `critic:features` was not
+    found at the first evaluated checkpoint and the run stopped)."""
     from genart.models.tiny import tiny_checkpoint
 
-    features = tiny_checkpoint(str(tmp_path / "features"), "critic", 32, ["circles", "gradient", "grid", "noise", "stripes"],
-                               base_channels=8, num_stages=3, embed_dim=32)  # untrained: made without a fit
+    tiny_checkpoint(str(tmp_path / "features"), "critic", 32, ["circles", "gradient", "grid", "noise", "stripes"],
+                    base_channels=8, num_stages=3, embed_dim=32)  # untrained: made without a fit
+    monkeypatch.chdir(tmp_path)
     cfg = make_cfg("vae", dataset, str(tmp_path / "runs"), "vae", model={"lr": 3e-3}, data={"batch_size": 16},
                    train={"max_steps": 150, "checkpoint_every_steps": 50, "log_every_steps": 10},
-                   eval={"every_checkpoints": 2, "num_generated": 32, "features": f"critic:{features}", "best_metric": "fid32_critic"})
+                   eval={"every_checkpoints": 2, "num_generated": 32, "features": "critic:features", "best_metric": "fid32_critic"})
     summary = train(cfg)
     rows = check_run_folder(summary["run_dir"], [100, 150])
     val = [r["val_recon_mse"] for r in rows if "val_recon_mse" in r]
@@ -439,9 +442,16 @@ def _kill_a_worker_after(run_dir: str, step: int, killed: dict, stop: threading.
 
 
 @pytest.mark.slow
-def test_style_on_s3_run_storage(dataset, s3_bucket):
-    """Fit 5: checkpoints (Ray's storage_filesystem) and run files (genart.storage) both on S3."""
-    cfg = make_cfg("style", dataset, f"s3://{s3_bucket}/runs", "style", train={"max_steps": 10, "checkpoint_every_steps": 5})
+def test_style_on_s3_run_storage(dataset, s3_bucket, tmp_path, monkeypatch):
+    """Fit 5: checkpoints (Ray's storage_filesystem) and run files (genart.storage) both on S3; the user's own style
+    image named relative to the working folder (the driver's check loaded it, then every worker, which Ray Train
+    runs in a folder of its own, stopped at "style image not found")."""
+    from genart.assets import style_image
+
+    (tmp_path / "mine.jpg").write_bytes(style_image("wave.jpg").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg("style", dataset, f"s3://{s3_bucket}/runs", "style", model={"style_image": "mine.jpg"},
+                   train={"max_steps": 10, "checkpoint_every_steps": 5})
     summary = train(cfg)
     run_dir = summary["run_dir"]
     assert run_dir == f"s3://{s3_bucket}/runs/style"

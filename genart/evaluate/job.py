@@ -76,13 +76,8 @@ def _actor_args(max_actors: int | None) -> dict:
     return args
 
 
-def _absolute(uri: str) -> str:
-    """Actors may run in another working folder: hand them absolute paths."""
-    return uri if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
-
-
 def _spec_for_actors(spec: FeatureSpec) -> FeatureSpec:
-    return FeatureSpec(spec.kind, None if spec.uri is None else _absolute(spec.uri))
+    return FeatureSpec(spec.kind, None if spec.uri is None else storage.absolute(spec.uri))
 
 
 def _drain(ds, progress: Progress):
@@ -124,7 +119,7 @@ def generated(model: str, num: int, spec: FeatureSpec, max_actors: int | None, p
 
     blocks = max(1, min(200, num // GENERATE_BATCH))
     ds = ray.data.range(num, override_num_blocks=blocks)
-    ds = ds.map_batches(GeneratedFeatures, fn_constructor_args=(_absolute(model), _spec_for_actors(spec), policy),
+    ds = ds.map_batches(GeneratedFeatures, fn_constructor_args=(storage.absolute(model), _spec_for_actors(spec), policy),
                         batch_size=GENERATE_BATCH, batch_format="numpy", **_actor_args(max_actors))
     seeds, feats = [], []
     for batch in _drain(ds, Progress("evaluate (generated)", num, progress)):

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
+from genart import storage
 from genart.config import Section
 from genart.data.palette import MAX_COLORS, MIN_COLORS, from_tokens, grid_palette, palette_path, read_palette, to_tokens
 from genart.errors import UserError
@@ -74,10 +75,12 @@ class AutoregressiveConfig(Section):
         return self
 
     def resolve_paths(self, data_path: str) -> "AutoregressiveConfig":
-        """Training fills in the dataset's palette file, so the resolved config.yaml names the one it used."""
-        if self.palette is not None:
+        """Training fills in the dataset's palette file, so the resolved config.yaml names the one it used; a palette
+        file given relative to where genart started is made absolute (Ray Train workers run in another folder)."""
+        if self.palette == "grid":
             return self
-        return self.model_copy(update={"palette": palette_path(data_path, self.colors)})
+        palette = palette_path(data_path, self.colors) if self.palette is None else storage.absolute(self.palette)
+        return self.model_copy(update={"palette": palette})
 
 
 def check_trained_for_guidance(guidance: float, conditional: bool, label_dropout: float) -> None:

@@ -68,6 +68,20 @@ class StyleConfig(Section):
             return value
         raise ValueError("must be vgg16, vgg19, random or critic:<checkpoint uri>")
 
+    def resolve_paths(self, data_path: str) -> "StyleConfig":
+        """Files given relative to where genart started, made absolute: Ray Train workers run in another folder (the
+        driver's check loaded them, every worker then failed). A shipped style stays a name."""
+        from genart.assets import STYLES
+
+        update = {}
+        if not (STYLES / self.style_image).is_file():
+            update["style_image"] = storage.absolute(self.style_image)
+        if self.loss_network.startswith("critic:"):
+            update["loss_network"] = "critic:" + storage.absolute(self.loss_network.removeprefix("critic:"))
+        if self.loss_network_weights:
+            update["loss_network_weights"] = storage.absolute(self.loss_network_weights)
+        return self.model_copy(update=update)
+
 
 class ConvLayer(nn.Sequential):
     """Reflection-padded conv: (B, cin, H, W) -> (B, cout, H/stride, W/stride)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 import time
@@ -155,11 +154,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """A copy with the run name spelt out and local paths made absolute (Ray Train workers run in another folder)."""
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = cfg.run_name
-    if not storage.is_s3(cfg.run.storage):
-        cfg.run.storage = os.path.abspath(os.path.expanduser(cfg.run.storage))
-    if not storage.is_s3(cfg.data.path):
-        cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
-    if hasattr(cfg.model, "resolve_paths"):  # a family's files that default to the dataset's (e.g. a palette)
+    cfg.run.storage = storage.absolute(cfg.run.storage)
+    cfg.data.path = storage.absolute(cfg.data.path)
+    kind, _, uri = (cfg.eval.features or "").partition(":")
+    if uri:  # critic:runs/critic, inception:weights.pth
+        cfg.eval.features = f"{kind}:{storage.absolute(uri)}"
+    if hasattr(cfg.model, "resolve_paths"):  # a family's files (a style image, a palette that defaults to the data's)
         cfg.model = cfg.model.resolve_paths(cfg.data.path)
     return cfg
 
