@@ -680,6 +680,39 @@ def test_archive_links_are_reported_not_dropped(tmp_path):
                               "reason": "symbolic link in the archive: not read (a link to a.png)"}]
 
 
+def test_names_that_are_not_utf8_are_reported_rejects_not_a_crash(tmp_path):
+    """A Latin-1 file name (caf\xe9.png, from an old disk or tar) reaches Python with a surrogate for the odd byte, which
+    no Arrow table, JSON record or output name can carry: every job over such a folder or tar died on the driver
+    with a UnicodeEncodeError before any work. Now it is one reported reject, named with the byte escaped."""
+    import io
+    import tarfile
+
+    from genart.data import sources
+    from genart.infer import naming
+
+    red = corpus._png(Image.new("RGB", (8, 8), "red"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(red)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:
+        f.write(red)
+    tar_path = folder / "old.tar"
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name in ("in.png", os.fsdecode(b"na\xefve.png")):
+            info = tarfile.TarInfo(name)
+            info.size = len(red)
+            tf.addfile(info, io.BytesIO(red))
+    plan = sources.plan([str(folder)])
+    assert plan.num_inputs == 4
+    assert sorted((f["source"], f["reason"]) for f in plan.failures) == [
+        (f"{folder}/caf\\xe9.png", sources.BAD_NAME_REASON), (f"{tar_path}!na\\xefve.png", sources.BAD_NAME_REASON)]
+    keys = [naming.output_key(rel, ".png") for _, rel in sources.input_names(plan)]  # raised UnicodeEncodeError
+    assert len(keys) == 4 and {"in.png", "ok.png"} <= set(keys)
+    assert sorted(r["rel_path"] for r in _read_all(plan)) == ["in.png", "ok.png"]
+    with pytest.raises(UserError, match=r"source .*caf\\xe9.png: the name is not valid UTF-8"):
+        sources.plan([os.fsdecode(os.path.join(os.fsencode(folder), b"caf\xe9.png"))])
+
+
 def test_archive_member_names_are_read_as_paths_whatever_their_spelling(tmp_path):
     """`tar cf x.tar ./photos` names members ./photos/cat/1.png: everything was labelled 'photos'. A zip written with
     Windows separators (photos\\cat\\1.png) had no labels, and its folder entries (photos\\cat\\) were planned as

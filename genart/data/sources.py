@@ -102,6 +102,22 @@ def _label_of(rel: str, use_dirs: bool) -> str | None:
 
 
 HIDDEN_REASON = "hidden or system file (a dot-name, or macOS's __MACOSX/): not read"
+# A name in another encoding (Latin-1 from an old archive or disk): Python holds its odd bytes as surrogates, which
+# no Arrow table, JSON record or output name can carry, so it is reported with them escaped (caf\xe9.jpg), not read.
+BAD_NAME_REASON = "name is not valid UTF-8 (shown with its odd bytes as \\xNN): not read; rename it to UTF-8 (e.g. convmv)"
+
+
+def _bad_name(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _printable(name: str) -> str:
+    """A name as text any record can hold: bytes that are not UTF-8 written as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _hidden(rel: str) -> bool:
@@ -150,12 +166,16 @@ def plan(sources: list[str], labels: str | None = None) -> Plan:
 
 
 def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Unit]:
+    if _bad_name(src):
+        raise UserError(f"source {_printable(src)}: the name is not valid UTF-8; rename it to UTF-8 (e.g. convmv)")
     if not storage.isdir(src):
         rel = posixpath.basename(src.rstrip("/"))
         return _plan_file(src, rel, None, labels, failures)
     files = []
     for f, size in _without_output_files(storage.find(src)):
-        if _hidden(storage.relative(src, f)):
+        if _bad_name(f):
+            failures.append({"source": _printable(f), "reason": BAD_NAME_REASON})
+        elif _hidden(storage.relative(src, f)):
             failures.append({"source": f, "reason": HIDDEN_REASON})
         else:
             files.append((f, size))
@@ -423,7 +443,11 @@ def _tar_members(uri: str) -> list[tuple[str, str | None]]:
     members = []
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for member in tf:
-            if not member.isdir():
+            if member.isdir():
+                continue
+            if _bad_name(member.name):  # (zip decodes such names as cp437: always text)
+                members.append((_printable(member.name), BAD_NAME_REASON))
+            else:
                 members.append((member.name, _tar_skip_reason(member)))
     return members
 
