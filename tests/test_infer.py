@@ -285,6 +285,30 @@ def test_a_refused_resume_leaves_a_finished_output_finished(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "run.json", "x.png"]
 
 
+def test_deduping_shards_never_deletes_the_only_copy_of_a_row(tmp_path):
+    """Shards {x}, {x, y}, {y} in that (name) order, as a retried task leaves them: the middle one, cut to {y}, was
+    rewritten under the name of the last ({y}'s), which the same pass then deleted as a duplicate: y was gone."""
+    import pyarrow as pa
+
+    from genart.infer import output
+
+    def shard(keys):
+        return output.write_shard(str(tmp_path), pa.table({"key": keys, "value": [f"{k}!" for k in keys]}))
+
+    def name(keys):  # where write_shard puts a batch of these keys
+        return os.path.basename(output.write_shard(str(tmp_path / "names"), pa.table({"key": keys})))
+
+    # two keys whose shards sort x, xy, y (the shard names are hashes of the keys)
+    x, y = next((a, b) for a in map(str, range(40)) for b in map(str, range(40))
+                if a != b and name([a]) < name([a, b]) < name([b]))
+    for keys in ([x], [x, y], [y]):
+        shard(keys)
+    assert output.dedupe_shards(str(tmp_path)) == 2
+    rows = [row for uri in output.shards(str(tmp_path)) for row in output.read_shard(uri).to_pylist()]
+    assert sorted(row["key"] for row in rows) == sorted([x, y])
+    assert output.dedupe_shards(str(tmp_path)) == 0
+
+
 def test_tile_overlap_is_checked_against_the_tile_as_used():
     """Tiles are rounded down to a multiple of 16 (tiling.ALIGN): --tile 40 is a 32 px tile, so at most 16 overlap."""
     with pytest.raises(UserError, match="--tile-overlap 20: .* 16"):

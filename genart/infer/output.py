@@ -249,20 +249,28 @@ def write_shard(out: str, table: pa.Table) -> str:
 
 
 def dedupe_shards(out: str) -> int:
-    """Drop rows whose key is also in an earlier shard (a task retried with a differently cut batch); returns rows dropped."""
-    seen: set[str] = set()
-    dropped = 0
-    for uri in sorted(shards(out)):
-        keys = read_shard(uri, ["key"]).column("key").to_pylist()
-        mask = [k not in seen for k in keys]
-        seen.update(keys)
-        if all(mask):
-            continue
-        dropped += mask.count(False)
-        table = read_shard(uri).filter(pa.array(mask))
-        storage.remove(uri)
-        if table.num_rows:
-            write_shard(out, table)
+    """Drop rows whose key is also in an earlier shard (a task retried with a differently cut batch); returns rows dropped.
+
+    Decided whole before any file changes: a shard left with some of its rows is rewritten under the name of the
+    keys it keeps, which can be the name of a later shard holding just those keys. Rewritten in one pass, that shard
+    was overwritten and then deleted as a duplicate of itself, and its rows were lost. So the shards whose every row
+    is kept elsewhere go first, then the partial ones are written anew (before their old file goes: a crash leaves
+    duplicates for the next pass, never a gap)."""
+    listed = sorted(shards(out))
+    keys = {uri: read_shard(uri, ["key"]).column("key").to_pylist() for uri in listed}
+    owner: dict[str, str] = {}
+    for uri in listed:
+        for key in keys[uri]:
+            owner.setdefault(key, uri)
+    masks = {uri: [owner[key] == uri for key in keys[uri]] for uri in listed}
+    dropped = sum(mask.count(False) for mask in masks.values())
+    for uri in listed:
+        if keys[uri] and not any(masks[uri]):
+            storage.remove(uri)
+    for uri in listed:
+        if any(masks[uri]) and not all(masks[uri]):
+            write_shard(out, read_shard(uri).filter(pa.array(masks[uri])))
+            storage.remove(uri)
     return dropped
 
 
