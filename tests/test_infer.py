@@ -188,6 +188,9 @@ def test_a_job_on_another_jobs_output_records_what_drew_it(tmp_path):
     (tmp_path / "mine").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "mine" / "b.png")
     assert "input_run" not in score(RunOptions(), tmp_path / "mine", tmp_path / "s4")
+    # a run.json that cannot be read (S3's AccessDenied above a role's prefix; here a folder of that name)
+    (tmp_path / "mine" / "run.json").mkdir()
+    assert "input_run" not in score(RunOptions(), tmp_path / "mine", tmp_path / "s5")
     # a run recorded before input runs were: a --resume goes on as recorded, not refused as another run
     old = {k: v for k, v in score(RunOptions(overwrite=True)).items() if k != "input_run"}
     (tmp_path / "scores" / "run.json").write_text(json.dumps(old))

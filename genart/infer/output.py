@@ -197,10 +197,12 @@ def input_run(src: str) -> dict | None:
 
 
 def read_record(uri: str) -> dict:
-    """A run.json or manifest.json as a dict ({} if it is not one: it then explains nothing)."""
+    """A run.json or manifest.json as a dict ({} if it is not one: it then explains nothing). One that cannot be read
+    (S3's AccessDenied above a role's prefix, a folder of that name) explains nothing either: input_run() looks in
+    every folder above a job's input, and such a file had stopped the job before any work."""
     try:
         record = json.loads(storage.read_text(uri))
-    except (ValueError, UserError):
+    except (ValueError, UserError, OSError):
         return {}
     return record if isinstance(record, dict) else {}
 
