@@ -112,6 +112,9 @@ def test_output_names_cannot_escape():
     assert naming.safe_rel("C:\\Windows\\x.png") == "C_/Windows/x.png"
     assert naming.safe_rel("x\x00y/./.hidden.png") == "x_y/hidden.png"
     assert naming.safe_rel("manifest.json") == "_manifest.json"
+    # a long folder name cut at a space: names.json holds the cut name, and a resume re-checks it with safe_rel
+    cut = naming.safe_rel("a" + "\u732b" * 66 + " after/x.png")  # 199 bytes, then a space at the cut
+    assert naming.safe_rel(cut, max_bytes=None) == cut and cut.split("/")[0] == "a" + "\u732b" * 66
     assert naming.output_key("cats/a.jpeg", ".webp") == "cats/a.webp"
     renames = naming.unique_keys([("s1", "a.png"), ("s2", "A.png"), ("s0", "a.png"), ("s3", "b.png")])
     assert renames == {"s0": "a.png", "s1": "a~2.png", "s2": "a~3.png"}  # the smallest source keeps the plain name

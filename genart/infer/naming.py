@@ -30,7 +30,7 @@ def _component(part: str, max_bytes: int | None) -> str:
     part = _UNSAFE.sub("_", part).strip().lstrip(".")  # leading dots: no hidden files, no "..", no "."
     encoded = part.encode()
     if max_bytes and len(encoded) > max_bytes:
-        part = encoded[:max_bytes].decode(errors="ignore")
+        part = encoded[:max_bytes].decode(errors="ignore").rstrip()  # stripped again: a cut can end on a space
     return part
 
 
