@@ -25,7 +25,8 @@ class _Group(click.Group):
 def main() -> None:
     """Train, batch-run and serve generative-art models on Ray.
 
-    Without --address (or RAY_ADDRESS) every command starts an embedded local Ray sized for this machine.
+    Without --address (or RAY_ADDRESS) every command that runs on Ray starts an embedded local Ray sized for this
+    machine (submit and jobs talk to a cluster's Jobs API instead).
     """
 
 
@@ -94,16 +95,19 @@ def datasets() -> None:
 
 @datasets.command("synth")
 @click.option("--out", "--output", "out", required=True, help="Folder to write <genre>/<genre>-NNNNN.png into.")
-@click.option("--num", type=int, default=500, show_default=True, help="Number of images, spread over the genres.")
-@click.option("--size", type=int, default=64, show_default=True, help="Image side in px.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num", type=click.IntRange(min=1), default=500, show_default=True, help="Number of images, spread over the genres.")
+@click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Image side in px.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def datasets_synth(out, num, size, seed):
     """Write labelled abstract images (stripes, circles, grid, noise, gradient) for demos and tests."""
+    import os
+
+    from genart import storage
     from genart.data.synth import make_synth
 
-    if num < 1 or size < 8:
-        raise UserError("--num must be >= 1 and --size >= 8")
-    counts = make_synth(out, num=num, size=size, seed=seed)
+    if not storage.is_s3(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: a file, not a folder")
+    counts = {genre: n for genre, n in make_synth(out, num=num, size=size, seed=seed).items() if n}
     click.echo(f"wrote {sum(counts.values())} images in {len(counts)} genres to {out}: " + ", ".join(f"{g} {n}" for g, n in counts.items()))
 
 
@@ -457,8 +461,10 @@ def submit(address, working_dir, pip_packages, gpus, no_wait, command):
     """Run COMMAND (any genart command or workflow) on a Ray cluster as a Ray job.
 
     Streams the job's logs and exits 0 if it succeeded, 1 if it failed or was stopped. The auth token comes
-    from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Example:
+    from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. COMMAND given as one quoted argument is
+    run as a shell line. Example:
 
+    \b
         genart submit --address http://127.0.0.1:8265 -- genart train workflows/configs/dcgan.yaml
     """
     from genart import ray_jobs

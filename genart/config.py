@@ -141,6 +141,8 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({one_line(exc, with_type=False)})") from None
+    except (OSError, UnicodeDecodeError) as exc:  # e.g. a checkpoint or an image passed for the config
+        raise UserError(f"{path}: cannot be read as a YAML text file ({one_line(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config sections at the top level")
     return data
@@ -152,28 +154,36 @@ def validate(cls: type[C], data: dict, source: str = "config") -> C:
         return cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        # Drop pydantic's discriminator tags (e.g. 'dcgan') so the key reads as the user wrote it.
-        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p, data))
-        msg = err["msg"]
+        loc = _user_key(err, data)
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             # a whole section's input (a rule across its keys) would print every key: the message names the keys
             msg = f"{msg} (got {err['input']!r})"
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise UserError(f"{source}: {loc}: {msg}{more}") from None
+        raise UserError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from None
 
 
-def _is_union_tag(part: Any, data: dict) -> bool:
-    return isinstance(part, str) and part in _tags(data)
-
-
-def _tags(data: dict) -> set[str]:
-    tags = set()
-    for value in data.values():
-        if isinstance(value, dict) and isinstance(value.get("family"), str):
-            tags.add(value["family"])
-    return tags
+def _user_key(err: dict, data: Any) -> str:
+    """The error's key as the user wrote it: pydantic's location walked through the data, leaving out the parts it
+    adds, a union's member tag ('dcgan' in model.dcgan.lr) and, below a plain value, the member type it tried
+    ('int' in scaling.num_workers.int). A key that is not in the data (missing, or written under an old name) stays."""
+    parts, node, walking = [], data, True
+    for part in err["loc"]:
+        if not walking:
+            parts.append(str(part))
+        elif isinstance(node, dict):
+            if part in node:
+                parts.append(str(part))
+                node = node[part]
+            elif node.get("family") != part:  # (the tag is the value of the union's "family" key)
+                parts.append(str(part))
+                walking = False
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            parts.append(str(part))
+            node = node[part]
+    return ".".join(parts)
 
 
 def load(cls: type[C], path: str | Path | None = None, overrides: Iterable[str] = (), base: dict | None = None) -> C:
@@ -181,8 +191,10 @@ def load(cls: type[C], path: str | Path | None = None, overrides: Iterable[str] 
     data: dict = dict(base or {})
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
+    overrides = list(overrides)
     data = apply_overrides(data, overrides)
-    return validate(cls, data, source=str(path) if path else "config")
+    source = str(path) if path else "config"
+    return validate(cls, data, source=f"{source} + --set" if overrides else source)
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

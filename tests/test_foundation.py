@@ -71,6 +71,45 @@ def test_bad_keys_give_one_line_naming_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_config_errors_name_the_key_as_typed_and_where_it_came_from(tmp_path):
+    """A --set typo was blamed on the YAML file; a key of a value that may be one of two types carried pydantic's
+    member name (`scaling.num_workers.int`); a rule across a whole config printed an empty key and "Value error, ";
+    a binary file passed for the config was a UnicodeDecodeError traceback."""
+    from genart.serve.config import ServeArgs
+    from genart.train.config import load_config
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model:\n  family: dcgan\ndata:\n  path: d\n")
+    with pytest.raises(UserError, match=r"^\S*run.yaml \+ --set: scaling.num_workers: Input should be"):
+        load_config(str(yaml_file), ["scaling.num_workers=1,2"])
+    with pytest.raises(UserError, match=r"^\S*run.yaml: model.latent_dim: Input should be greater"):
+        yaml_file.write_text("model:\n  family: dcgan\n  latent_dim: 0\ndata:\n  path: d\n")
+        load_config(str(yaml_file))
+    with pytest.raises(UserError) as err:
+        config.validate(ServeArgs, {}, source="serve args")
+    assert str(err.value).startswith("serve args: ") and ": :" not in str(err.value) and "Value error" not in str(err.value)
+    (tmp_path / "w.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UserError, match="w.yaml: cannot be read as a YAML text file"):
+        load_config(str(tmp_path / "w.yaml"))
+
+
+def test_datasets_synth_refuses_bad_options_in_one_line(tmp_path):
+    """A negative --seed (numpy's SeedSequence) and an --out that is a file ended in tracebacks; --num 2 listed
+    three genres with 0 images."""
+    from click.testing import CliRunner
+
+    from genart.cli import main
+
+    (tmp_path / "afile").write_text("hi")
+    for args, message in ((["--seed", "-1"], "-1 is not in the range x>=0"), (["--out", str(tmp_path / "afile")],
+                                                                            "a file, not a folder")):
+        result = CliRunner().invoke(main, ["datasets", "synth", "--out", str(tmp_path / "s"), "--num", "2",
+                                           "--size", "8", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = CliRunner().invoke(main, ["datasets", "synth", "--out", str(tmp_path / "s"), "--num", "2", "--size", "8"])
+    assert result.exit_code == 0 and "wrote 2 images in 2 genres" in result.output and " 0" not in result.output
+
+
 def test_renamed_keys_still_load_and_later_keys_win(tmp_path):
     """model.num_samples became grid_size, eval.num_samples num_generated: old YAML, --set and checkpoints still load."""
     from genart.models.dcgan import DCGANConfig

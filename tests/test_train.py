@@ -479,6 +479,11 @@ def test_a_second_dry_run_into_the_same_output_trains_again(tmp_path):
     with pytest.raises(UserError, match="not a genart dry run"):
         clear_earlier(cfg)
     assert (run_dir / "thesis.tex").exists()
+    # a run.name at the cap still gets a dry run (its -dry-run suffix went past the cap: refused, naming a name
+    # the user never typed)
+    longest = "n" * storage.RUN_NAME_MAX
+    assert dry_run_config(make_cfg("dcgan", str(tmp_path), str(tmp_path), longest), str(tmp_path)).run_name == (
+        "n" * (storage.RUN_NAME_MAX - 8) + "-dry-run")
 
 
 def test_an_unconditional_run_resumes_on_a_dataset_with_another_class_folder(tmp_path):

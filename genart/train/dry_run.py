@@ -30,8 +30,8 @@ def dry_run_config(cfg: TrainConfig, output: str | None = None) -> TrainConfig:
     raw["data"]["batch_size"] = min(cfg.data.batch_size, 4)
     raw["train"].update(max_steps=DRY_RUN_STEPS, checkpoint_every_steps=DRY_RUN_STEPS, log_every_steps=1)
     raw["scaling"].update(num_workers=1, cpus_per_worker=min(cfg.scaling.cpus_per_worker, 1.0))
-    raw["run"].update(storage=output or tempfile.mkdtemp(prefix="genart-dry-run-"), name=f"{cfg.run_name}-dry-run",
-                      max_failures=0)
+    name = cfg.run_name[: storage.RUN_NAME_MAX - len("-dry-run")]  # a name at the cap still has room for the suffix
+    raw["run"].update(storage=output or tempfile.mkdtemp(prefix="genart-dry-run-"), name=f"{name}-dry-run", max_failures=0)
     raw["eval"]["every_checkpoints"] = 0
     raw["eval"]["best_metric"] = None
     return config_lib.validate(TrainConfig, raw)
