@@ -167,6 +167,7 @@ def quality(judge: Judge, samples: torch.Tensor, real_feats: np.ndarray, data_sh
     from genart.evaluate.metrics import fid
 
     n = count_name(len(samples))
+    samples = (samples.float().clamp(0, 1) * 255).round() / 255  # 8-bit pictures, as saved PNGs and the real side are
     feats, probs = judge_outputs(judge, samples)
     share = np.bincount(probs.argmax(1), minlength=len(genres)) / len(samples)
     return {
