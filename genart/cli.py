@@ -49,7 +49,7 @@ def set_option(example: str):
 
 @main.command()
 @click.argument("srcs", nargs=-1, required=True, metavar="SRC...")
-@click.option("--out", "--output", "dest", required=True, help="Destination folder or s3:// prefix for the Parquet dataset.")
+@click.option("--out", "--output", "dest", required=True, help="Destination folder or s3:// prefix for the Parquet dataset (on a cluster: s3:// or a folder every node shares).")
 @click.option("--size", type=int, default=None, help="Resize to SIZE x SIZE px (default: keep the normalised original size).")
 @click.option("--resize", "resize_mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="How --size makes images square: center-crop, or pad with white.")
@@ -204,7 +204,7 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
 @main.command()
 @click.option("--model", required=True, help="Style checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
-@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix; outputs keep their input's relative path.")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix; outputs keep their input's relative path. On a cluster: s3:// or a folder every node shares (tasks write on any node).")
 @click.option("--max-side", type=int, default=None, help="Downscale so the longer side is at most N px (default: keep size).")
 @click.option("--tile", type=int, default=1024, show_default=True, help="Stylise images larger than N px in N x N tiles (0: never).")
 @click.option("--tile-overlap", type=int, default=None, help="Tile overlap in px (default: N/8, at least twice the net's reach).")
@@ -227,7 +227,7 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
 @main.command()
 @click.option("--model", required=True, help="Generative (dcgan, vae, vqvae, autoregressive) checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--num", type=int, required=True, help="Number of images.")
-@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl.")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl (on a cluster: s3:// or a folder every node shares).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses latent seed (SEED << 32) | i.")
 @click.option("--truncation", type=float, default=1.0, show_default=True, help="Scale latents toward the mean (1.0 = off).")
 @click.option("--label", default=None, help="Class name or index for a class-conditional model (default: the class follows each image's seed).")
@@ -251,7 +251,7 @@ def generate(model, num, out, seed, truncation, label, guidance, fmt, batch_size
 @main.command()
 @click.option("--model", required=True, help="Critic checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
-@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards.")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards (on a cluster: s3:// or a folder every node shares).")
 @max_pixels_option
 @_run_options
 def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, deterministic, autocast,
@@ -271,7 +271,7 @@ def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker,
 
 @main.command("index")
 @click.option("--input", "src", required=True, help="Prepared dataset, folder, .zip/.tar archive, Parquet or s3:// prefix of images.")
-@click.option("--output", "--out", "out", required=True, help="Index folder or s3:// prefix (vectors, faiss.index, metadata.parquet).")
+@click.option("--output", "--out", "out", required=True, help="Index folder or s3:// prefix (vectors, faiss.index, metadata.parquet); on a cluster: s3:// or a folder every node shares.")
 @click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
               help="Feature network: InceptionV3 pool features, or a trained critic's embedding.")
 @click.option("--inception-weights", default=None, metavar="PATH",
