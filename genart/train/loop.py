@@ -89,7 +89,7 @@ def _train(config: dict) -> None:
     # [3] Data: this worker's shard of the train split as endless augmented batches; rank 0 also keeps the val split
     # and the fixed inputs of the sample grid (from the first val batch, else from the first train batch).
     augment = cfg.data.augment or family.default_augment
-    data_seed = _seed(cfg.train.seed, "data", rank, start_step)  # never shared by two ranks, nor by two resumes
+    data_seed = _seed(cfg.train.seed, "data", rank, start_step)  # per rank and resume point (a retry repeats it)
     batches = train_batches(cfg, device, augment, data_seed, cached=config.get("cached", False))
     fixed = _fixed_inputs(family, cfg, image_size, label_names, val.example(label_names)) if rank == 0 else None
 
@@ -101,6 +101,8 @@ def _train(config: dict) -> None:
     while step < cfg.train.max_steps and not stopping:
         # [4] Train step: the family's own (forward, losses, backward, optimizer steps); it returns scalar metrics.
         batch = next(batches)
+        if step == start_step:  # the first batch's wait is the pipeline's start-up (a cached split read whole), not
+            window.reset()  # training: the first row's images_per_second counted it
         recent.append(batch)
         if rank == 0 and fixed is None:
             fixed = _fixed_inputs(family, cfg, image_size, label_names, {**batch, "label_names": label_names})
@@ -165,7 +167,9 @@ def _resume(run_dir: str, seed: int, nets: dict, opts: dict, precision: Precisio
 
 
 def _fixed_inputs(family, cfg: TrainConfig, image_size: int, label_names: list[str], example: dict | None) -> dict | None:
-    """The family's fixed sample-grid inputs (same latents/images at every checkpoint), from an example batch."""
+    """The family's fixed sample-grid inputs (same latents/images at every checkpoint), from an example batch. From
+    the val split they stay the same across resumes too; from the first train batch (no val split) a resume draws
+    other pictures, as its data order is another."""
     if example is None:
         return None
     example = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
@@ -245,7 +249,8 @@ def _stop_requested(marker: str, rank: int, world: int, device: torch.device) ->
 
 
 def _seed(base: int, stream: str, rank: int, step: int) -> int:
-    """A seed for one (stream, rank, start step): SeedSequence hashing, so no two ranks or resumes share one."""
+    """A seed for one (stream, rank, start step): SeedSequence hashing, so no two ranks or resume points share one
+    (two resumes from one checkpoint do: a retry draws what the first try drew)."""
     import numpy as np
 
     return int(np.random.SeedSequence([base, rank, step, sum(map(ord, stream))]).generate_state(1)[0])
