@@ -113,6 +113,8 @@ def test_index_similar_recommend_and_incremental(tmp_path, art, critic, ray_sess
     plain = [h["id"] for h in idx.recommend(liked, 10, diversity=0.0)]
     varied = idx.recommend(liked, 10, diversity=0.9)
     assert not set(plain) & set(liked)
+    # a repeated liked id counts once, as the API's /v1/recommend drops repeats (it weighed more in the mean here)
+    assert [h["id"] for h in idx.recommend([liked[0], *liked, liked[0]], 10, diversity=0.0)] == plain
     pair_sim = lambda hits: np.mean([idx.vectors[idx.row_of[a]] @ idx.vectors[idx.row_of[b]]  # noqa: E731
                                      for a in hits for b in hits if a != b])
     assert pair_sim([h["id"] for h in varied]) < pair_sim(plain)  # MMR trades closeness for variety
@@ -229,7 +231,28 @@ def test_index_s3_round_trip(tmp_path, critic, s3_bucket, ray_session):
     assert again["counts"]["embedded_this_run"] == 0 and again["counts"]["already_embedded"] == 40
 
 
-def _memorised_generator(folder, train_images: np.ndarray, steps: int = 150) -> str:
+def test_audit_nearest_search_in_blocks_is_the_exact_search(monkeypatch):
+    """The audit searches uint8 pixels a block of rows at a time (one float32 faiss index of 20,000 images and their
+    mirrors at 128 px held ~16 GB); across blocks it must find what one exact search finds."""
+    from genart.search import audit
+
+    rng = np.random.default_rng(0)
+    base, query = rng.integers(0, 256, (23, 4, 4, 3), dtype=np.uint8), rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    flat_b, flat_q = base.reshape(23, -1) / 255.0, query.reshape(7, -1) / 255.0
+    squared = ((flat_q[:, None] - flat_b[None]) ** 2).sum(-1)  # (7, 23)
+    order = np.argsort(squared, axis=1)[:, : audit.RELATIVE_K + 1]
+    rms = np.sqrt(np.take_along_axis(squared, order, 1) / 48)
+    for block in (3, 5, 4096):
+        monkeypatch.setattr(audit, "BLOCK", block)
+        relative, rows, nearest_rms = audit._nearest(query, base)
+        assert list(rows) == list(order[:, 0])
+        np.testing.assert_allclose(nearest_rms, rms[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(relative, rms[:, 0] / rms[:, 1:].mean(1), rtol=1e-5)
+    features = rng.standard_normal((23, 8)).astype(np.float32)  # the embedding space: float rows as they are
+    assert list(audit._nearest(features[:5] + 1e-3, features)[1]) == [0, 1, 2, 3, 4]
+
+
+def _memorised_generator(folder, train_images: np.ndarray, steps: int = 150, augment: str | None = None) -> str:
     """A DCGAN generator fitted in a plain loop so that every latent lands on one of `train_images`: for each z the
     loss is the distance to the closest of them (a generator that has memorised a tiny set, mode by mode)."""
     fam = REGISTRY["dcgan"]
@@ -250,8 +273,9 @@ def _memorised_generator(folder, train_images: np.ndarray, steps: int = 150) -> 
             opt.step()
     finally:
         torch.set_num_threads(threads)
+    config = {"model": cfg.model_dump(mode="json"), "data": {"augment": augment}}  # as training writes it
     save_checkpoint(str(folder), {"generator_ema": gen.eval().requires_grad_(False)}, {},
-                    {"family": "dcgan", "step": steps, "config": cfg.model_dump(), "image_size": 16, "label_names": []})
+                    {"family": "dcgan", "step": steps, "config": config, "image_size": 16, "label_names": []})
     return str(folder)
 
 
@@ -281,6 +305,10 @@ def test_audit_flags_a_memorising_generator_not_a_fresh_one(tmp_path, critic, ra
     mirrored = audit(_memorised_generator(tmp_path / "mirrored", pixels[:, :, ::-1].copy()), data, num=64,
                      features=f"critic:{critic}")
     assert mirrored["copy_share"] >= 0.9 and mirrored["closest"][0]["mirrored"], mirrored["spaces"]
+    # A generator trained with data.augment=dihedral (the shipped vqvae config) also saw them turned a quarter
+    turned = audit(_memorised_generator(tmp_path / "turned", np.rot90(pixels, 1, axes=(1, 2)).copy(), augment="dihedral"),
+                   data, num=64, features=f"critic:{critic}")
+    assert turned["copy_share"] >= 0.9 and turned["closest"][0]["view"] == "turned 90", turned["spaces"]
     print("audit copy shares: memorised", copied["spaces"], "fresh", clean["spaces"])
     assert copied["closest"][0]["train_id"] in {r["id"] for r in train}
     assert copied["val_images"] >= 20 and copied["train_images"] >= 90

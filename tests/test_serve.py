@@ -122,6 +122,7 @@ def app(http, tiny_models, style_root):
         "models": tiny_models, "style_root": style_root, "max_upload_mb": 1, "max_pixels": MAX_PIXELS,
         "request_timeout_s": 60, "max_queued_requests": 4, "max_ongoing_requests": 4, "api_key_env": NO_KEY_ENV,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
+        "ingress_max_ongoing_requests": 16,  # + 16 queued: the flood's 64 clients also meet Ray's proxy refusing
     })
     yield f"{http}/{name}"
     serve.delete(name)
@@ -634,15 +635,20 @@ def test_search_is_404_on_a_server_without_an_index(app):
 
 
 def test_bounded_flood_gets_only_200_and_503_and_the_app_recovers(app):
-    """300 requests from 64 concurrent loopback clients against queues of 4: overload is refused, never fatal."""
+    """300 requests from 64 concurrent loopback clients against queues of 4: overload is refused, never fatal. Every
+    503 says when to retry: the model's full queue (genart's JSON) and the ingress's (Ray's proxy, which sent none)."""
     def one(i):
         with requests.Session() as session:
-            return session.post(app + "/v1/generate", json={"n": 2, "seed": i}, timeout=60).status_code
+            response = session.post(app + "/v1/generate", json={"n": 2, "seed": i}, timeout=60)
+            return response.status_code, response.headers.get("Retry-After"), response.text[:40]
 
     with ThreadPoolExecutor(max_workers=64) as pool:  # (pytest-timeout bounds the whole test)
-        statuses = list(pool.map(one, range(300)))
+        answers = list(pool.map(one, range(300)))
+    statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
     assert statuses.count(200) > 0 and statuses.count(503) > 0, {s: statuses.count(s) for s in set(statuses)}
+    refused = [(retry, body) for status, retry, body in answers if status == 503]
+    assert all(retry for retry, _ in refused), [body for retry, body in refused if not retry][:3]
     assert requests.get(app + "/healthz").status_code == 200
     assert requests.post(app + "/v1/generate", json={"n": 1}).status_code == 200
 

@@ -20,6 +20,7 @@ from genart import storage
 from genart.data import images
 from genart.errors import UserError
 from genart.search import index as index_files
+from genart.search import index_version
 
 MAX_K = 100
 MMR_POOL = 200  # candidates MMR re-ranks (the nearest to the liked mean)
@@ -41,11 +42,17 @@ class SearchIndex:
         self._thumbnails_lock = threading.Lock()  # concurrent first requests read thumbnails.parquet once
 
     @classmethod
-    def open(cls, uri: str, device=None) -> "SearchIndex":
+    def open(cls, uri: str, device=None, version: str | None = None) -> "SearchIndex":
+        """The index at `uri`; `version` (index_version of its index.json), when given, must be the build found
+        there: every replica of a served app answers from the same build, or does not start."""
         manifest_uri = storage.join(uri, "index.json")
         if not storage.exists(manifest_uri):
             raise UserError(f"{uri} is not a finished index (no index.json); build it with `genart index`")
-        manifest = json.loads(storage.read_text(manifest_uri))
+        text = storage.read_text(manifest_uri)
+        if version is not None and index_version(text) != version:
+            raise UserError(f"index {uri} was built again since this app was deployed (`genart index` ran on it): "
+                            "deploy the app again to serve the new build")
+        manifest = json.loads(text)
         vectors = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "vectors.npy"))), allow_pickle=False)
         metadata = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "metadata.parquet")))).to_pylist()
         nn = index_files.nn_from_bytes(storage.read_bytes(storage.join(uri, "faiss.index")))
@@ -123,7 +130,7 @@ class SearchIndex:
             raise UserError("--liked: give at least one id")
         if not 0.0 <= diversity <= 1.0:
             raise UserError(f"--diversity {diversity}: must be between 0 (closest only) and 1 (most varied)")
-        rows = self.rows_of(liked)
+        rows = self.rows_of(list(dict.fromkeys(liked)))  # a repeated id counts once (as the API's recommend)
         query = index_files.normalize(self.vectors[rows].mean(axis=0, keepdims=True))[0]
         liked_rows = set(rows)
         pool = min(self.size, max(MMR_POOL, 4 * k) + len(liked_rows))

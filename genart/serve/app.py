@@ -70,19 +70,22 @@ def model_card(name: str, uri: str) -> dict:
 def index_card(uri: str) -> dict:
     """What /v1/models says about the search index, read from its index.json (no vectors, no torch)."""
     from genart import storage
+    from genart.search import index_version
 
     manifest_uri = storage.join(uri, "index.json")
     if not storage.exists(manifest_uri):
         raise UserError(f"index {uri}: not a finished index (no index.json); build it with `genart index`")
+    text = storage.read_text(manifest_uri)
     try:
-        manifest = json.loads(storage.read_text(manifest_uri))
+        manifest = json.loads(text)
         features = manifest["features"]
         card = {"size": int(manifest["size"]), "dim": int(manifest["dim"]), "nn": manifest["nn"],
                 "features": features["name"], "feature_identity": features["identity"],
                 "input_size": int(features["input_size"])}
     except (ValueError, KeyError, TypeError):
         raise UserError(f"index {uri}: corrupt index.json; rebuild it with `genart index --overwrite`") from None
-    return {"index": uri, **card}
+    # the build's version: every search replica checks it, so none answers from a later rebuild in place
+    return {"index": uri, **card, "version": index_version(text)}
 
 
 def api_key_from_env(settings: ServeArgs) -> str | None:
@@ -123,7 +126,7 @@ def build(args: dict) -> Application:
     search_card = search_app = None
     if settings.index:
         search_card = index_card(settings.index)
-        search_app = SearchModel.options(name="search", **model_options).bind(settings.index, settings)
+        search_app = SearchModel.options(name="search", **model_options).bind(settings.index, settings, search_card["version"])
     ingress = Ingress.options(
         name="ingress",
         ray_actor_options=actor,
@@ -131,6 +134,9 @@ def build(args: dict) -> Application:
         autoscaling_config=settings.ingress_autoscaling(),
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
         max_queued_requests=settings.ingress_max_ongoing_requests,
+        # Beyond that queue Ray's proxy answers 503 itself, before the ingress (its body is Ray's text, not genart's
+        # JSON): with Retry-After, as genart's own 503s, so a client's retry loop treats both alike.
+        backpressure_config={"retry_after_s": 1},
     )
     return ingress.bind(settings, api_key_from_env(settings), cards, generators, critics, style_app,
                         search_card, search_app)

@@ -45,7 +45,7 @@ class ServeArgs(Section):
     max_upload_mb: float = Field(20.0, gt=0)  # larger request bodies are refused with 413
     max_pixels: int = Field(16_000_000, ge=1)  # decoded uploads with more pixels are refused with 400
     request_timeout_s: float = Field(30.0, gt=0)  # a request running longer gets 504
-    max_queued_requests: int = Field(64, ge=1)  # per deployment; beyond it requests get 503
+    max_queued_requests: int = Field(64, ge=1)  # per caller (each ingress replica) of a model; beyond it 503
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     api_key_env: str = "GENART_API_KEY"  # env var holding the API key; unset or empty = no key needed
     # --- genart's own knobs (defaults fit the embedded local Ray)
@@ -57,7 +57,7 @@ class ServeArgs(Section):
     # In flight per model replica. None = 1.25 x the autoscaling target (Ray's guidance: ~20-50 % above it, so
     # requests wait in the router, where a new replica can take them, not inside a busy replica).
     max_ongoing_requests: int | None = Field(None, ge=1)
-    ingress_max_ongoing_requests: int = Field(256, ge=1)  # in flight per ingress (HTTP) replica
+    ingress_max_ongoing_requests: int = Field(256, ge=1)  # in flight per ingress (HTTP) replica, and as many queued
     max_styles_per_replica: int = Field(4, ge=1)  # style models kept loaded per replica (LRU eviction)
     num_cpus_per_replica: float = Field(0.25, ge=0)  # CPU reservation of each replica (small: fits a laptop Ray)
     num_gpus_per_replica: float = Field(0.0, ge=0)  # GPUs for each model replica (0 = CPU)
