@@ -47,7 +47,7 @@ DATASET_SIDECARS = ("manifest.json", "rejected.jsonl", "duplicates.jsonl", "near
 JOB_SIDECARS = ("manifest.json", "errors.jsonl", "images.jsonl", "run.json", "names.json")
 FILES_PER_UNIT = 64
 TABLE_BYTES = 64 << 20  # a reader hands its records on once they hold this many bytes, whatever their count
-PARQUET_ROWS_PER_BATCH = 64
+IDX_IMAGES_PER_TABLE = 64  # idx images per records table (28x28 digits: small; a table per image would be slow)
 # Rows a Parquet reader decodes at a time. A dictionary-encoded column expands every repeat of a value on read (one
 # 4 MiB blob repeated 64 times is a few hundred bytes on disk, 256 MiB as one 64-row batch) before any cap can look at
 # the rows; 8 rows bound that to 8 copies, for ~20 us a row more than 64 at a time (measured on 3 KB rows; decoding
@@ -666,7 +666,7 @@ def _read_idx(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
                     raise IdxError(f"truncated at image {index}")
                 rows.append(_record(f"{unit.uri}#{index}", rel, label, None if error else pgm_header + pixels, error))
                 done += 1
-                if len(rows) >= PARQUET_ROWS_PER_BATCH:
+                if len(rows) >= IDX_IMAGES_PER_TABLE:
                     yield _table(rows)
                     rows = []
     except Exception as exc:  # noqa: BLE001 - changed or broken since planning: the rest are reported
