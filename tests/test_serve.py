@@ -575,6 +575,20 @@ def test_a_style_load_outlives_the_request_that_started_it():
     assert asyncio.run(main()) == "model starry"
     assert loads == ["starry", "broken", "broken"]
 
+    async def abandoned():  # a load whose request was cancelled and never retried: it held its model for good
+        shared = SharedLoads(read)
+        shared.PARKED_S = 0.2
+        first = asyncio.ensure_future(shared("wave"))
+        await asyncio.sleep(0.1)
+        first.cancel()
+        await asyncio.sleep(0.3)  # the load finishes, parked for a retry
+        parked = dict(shared._tasks)
+        await asyncio.sleep(0.3)
+        return parked, shared._tasks
+
+    parked, left = asyncio.run(abandoned())
+    assert list(parked) == ["wave"] and left == {}
+
 
 def test_token_sampling_stops_at_a_set_stop_event():
     import threading

@@ -78,8 +78,11 @@ class SharedLoads:
     `serve.multiplexed` awaits its load function inside the request; when the request is cancelled the load is
     thrown away, and a style slower to load than request_timeout_s could never be cached: every request would
     start it over. Here a load runs as its own task; a cancelled request leaves it running, and the next request
-    for that name picks up the same task (a failed one is started again).
+    for that name picks up the same task (a failed one is started again). A finished load that no request came
+    back for is dropped after PARKED_S: it held a model outside the replica's LRU (max_styles_per_replica) for good.
     """
+
+    PARKED_S = 120.0  # a client retrying a timed-out request comes back well within this
 
     def __init__(self, load: Callable[[str], Awaitable[T]]):
         self._load = load
@@ -89,11 +92,17 @@ class SharedLoads:
         task = self._tasks.get(name)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._tasks[name] = asyncio.ensure_future(self._load(name))
+            task.add_done_callback(lambda done: asyncio.get_running_loop().call_later(
+                self.PARKED_S, self._forget, name, done))
         try:
             return await asyncio.shield(task)
         finally:
             if task.done() and self._tasks.get(name) is task:
                 del self._tasks[name]  # the caller (multiplexed's cache) holds the model from here
+
+    def _forget(self, name: str, task: asyncio.Task) -> None:
+        if self._tasks.get(name) is task:
+            del self._tasks[name]
 
 
 class InFlight:
