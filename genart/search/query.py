@@ -20,7 +20,6 @@ from genart import storage
 from genart.data import images
 from genart.errors import UserError
 from genart.search import index as index_files
-from genart.search import index_version
 
 MAX_K = 100
 MMR_POOL = 200  # candidates MMR re-ranks (the nearest to the liked mean)
@@ -42,17 +41,11 @@ class SearchIndex:
         self._thumbnails_lock = threading.Lock()  # concurrent first requests read thumbnails.parquet once
 
     @classmethod
-    def open(cls, uri: str, device=None, version: str | None = None) -> "SearchIndex":
-        """The index at `uri`; `version` (index_version of its index.json), when given, must be the build found
-        there: every replica of a served app answers from the same build, or does not start."""
+    def open(cls, uri: str, device=None) -> "SearchIndex":
         manifest_uri = storage.join(uri, "index.json")
         if not storage.exists(manifest_uri):
             raise UserError(f"{uri} is not a finished index (no index.json); build it with `genart index`")
-        text = storage.read_text(manifest_uri)
-        if version is not None and index_version(text) != version:
-            raise UserError(f"index {uri} was built again since this app was deployed (`genart index` ran on it): "
-                            "deploy the app again to serve the new build")
-        manifest = json.loads(text)
+        manifest = json.loads(storage.read_text(manifest_uri))
         vectors = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "vectors.npy"))), allow_pickle=False)
         metadata = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "metadata.parquet")))).to_pylist()
         nn = index_files.nn_from_bytes(storage.read_bytes(storage.join(uri, "faiss.index")))

@@ -70,22 +70,19 @@ def model_card(name: str, uri: str) -> dict:
 def index_card(uri: str) -> dict:
     """What /v1/models says about the search index, read from its index.json (no vectors, no torch)."""
     from genart import storage
-    from genart.search import index_version
 
     manifest_uri = storage.join(uri, "index.json")
     if not storage.exists(manifest_uri):
         raise UserError(f"index {uri}: not a finished index (no index.json); build it with `genart index`")
-    text = storage.read_text(manifest_uri)
     try:
-        manifest = json.loads(text)
+        manifest = json.loads(storage.read_text(manifest_uri))
         features = manifest["features"]
         card = {"size": int(manifest["size"]), "dim": int(manifest["dim"]), "nn": manifest["nn"],
                 "features": features["name"], "feature_identity": features["identity"],
                 "input_size": int(features["input_size"])}
     except (ValueError, KeyError, TypeError):
         raise UserError(f"index {uri}: corrupt index.json; rebuild it with `genart index --overwrite`") from None
-    # the build's version: every search replica checks it, so none answers from a later rebuild in place
-    return {"index": uri, **card, "version": index_version(text)}
+    return {"index": uri, **card}
 
 
 def api_key_from_env(settings: ServeArgs) -> str | None:
@@ -126,7 +123,7 @@ def build(args: dict) -> Application:
     search_card = search_app = None
     if settings.index:
         search_card = index_card(settings.index)
-        search_app = SearchModel.options(name="search", **model_options).bind(settings.index, settings, search_card["version"])
+        search_app = SearchModel.options(name="search", **model_options).bind(settings.index, settings)
     ingress = Ingress.options(
         name="ingress",
         ray_actor_options=actor,

@@ -283,12 +283,11 @@ class SearchModel:
     """A `genart index` folder (genart.search.query.SearchIndex): uploads embedded by the index's own feature model
     (batched across requests), nearest neighbours, recommendations, thumbnails."""
 
-    def __init__(self, index_uri: str, settings: ServeArgs, version: str | None = None):
+    def __init__(self, index_uri: str, settings: ServeArgs):
         from genart.search.query import SearchIndex
 
-        # the replica's device, as for the model deployments; the critic extractor runs in its InferenceSetup.
-        # `version`: the build the app was made for (a replica started after a rebuild in place refuses to start)
-        self.index = SearchIndex.open(index_uri, device=_setup(settings).device, version=version)
+        # the replica's device, as for the model deployments; the critic extractor runs in its InferenceSetup
+        self.index = SearchIndex.open(index_uri, device=_setup(settings).device)
         self.index.extractor  # noqa: B018 - load (and check) the feature model now, not on the first request
         self.index.load_thumbnails()  # and the thumbnails: those of the index just opened, read once
         self.in_flight = InFlight(settings.batching)
