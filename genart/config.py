@@ -6,6 +6,7 @@ A job's run options (`Options`: prepare's, the batch jobs') are pydantic too, ch
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, TypeVar
@@ -165,6 +166,10 @@ def validate(cls: type[C], data: dict, source: str = "config") -> C:
         raise UserError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from None
 
 
+# pydantic's names for the member types of a union it tried: int, str, tuple[int, int], function-after[...]
+_TYPE_TAG = re.compile(r"^(int|float|str|bool|none|dict|list|[a-z-]+\[.*\])$")
+
+
 def _user_key(err: dict, data: Any) -> str:
     """The error's key as the user wrote it: pydantic's location walked through the data, leaving out the parts it
     adds, a union's member tag ('dcgan' in model.dcgan.lr) and, below a plain value, the member type it tried
@@ -177,8 +182,8 @@ def _user_key(err: dict, data: Any) -> str:
             if part in node:
                 parts.append(str(part))
                 node = node[part]
-            elif node.get("family") != part:  # (the tag is the value of the union's "family" key)
-                parts.append(str(part))
+            elif node.get("family") != part and not _TYPE_TAG.match(str(part)):  # a union's tag, or the type it
+                parts.append(str(part))  # tried for a mapping given where a number goes ({a: 1}: 'int')
                 walking = False
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             parts.append(str(part))

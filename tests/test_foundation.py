@@ -82,6 +82,8 @@ def test_config_errors_name_the_key_as_typed_and_where_it_came_from(tmp_path):
     yaml_file.write_text("model:\n  family: dcgan\ndata:\n  path: d\n")
     with pytest.raises(UserError, match=r"^\S*run.yaml \+ --set: scaling.num_workers: Input should be"):
         load_config(str(yaml_file), ["scaling.num_workers=1,2"])
+    with pytest.raises(UserError, match=r"\+ --set: scaling.num_workers: Input should be a valid integer \("):
+        load_config(str(yaml_file), ["scaling.num_workers={a: 1}"])  # a mapping there: pydantic tried 'int' too
     with pytest.raises(UserError, match=r"^\S*run.yaml: model.latent_dim: Input should be greater"):
         yaml_file.write_text("model:\n  family: dcgan\n  latent_dim: 0\ndata:\n  path: d\n")
         load_config(str(yaml_file))

@@ -460,6 +460,13 @@ def test_style_on_s3_run_storage(dataset, s3_bucket, tmp_path, monkeypatch):
     styler = models.load(run_dir, family="style")
     out = styler.stylize(torch.rand(1, 3, 20, 28))
     assert out.shape == (1, 3, 20, 28) and torch.isfinite(out).all()
+    # the run's config keeps the name as given: the same run resumed from another folder (a new `genart submit`
+    # working dir, which holds its own copy of mine.jpg) is not refused as another style image
+    assert models.load(run_dir, family="style").meta["config"]["model"]["style_image"] == "mine.jpg"
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "mine.jpg").write_bytes((tmp_path / "mine.jpg").read_bytes())
+    monkeypatch.chdir(tmp_path / "again")
+    assert train(cfg)["trained"] is False  # already at max_steps: nothing to do, nothing refused
 
 
 def test_a_second_dry_run_into_the_same_output_trains_again(tmp_path):

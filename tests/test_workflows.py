@@ -162,6 +162,14 @@ def test_a_resume_conflict_says_what_changed_and_a_longer_run_resumes(tmp_path):
         _check_resumable(first, str(run_dir), "step-000100", 40, [])
     assert refused.value.change == "image size: 48 px then, 40 px now"
 
+    # the crop is data to the trainer (it resumes on another), but what the quickstart's style run is: its own check
+    assert qs._crop_then(str(tmp_path / "runs" / "nothing")) is False
+    (run_dir / "config.yaml").write_text(qs.config.to_yaml(first))
+    assert qs._crop_then(str(run_dir)) is None  # whole paintings
+    cropped = qs.workflow.training_config(configs, {**settings, "data.crop_size": 32})
+    (run_dir / "config.yaml").write_text(qs.config.to_yaml(cropped))
+    assert qs._crop_then(str(run_dir)) == 32
+
     (tmp_path / "runs" / "dcgan").mkdir()
     qs._forget_runs(str(tmp_path), ("critic", "dcgan", "vae"), "the synthetic data is made again")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["style"]

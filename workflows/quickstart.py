@@ -18,6 +18,7 @@ import zipfile
 from typing import Callable, Iterable
 
 import click
+import yaml
 from pydantic import Field
 
 from genart import assets, config, report, runtime, storage, workflow
@@ -88,6 +89,17 @@ def _forget_runs(out: str, families: Iterable[str], why: str) -> None:
             storage.remove(run_dir)
 
 
+def _crop_then(run_dir: str):
+    """The data.crop_size the run at `run_dir` trained on (None: whole images), or False when there is no such run."""
+    saved = storage.join(run_dir, "config.yaml")
+    if not storage.exists(saved):
+        return False
+    try:
+        return ((yaml.safe_load(storage.read_text(saved)) or {}).get("data") or {}).get("crop_size")
+    except (yaml.YAMLError, AttributeError):
+        return False  # not a config genart wrote: the trainer's own checks decide
+
+
 def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
     """One small run of `family`; re-running the quickstart resumes or skips a finished run, and trains it again from
     step 0 when the quickstart config changed what it trains (another style_image, image size or crop)."""
@@ -103,6 +115,10 @@ def train_one(cfg: QuickstartConfig, family: str, data: str, out: str) -> dict:
         if cfg.content_crop:
             settings["data.crop_size"] = cfg.content_crop
     train_cfg = workflow.training_config(os.path.join(HERE, "configs", f"{family}.yaml"), settings)
+    # The trainer resumes a run on other crops (they are data, not weights); content_crop is what the style run is
+    crop = _crop_then(f"{out}/runs/{family}")
+    if crop is not False and crop != train_cfg.data.crop_size:
+        _forget_runs(out, (family,), f"data.crop_size: {crop!r} then, {train_cfg.data.crop_size!r} now")
     try:
         return workflow.train(train_cfg)
     except ResumeConflict as exc:  # refused before any step: a quickstart user cannot "choose a new run.name"

@@ -186,7 +186,10 @@ def input_run(src: str) -> dict | None:
     stylized with --overwrite) is another run, not the same one with stale outputs."""
     folder = src.rstrip("/") if storage.isdir(src) else posixpath.dirname(src.rstrip("/"))
     while folder and folder not in ("/", "s3:"):
-        record = read_record(storage.join(folder, "run.json"))
+        try:
+            record = read_record(storage.join(folder, "run.json"))
+        except OSError:  # S3's AccessDenied above a role's prefix, a folder named run.json: not a job's record
+            record = {}
         if isinstance(record.get("command"), str) and "model_hash" in record:
             return {key: record.get(key) for key in ("command", "input", "model_hash", "options", "input_run")}
         parent = posixpath.dirname(folder)
@@ -197,12 +200,10 @@ def input_run(src: str) -> dict | None:
 
 
 def read_record(uri: str) -> dict:
-    """A run.json or manifest.json as a dict ({} if it is not one: it then explains nothing). One that cannot be read
-    (S3's AccessDenied above a role's prefix, a folder of that name) explains nothing either: input_run() looks in
-    every folder above a job's input, and such a file had stopped the job before any work."""
+    """A run.json or manifest.json as a dict ({} if it is not one: it then explains nothing)."""
     try:
         record = json.loads(storage.read_text(uri))
-    except (ValueError, UserError, OSError):
+    except (ValueError, UserError):
         return {}
     return record if isinstance(record, dict) else {}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from typing import Iterable, Literal, Sequence
 
 import torch
@@ -68,18 +69,23 @@ class StyleConfig(Section):
             return value
         raise ValueError("must be vgg16, vgg19, random or critic:<checkpoint uri>")
 
-    def resolve_paths(self, data_path: str) -> "StyleConfig":
-        """Files given relative to where genart started, made absolute: Ray Train workers run in another folder (the
-        driver's check loaded them, every worker then failed). A shipped style stays a name."""
+    def files_from(self, folder: str) -> "StyleConfig":
+        """A copy whose files named relative to `folder` (where genart started) are absolute: a Ray Train worker
+        builds the loss network in a folder of its own (the driver's check loaded them, every worker then failed).
+        Only the workers' copy: the run's config keeps the names as given, so a resume from another folder (a new
+        `genart submit` working dir) is the same run. A shipped style stays a name."""
         from genart.assets import STYLES
+
+        def local(path: str) -> str:
+            return path if storage.is_s3(path) else os.path.join(folder, os.path.expanduser(path))
 
         update = {}
         if not (STYLES / self.style_image).is_file():
-            update["style_image"] = storage.absolute(self.style_image)
+            update["style_image"] = local(self.style_image)
         if self.loss_network.startswith("critic:"):
-            update["loss_network"] = "critic:" + storage.absolute(self.loss_network.removeprefix("critic:"))
+            update["loss_network"] = "critic:" + local(self.loss_network.removeprefix("critic:"))
         if self.loss_network_weights:
-            update["loss_network_weights"] = storage.absolute(self.loss_network_weights)
+            update["loss_network_weights"] = local(self.loss_network_weights)
         return self.model_copy(update=update)
 
 

@@ -68,7 +68,9 @@ def _train(config: dict) -> None:
     # [1] Prepare model and optimizers: the family's nets, trainable ones wrapped in DDP by prepare_model.
     # Same seed on every rank: nets that DDP does not broadcast (EMA copies, loss networks) start identical.
     set_seed(cfg.train.seed)
-    nets = family.build(cfg.model, image_size, len(label_names))
+    # files the config names relative to the driver's folder (a style image): the worker runs in another one
+    built = cfg.model.files_from(config["cwd"]) if hasattr(cfg.model, "files_from") and config.get("cwd") else cfg.model
+    nets = family.build(built, image_size, len(label_names))
     for name, net in nets.items():
         nets[name] = ray.train.torch.prepare_model(net) if name in family.trainable() else net.to(device)
     opts = family.optimizers(cfg.model, nets)

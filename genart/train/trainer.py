@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -55,6 +56,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo=print) -> dict:
         "label_names": plan["label_names"],
         "run_dir": run_dir,
         "cached": cached,
+        "cwd": os.getcwd(),  # where relative file names in the model config start (StyleConfig.files_from)
     }
     fs = storage.arrow_fs(cfg.run.storage)[0] if storage.is_s3(cfg.run.storage) else None
     trainer = TorchTrainer(
@@ -159,7 +161,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     kind, _, uri = (cfg.eval.features or "").partition(":")
     if uri:  # critic:runs/critic, inception:weights.pth
         cfg.eval.features = f"{kind}:{storage.absolute(uri)}"
-    if hasattr(cfg.model, "resolve_paths"):  # a family's files (a style image, a palette that defaults to the data's)
+    if hasattr(cfg.model, "resolve_paths"):  # a family's files that default to the dataset's (e.g. a palette)
         cfg.model = cfg.model.resolve_paths(cfg.data.path)
     return cfg
 
