@@ -103,8 +103,8 @@ def _train(config: dict) -> None:
     while step < cfg.train.max_steps and not stopping:
         # [4] Train step: the family's own (forward, losses, backward, optimizer steps); it returns scalar metrics.
         batch = next(batches)
-        if step == start_step:  # the first batch's wait is the pipeline's start-up (a cached split read whole), not
-            window.reset()  # training: the first row's images_per_second counted it
+        if step == start_step:
+            window.reset()  # the first batch's wait is the pipeline's start-up (a cached split read whole): no step
         recent.append(batch)
         if rank == 0 and fixed is None:
             fixed = _fixed_inputs(family, cfg, image_size, label_names, {**batch, "label_names": label_names})
