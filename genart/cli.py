@@ -34,6 +34,9 @@ address_option = click.option(
     "--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: start an embedded local Ray)."
 )
 
+# Ray's write tasks run on any node: a local --output folder must be one every node shares
+ON_A_CLUSTER = "On a cluster: s3:// or a folder every node shares."
+
 max_pixels_option = click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                                  help="Reject images with more pixels (default: Pillow's 89.5 MP).")
 
@@ -49,7 +52,7 @@ def set_option(example: str):
 
 @main.command()
 @click.argument("srcs", nargs=-1, required=True, metavar="SRC...")
-@click.option("--out", "--output", "dest", required=True, help="Destination folder or s3:// prefix for the Parquet dataset (on a cluster: s3:// or a folder every node shares).")
+@click.option("--out", "--output", "dest", required=True, help="Destination folder or s3:// prefix for the Parquet dataset. " + ON_A_CLUSTER)
 @click.option("--size", type=int, default=None, help="Resize to SIZE x SIZE px (default: keep the normalised original size).")
 @click.option("--resize", "resize_mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="How --size makes images square: center-crop, or pad with white.")
@@ -204,7 +207,7 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
 @main.command()
 @click.option("--model", required=True, help="Style checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
-@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix; outputs keep their input's relative path. On a cluster: s3:// or a folder every node shares (tasks write on any node).")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix; outputs keep their input's relative path. " + ON_A_CLUSTER)
 @click.option("--max-side", type=int, default=None, help="Downscale so the longer side is at most N px (default: keep size).")
 @click.option("--tile", type=int, default=1024, show_default=True, help="Stylise images larger than N px in N x N tiles (0: never).")
 @click.option("--tile-overlap", type=int, default=None, help="Tile overlap in px (default: N/8, at least twice the net's reach).")
@@ -227,7 +230,7 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
 @main.command()
 @click.option("--model", required=True, help="Generative (dcgan, vae, vqvae, autoregressive) checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--num", type=int, required=True, help="Number of images.")
-@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl (on a cluster: s3:// or a folder every node shares).")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for seed<S>-<index>.png and images.jsonl. " + ON_A_CLUSTER)
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses latent seed (SEED << 32) | i.")
 @click.option("--truncation", type=float, default=1.0, show_default=True, help="Scale latents toward the mean (1.0 = off).")
 @click.option("--label", default=None, help="Class name or index for a class-conditional model (default: the class follows each image's seed).")
@@ -251,7 +254,7 @@ def generate(model, num, out, seed, truncation, label, guidance, fmt, batch_size
 @main.command()
 @click.option("--model", required=True, help="Critic checkpoint: a run folder or a step-* folder, local or s3://.")
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
-@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards (on a cluster: s3:// or a folder every node shares).")
+@click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards. " + ON_A_CLUSTER)
 @max_pixels_option
 @_run_options
 def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, deterministic, autocast,
@@ -271,7 +274,7 @@ def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker,
 
 @main.command("index")
 @click.option("--input", "src", required=True, help="Prepared dataset, folder, .zip/.tar archive, Parquet or s3:// prefix of images.")
-@click.option("--output", "--out", "out", required=True, help="Index folder or s3:// prefix (vectors, faiss.index, metadata.parquet); on a cluster: s3:// or a folder every node shares.")
+@click.option("--output", "--out", "out", required=True, help="Index folder or s3:// prefix (vectors, faiss.index, metadata.parquet). " + ON_A_CLUSTER)
 @click.option("--features", default="inception", show_default=True, metavar="inception|critic:CKPT",
               help="Feature network: InceptionV3 pool features, or a trained critic's embedding.")
 @click.option("--inception-weights", default=None, metavar="PATH",

@@ -57,9 +57,13 @@ def _checked(uri: str) -> str:
     return uri
 
 
-def absolute(uri: str) -> str:
-    """A local path made absolute (Ray Train workers and Data actors run in folders of their own); s3:// unchanged."""
-    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+def absolute(uri: str, start: str | None = None) -> str:
+    """A local path made absolute (Ray Train workers and Data actors run in folders of their own); s3:// unchanged.
+    `start`: the folder a relative path starts from (default: this process's working folder)."""
+    if is_s3(uri):
+        return uri
+    path = os.path.expanduser(uri)
+    return os.path.abspath(os.path.join(start, path) if start else path)
 
 
 def within(uri: str, folder: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from typing import Iterable, Literal, Sequence
 
 import torch
@@ -76,16 +75,13 @@ class StyleConfig(Section):
         `genart submit` working dir) is the same run. A shipped style stays a name."""
         from genart.assets import STYLES
 
-        def local(path: str) -> str:
-            return path if storage.is_s3(path) else os.path.join(folder, os.path.expanduser(path))
-
         update = {}
         if not (STYLES / self.style_image).is_file():
-            update["style_image"] = local(self.style_image)
+            update["style_image"] = storage.absolute(self.style_image, folder)
         if self.loss_network.startswith("critic:"):
-            update["loss_network"] = "critic:" + local(self.loss_network.removeprefix("critic:"))
+            update["loss_network"] = "critic:" + storage.absolute(self.loss_network.removeprefix("critic:"), folder)
         if self.loss_network_weights:
-            update["loss_network_weights"] = local(self.loss_network_weights)
+            update["loss_network_weights"] = storage.absolute(self.loss_network_weights, folder)
         return self.model_copy(update=update)
 
 

@@ -53,8 +53,8 @@ def _views(augment: str | None) -> list[tuple[str, int, bool]]:
     """The views of a training image a generator trained with `augment` saw: (name, quarter turns, mirrored). Every
     generative family flips by default; "dihedral" adds the quarter turns (train.augment.augment_batch)."""
     turns = range(4) if augment == "dihedral" else range(1)
-    return [(("turned %d and mirrored" % (90 * k) if k else "mirrored") if flip else
-             ("turned %d" % (90 * k) if k else "as is"), k, flip) for flip in (False, True) for k in turns]
+    return [(" and ".join([f"turned {90 * k}"] * bool(k) + ["mirrored"] * flip) or "as is", k, flip)
+            for flip in (False, True) for k in turns]
 
 
 def _view(pixels: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:

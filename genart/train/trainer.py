@@ -307,9 +307,10 @@ def _check_eval(cfg: TrainConfig) -> None:
         what = "a spread, not a score" if name in known else f"not reported with eval.features={features.text}"
         raise UserError(f"eval.best_metric: {cfg.eval.best_metric!r} is {what}; use one of {', '.join(scores)}")
     # a wrong direction keeps the worst checkpoints and deletes the best (Ray ranks them by it)
-    if cfg.eval.best_mode and cfg.eval.best_mode != better(name):
+    direction = better(name)
+    if cfg.eval.best_mode and cfg.eval.best_mode != direction:
         raise UserError(f"eval.best_mode={cfg.eval.best_mode}: higher {name} is "
-                        f"{'better' if better(name) == 'max' else 'worse'}; leave eval.best_mode unset")
+                        f"{'better' if direction == 'max' else 'worse'}; leave eval.best_mode unset")
 
 
 class ResumeConflict(UserError):
