@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -33,6 +34,11 @@ def main() -> None:
 address_option = click.option(
     "--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster address (default: start an embedded local Ray)."
 )
+
+stall_option = click.option(
+    "--stall-timeout", type=float, default=None, metavar="SECONDS",
+    help="Stop with an error when no output arrives for this long, e.g. after Ray lost a node and could not recover "
+         "the work in flight; what is written is kept (default: 1800; 0: wait forever).")
 
 # Ray's write tasks run on any node: a local --output folder must be one every node shares
 ON_A_CLUSTER = "On a cluster: s3:// or a folder every node shares."
@@ -172,36 +178,50 @@ def train(config_path, overrides, dry_run, output, address):
 # ---------------------------------------------------------------- batch inference
 
 
-def _run_options(f):
-    """Flags shared by stylize / generate / score: how the job runs on Ray, and what to do with an existing --output."""
-    for option in reversed([
-        click.option("--batch-size", type=int, default=None, help="Rows per model call (default: 8; generate/score 64)."),
-        click.option("--concurrency", default="1", show_default=True,
-                     help="Model actors (each loads the model once): N, or MIN-MAX for a pool that autoscales."),
-        click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor."),
-        click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="CPUs (torch threads) per model actor."),
-        click.option("--deterministic", is_flag=True,
-                     help="Outputs that never depend on batching (batch-invariant kernels, no cuDNN autotuning; slower)."),
-        click.option("--autocast/--no-autocast", default=None, help="bf16/fp16 autocast (default: on with GPUs, off on CPUs)."),
-        click.option("--resume", is_flag=True, help="Finish an interrupted run at --output: only missing outputs are made."),
-        click.option("--overwrite", is_flag=True, help="Replace the output of an earlier run at --output."),
-        address_option,
-    ]):
-        f = option(f)
-    return f
+def _given(**options) -> dict:
+    """The options a user gave (not None): the others keep their Options defaults, stated once there."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
-def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
-               deterministic=False, autocast=None):
-    from genart import runtime
-    from genart.infer import RunOptions
-    from genart.infer.jobs import parse_concurrency
+def _run_options(default_batch: int):
+    """Flags shared by stylize / generate / score: how the job runs on Ray, and what to do with an existing --output.
+    The command gets them as one `run` (infer.RunOptions) and Ray already started (or joined at --address)."""
 
-    run = RunOptions(batch_size=default_batch if batch_size is None else batch_size, concurrency=parse_concurrency(concurrency),
-                     gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, resume=resume,
-                     overwrite=overwrite, deterministic=deterministic, autocast=autocast)
-    runtime.init(address)
-    return run
+    def decorate(command):
+        @functools.wraps(command)
+        def with_run(batch_size, concurrency, gpus_per_worker, cpus_per_worker, deterministic, autocast, resume,
+                     overwrite, stall_timeout, address, **kwargs):
+            from genart import runtime
+            from genart.infer import RunOptions
+            from genart.infer.jobs import parse_concurrency
+
+            run = RunOptions(batch_size=default_batch if batch_size is None else batch_size,
+                             concurrency=parse_concurrency(concurrency), gpus_per_worker=gpus_per_worker,
+                             cpus_per_worker=cpus_per_worker, deterministic=deterministic, autocast=autocast,
+                             resume=resume, overwrite=overwrite, **_given(stall_timeout_s=stall_timeout))
+            runtime.init(address)
+            return command(run=run, **kwargs)
+
+        for option in reversed([
+            click.option("--batch-size", type=int, default=None, help=f"Rows per model call (default: {default_batch})."),
+            click.option("--concurrency", default="1", show_default=True,
+                         help="Model actors (each loads the model once): N, or MIN-MAX for a pool that autoscales."),
+            click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor."),
+            click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+                         help="CPUs (torch threads) per model actor."),
+            click.option("--deterministic", is_flag=True,
+                         help="Outputs that never depend on batching (batch-invariant kernels, no cuDNN autotuning; slower)."),
+            click.option("--autocast/--no-autocast", default=None,
+                         help="bf16/fp16 autocast (default: on with GPUs, off on CPUs)."),
+            click.option("--resume", is_flag=True, help="Finish an interrupted run at --output: only missing outputs are made."),
+            click.option("--overwrite", is_flag=True, help="Replace the output of an earlier run at --output."),
+            stall_option,
+            address_option,
+        ]):
+            with_run = option(with_run)
+        return with_run
+
+    return decorate
 
 
 @main.command()
@@ -213,15 +233,12 @@ def _infer_run(batch_size, default_batch, concurrency, gpus_per_worker, cpus_per
 @click.option("--tile-overlap", type=int, default=None, help="Tile overlap in px (default: N/8, at least twice the net's reach).")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "parquet"]), default="png", show_default=True)
 @max_pixels_option
-@_run_options
-def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batch_size, concurrency, gpus_per_worker,
-            cpus_per_worker, deterministic, autocast, resume, overwrite, address):
+@_run_options(default_batch=8)
+def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, run):
     """Stylise every image under --input with a style model; bad inputs go to errors.jsonl, never stop the job."""
     from genart.data import images
     from genart.infer import jobs, output
 
-    run = _infer_run(batch_size, 8, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
-                     deterministic, autocast)
     manifest = jobs.stylize(model, src, out, fmt=fmt, max_side=max_side, tile=tile, tile_overlap=tile_overlap,
                             max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
     click.echo(output.summary(manifest))
@@ -238,14 +255,11 @@ def stylize(model, src, out, max_side, tile, tile_overlap, fmt, max_pixels, batc
               help="Classifier-free guidance of an autoregressive or vqvae model trained with model.label_dropout "
                    "(1 = off; default: the model's config).")
 @click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True)
-@_run_options
-def generate(model, num, out, seed, truncation, label, guidance, fmt, batch_size, concurrency, gpus_per_worker, cpus_per_worker,
-             deterministic, autocast, resume, overwrite, address):
+@_run_options(default_batch=64)
+def generate(model, num, out, seed, truncation, label, guidance, fmt, run):
     """Generate --num images, deterministic by --seed whatever the batch size or number of actors."""
     from genart.infer import jobs, output
 
-    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
-                     deterministic, autocast)
     manifest = jobs.generate(model, num, out, seed=seed, truncation=truncation, label=label, fmt=fmt, run=run,
                              guidance=guidance)
     click.echo(output.summary(manifest))
@@ -256,15 +270,12 @@ def generate(model, num, out, seed, truncation, label, guidance, fmt, batch_size
 @click.option("--input", "src", required=True, help="Folder, .zip/.tar archive, Parquet dataset or s3:// prefix of images.")
 @click.option("--output", "--out", "out", required=True, help="Folder or s3:// prefix for part-*.parquet shards. " + ON_A_CLUSTER)
 @max_pixels_option
-@_run_options
-def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker, cpus_per_worker, deterministic, autocast,
-          resume, overwrite, address):
+@_run_options(default_batch=64)
+def score(model, src, out, max_pixels, run):
     """Per image: predicted label, class probabilities and embedding from a critic, as Parquet shards + manifest."""
     from genart.data import images
     from genart.infer import jobs, output
 
-    run = _infer_run(batch_size, 64, concurrency, gpus_per_worker, cpus_per_worker, resume, overwrite, address,
-                     deterministic, autocast)
     manifest = jobs.score(model, src, out, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)
     click.echo(output.summary(manifest))
 
@@ -287,9 +298,10 @@ def score(model, src, out, max_pixels, batch_size, concurrency, gpus_per_worker,
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per embedding actor.")
 @click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="CPUs (torch threads) per embedding actor.")
 @click.option("--overwrite", is_flag=True, help="Rebuild from scratch (default: embed only images the index lacks).")
+@stall_option
 @address_option
 def index_cmd(src, out, features, inception_weights, nn_kind, max_pixels, batch_size, concurrency, gpus_per_worker,
-              cpus_per_worker, overwrite, address):
+              cpus_per_worker, overwrite, stall_timeout, address):
     """Embed every image under --input into a nearest-neighbour index; a rerun embeds only new images.
 
     Bad inputs go to errors.jsonl beside the index and never stop the job."""
@@ -299,7 +311,7 @@ def index_cmd(src, out, features, inception_weights, nn_kind, max_pixels, batch_
     from genart.search import index as search_index
 
     run = RunOptions(batch_size=batch_size, concurrency=concurrency, gpus_per_worker=gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker, overwrite=overwrite)
+                     cpus_per_worker=cpus_per_worker, overwrite=overwrite, **_given(stall_timeout_s=stall_timeout))
     runtime.init(address)
     manifest = search_index.build_index(src, out, features=features, inception_weights=inception_weights, nn=nn_kind,
                                         max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)

@@ -7,6 +7,8 @@ A job's run options (`Options`: prepare's, the batch jobs') are pydantic too, ch
 from __future__ import annotations
 
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, TypeVar
@@ -17,6 +19,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from genart.errors import UserError, one_line
 
 C = TypeVar("C", bound=BaseModel)
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a field of this type takes an int or float and no bool (`int`, `float | None`, `int | tuple[...]`)."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return bool({int, float} & set(kinds)) and bool not in kinds
 
 
 class Section(BaseModel):
@@ -33,13 +41,19 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def current_keys(cls, data: Any) -> Any:
-        """`data` with renamed keys under today's names. With both names the later key wins, as a `--set` override
-        is added after the YAML's keys."""
-        if not isinstance(data, dict) or not cls.renamed:
+        """`data` with renamed keys under today's names (with both names the later key wins, as a `--set` override
+        is added after the YAML's keys), and no bool where a number goes."""
+        if not isinstance(data, dict):
             return data
         out = {}
         for key, value in data.items():
-            out[cls.renamed.get(key, key)] = value
+            key = cls.renamed.get(key, key)
+            field = cls.model_fields.get(key)
+            # `max_steps: true` is a slip, not 1 step (pydantic's lax mode takes a bool for a number): handed on as
+            # the text it was written as, it fails as any other text would, under its own key
+            if isinstance(value, bool) and field is not None and _number_not_bool(field.annotation):
+                value = str(value).lower()
+            out[key] = value
         return out
 
 

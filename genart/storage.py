@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -209,13 +210,35 @@ def listdir(uri: str) -> list[str]:
     return sorted(_to_uri(uri, p) for p in fs.ls(path, detail=False) if p.rstrip("/") != path)
 
 
-def find(uri: str) -> list[tuple[str, int]]:
-    """Every file below `uri`, recursively, as (uri, size), sorted by uri."""
+def find(uri: str, specials: list[str] | None = None) -> list[tuple[str, int]]:
+    """Every file below `uri`, recursively, as (uri, size), sorted by uri. Local pipes, sockets and devices are not
+    files (reading a pipe waits forever for a writer): they go to `specials` when it is given, else are left out."""
     fs, path = fsspec_fs(uri)
     found = fs.find(path, detail=True)
     on_s3 = is_s3(uri)
-    return sorted((_to_uri(uri, p), int(info.get("size") or 0)) for p, info in found.items()
-                  if info.get("type") != "directory" and not (on_s3 and _folder_marker(p)))
+    files = []
+    for p, info in found.items():
+        kind = info.get("type")
+        if kind == "directory" or (on_s3 and _folder_marker(p)):
+            continue
+        # fsspec lists a symlink as "other" too: only what is not a file through its links is special
+        if kind == "other" and special(p):
+            if specials is not None:
+                specials.append(p)
+            continue
+        files.append((_to_uri(uri, p), int(info.get("size") or 0)))
+    return sorted(files)
+
+
+def special(uri: str) -> bool:
+    """Whether local `uri` is there but, through its links, is no file to read: a pipe, socket or device, or a link to
+    a folder. (A broken link is not special: reading it says it is missing.)"""
+    if is_s3(uri):
+        return False
+    try:
+        return not stat.S_ISREG(os.stat(_path(uri)).st_mode)
+    except OSError:
+        return False
 
 
 def _folder_marker(key: str) -> bool:

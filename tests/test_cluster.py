@@ -23,6 +23,9 @@ from cluster import LocalCluster  # noqa: E402
 GENART = str(Path(sys.executable).parent / "genart")
 NUM_IMAGES = 160
 BAD_INPUTS = {"empty.png": b"", "notes.png": b"not an image at all\n"}
+# After a lost node a job that goes on writes again within ~30 s here (three nodes on two cores); silence for this
+# long means Ray could not recover the work in flight.
+STALL_S = 150
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +55,9 @@ def inputs(tmp_path_factory) -> Path:
     return src
 
 
-def _stylize(cluster, model: str, src: Path, out: Path, log: Path) -> subprocess.Popen:
+def _stylize(cluster, model: str, src: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen:
     args = [GENART, "stylize", "--model", model, "--input", str(src), "--output", str(out), "--address", cluster.address,
-            "--concurrency", "2", "--batch-size", "4"]
+            "--concurrency", "2", "--batch-size", "4", *extra]
     return subprocess.Popen(args, env=cluster.env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -69,40 +72,51 @@ def test_cluster_has_two_worker_nodes_with_their_resources(cluster):
     assert sum(n.get("CPU", 0) for n in nodes) == 6
 
 
+def _busy_on(cluster, node: str) -> list[str]:
+    """The node's Ray processes running job work now (workers go back to ray::IDLE between tasks)."""
+    idle = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    return [p for p in ray_procs.describe(cluster.processes(node)) if "ray::" in p and not any(i in p for i in idle)]
+
+
 @pytest.mark.slow
 def test_stylize_survives_losing_a_worker_node(cluster, style_model, inputs, tmp_path):
+    """node_b is SIGKILLed while it runs the job's work. The job either finishes, or (when Ray cannot recover the
+    work in flight: a hang, seen once in about twenty kills) stops within --stall-timeout with its one line, and
+    --resume finishes it. Either way: every input written once, byte for byte as an undisturbed run."""
     reference = tmp_path / "reference"
     run = _stylize(cluster, style_model, inputs, reference, tmp_path / "reference.log")
     assert run.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     expected = _files(reference)
     assert len(expected) == NUM_IMAGES
 
-    out = tmp_path / "disturbed"
+    out, log = tmp_path / "disturbed", tmp_path / "disturbed.log"
     started = time.monotonic()
-    run = _stylize(cluster, style_model, inputs, out, tmp_path / "disturbed.log")
-    # Lose node_b once the job is really under way: some outputs written, most still to come.
-    while len(list(out.glob("*.png"))) < 10:
-        assert run.poll() is None, (tmp_path / "disturbed.log").read_text()[-3000:]
-        assert time.monotonic() - started < 300, "the job never started writing"
-        time.sleep(0.2)
-    written_before = len(list(out.glob("*.png")))
-    idle = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
-    busy = [p for p in ray_procs.describe(cluster.processes("node_b")) if "ray::" in p and not any(i in p for i in idle)]
-    assert busy, "node_b ran none of the job's work"
+    run = _stylize(cluster, style_model, inputs, out, log, "--stall-timeout", str(STALL_S))
+    # Lose node_b once the job is really under way (some outputs written, most still to come), at a moment it is
+    # running the job's work: watched all along, since one look can fall between two of its tasks.
+    while len(list(out.glob("*.png"))) < 10 or not _busy_on(cluster, "node_b"):
+        assert run.poll() is None, f"the job ended before node_b was seen at work:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() - started < 300, "the job never got going on both nodes"
+        time.sleep(0.1)
     cluster.kill("node_b")
     try:
-        assert run.poll() is None and written_before < NUM_IMAGES, "the job finished before the node was lost"
         try:
-            code = run.wait(timeout=400)
+            code = run.wait(timeout=STALL_S + 300)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the job hung after node_b was lost ({len(list(out.glob('*.png')))} of {NUM_IMAGES} "
-                                 f"written):\n{(tmp_path / 'disturbed.log').read_text()[-4000:]}\n{cluster.status()}")
+                                 f"written):\n{log.read_text()[-4000:]}\n{cluster.status()}")
+        if code == 2 and "no output for" in log.read_text():
+            import warnings
+
+            warnings.warn(f"stylize stalled after node_b was lost ({len(_files(out))} written): finished by --resume")
+            cluster.restore()
+            run = _stylize(cluster, style_model, inputs, out, tmp_path / "resumed.log", "--resume")
+            code, log = run.wait(timeout=300), tmp_path / "resumed.log"
     finally:
         if run.poll() is None:
             run.kill()  # a hung driver must not hold the cluster while it is restored
         cluster.restore()  # the shared cluster goes to the next test whole
-    log = (tmp_path / "disturbed.log").read_text()
-    assert code == 0, log[-3000:]
+    assert code == 0, log.read_text()[-3000:]
 
     got = _files(out)
     assert sorted(got) == sorted(expected), "same files"

@@ -713,6 +713,29 @@ def test_names_that_are_not_utf8_are_reported_rejects_not_a_crash(tmp_path):
         sources.plan([os.fsdecode(os.path.join(os.fsencode(folder), b"caf\xe9.png"))])
 
 
+def test_pipes_and_other_special_files_are_reported_rejects_never_read(tmp_path):
+    """A named pipe in an input folder (a stray `mkfifo`) was listed as an image, and reading it waited forever for a
+    writer: the whole job hung with nothing written. Now it is a reported reject and the files beside it are read
+    (a link to a file too); a pipe given as the source is a one-line error; a file that turns into a pipe after
+    planning is a reject of the read, which never blocks."""
+    from genart.data import sources
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(corpus._png(Image.new("RGB", (8, 8), "red")))
+    (folder / "link.png").symlink_to(folder / "ok.png")
+    os.mkfifo(folder / "pipe.png")
+    plan = sources.plan([str(folder)])
+    assert plan.num_inputs == 3
+    assert [(f["source"], f["reason"]) for f in plan.failures] == [(str(folder / "pipe.png"), sources.SPECIAL_REASON)]
+    assert sorted(r["rel_path"] for r in _read_all(plan) if r["error"] is None) == ["link.png", "ok.png"]
+    with pytest.raises(UserError, match="pipe.png: not a regular file"):
+        sources.plan([str(folder / "pipe.png")])
+    (folder / "ok.png").unlink()
+    os.mkfifo(folder / "ok.png")
+    assert {r["rel_path"]: r["error"] for r in _read_all(plan)}["ok.png"] == sources.SPECIAL_REASON
+
+
 def test_archive_member_names_are_read_as_paths_whatever_their_spelling(tmp_path):
     """`tar cf x.tar ./photos` names members ./photos/cat/1.png: everything was labelled 'photos'. A zip written with
     Windows separators (photos\\cat\\1.png) had no labels, and its folder entries (photos\\cat\\) were planned as

@@ -41,6 +41,11 @@ def test_set_reads_values_as_yaml_1_2_would():
     assert load_config(None, [*base, "run.name=2024"]).run.name == "2024"
     assert load_config(None, [*base, "run.name=no"]).run.name == "no"
     assert load_config(None, [*base, "train.seed=012"]).train.seed == 12  # an int key still reads the digits
+    # `true` for a number was 1 (pydantic's lax mode): max_steps=true trained one step
+    for item in ("train.max_steps=true", "scaling.num_workers=false", "scaling.cpus_per_worker=true"):
+        with pytest.raises(UserError, match=rf"{item.split('=')[0]}: Input should be a valid .*\(got '(true|false)'\)"):
+            load_config(None, [*base, item])
+    assert load_config(None, [*base, "scaling.use_gpu=true"]).scaling.use_gpu is True
     assert load_config(None, [*base, "data.path=123"]).data.path == "123"
     # the rest of YAML's readings of a scalar: a comment, a float, hex, an anchor, a date (run.name=#exp1 was None:
     # the default run, resumed and its config.yaml overwritten)

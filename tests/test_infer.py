@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -480,6 +481,70 @@ def test_stylize_killed_then_resumed_matches_uninterrupted(tmp_path, ckpts, ray_
     assert sorted(resumed) == sorted(reference) and len(reference) == n  # nothing missing, duplicated or stray
     assert all(resumed[k] == reference[k] for k in reference)  # byte for byte
     assert (out / "errors.jsonl").read_text().replace(str(out), "") == (ref / "errors.jsonl").read_text().replace(str(ref), "")
+
+
+# ---------------------------------------------------------------- a job Ray cannot finish
+
+
+def _reader(unwound: threading.Event, batches: list, then: str):
+    """What a Ray Data iterator looks like to genart: some batches, then (then="stall") polling forever for a block
+    that never comes, as after a lost node Ray could not recover, or (then="fail") a raised error."""
+    try:
+        yield from batches
+        if then == "fail":
+            raise ValueError("a task failed")
+        while then == "stall":
+            time.sleep(0.01)
+    finally:
+        unwound.set()
+
+
+def test_a_stalled_job_stops_with_one_line_and_its_reader_unwinds():
+    """A stylize job whose node was lost waited forever once Ray could not recover the work in flight. Now no output
+    for the stall timeout is a one-line JobStalled saying what to do, and the reader is unwound, as Ctrl-C would."""
+    from genart.infer.pipeline import JobStalled, watched
+
+    unwound, got, started = threading.Event(), [], time.monotonic()
+    with pytest.raises(JobStalled, match=r"^stylize: no output for 0.5 s, so the job was stopped .*; use --resume$"):
+        for batch in watched(_reader(unwound, ["a"], "stall"), 0.5, "stylize", "use --resume"):
+            got.append(batch)
+    assert got == ["a"] and unwound.wait(10) and time.monotonic() - started < 10
+
+
+def test_a_watched_reader_passes_everything_through_and_stops_when_left():
+    from genart.infer.pipeline import watched
+
+    unwound = threading.Event()
+    assert list(watched(_reader(unwound, [1, 2, 3], "end"), 5, "x", "")) == [1, 2, 3] and unwound.is_set()
+    with pytest.raises(ValueError, match="a task failed"):
+        list(watched(_reader(threading.Event(), [1], "fail"), 5, "x", ""))
+    unwound = threading.Event()
+    for batch in watched(_reader(unwound, [1, 2], "stall"), 60, "x", ""):
+        break  # the consumer leaves (an error of its own, Ctrl-C): the reader does not run on behind it
+    assert unwound.wait(10)
+    unwound = threading.Event()
+    assert list(watched(_reader(unwound, [1], "end"), 0, "x", "")) == [1] and unwound.is_set()  # 0: no watchdog
+
+
+def test_a_stalled_ray_data_job_stops_and_ray_goes_on(ray_session):
+    """The same on a real Ray Data pipeline: a task that never finishes in time stops the job within the timeout,
+    and the shared Ray runs the next job as before."""
+    import ray
+
+    from genart.infer.pipeline import JobStalled, pipeline_context, watched
+
+    def slow(batch):
+        time.sleep(60 if 5 in batch["id"] else 0)
+        return batch
+
+    with pipeline_context():
+        ds = ray.data.range(8, override_num_blocks=8).map_batches(slow, batch_size=1)
+        started = time.monotonic()
+        with pytest.raises(JobStalled):
+            for _ in watched(ds.iter_batches(batch_size=None), 3, "generate", "use --resume"):
+                pass
+        assert time.monotonic() - started < 40
+        assert sorted(ray.data.range(4).map_batches(lambda b: {"id": b["id"] * 2}).to_pandas()["id"]) == [0, 2, 4, 6]
 
 
 # ---------------------------------------------------------------- generate

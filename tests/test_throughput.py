@@ -112,11 +112,17 @@ def test_concurrency_parsing():
 
 
 def test_a_zero_batch_size_is_refused_not_replaced_by_the_default(tmp_path, style_ckpt):
-    """--batch-size 0 once fell through `or` to the default; the option's rule refuses it before Ray starts."""
+    """--batch-size 0 once fell through `or` to the default; the option's rule refuses it before Ray starts, and so
+    is a negative --stall-timeout (every batch command has one)."""
     for command in (["stylize", "--model", style_ckpt], ["score", "--model", style_ckpt]):
         result = CliRunner().invoke(main, [*command, "--input", str(tmp_path), "--output", str(tmp_path / "out"),
                                            "--batch-size", "0"])
         assert result.exit_code == 2 and "--batch-size must be >= 1" in result.output
+    for command in (["stylize", "--model", style_ckpt, "--input", str(tmp_path)], ["index", "--input", str(tmp_path)],
+                    ["generate", "--model", style_ckpt, "--num", "4"]):
+        result = CliRunner().invoke(main, [*command, "--output", str(tmp_path / "out"), "--stall-timeout", "-1"])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines()[-1].endswith("--stall-timeout -1.0: must be >= 0 seconds (0: wait forever)")
 
 
 def test_stylize_cli_with_an_autoscaling_pool(tmp_path, style_ckpt, ray_session):

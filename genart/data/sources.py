@@ -126,6 +126,8 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/") if part not in ("", ".", ".."))
 
 
+# reading a pipe waits forever for a writer, a device may never end: never opened
+SPECIAL_REASON = "not a regular file (a pipe, socket, device or link to a folder): not read"
 EMPTY_NAME_REASON = "archive member without a name (only '/', '.' or '..' in it): not read"
 
 
@@ -169,10 +171,14 @@ def _plan_source(src: str, labels: str | None, failures: list[dict]) -> list[Uni
     if _bad_name(src):
         raise UserError(f"source {_printable(src)}: the name is not valid UTF-8; rename it to UTF-8 (e.g. convmv)")
     if not storage.isdir(src):
+        if storage.special(src):
+            raise UserError(f"source {src}: {SPECIAL_REASON}")
         rel = posixpath.basename(src.rstrip("/"))
         return _plan_file(src, rel, None, labels, failures)
-    files = []
-    for f, size in _without_output_files(storage.find(src)):
+    files, specials = [], []
+    listed = storage.find(src, specials)
+    failures.extend({"source": _printable(f), "reason": SPECIAL_REASON} for f in specials)
+    for f, size in _without_output_files(listed):
         if _bad_name(f):
             failures.append({"source": _printable(f), "reason": BAD_NAME_REASON})
         elif _hidden(storage.relative(src, f)):
@@ -495,7 +501,8 @@ def _read_files(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     for uri, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
         path = storage.fsspec_fs(uri)[1]
         try:
-            error = _too_big(fs.size(path), max_bytes)
+            # a file that became a pipe after planning would block this task forever
+            error = SPECIAL_REASON if storage.special(uri) else _too_big(fs.size(path), max_bytes)
             rows.append(_record(uri, rel, label, None if error else fs.cat_file(path), error))
         except Exception as exc:  # noqa: BLE001 - an unreadable file is a reported reject
             rows.append(_record(uri, rel, label, error=f"unreadable file: {one_line(exc)}"))

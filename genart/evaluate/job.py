@@ -26,6 +26,7 @@ from genart.evaluate.metrics import PR_K
 from genart.evaluate.preprocess import DESCRIPTION, PREPROCESS_VERSION
 from genart.evaluate.scoring import DEFAULT_SPLIT, compare
 from genart.infer.output import Progress
+from genart.infer.pipeline import STALL_TIMEOUT_S, watched
 
 REAL_BATCH = 32  # images per actor call: 32 x (3, 299, 299) float32 = 34 MB at Inception size
 GENERATE_BATCH = 32
@@ -81,9 +82,12 @@ def _spec_for_actors(spec: FeatureSpec) -> FeatureSpec:
 
 
 def _drain(ds, progress: Progress):
-    """The job's output batches, each counted on the live line (a failed row fails the job: 0 errors until then)."""
+    """The job's output batches, each counted on the live line (a failed row fails the job: 0 errors until then);
+    JobStalled when none arrives for STALL_TIMEOUT_S."""
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    then = "run it again (the real images' statistics are cached once computed)"
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in watched(batches, STALL_TIMEOUT_S, progress.command, then):
             progress.advance(len(batch["id"]))
             yield batch
     finally:

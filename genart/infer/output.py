@@ -315,6 +315,7 @@ class Progress:
         from tqdm import tqdm
 
         stream = stream or sys.stderr
+        self.command = command
         self.enabled = bool(enabled and total > 0 and getattr(stream, "isatty", lambda: False)())
         self.bar = tqdm(total=total, desc=command, unit="img", file=stream, disable=not self.enabled,
                         dynamic_ncols=True, smoothing=0.1, leave=False, mininterval=min_interval_s,
