@@ -37,8 +37,9 @@ address_option = click.option(
 
 stall_option = click.option(
     "--stall-timeout", type=float, default=None, metavar="SECONDS",
-    help="Stop with an error when no output arrives for this long, e.g. after Ray lost a node and could not recover "
-         "the work in flight; what is written is kept (default: 1800; 0: wait forever).")
+    help="Stop with an error when no output comes for this long after the first, e.g. after Ray lost a node and could "
+         "not recover the work in flight; what is written is kept (default: 1800 on a cluster, never on the embedded "
+         "Ray; 0: wait forever).")
 
 # Ray's write tasks run on any node: a local --output folder must be one every node shares
 ON_A_CLUSTER = "On a cluster: s3:// or a folder every node shares."

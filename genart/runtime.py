@@ -35,6 +35,14 @@ def local_cpus() -> int:
     return max(MIN_LOCAL_CPUS, (os.cpu_count() or 1) + EXTRA_LOCAL_CPUS)
 
 
+_embedded = False  # whether init started the local instance (one machine: no node of it can be lost)
+
+
+def is_embedded() -> bool:
+    """Whether this process runs on the embedded local Ray that init started, not on a cluster it joined."""
+    return _embedded
+
+
 def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Make sure this process is connected to Ray: the given cluster, RAY_ADDRESS, or a new local instance."""
     import ray
@@ -63,6 +71,8 @@ def init(address: str | None = None, *, num_cpus: int | None = None, quiet: bool
         runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         # address="local": never attach by accident to some other cluster found in /tmp/ray.
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False, **kwargs)
+        global _embedded
+        _embedded = True
     stop_on_sigterm()
 
 
@@ -95,8 +105,10 @@ def shutdown() -> None:
     """Disconnect; an embedded local Ray stops every process it started (raylet, GCS, agents, workers)."""
     import ray
 
+    global _embedded
     if ray.is_initialized():
         ray.shutdown()
+    _embedded = False
 
 
 @contextmanager

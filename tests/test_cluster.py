@@ -100,6 +100,8 @@ def test_stylize_survives_losing_a_worker_node(cluster, style_model, inputs, tmp
         time.sleep(0.1)
     cluster.kill("node_b")
     try:
+        written = len(list(out.glob("*.png")))
+        assert run.poll() is None and written < NUM_IMAGES, f"the job finished as node_b was lost ({written} written)"
         try:
             code = run.wait(timeout=STALL_S + 300)
         except subprocess.TimeoutExpired:

@@ -486,44 +486,83 @@ def test_stylize_killed_then_resumed_matches_uninterrupted(tmp_path, ckpts, ray_
 # ---------------------------------------------------------------- a job Ray cannot finish
 
 
-def _reader(unwound: threading.Event, batches: list, then: str):
-    """What a Ray Data iterator looks like to genart: some batches, then (then="stall") polling forever for a block
-    that never comes, as after a lost node Ray could not recover, or (then="fail") a raised error."""
-    try:
-        yield from batches
-        if then == "fail":
-            raise ValueError("a task failed")
-        while then == "stall":
-            time.sleep(0.01)
-    finally:
-        unwound.set()
+class _Reader:
+    """What a Ray Data iterator looks like to genart: some batches, then (then="stall") waiting for a block that never
+    comes, as after a lost node Ray could not recover, until stop() shuts the execution down; or (then="fail") an
+    error. `unwound` is set once the iteration has ended."""
+
+    def __init__(self, batches: list, then: str):
+        self.batches, self.then = batches, then
+        self.stopped, self.unwound = threading.Event(), threading.Event()
+
+    def __iter__(self):
+        try:
+            yield from self.batches
+            if self.then == "fail":
+                raise ValueError("a task failed")
+            if self.then == "stall":
+                self.stopped.wait()
+        finally:
+            self.unwound.set()
+
+    def stop(self):
+        self.stopped.set()
+
+
+def _watch(reader: _Reader, stall_s: float, what: str = "x", then: str = ""):
+    from genart.infer.pipeline import watched
+
+    return watched(reader, stall_s, what, then, reader.stop)
 
 
 def test_a_stalled_job_stops_with_one_line_and_its_reader_unwinds():
     """A stylize job whose node was lost waited forever once Ray could not recover the work in flight. Now no output
-    for the stall timeout is a one-line JobStalled saying what to do, and the reader is unwound, as Ctrl-C would."""
-    from genart.infer.pipeline import JobStalled, watched
+    for the stall timeout is a one-line JobStalled saying what to do, and the reader's execution is stopped."""
+    from genart.infer.pipeline import JobStalled
 
-    unwound, got, started = threading.Event(), [], time.monotonic()
+    reader, got, started = _Reader(["a"], "stall"), [], time.monotonic()
     with pytest.raises(JobStalled, match=r"^stylize: no output for 0.5 s, so the job was stopped .*; use --resume$"):
-        for batch in watched(_reader(unwound, ["a"], "stall"), 0.5, "stylize", "use --resume"):
+        for batch in _watch(reader, 0.5, "stylize", "use --resume"):
             got.append(batch)
-    assert got == ["a"] and unwound.wait(10) and time.monotonic() - started < 10
+    assert got == ["a"] and reader.unwound.wait(10) and time.monotonic() - started < 10
+    assert not [t for t in threading.enumerate() if t.name == "genart-stylize"]
+
+
+def _late(delay_s: float, batches: list):
+    time.sleep(delay_s)
+    yield from batches
 
 
 def test_a_watched_reader_passes_everything_through_and_stops_when_left():
     from genart.infer.pipeline import watched
 
-    unwound = threading.Event()
-    assert list(watched(_reader(unwound, [1, 2, 3], "end"), 5, "x", "")) == [1, 2, 3] and unwound.is_set()
+    reader = _Reader([1, 2, 3], "end")
+    assert list(_watch(reader, 5)) == [1, 2, 3] and reader.unwound.is_set() and not reader.stopped.is_set()
     with pytest.raises(ValueError, match="a task failed"):
-        list(watched(_reader(threading.Event(), [1], "fail"), 5, "x", ""))
-    unwound = threading.Event()
-    for batch in watched(_reader(unwound, [1, 2], "stall"), 60, "x", ""):
+        list(_watch(_Reader([1], "fail"), 5))
+    reader = _Reader([1, 2], "stall")
+    for batch in _watch(reader, 60):
         break  # the consumer leaves (an error of its own, Ctrl-C): the reader does not run on behind it
-    assert unwound.wait(10)
-    unwound = threading.Event()
-    assert list(watched(_reader(unwound, [1], "end"), 0, "x", "")) == [1] and unwound.is_set()  # 0: no watchdog
+    assert reader.stopped.is_set() and reader.unwound.wait(10)
+    # the clock starts at the first batch: before it a job may wait for resources or load its models
+    assert list(watched(_late(1.0, ["a", "b"]), 0.3, "x", "", lambda: None)) == ["a", "b"]
+    for no_limit in (0, float("inf")):  # wait forever (inf once overflowed the queue's timeout)
+        reader = _Reader([1], "end")
+        assert list(_watch(reader, no_limit)) == [1] and reader.unwound.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "genart-x"]
+
+
+def test_the_stall_timeout_is_off_on_the_embedded_ray_and_on_by_default_on_a_cluster(ray_session, monkeypatch):
+    """The watchdog is for jobs on a cluster, where a node can be lost; on the embedded Ray a quiet job is only a slow
+    one (a batch of big photos on CPUs), never stopped unless asked."""
+    from genart import runtime
+    from genart.infer.pipeline import STALL_TIMEOUT_S, resume_hint, stall_limit
+
+    assert runtime.is_embedded() and stall_limit(None) == 0 and stall_limit(7.5) == 7.5
+    monkeypatch.setattr(runtime, "_embedded", False)  # what init records after joining a cluster at an address
+    assert stall_limit(None) == STALL_TIMEOUT_S and stall_limit(0) == 0
+    # the workflows always resume: they are told to run again, not to add the --resume they do not take
+    assert "run the same command with --resume" in resume_hint(False) and "command again" in resume_hint(True)
 
 
 def test_a_stalled_ray_data_job_stops_and_ray_goes_on(ray_session):
@@ -531,19 +570,27 @@ def test_a_stalled_ray_data_job_stops_and_ray_goes_on(ray_session):
     and the shared Ray runs the next job as before."""
     import ray
 
-    from genart.infer.pipeline import JobStalled, pipeline_context, watched
+    from genart.infer.pipeline import JobStalled, execution_stopper, pipeline_context, watched
 
     def slow(batch):
-        time.sleep(60 if 5 in batch["id"] else 0)
+        time.sleep(600 if 5 in batch["id"] else 0)
         return batch
 
     with pipeline_context():
+        idle_cpus = ray.available_resources().get("CPU", 0)  # other modules' actors may hold some
         ds = ray.data.range(8, override_num_blocks=8).map_batches(slow, batch_size=1)
-        started = time.monotonic()
+        started, got = time.monotonic(), []
         with pytest.raises(JobStalled):
-            for _ in watched(ds.iter_batches(batch_size=None), 3, "generate", "use --resume"):
-                pass
-        assert time.monotonic() - started < 40
+            for batch in watched(ds.iter_batches(batch_size=None), 3, "generate", "use --resume", execution_stopper(ds)):
+                got.extend(batch["id"].tolist())
+        assert time.monotonic() - started < 60
+        assert got and 5 not in got  # the job was under way: the one slow task is what stopped it
+        # the execution was shut down: the reader thread ended, and the 600 s task no longer holds its CPU
+        assert not [t for t in threading.enumerate() if t.name == "genart-generate"]
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) < idle_cpus and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) >= idle_cpus
         assert sorted(ray.data.range(4).map_batches(lambda b: {"id": b["id"] * 2}).to_pandas()["id"]) == [0, 2, 4, 6]
 
 

@@ -25,7 +25,7 @@ from genart.config import Options, Rule
 from genart.data import images, sources
 from genart.errors import UserError
 from genart.infer import naming, output, stages
-from genart.infer.pipeline import STALL_TIMEOUT_S, drain, pipeline_context
+from genart.infer.pipeline import drain, pipeline_context, resume_hint
 
 
 POOL_RULE = Rule("--batch-size must be >= 1 and --concurrency N or MIN-MAX with 1 <= MIN <= MAX")
@@ -48,8 +48,9 @@ class RunOptions(Options):
     progress: bool = True
     deterministic: bool = False  # outputs independent of batching (slower kernels; see stages.ModelActor)
     autocast: bool | None = None  # bf16/fp16 autocast; None = on with GPUs, off on CPUs
-    # stop with JobStalled when no output arrives for this long (0: wait forever)
-    stall_timeout_s: Annotated[float, Field(ge=0), STALL_RULE] = STALL_TIMEOUT_S
+    # stop with JobStalled when no output comes for this long after the first (0: wait forever; None: 1800 s on a
+    # cluster, never on the embedded Ray: pipeline.stall_limit)
+    stall_timeout_s: Annotated[float | None, Field(ge=0), STALL_RULE] = None
 
     @field_validator("concurrency")
     @classmethod
@@ -252,7 +253,8 @@ def _image_job(command: str, family: str, model: str, src: str, out: str, fmt: s
                                                          **run.actor_kwargs()))
             ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
                                 fn_kwargs={"out": out, "fmt": fmt})
-            drain(ds, tally, output.Progress(command, work.remaining, run.progress), run.stall_timeout_s)
+            drain(ds, tally, output.Progress(command, work.remaining, run.progress), run.stall_timeout_s,
+                  resume_hint(run.resume))
     return _finish(command, out, fmt, tally, work.plan.num_inputs, work.already, started, info, options, src)
 
 
@@ -313,7 +315,8 @@ def generate(model: str, num: int, out: str, seed: int = 0, truncation: float = 
                 guidance=guidance, **run.actor_kwargs()))
             ds = ds.map_batches(stages.write_batch, batch_size=_write_rows(fmt, run), batch_format="pyarrow",
                                 fn_kwargs={"out": out, "fmt": fmt})
-            drain(ds, tally, output.Progress("generate", num - len(done), run.progress), run.stall_timeout_s)
+            drain(ds, tally, output.Progress("generate", num - len(done), run.progress), run.stall_timeout_s,
+                  resume_hint(run.resume))
     extra = {}
     if fmt != "parquet":
         failed = tally.failed_sources

@@ -5,10 +5,9 @@ watchdog that turns a job Ray can no longer finish into one clear error instead 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from genart.errors import UserError
 from genart.infer import output
@@ -18,8 +17,8 @@ from genart.infer import output
 # overlapping. Small blocks keep a few images in flight between the stages (and the memory bound tight).
 BLOCK_BYTES = 1 << 20
 
-# Long enough for a cold cluster to start GPU nodes and load models before the first output, short enough that a
-# stuck job does not hold a cluster overnight.
+# On a cluster, no output for this long after the first means the job is stuck. Half an hour: a batch of big photos
+# on CPUs, or an autoscaler bringing back a node, can keep a healthy job quiet for many minutes.
 STALL_TIMEOUT_S = 1800.0
 
 
@@ -46,43 +45,62 @@ class JobStalled(UserError):
     the work in flight (ray issues 53727, 47043): the job would otherwise wait forever."""
 
 
-class _Stop(BaseException):
-    """Raised inside a pump thread to stop it (see watched)."""
+# How long a consumer that leaves early waits for its reader thread to end. Ray Data's iterator ends at once when its
+# execution is shut down; a read blocked elsewhere (fetching a lost object Ray is rebuilding) may not, and the reader,
+# a daemon thread, is then left behind.
+STOP_WAIT_S = 5.0
 
 
-# How long a consumer that leaves early waits for its pump to stop: Ray Data's iterators notice an exception within
-# 0.5 s (they poll), then shut their executor down (cancelling tasks, killing the job's actors).
-STOP_WAIT_S = 20.0
+def stall_limit(stall_s: float | None) -> float:
+    """A job's stall timeout: as given, else STALL_TIMEOUT_S on a cluster and 0 (never) on the embedded Ray, where
+    no node can be lost and a quiet job is only a slow one."""
+    from genart import runtime
+
+    if stall_s is not None:
+        return stall_s
+    return 0.0 if runtime.is_embedded() else STALL_TIMEOUT_S
 
 
-def watched(batches: Iterable, stall_s: float, what: str, then: str) -> Iterator:
-    """`batches`, or JobStalled once none has arrived for `stall_s` seconds (0: wait forever); `then` tells the user
-    what to do next. A blocked Ray Data iterator cannot be timed out from its own thread, so a pump thread iterates it;
-    when the consumer leaves early (a stall, an error, Ctrl-C) the pump gets an exception raised inside it, which
-    unwinds Ray Data's iterator as Ctrl-C would: the executor shuts down instead of running on behind an error."""
-    if not stall_s:
+def watched(batches: Iterable, stall_s: float, what: str, then: str, stop: Callable[[], None]) -> Iterator:
+    """`batches`, or JobStalled once none has arrived for `stall_s` seconds since the last (0 or inf: wait forever;
+    before the first, a job may wait for resources or load its models: never stopped); `then` says what to do next.
+
+    A blocked Ray Data iterator cannot be timed out from its own thread, so a reader thread iterates it. When the
+    consumer leaves early (a stall, an error, Ctrl-C), `stop()` ends the production (execution_stopper: Ray Data's
+    executor shuts down, cancelling its tasks and killing its actors), so the reader's blocked read returns and it
+    stops instead of running on behind an error."""
+    if not stall_s or stall_s > threading.TIMEOUT_MAX:
         yield from batches
         return
     arrived: queue.Queue = queue.Queue()  # (True, batch), or (False, None) at the end, or (False, the exception)
+    gone = threading.Event()
 
-    def pump() -> None:
+    def read() -> None:
+        it = iter(batches)
         try:
-            for batch in batches:
+            for batch in it:
+                if gone.is_set():
+                    break
                 arrived.put((True, batch))
             arrived.put((False, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             arrived.put((False, e))
+        finally:
+            getattr(it, "close", lambda: None)()
 
-    thread = threading.Thread(target=pump, name=f"genart-{what}", daemon=True)
-    thread.start()
+    reader = threading.Thread(target=read, name=f"genart-{what}", daemon=True)
     ended = False
     try:
+        reader.start()
+        timeout = None  # until the first batch
         while not ended:
             try:
-                is_batch, value = arrived.get(timeout=stall_s)
+                is_batch, value = arrived.get(timeout=timeout)
             except queue.Empty:
-                raise JobStalled(f"{what}: no output for {stall_s:g} s, so the job was stopped (Ray could not go on, "
-                                 f"e.g. after losing a node it could not recover work from); {then}") from None
+                raise JobStalled(f"{what}: no output for {stall_s:g} s, so the job was stopped (Ray could not go on: "
+                                 f"a node lost with work Ray could not recover, or no resources left for the job); "
+                                 f"{then}") from None
+            timeout = stall_s
             if is_batch:
                 yield value
                 continue
@@ -90,23 +108,43 @@ def watched(batches: Iterable, stall_s: float, what: str, then: str) -> Iterator
             if value is not None:
                 raise value
     finally:
-        if not ended and thread.is_alive():
-            # CPython's way to raise in another thread; it lands at the pump's next bytecode, within Ray's polls
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stop))
-        thread.join(STOP_WAIT_S)
+        if not ended and reader.ident is not None:
+            gone.set()
+            stop()
+            reader.join(STOP_WAIT_S)
 
 
-RESUME_HINT = "what is written is kept: run the same command with --resume to finish it"
+def execution_stopper(ds) -> Callable[[], None]:
+    """What stops `ds`'s running execution from another thread: its streaming executor's shutdown, as Ray Data's own
+    blocking calls end theirs (Dataset._synchronize_progress_bar; the executor is kept from the first output on)."""
+
+    def stop() -> None:
+        executor = getattr(ds, "_current_executor", None)
+        if executor is not None:
+            executor.shutdown(force=True)
+
+    return stop
 
 
-def drain(ds, tally: output.Tally, progress: output.Progress, stall_s: float, then: str = RESUME_HINT) -> None:
+def resume_hint(resumed: bool, stall_option: bool = True) -> str:
+    """What a stopped batch job tells its user to do: run it again (with --resume unless it was given: the
+    workflows always resume), or give it more time."""
+    longer = "; or, if one batch can take that long, give a longer --stall-timeout" if stall_option else ""
+    again = "again" if resumed else "with --resume"
+    return f"what is written is kept: run the same command {again} to finish it{longer}"
+
+
+def drain(ds, tally: output.Tally, progress: output.Progress, stall_s: float | None, then: str) -> None:
     """Run the pipeline to its end: the driver receives only the small status rows, counts them, shows progress.
-    JobStalled (saying `then`) when no row arrives for `stall_s` seconds; what is written stays."""
-    rows = watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), stall_s, progress.command, then)
+    JobStalled (saying `then`) when no row arrives for stall_limit(stall_s) seconds; what is written stays."""
+    rows = watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), stall_limit(stall_s), progress.command,
+                   then, execution_stopper(ds))
     try:
         for status in rows:
             tally.add(status)
             progress.update(tally, status.num_rows)
     finally:
-        rows.close()  # now, not when the error's traceback lets go of it: Ray must not run on behind the error
-        progress.close()
+        try:
+            rows.close()  # now, not when the error's traceback lets go of it: Ray must not run on behind the error
+        finally:
+            progress.close()
