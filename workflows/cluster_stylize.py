@@ -47,6 +47,9 @@ class StylizePart(config.Section):
     tile: int | None = Field(1024, ge=32)  # stylize larger images in overlapping tiles of this size; None = whole
     format: str = "jpeg"  # png | jpeg | webp | parquet
     preview: int = Field(16, ge=0)  # images on preview.png (0 = none)
+    # stop when no output comes for this long after the first (a node lost whose work Ray could not recover);
+    # None: the batch jobs' default (1800 s on a cluster), 0: wait forever
+    stall_timeout_s: float | None = Field(None, ge=0)
 
 
 class ClusterStylizeConfig(config.Section):
@@ -92,7 +95,8 @@ def stylize_archive(cfg: ClusterStylizeConfig, run_dir: str) -> dict:
 
     s = cfg.stylize
     run = jobs.RunOptions(batch_size=s.batch_size, concurrency=s.concurrency, gpus_per_worker=s.gpus_per_worker,
-                          cpus_per_worker=s.cpus_per_worker, resume=True, redo_changed=True)
+                          cpus_per_worker=s.cpus_per_worker, resume=True, redo_changed=True,
+                          stall_timeout_s=s.stall_timeout_s)
     manifest = jobs.stylize(run_dir, cfg.uri(cfg.archive), cfg.uri(cfg.output), fmt=s.format, max_side=s.max_side,
                             tile=s.tile, run=run)
     click.echo(jobs.output.summary(manifest))

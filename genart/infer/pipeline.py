@@ -110,7 +110,8 @@ def watched(batches: Iterable, stall_s: float, what: str, then: str, stop: Calla
     finally:
         if not ended and reader.ident is not None:
             gone.set()
-            stop()
+            with contextlib.suppress(Exception):  # the error that made the consumer leave is the one to report
+                stop()
             reader.join(STOP_WAIT_S)
 
 
@@ -126,12 +127,12 @@ def execution_stopper(ds) -> Callable[[], None]:
     return stop
 
 
-def resume_hint(resumed: bool, stall_option: bool = True) -> str:
+def resume_hint(resumed: bool) -> str:
     """What a stopped batch job tells its user to do: run it again (with --resume unless it was given: the
     workflows always resume), or give it more time."""
-    longer = "; or, if one batch can take that long, give a longer --stall-timeout" if stall_option else ""
     again = "again" if resumed else "with --resume"
-    return f"what is written is kept: run the same command {again} to finish it{longer}"
+    return (f"what is written is kept: run the same command {again} to finish it (if one batch can take that long, "
+            f"with a longer stall timeout)")
 
 
 def drain(ds, tally: output.Tally, progress: output.Progress, stall_s: float | None, then: str) -> None:

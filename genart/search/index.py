@@ -242,8 +242,8 @@ def build_index(src: str, out: str, features: str = "inception", inception_weigh
                                                             use_gpu=run.gpus_per_worker > 0))
             ds = ds.map_batches(write_batch, batch_size=256, batch_format="pyarrow", fn_kwargs={"out": out})
             drain(ds, tally, output.Progress("index", len(planned) - len(done), run.progress), run.stall_timeout_s,
-                  "what is embedded is kept: run the same command again to embed the rest; or, if one batch can take "
-                  "that long, give a longer --stall-timeout")
+                  "what is embedded is kept: run the same command again to embed the rest (if one batch can take "
+                  "that long, with a longer --stall-timeout)")
     embedded = len(done) + tally.written
     if embedded + tally.errors != plan.num_inputs:
         raise RuntimeError(f"index lost track of inputs: {plan.num_inputs} planned, {embedded} embedded, {tally.errors} errors")
