@@ -179,11 +179,6 @@ def train(config_path, overrides, dry_run, output, address):
 # ---------------------------------------------------------------- batch inference
 
 
-def _given(**options) -> dict:
-    """The options a user gave (not None): the others keep their Options defaults, stated once there."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
 def _run_options(default_batch: int):
     """Flags shared by stylize / generate / score: how the job runs on Ray, and what to do with an existing --output.
     The command gets them as one `run` (infer.RunOptions) and Ray already started (or joined at --address)."""
@@ -199,7 +194,7 @@ def _run_options(default_batch: int):
             run = RunOptions(batch_size=default_batch if batch_size is None else batch_size,
                              concurrency=parse_concurrency(concurrency), gpus_per_worker=gpus_per_worker,
                              cpus_per_worker=cpus_per_worker, deterministic=deterministic, autocast=autocast,
-                             resume=resume, overwrite=overwrite, **_given(stall_timeout_s=stall_timeout))
+                             resume=resume, overwrite=overwrite, stall_timeout_s=stall_timeout)
             runtime.init(address)
             return command(run=run, **kwargs)
 
@@ -312,7 +307,7 @@ def index_cmd(src, out, features, inception_weights, nn_kind, max_pixels, batch_
     from genart.search import index as search_index
 
     run = RunOptions(batch_size=batch_size, concurrency=concurrency, gpus_per_worker=gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker, overwrite=overwrite, **_given(stall_timeout_s=stall_timeout))
+                     cpus_per_worker=cpus_per_worker, overwrite=overwrite, stall_timeout_s=stall_timeout)
     runtime.init(address)
     manifest = search_index.build_index(src, out, features=features, inception_weights=inception_weights, nn=nn_kind,
                                         max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS, run=run)

@@ -501,8 +501,8 @@ def _read_files(unit: Unit, max_bytes: int | None) -> Iterator[pa.Table]:
     for uri, rel, label in zip(unit.items, unit.rel_paths, unit.labels):
         path = storage.fsspec_fs(uri)[1]
         try:
-            # a file that became a pipe after planning would block this task forever
-            error = SPECIAL_REASON if storage.special(uri) else _too_big(fs.size(path), max_bytes)
+            info = fs.info(path)  # through links; a file that became a pipe after planning would block this task
+            error = SPECIAL_REASON if info["type"] != "file" else _too_big(int(info["size"]), max_bytes)
             rows.append(_record(uri, rel, label, None if error else fs.cat_file(path), error))
         except Exception as exc:  # noqa: BLE001 - an unreadable file is a reported reject
             rows.append(_record(uri, rel, label, error=f"unreadable file: {one_line(exc)}"))

@@ -26,7 +26,7 @@ from genart.evaluate.metrics import PR_K
 from genart.evaluate.preprocess import DESCRIPTION, PREPROCESS_VERSION
 from genart.evaluate.scoring import DEFAULT_SPLIT, compare
 from genart.infer.output import Progress
-from genart.infer.pipeline import execution_stopper, stall_limit, watched
+from genart.infer.pipeline import job_batches
 
 REAL_BATCH = 32  # images per actor call: 32 x (3, 299, 299) float32 = 34 MB at Inception size
 GENERATE_BATCH = 32
@@ -85,17 +85,13 @@ def _drain(ds, progress: Progress):
     """The job's output batches, each counted on the live line (a failed row fails the job: 0 errors until then);
     JobStalled when none comes for the default stall timeout (pipeline.stall_limit: on a cluster only)."""
     then = "run it again (the real images' statistics are cached once computed)"
-    batches = watched(ds.iter_batches(batch_size=None, batch_format="numpy"), stall_limit(None), progress.command, then,
-                      execution_stopper(ds))
     try:
-        for batch in batches:
-            progress.advance(len(batch["id"]))
-            yield batch
+        with job_batches(ds, "numpy", None, progress.command, then) as batches:
+            for batch in batches:
+                progress.advance(len(batch["id"]))
+                yield batch
     finally:
-        try:
-            batches.close()  # Ray must not run on behind an error
-        finally:
-            progress.close()
+        progress.close()
 
 
 def real_reference(data: str, split: str, spec: FeatureSpec, extractor, max_real: int | None, max_actors: int | None,

@@ -135,17 +135,25 @@ def resume_hint(resumed: bool) -> str:
             f"with a longer stall timeout)")
 
 
+@contextlib.contextmanager
+def job_batches(ds, batch_format: str, stall_s: float | None, what: str, then: str) -> Iterator[Iterator]:
+    """`ds`'s output batches, whole, under the stall watchdog (stall_limit(stall_s); JobStalled says `then`), and
+    closed when the block is left: now, not when an error's traceback lets go of them, so Ray does not run on."""
+    batches = watched(ds.iter_batches(batch_size=None, batch_format=batch_format), stall_limit(stall_s), what, then,
+                      execution_stopper(ds))
+    try:
+        yield batches
+    finally:
+        batches.close()
+
+
 def drain(ds, tally: output.Tally, progress: output.Progress, stall_s: float | None, then: str) -> None:
     """Run the pipeline to its end: the driver receives only the small status rows, counts them, shows progress.
     JobStalled (saying `then`) when no row arrives for stall_limit(stall_s) seconds; what is written stays."""
-    rows = watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), stall_limit(stall_s), progress.command,
-                   then, execution_stopper(ds))
     try:
-        for status in rows:
-            tally.add(status)
-            progress.update(tally, status.num_rows)
+        with job_batches(ds, "pyarrow", stall_s, progress.command, then) as rows:
+            for status in rows:
+                tally.add(status)
+                progress.update(tally, status.num_rows)
     finally:
-        try:
-            rows.close()  # now, not when the error's traceback lets go of it: Ray must not run on behind the error
-        finally:
-            progress.close()
+        progress.close()
